@@ -1,0 +1,111 @@
+"""Compressed checkpoints: factors in safetensors, metadata in config.json, written atomically.
+
+Layout of a checkpoint directory:
+    config.json          the model config + quantization_config {quant_method: llmpress, modules: {...}}
+    model*.safetensors   the compressed modules' factors (never dense reconstructions) + untouched weights
+    tokenizer files      when a tokenizer is given
+    recipe.yaml          the recipe that produced it
+    report.json/.md      per-layer sizes, errors and times
+
+Everything is written into a temporary sibling directory that is renamed into place at the end,
+so an interrupted save never leaves a half-written checkpoint under the requested name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import LlmpressError
+from .hf_quantizer import QUANT_METHOD, LlmpressConfig
+from .report import compressed_modules, write_report
+
+
+def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
+    """Fail early (before hours of compression) if the output directory exists."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise LlmpressError(f"output directory {str(output_dir)!r} already exists; choose another or pass --overwrite")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise LlmpressError(f"output path {str(output_dir)!r} exists and is not a directory")
+    return output_dir
+
+
+def save_compressed(
+    model: nn.Module,
+    output_dir: str | Path,
+    tokenizer=None,
+    recipe: Any = None,
+    report: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    max_shard_size: str = "5GB",
+) -> Path:
+    """Write `model` (with its compressed modules) as an llmpress checkpoint; returns the path."""
+    output_dir = check_output_dir(output_dir, overwrite)
+    modules = {name: module.spec() for name, module in compressed_modules(model).items()}
+    recipe_name = getattr(recipe, "name", None)
+    model.config.quantization_config = LlmpressConfig(modules=modules, recipe=recipe_name)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if recipe is not None:
+            text = recipe.to_yaml() if hasattr(recipe, "to_yaml") else json.dumps(recipe, indent=2)
+            (tmp / "recipe.yaml").write_text(text)
+        if report is not None:
+            write_report(report, tmp)
+        if output_dir.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+            os.replace(output_dir, trash / "old")
+            os.replace(tmp, output_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def is_llmpress_checkpoint(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    data = json.loads(config.read_text())
+    return (data.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
+
+
+def load(
+    directory: str | Path,
+    device_map: str | dict | None = None,
+    dtype: str | torch.dtype | None = "auto",
+    with_tokenizer: bool = False,
+):
+    """Rebuild a compressed model (and optionally its tokenizer) from an llmpress checkpoint.
+
+    This is `AutoModelForCausalLM.from_pretrained(directory)` with the llmpress quantizer
+    registered; `device_map` is passed to accelerate for placement of models larger than a device.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import hf_quantizer  # noqa: F401
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise LlmpressError(f"checkpoint directory {str(directory)!r} not found")
+    if not is_llmpress_checkpoint(directory):
+        raise LlmpressError(f"{str(directory)!r} is not an llmpress checkpoint (config.json has no llmpress quantization_config)")
+    model = AutoModelForCausalLM.from_pretrained(directory, device_map=device_map, dtype=dtype)
+    model.eval()
+    if not with_tokenizer:
+        return model
+    return model, AutoTokenizer.from_pretrained(directory)

@@ -1,0 +1,160 @@
+"""The `llmpress` command line: compress, eval, inspect, fetch-demo.
+
+Errors the user can fix print one clear message and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import LlmpressError
+
+logger = logging.getLogger("compress")
+
+
+def _add_compress(sub) -> None:
+    p = sub.add_parser("compress", help="compress a model following a recipe and save a checkpoint")
+    p.add_argument("model", help="hub id, local HF directory, or .gguf file")
+    p.add_argument("--recipe", required=True, help="recipe YAML (see recipes/)")
+    p.add_argument("--dataset", help="calibration data: .txt/.jsonl/.parquet file or HF dataset id (default: built-in)")
+    p.add_argument("--num-samples", type=int, help="calibration windows (overrides the recipe)")
+    p.add_argument("--seq-len", type=int, help="tokens per calibration window (overrides the recipe)")
+    p.add_argument("--device", help="where blocks are computed (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--output-dir", help="checkpoint directory (default: out/<model>-<recipe>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field by dotted path, e.g. stages.0.ratio=0.3 (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-layer log")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a dense or compressed model")
+    p.add_argument("model", help="llmpress checkpoint, HF directory, .gguf file or hub id")
+    p.add_argument("--ppl", required=True, help="text file (or 'wikitext2' when online) for perplexity")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick runs)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--json", help="also write the result to this JSON file")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="per-layer formats and true sizes of a compressed checkpoint")
+    p.add_argument("directory")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _add_fetch(sub) -> None:
+    p = sub.add_parser("fetch-demo", help="download the offline demo model (SmolLM2-135M-Instruct GGUF)")
+    p.add_argument("directory", nargs="?", default="models")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmpress", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_compress(sub)
+    _add_eval(sub)
+    _add_inspect(sub)
+    _add_fetch(sub)
+    return parser
+
+
+def _default_output_dir(model: str, recipe_name: str) -> Path:
+    stem = Path(model).stem if Path(model).exists() else model.replace("/", "--")
+    return Path("out") / f"{stem}-{recipe_name}"
+
+
+def cmd_compress(args) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from .api import compress_model
+    from .checkpoint import check_output_dir, save_compressed
+    from .model_loading import load_model, load_tokenizer, resolve_model_source
+    from .recipe import load_recipe
+    from .report import report_markdown
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    resolve_model_source(args.model)  # fail fast on a missing path
+    output_dir = Path(args.output_dir) if args.output_dir else _default_output_dir(args.model, recipe.name)
+    check_output_dir(output_dir, args.overwrite)
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, dtype=args.dtype, device="cpu")
+    with logging_redirect_tqdm():
+        model, report = compress_model(
+            model,
+            recipe,
+            dataset=args.dataset,
+            tokenizer=tokenizer,
+            num_samples=args.num_samples,
+            seq_len=args.seq_len,
+            device=args.device,
+            progress=not args.quiet,
+        )
+    report["model"] = args.model
+    save_compressed(model, output_dir, tokenizer=tokenizer, recipe=recipe, report=report, overwrite=args.overwrite)
+    summary = report["summary"]
+    print(report_markdown(report).split("\n| layer")[0].rstrip())
+    print(f"\nsaved {output_dir}  ({summary['layers']} layers; report: {output_dir / 'report.md'})")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from compress.eval import perplexity
+
+    from .model_loading import default_device, load_model, load_tokenizer
+
+    device = args.device or default_device()
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, dtype=args.dtype, device=device)
+    result = perplexity(
+        model, tokenizer, Path(args.ppl) if Path(args.ppl).exists() else args.ppl,
+        seq_len=args.seq_len, max_windows=args.max_windows, batch_size=args.batch_size, progress=not args.quiet,
+    )
+    print(
+        f"perplexity {result.perplexity:.4f}  ({result.windows} windows x {result.seq_len} tokens, "
+        f"{result.tokens} predicted tokens, {result.seconds:.1f}s)  model {args.model}  text {args.ppl}"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, **result.as_dict()}, indent=2))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .inspect_checkpoint import inspect_checkpoint, inspect_table
+
+    info = inspect_checkpoint(args.directory)
+    print(json.dumps(info, indent=2) if args.json else inspect_table(info))
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from .demo_model import fetch_demo_model
+
+    print(fetch_demo_model(args.directory))
+    return 0
+
+
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "inspect": cmd_inspect, "fetch-demo": cmd_fetch}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("compress").setLevel(logging.WARNING if quiet else logging.INFO)
+    try:
+        return COMMANDS[args.command](args)
+    except LlmpressError as exc:
+        print(f"llmpress: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Load a causal LM and its tokenizer from a hub id, a local HF directory or a `.gguf` file.
+
+GGUF files are dequantized by transformers' own GGUF loader; compressed llmpress checkpoints
+load through the transformers quantizer that `import compress` registers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import LlmpressError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: `kind` is "gguf", "dir" or "hub"."""
+
+    kind: str
+    path: str  # directory (gguf/dir) or hub id
+    gguf_file: str | None = None
+
+    def from_pretrained_kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+    def __str__(self) -> str:
+        return os.path.join(self.path, self.gguf_file) if self.gguf_file else self.path
+
+
+def resolve_model_source(name_or_path: str | os.PathLike) -> ModelSource:
+    """Decide whether `name_or_path` is a GGUF file, a local directory or a hub id."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise LlmpressError(
+                f"model path {text!r} is a file but not a .gguf file; pass a .gguf file, "
+                "a directory with config.json, or a Hugging Face hub id like 'HuggingFaceTB/SmolLM2-135M'"
+            )
+        return ModelSource("gguf", str(path.parent.resolve()), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            hint = f" (it holds {ggufs[0]!r}: pass that file's path)" if ggufs else ""
+            raise LlmpressError(f"model directory {text!r} has no config.json{hint}")
+        return ModelSource("dir", str(path.resolve()))
+    looks_local = text.startswith((".", "/", "~")) or text.endswith(".gguf") or text.count("/") > 1
+    if looks_local or not _HUB_ID.match(text):
+        raise LlmpressError(
+            f"model {text!r} not found: no such file or directory. Pass an existing local path "
+            "(a HF model directory or a .gguf file) or a hub id like 'HuggingFaceTB/SmolLM2-135M'"
+        )
+    return ModelSource("hub", text)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    """fp32 on CPU and bf16 on accelerators unless the user asks otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    if dtype not in DTYPES:
+        raise LlmpressError(f"unknown dtype {dtype!r}; choose one of {sorted(set(DTYPES))} or 'auto'")
+    return DTYPES[dtype]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Load a causal LM onto `device` (default: CPU; the pipeline moves blocks itself)."""
+    from transformers import AutoModelForCausalLM
+
+    from . import hf_quantizer  # noqa: F401  (registers the llmpress quantizer)
+
+    source = resolve_model_source(name_or_path)
+    torch_dtype = resolve_dtype(dtype, device or default_device())
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=torch_dtype, **source.from_pretrained_kwargs(), **kwargs
+        )
+    except (OSError, ValueError) as exc:
+        where = "the Hugging Face Hub" if source.kind == "hub" else str(source)
+        raise LlmpressError(
+            f"could not load model {str(name_or_path)!r} from {where}: {exc}. Check the path or hub id, "
+            "and your network when using a hub id (set HF_HUB_OFFLINE=1 to use only the local cache)"
+        ) from exc
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def load_tokenizer(name_or_path: str | os.PathLike):
+    """The tokenizer that belongs to a model source (GGUF files carry their own)."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model_source(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **source.from_pretrained_kwargs())
+    except (OSError, ValueError) as exc:
+        raise LlmpressError(f"could not load a tokenizer for {str(name_or_path)!r}: {exc}") from exc
+    return tokenizer

@@ -1,0 +1,16 @@
+"""nn.Linear replacements, one per storage format (see FORMATS)."""
+
+from .base import FORMATS, CompressedLinear, build_module, register_format
+from .lowrank import LowRankLinear
+from .sparse import SparseLinear, pack_mask, unpack_mask
+
+__all__ = [
+    "FORMATS",
+    "CompressedLinear",
+    "LowRankLinear",
+    "SparseLinear",
+    "build_module",
+    "pack_mask",
+    "register_format",
+    "unpack_mask",
+]

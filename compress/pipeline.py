@@ -1,0 +1,292 @@
+"""Sequential block-wise compression: only one decoder block (and its activations) on the device.
+
+1. Embed the calibration windows once and catch the first block's inputs with every keyword
+   argument the model passes it (attention mask, position ids/embeddings, cache off).
+2. For each block: move it to the execution device; per recipe stage, run all calibration
+   batches with hooks on the stage's Linears (calibrating), compress them; then run the batches
+   again through the compressed block to produce the next block's inputs (propagating); move it back.
+
+Errors are measured for every layer in the same way: plain relative Frobenius ‖W−Ŵ‖/‖W‖ and
+calibration-weighted ‖(W−Ŵ)Xᵀ‖/‖WXᵀ‖ = sqrt(tr(ΔW G ΔWᵀ)/tr(W G Wᵀ)) with G = XᵀX.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import psutil
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .blocks import find_decoder_blocks
+from .collectors import LinearInputHooks
+from .compressors import COMPRESSORS, LayerStats, StageConfig
+from .errors import LlmpressError
+from .modules import CompressedLinear
+from .targets import match_linears, set_submodule
+
+logger = logging.getLogger("compress")
+
+
+@dataclass
+class LayerRecord:
+    """What happened to one Linear: sizes before/after, errors, time."""
+
+    name: str
+    block: int
+    stage: int
+    method: str
+    format: str
+    in_features: int
+    out_features: int
+    params_before: int
+    values_after: int
+    bytes_before: int
+    bytes_after: int
+    rel_error: float
+    rel_weighted_error: float | None
+    seconds: float
+    detail: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the first block's inputs are caught."""
+
+
+def _to(obj: Any, device: torch.device | str) -> Any:
+    """Move tensors inside nested tuples/lists/dicts (block kwargs) to `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device) -> None:
+    """Move every parameter/buffer that is not inside the decoder blocks (embeddings, rotary, norm)."""
+    inside = {id(m) for m in blocks.modules()}
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        for param in module.parameters(recurse=False):
+            param.data = param.data.to(device)
+        for key, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[key] = buf.to(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return psutil.Process().memory_info().rss / 2**20
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int, device, offload_device
+) -> tuple[list[torch.Tensor], list[dict]]:
+    """The first block's hidden states and keyword arguments for each calibration batch."""
+    hiddens, kwargs_list = [], []
+
+    def hook(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        hiddens.append(hidden.detach().to(offload_device))
+        kwargs_list.append(_to(kwargs, offload_device))
+        raise _StopForward
+
+    _move_outside_blocks(model, blocks, device)
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in input_ids.split(batch_size):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        _move_outside_blocks(model, blocks, offload_device)
+    return hiddens, kwargs_list
+
+
+def run_block(block: nn.Module, hiddens, kwargs_list, device, offload_device, keep: bool) -> list[torch.Tensor] | None:
+    """Run every batch through `block`; return the outputs (on offload_device) if `keep`."""
+    outputs = [] if keep else None
+    for hidden, kwargs in zip(hiddens, kwargs_list):
+        out = block(hidden.to(device), **_to(kwargs, device))
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        if keep:
+            outputs.append(out.detach().to(offload_device))
+    return outputs
+
+
+def relative_errors(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor | None) -> tuple[float, float | None]:
+    """(‖ΔW‖/‖W‖, ‖ΔW Xᵀ‖/‖W Xᵀ‖) computed in float64."""
+    w = weight.double()
+    delta = w - approx.double()
+    rel = float(delta.norm() / w.norm().clamp_min(1e-30))
+    if gram is None:
+        return rel, None
+    num = ((delta @ gram) * delta).sum()
+    den = ((w @ gram) * w).sum().clamp_min(1e-30)
+    return rel, float((num / den).clamp_min(0).sqrt())
+
+
+class SequentialPipeline:
+    """Compress a model's decoder-block Linears stage by stage, one block on the device at a time."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stages: list[StageConfig],
+        device: str | torch.device = "cpu",
+        offload_device: str | torch.device = "cpu",
+        batch_size: int = 1,
+        progress: bool = True,
+        on_layer: Callable[[LayerRecord], None] | None = None,
+    ):
+        self.model = model
+        self.stages = stages
+        self.device = torch.device(device)
+        self.offload_device = torch.device(offload_device)
+        self.batch_size = batch_size
+        self.progress = progress
+        self.on_layer = on_layer
+        self.blocks_path, self.blocks = find_decoder_blocks(model)
+        self.compressors = [COMPRESSORS[stage.method]() for stage in stages]
+        self.block_log: list[dict[str, Any]] = []
+        self._check_targets()
+
+    def _check_targets(self) -> None:
+        all_linears = match_linears(self.model, ["Linear"], [])
+        for index, stage in enumerate(self.stages):
+            matched = match_linears(self.model, stage.targets, stage.ignore)
+            if not matched:
+                examples = ", ".join(list(all_linears)[:4])
+                raise LlmpressError(
+                    f"stage {index} ({stage.method}): targets {stage.targets} (ignore {stage.ignore}) match no "
+                    f"Linear module. Use class names (Linear), exact names, or 're:' regexes; "
+                    f"this model's Linears are named like: {examples}"
+                )
+            outside = [n for n in matched if not n.startswith(self.blocks_path + ".")]
+            if outside:
+                raise LlmpressError(
+                    f"stage {index} ({stage.method}) targets {outside[:3]}, outside the decoder blocks "
+                    f"({self.blocks_path}); only block Linears are compressed: add them to 'ignore'"
+                )
+
+    def _block_layers(self, block: nn.Module, index: int, stage: StageConfig) -> dict[str, nn.Linear]:
+        return match_linears(block, stage.targets, stage.ignore, prefix=f"{self.blocks_path}.{index}")
+
+    def run(self, input_ids: torch.Tensor | None) -> list[LayerRecord]:
+        """Compress every block; `input_ids` (samples, seq_len) or None for data-free stages only."""
+        if input_ids is None:
+            needy = [s.method for s, c in zip(self.stages, self.compressors) if c.needs]
+            if needy:
+                raise LlmpressError(f"methods {needy} need calibration data; set calibration.num_samples >= 1")
+            hiddens = kwargs_list = None
+        else:
+            hiddens, kwargs_list = capture_block_inputs(
+                self.model, self.blocks, input_ids, self.batch_size, self.device, self.offload_device
+            )
+        records: list[LayerRecord] = []
+        bar = tqdm(range(len(self.blocks)), desc="Compressing blocks", disable=not self.progress, unit="block")
+        for index in bar:
+            block = self.blocks[index]
+            start = time.perf_counter()
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            block.to(self.device)
+            for stage_index, (stage, compressor) in enumerate(zip(self.stages, self.compressors)):
+                layers = self._block_layers(block, index, stage)
+                if not layers:
+                    continue
+                stats = self._calibrate(block, layers, compressor, hiddens, kwargs_list, index)
+                for name, linear in layers.items():
+                    record = self._compress_layer(name, linear, stats.get(name), stage, compressor, index, stage_index)
+                    records.append(record)
+            if hiddens is not None:
+                with torch.no_grad():
+                    hiddens = run_block(block, hiddens, kwargs_list, self.device, self.offload_device, keep=True)
+                if not all(torch.isfinite(h).all() for h in hiddens):
+                    raise LlmpressError(
+                        f"block {index} produces non-finite (NaN/Inf) outputs after compression; the model "
+                        "overflows in this dtype or the compression is too aggressive: try --dtype float32 "
+                        "or a milder ratio"
+                    )
+            block.to(self.offload_device)
+            seconds = time.perf_counter() - start
+            memory = peak_memory_mb(self.device)
+            self.block_log.append({"block": index, "seconds": round(seconds, 3), "peak_memory_mb": round(memory, 1)})
+            bar.set_postfix(sec=f"{seconds:.1f}", mem_mb=f"{memory:.0f}")
+        return records
+
+    @torch.no_grad()
+    def _calibrate(self, block, layers, compressor, hiddens, kwargs_list, index) -> dict[str, LayerStats]:
+        if hiddens is None:
+            return {}
+        needs = set(compressor.needs) | {"gram"}
+        with LinearInputHooks(layers, needs) as hooks:
+            run_block(block, hiddens, kwargs_list, self.device, self.offload_device, keep=False)
+        stats = {}
+        for name, collectors in hooks.collectors.items():
+            any_collector = next(iter(collectors.values()))
+            if any_collector.num_tokens == 0:
+                raise LlmpressError(f"{name} received no calibration tokens (block {index} never calls it)")
+            stats[name] = LayerStats({k: c.result() for k, c in collectors.items()}, any_collector.num_tokens)
+        return stats
+
+    @torch.no_grad()
+    def _compress_layer(self, name, linear, stats, stage, compressor, index, stage_index) -> LayerRecord:
+        start = time.perf_counter()
+        weight = linear.weight.data
+        bias = linear.bias.data if linear.bias is not None else None
+        compressed: CompressedLinear = compressor.compress(weight, bias, stats or LayerStats(), stage)
+        rel, weighted = relative_errors(weight, compressed.to_dense(), stats.get("gram") if stats else None)
+        local_name = name[len(f"{self.blocks_path}.{index}.") :]
+        set_submodule(self.blocks[index], local_name, compressed)
+        spec = compressed.spec()
+        detail = {k: v for k, v in spec.items() if k not in ("format", "in_features", "out_features", "bias")}
+        record = LayerRecord(
+            name=name,
+            block=index,
+            stage=stage_index,
+            method=stage.method,
+            format=compressed.format,
+            in_features=linear.in_features,
+            out_features=linear.out_features,
+            params_before=weight.numel() + (bias.numel() if bias is not None else 0),
+            values_after=compressed.num_values(),
+            bytes_before=compressed.dense_num_bytes(),
+            bytes_after=compressed.num_bytes(),
+            rel_error=rel,
+            rel_weighted_error=weighted,
+            seconds=time.perf_counter() - start,
+            detail=detail,
+        )
+        logger.info(
+            "%-40s %-10s params %9d -> %9d  bytes %10d -> %10d  err %.4f  wtd %s  %.2fs",
+            name,
+            stage.method,
+            record.params_before,
+            record.values_after,
+            record.bytes_before,
+            record.bytes_after,
+            rel,
+            f"{weighted:.4f}" if weighted is not None else "n/a",
+            record.seconds,
+        )
+        if self.on_layer:
+            self.on_layer(record)
+        return record

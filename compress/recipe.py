@@ -1,0 +1,166 @@
+"""Recipes: a YAML description of a compression run, validated with pydantic.
+
+    name: svd-20
+    calibration: {num_samples: 32, seq_len: 512, seed: 0}
+    stages:
+      - method: svd
+        ratio: 0.2
+        targets: [Linear]
+        ignore: [lm_head]
+
+Unknown keys and methods are rejected with the list of valid ones; `--set key=value`
+overrides any field by dotted path (`stages.0.ratio=0.3`, `calibration.num_samples=64`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .compressors import COMPRESSORS, StageConfig
+from .errors import LlmpressError
+
+
+class CalibrationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str | None = Field(default=None, description="file, HF dataset id, or None for the built-in corpus")
+    num_samples: int = Field(default=32, ge=0, description="0 = data-free (no calibration pass)")
+    seq_len: int = Field(default=512, ge=8)
+    seed: int = 0
+    batch_size: int = Field(default=1, ge=1)
+    chat_template: bool = Field(default=False, description="wrap each document in the tokenizer's chat template")
+    text_field: str = "text"
+    split: str = "train"
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "recipe"
+    description: str = ""
+    calibration: CalibrationConfig = CalibrationConfig()
+    stages: list[StageConfig] = Field(min_length=1)
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _stage_configs(cls, stages: Any) -> list[StageConfig]:
+        if not isinstance(stages, list):
+            raise ValueError("stages must be a list of {method: ..., ...} mappings")
+        parsed = []
+        for index, stage in enumerate(stages):
+            if isinstance(stage, StageConfig):
+                parsed.append(stage)
+                continue
+            if not isinstance(stage, dict) or "method" not in stage:
+                raise ValueError(f"stage {index} needs a 'method' key; methods: {sorted(COMPRESSORS)}")
+            method = stage["method"]
+            if method not in COMPRESSORS:
+                raise ValueError(f"stage {index}: unknown method {method!r}; valid methods: {sorted(COMPRESSORS)}")
+            parsed.append(COMPRESSORS[method].config_class.model_validate(stage))
+        return parsed
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_errors(error: ValidationError, prefix: tuple, valid_keys: list[str]) -> list[str]:
+    lines = []
+    for item in error.errors():
+        loc = ".".join(str(part) for part in prefix + tuple(item["loc"]))
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key; valid keys here: {valid_keys}")
+        else:
+            lines.append(f"  {loc or '(recipe)'}: {item['msg']}")
+    return lines
+
+
+def _validate_stages(stages: Any, errors: list[str]) -> Any:
+    """Each stage validated by its method's config class, errors located as stages.N.key."""
+    if not isinstance(stages, list):
+        return stages
+    parsed = []
+    for index, stage in enumerate(stages):
+        if isinstance(stage, StageConfig):
+            parsed.append(stage)
+        elif not isinstance(stage, dict) or "method" not in stage:
+            errors.append(f"  stages.{index}: needs a 'method' key; valid methods: {sorted(COMPRESSORS)}")
+        elif stage["method"] not in COMPRESSORS:
+            errors.append(f"  stages.{index}: unknown method {stage['method']!r}; valid methods: {sorted(COMPRESSORS)}")
+        else:
+            config_class = COMPRESSORS[stage["method"]].config_class
+            try:
+                parsed.append(config_class.model_validate(stage))
+            except ValidationError as exc:
+                errors.extend(_format_errors(exc, ("stages", index), sorted(config_class.model_fields)))
+    return parsed
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `key.path=value` strings (values parsed as YAML) to a recipe mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise LlmpressError(f"--set expects key=value, got {item!r} (example: --set stages.0.ratio=0.3)")
+        key, _, raw = item.partition("=")
+        value = yaml.safe_load(raw)
+        node: Any = data
+        parts = key.strip().split(".")
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise LlmpressError(f"--set {key}: {'.'.join(parts[:depth]) or 'recipe'} has {len(node)} entries")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise LlmpressError(f"--set {key}: {'.'.join(parts[:depth])} is not a mapping or list")
+    return data
+
+
+def parse_recipe(data: dict | Recipe, source: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
+    if isinstance(data, Recipe):
+        if not overrides:
+            return data
+        data = data.model_dump(mode="json")
+    if not isinstance(data, dict):
+        raise LlmpressError(f"recipe {source} must be a YAML mapping with a 'stages' list")
+    data = apply_overrides(data, overrides or [])
+    errors: list[str] = []
+    data = {**data, "stages": _validate_stages(data["stages"], errors)} if "stages" in data else data
+    recipe = None
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        for item in exc.errors():
+            top = item["loc"][0] if item["loc"] else None
+            if top == "stages" and errors:
+                continue  # already reported per stage
+            keys = sorted(CalibrationConfig.model_fields) if top == "calibration" else sorted(Recipe.model_fields)
+            errors.extend(_format_errors(ValidationError.from_exception_data(exc.title, [item]), (), keys))
+    if errors:
+        raise LlmpressError(f"invalid recipe {source}:\n" + "\n".join(errors))
+    return recipe
+
+
+def load_recipe(path: str | Path | dict | Recipe, overrides: list[str] | None = None) -> Recipe:
+    """A validated Recipe from a YAML file, a mapping or a Recipe, with `--set` overrides applied."""
+    if isinstance(path, (dict, Recipe)):
+        return parse_recipe(path, overrides=overrides)
+    path = Path(path)
+    if not path.is_file():
+        raise LlmpressError(f"recipe file {str(path)!r} not found; examples live in recipes/ (e.g. recipes/svd-20.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise LlmpressError(f"recipe {path} is not valid YAML: {exc}") from None
+    return parse_recipe(data, str(path), overrides)

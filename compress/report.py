@@ -1,0 +1,116 @@
+"""Run reports: per-layer records -> report.json (everything) and report.md (a readable table)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from torch import nn
+
+from .modules import CompressedLinear
+from .pipeline import LayerRecord
+
+
+def model_size(model: nn.Module) -> dict[str, int]:
+    """Stored values and bytes of the whole model, counting tied tensors once."""
+    seen, values, nbytes = set(), 0, 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.data_ptr() in seen and tensor.device.type != "meta":
+            continue
+        seen.add(tensor.data_ptr())
+        nbytes += tensor.numel() * tensor.element_size()
+        if tensor.is_floating_point():
+            values += tensor.numel()
+    return {"values": values, "bytes": nbytes}
+
+
+def summarize(records: Sequence[LayerRecord]) -> dict[str, Any]:
+    """Totals over the compressed Linears: nominal (values) and true-storage (bytes) ratios."""
+    params_before = sum(r.params_before for r in records)
+    values_after = sum(r.values_after for r in records)
+    bytes_before = sum(r.bytes_before for r in records)
+    bytes_after = sum(r.bytes_after for r in records)
+    return {
+        "layers": len(records),
+        "params_before": params_before,
+        "values_after": values_after,
+        "bytes_before": bytes_before,
+        "bytes_after": bytes_after,
+        "nominal_ratio_removed": 1 - values_after / params_before if params_before else 0.0,
+        "storage_ratio_removed": 1 - bytes_after / bytes_before if bytes_before else 0.0,
+        "mean_rel_error": sum(r.rel_error for r in records) / len(records) if records else 0.0,
+        "mean_rel_weighted_error": _mean([r.rel_weighted_error for r in records]),
+        "seconds_in_compressors": sum(r.seconds for r in records),
+    }
+
+
+def _mean(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
+
+
+def build_report(
+    records: Sequence[LayerRecord],
+    *,
+    recipe: dict[str, Any],
+    model_source: str,
+    model: nn.Module,
+    dense_size: dict[str, int],
+    calibration: dict[str, Any],
+    block_log: list[dict[str, Any]],
+    seconds: float,
+) -> dict[str, Any]:
+    return {
+        "model": model_source,
+        "recipe": recipe,
+        "calibration": calibration,
+        "summary": summarize(records),
+        "model_size": {"dense": dense_size, "compressed": model_size(model)},
+        "wall_seconds": round(seconds, 2),
+        "blocks": block_log,
+        "layers": [r.as_dict() for r in records],
+    }
+
+
+def _fmt_err(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """A human-readable table of a compression run."""
+    s = report["summary"]
+    size = report["model_size"]
+    lines = [
+        f"# llmpress compression report: {report['recipe'].get('name', '')}",
+        "",
+        f"- model: `{report['model']}`",
+        f"- calibration: {report['calibration']}",
+        f"- wall time: {report['wall_seconds']} s",
+        f"- compressed Linears: {s['layers']}, values {s['params_before']:,} -> {s['values_after']:,} "
+        f"({100 * s['nominal_ratio_removed']:.1f}% removed), bytes {s['bytes_before']:,} -> {s['bytes_after']:,} "
+        f"({100 * s['storage_ratio_removed']:.1f}% removed, true storage)",
+        f"- whole model bytes: {size['dense']['bytes']:,} -> {size['compressed']['bytes']:,}",
+        f"- mean relative error {_fmt_err(s['mean_rel_error'])}, calibration-weighted {_fmt_err(s['mean_rel_weighted_error'])}",
+        "",
+        "| layer | method | format | shape | detail | values before | values after | bytes after/before | rel err | weighted err | s |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["layers"]:
+        detail = ", ".join(f"{k}={v}" for k, v in r["detail"].items() if k != "bias")
+        lines.append(
+            f"| {r['name']} | {r['method']} | {r['format']} | {r['out_features']}x{r['in_features']} | {detail} | "
+            f"{r['params_before']:,} | {r['values_after']:,} | {r['bytes_after'] / r['bytes_before']:.3f} | "
+            f"{r['rel_error']:.4f} | {_fmt_err(r['rel_weighted_error'])} | {r['seconds']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], directory: str | Path) -> None:
+    directory = Path(directory)
+    (directory / "report.json").write_text(json.dumps(report, indent=2))
+    (directory / "report.md").write_text(report_markdown(report))
+
+
+def compressed_modules(model: nn.Module) -> dict[str, CompressedLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, CompressedLinear)}

@@ -1,0 +1,89 @@
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import compress
+from compress.errors import LlmpressError
+from compress.modules import LowRankLinear, SparseLinear
+from conftest import tiny_model
+
+RECIPE = {
+    "calibration": {"num_samples": 4, "seq_len": 32},
+    "stages": [
+        {"method": "svd", "ratio": 0.3, "targets": ["re:.*self_attn\\..*"]},
+        {"method": "magnitude", "pattern": "2:4", "targets": ["re:.*mlp\\..*"]},
+    ],
+}
+
+
+@pytest.fixture
+def compressed(model_kind, tokenizer, calib_text):
+    model = tiny_model(model_kind, layers=2)
+    model, report = compress.compress_model(model, RECIPE, dataset=str(calib_text), tokenizer=tokenizer, progress=False)
+    return model, report
+
+
+def test_compress_model_report(compressed):
+    model, report = compressed
+    layers = report["layers"]
+    assert len(layers) == 14
+    assert {r["format"] for r in layers} == {"lowrank", "sparse_bitmap"}
+    assert all(r["rel_weighted_error"] is not None for r in layers)
+    s = report["summary"]
+    assert 0 < s["storage_ratio_removed"] < s["nominal_ratio_removed"] < 1  # bitmap bytes are counted
+    assert report["calibration"]["tokens"] == 4 * 32
+    assert isinstance(model.model.layers[0].self_attn.q_proj, LowRankLinear)
+    assert isinstance(model.model.layers[1].mlp.down_proj, SparseLinear)
+
+
+def test_save_load_round_trip_is_bit_exact(compressed, tmp_path, tokenizer):
+    model, report = compressed
+    ids = torch.randint(0, 300, (2, 20))
+    expected = model(ids, use_cache=False).logits
+    out = compress.save_compressed(model, tmp_path / "ckpt", tokenizer=tokenizer, recipe=compress.load_recipe(RECIPE), report=report)
+    names = set(os.listdir(out))
+    assert {"config.json", "model.safetensors", "recipe.yaml", "report.json", "report.md", "tokenizer.json"} <= names
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.0.self_attn.q_proj.up" in keys and "model.layers.0.self_attn.q_proj.weight" not in keys
+    assert "model.layers.0.mlp.up_proj.bitmap" in keys
+    loaded = compress.load(out)
+    assert torch.equal(loaded(ids, use_cache=False).logits, expected)
+    auto = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(auto(ids, use_cache=False).logits, expected)
+    assert auto.model.layers[0].mlp.up_proj.bitmap.dtype == torch.uint8
+    # loaded model can be saved again
+    compress.save_compressed(loaded, tmp_path / "again")
+    assert torch.equal(compress.load(tmp_path / "again")(ids, use_cache=False).logits, expected)
+
+
+def test_output_dir_rules_and_atomic_write(compressed, tmp_path, tokenizer, monkeypatch):
+    model, _ = compressed
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    with pytest.raises(LlmpressError, match="already exists.*--overwrite"):
+        compress.save_compressed(model, target)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tokenizer, "save_pretrained", broken)
+    with pytest.raises(OSError, match="disk full"):
+        compress.save_compressed(model, tmp_path / "fresh", tokenizer=tokenizer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "ckpt"]  # nothing half-written
+    monkeypatch.undo()
+    compress.save_compressed(model, target, overwrite=True)
+    assert (target / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "ckpt"]
+
+
+def test_load_rejects_non_checkpoints(tmp_path):
+    with pytest.raises(LlmpressError, match="not found"):
+        compress.load(tmp_path / "missing")
+    tiny_model("llama").save_pretrained(tmp_path / "dense")
+    with pytest.raises(LlmpressError, match="not an llmpress checkpoint"):
+        compress.load(tmp_path / "dense")

@@ -1,0 +1,100 @@
+import json
+
+import pytest
+import torch
+
+from compress.compressors import MagnitudeConfig, SVDConfig
+from compress.data import calibration_windows, load_texts
+from compress.errors import LlmpressError
+from compress.recipe import load_recipe
+
+
+def test_example_recipes_validate():
+    from pathlib import Path
+
+    recipes = sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        assert load_recipe(path).stages
+
+
+def test_stage_configs_by_method():
+    recipe = load_recipe({"stages": [{"method": "svd", "ratio": 0.3}, {"method": "magnitude", "pattern": "2:4"}]})
+    assert isinstance(recipe.stages[0], SVDConfig) and recipe.stages[0].targets == ["Linear"]
+    assert isinstance(recipe.stages[1], MagnitudeConfig)
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(LlmpressError, match=r"stages\.0\.ratoi: unknown key; valid keys here: .*'ratio'"):
+        load_recipe({"stages": [{"method": "svd", "ratoi": 0.2}]})
+    with pytest.raises(LlmpressError, match=r"calibration\.samples: unknown key.*num_samples"):
+        load_recipe({"calibration": {"samples": 3}, "stages": [{"method": "svd", "ratio": 0.2}]})
+    with pytest.raises(LlmpressError, match=r"stagse: unknown key"):
+        load_recipe({"stagse": []})
+
+
+def test_unknown_method_lists_methods():
+    with pytest.raises(LlmpressError, match=r"unknown method 'svdd'; valid methods: \['magnitude', 'svd'"):
+        load_recipe({"stages": [{"method": "svdd", "ratio": 0.2}]})
+
+
+@pytest.mark.parametrize("ratio", [0, 1, 1.5, -0.1])
+def test_ratio_out_of_range(ratio):
+    with pytest.raises(LlmpressError, match=r"stages\.0\.ratio"):
+        load_recipe({"stages": [{"method": "svd", "ratio": ratio}]})
+
+
+def test_nm_pattern_rules():
+    with pytest.raises(LlmpressError, match="removes 0.5 of the weights"):
+        load_recipe({"stages": [{"method": "magnitude", "pattern": "2:4", "ratio": 0.3}]})
+    with pytest.raises(LlmpressError, match="needs 'ratio'"):
+        load_recipe({"stages": [{"method": "magnitude"}]})
+    with pytest.raises(LlmpressError, match="0 < N < M"):
+        load_recipe({"stages": [{"method": "magnitude", "pattern": "4:2"}]})
+
+
+def test_overrides(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("stages:\n  - method: svd\n    ratio: 0.2\n")
+    recipe = load_recipe(path, ["stages.0.ratio=0.35", "calibration.num_samples=7", "name=x"])
+    assert recipe.stages[0].ratio == 0.35 and recipe.calibration.num_samples == 7 and recipe.name == "x"
+    with pytest.raises(LlmpressError, match="key=value"):
+        load_recipe(path, ["stages.0.ratio"])
+    with pytest.raises(LlmpressError, match="has 1 entries"):
+        load_recipe(path, ["stages.3.ratio=0.1"])
+    with pytest.raises(LlmpressError, match="not found"):
+        load_recipe(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("stages: [\n")
+    with pytest.raises(LlmpressError, match="not valid YAML"):
+        load_recipe(tmp_path / "bad.yaml")
+
+
+def test_calibration_windows_are_seeded(tokenizer, calib_text):
+    a = calibration_windows(tokenizer, calib_text, 4, 64, seed=0)
+    b = calibration_windows(tokenizer, calib_text, 4, 64, seed=0)
+    c = calibration_windows(tokenizer, calib_text, 4, 64, seed=1)
+    assert a.shape == (4, 64) and a.dtype == torch.int64
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    builtin = calibration_windows(tokenizer, None, 2, 64)
+    assert builtin.shape == (2, 64)
+
+
+def test_calibration_sources(tmp_path, tokenizer):
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": f"document number {i}"}) for i in range(3)))
+    assert load_texts(jsonl) == [f"document number {i}" for i in range(3)]
+    with pytest.raises(LlmpressError, match="no 'body' field"):
+        load_texts(jsonl, text_field="body")
+    assert load_texts(["a", "b"]) == ["a", "b"]
+    with pytest.raises(LlmpressError, match="not found"):
+        load_texts(tmp_path / "nope.txt")
+    with pytest.raises(LlmpressError, match="unsupported type"):
+        (tmp_path / "x.csv").write_text("a,b")
+        load_texts(tmp_path / "x.csv")
+
+
+def test_calibration_data_errors(tmp_path, tokenizer):
+    with pytest.raises(LlmpressError, match="empty"):
+        calibration_windows(tokenizer, ["   ", ""], 2, 16)
+    with pytest.raises(LlmpressError, match="fewer than one window of seq_len=512"):
+        calibration_windows(tokenizer, ["a short text"], 2, 512)
