@@ -100,7 +100,7 @@ class LinearInputHooks:
 
     def __enter__(self) -> "LinearInputHooks":
         for layer_name, linear in self._linears.items():
-            device = linear.weight.device
+            device = next(linear.parameters()).device
             per_layer = {n: COLLECTORS[n](layer_name, linear.in_features, device) for n in self._names}
             self.collectors[layer_name] = per_layer
 

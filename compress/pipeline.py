@@ -186,8 +186,10 @@ class SequentialPipeline:
                     f"({self.blocks_path}); only block Linears are compressed: add them to 'ignore'"
                 )
 
-    def _block_layers(self, block: nn.Module, index: int, stage: StageConfig) -> dict[str, nn.Linear]:
-        return match_linears(block, stage.targets, stage.ignore, prefix=f"{self.blocks_path}.{index}")
+    def _block_layers(self, block: nn.Module, index: int, stage: StageConfig, compressor) -> dict[str, nn.Module]:
+        """This block's layers for a stage: plain Linears, or compressed ones for refining stages."""
+        kind = CompressedLinear if compressor.wraps_compressed else nn.Linear
+        return match_linears(block, stage.targets, stage.ignore, prefix=f"{self.blocks_path}.{index}", kind=kind)
 
     def run(self, input_ids: torch.Tensor | None) -> list[LayerRecord]:
         """Compress every block; `input_ids` (samples, seq_len) or None for data-free stages only."""
@@ -208,8 +210,9 @@ class SequentialPipeline:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             block.to(self.device)
+            self._originals: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
             for stage_index, (stage, compressor) in enumerate(zip(self.stages, self.compressors)):
-                layers = self._block_layers(block, index, stage)
+                layers = self._block_layers(block, index, stage, compressor)
                 if not layers:
                     continue
                 stats = self._calibrate(block, layers, compressor, hiddens, kwargs_list, index)
@@ -226,6 +229,7 @@ class SequentialPipeline:
                         "or a milder ratio"
                     )
             block.to(self.offload_device)
+            self._originals = {}
             seconds = time.perf_counter() - start
             memory = peak_memory_mb(self.device)
             self.block_log.append({"block": index, "seconds": round(seconds, 3), "peak_memory_mb": round(memory, 1)})
@@ -250,9 +254,15 @@ class SequentialPipeline:
     @torch.no_grad()
     def _compress_layer(self, name, linear, stats, stage, compressor, index, stage_index) -> LayerRecord:
         start = time.perf_counter()
-        weight = linear.weight.data
-        bias = linear.bias.data if linear.bias is not None else None
-        compressed: CompressedLinear = compressor.compress(weight, bias, stats or LayerStats(), stage)
+        base = None
+        if isinstance(linear, CompressedLinear):  # a refining stage: start from the original weight
+            base = linear
+            weight, bias = self._originals[name]
+        else:
+            weight = linear.weight.data
+            bias = linear.bias.data if linear.bias is not None else None
+            self._originals[name] = (weight, bias)
+        compressed: CompressedLinear = compressor.compress(weight, bias, stats or LayerStats(), stage, base=base)
         rel, weighted = relative_errors(weight, compressed.to_dense(), stats.get("gram") if stats else None)
         local_name = name[len(f"{self.blocks_path}.{index}.") :]
         set_submodule(self.blocks[index], local_name, compressed)
@@ -264,8 +274,8 @@ class SequentialPipeline:
             stage=stage_index,
             method=stage.method,
             format=compressed.format,
-            in_features=linear.in_features,
-            out_features=linear.out_features,
+            in_features=weight.shape[1],
+            out_features=weight.shape[0],
             params_before=weight.numel() + (bias.numel() if bias is not None else 0),
             values_after=compressed.num_values(),
             bytes_before=compressed.dense_num_bytes(),

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
 from .compressors import COMPRESSORS, StageConfig
 from .errors import LlmpressError
@@ -43,7 +43,7 @@ class Recipe(BaseModel):
     name: str = "recipe"
     description: str = ""
     calibration: CalibrationConfig = CalibrationConfig()
-    stages: list[StageConfig] = Field(min_length=1)
+    stages: list[SerializeAsAny[StageConfig]] = Field(min_length=1)
 
     @field_validator("stages", mode="before")
     @classmethod

@@ -26,7 +26,11 @@ def model_size(model: nn.Module) -> dict[str, int]:
 
 
 def summarize(records: Sequence[LayerRecord]) -> dict[str, Any]:
-    """Totals over the compressed Linears: nominal (values) and true-storage (bytes) ratios."""
+    """Totals over the compressed Linears: nominal (values) and true-storage (bytes) ratios.
+
+    A layer refined by a later stage (EoRA) has several records: its last one is what is stored.
+    """
+    records = list({r.name: r for r in records}.values())
     params_before = sum(r.params_before for r in records)
     values_after = sum(r.values_after for r in records)
     bytes_before = sum(r.bytes_before for r in records)

@@ -1,6 +1,7 @@
 """Select which Linear layers a recipe stage compresses, as llm-compressor does.
 
-A target or ignore entry is a class name (`Linear`), an exact module name
+A target or ignore entry is a class name (`Linear`, which also matches llmpress's compressed
+linear modules, so a refining stage like EoRA can follow any method), an exact module name
 (`model.layers.0.mlp.down_proj`), or a regular expression prefixed with `re:` matched against
 the full module name (`re:.*mlp\\.down_proj$`). `lm_head` and embeddings are never compressed
 unless named explicitly as targets.
@@ -20,6 +21,8 @@ def _matches(name: str, module: nn.Module, pattern: str) -> bool:
         return re.match(pattern[3:], name) is not None
     if name == pattern:
         return True
+    if pattern == "Linear" and hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return True
     return any(cls.__name__ == pattern for cls in type(module).__mro__)
 
 
@@ -30,12 +33,13 @@ def is_target(name: str, module: nn.Module, targets: list[str], ignore: list[str
 
 
 def match_linears(
-    model: nn.Module, targets: list[str], ignore: list[str], prefix: str = ""
-) -> dict[str, nn.Linear]:
-    """Every nn.Linear under `model` selected by `targets` and not by `ignore`, by full name."""
+    model: nn.Module, targets: list[str], ignore: list[str], prefix: str = "", kind: type = nn.Linear
+) -> dict[str, nn.Module]:
+    """Every module of type `kind` (default nn.Linear) under `model` selected by `targets` and
+    not by `ignore`, by full name."""
     found = {}
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, kind):
             continue
         full = f"{prefix}.{name}" if prefix and name else (prefix or name)
         if is_target(full, module, targets, ignore):

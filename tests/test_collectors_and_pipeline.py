@@ -65,7 +65,7 @@ class _DenseCopy(Compressor):
     needs = ("channel_norm_sq",)
     seen_tokens: list[int] = []
 
-    def compress(self, weight, bias, stats, config):
+    def compress(self, weight, bias, stats, config, base=None):
         _DenseCopy.seen_tokens.append(stats.num_tokens)
         assert stats["channel_norm_sq"].shape == (weight.shape[1],)
         eye = torch.eye(weight.shape[0], dtype=weight.dtype)

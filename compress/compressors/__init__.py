@@ -1,18 +1,24 @@
 """Compression methods, one file each, registered by name in COMPRESSORS."""
 
 from .base import COMPRESSORS, Compressor, LayerStats, StageConfig, rank_for_ratio, register_compressor
+from .eora import EoRACompressor, EoRAConfig
 from .magnitude import MagnitudeCompressor, MagnitudeConfig
 from .svd import SVDCompressor, SVDConfig
+from .whitened_svd import WhitenedSVDCompressor, WhitenedSVDConfig
 
 __all__ = [
     "COMPRESSORS",
     "Compressor",
+    "EoRACompressor",
+    "EoRAConfig",
     "LayerStats",
     "MagnitudeCompressor",
     "MagnitudeConfig",
     "SVDCompressor",
     "SVDConfig",
     "StageConfig",
+    "WhitenedSVDCompressor",
+    "WhitenedSVDConfig",
     "rank_for_ratio",
     "register_compressor",
 ]

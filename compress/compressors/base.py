@@ -46,12 +46,20 @@ class Compressor(ABC):
     method: ClassVar[str]
     config_class: ClassVar[type[StageConfig]]
     needs: ClassVar[tuple[str, ...]] = ()  # collector names this method requires
+    # True for methods that refine an earlier stage's result (EoRA): they target compressed
+    # modules and receive the original weight plus the compressed module as `base`.
+    wraps_compressed: ClassVar[bool] = False
 
     @abstractmethod
     def compress(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats, config: StageConfig
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        stats: LayerStats,
+        config: StageConfig,
+        base: CompressedLinear | None = None,
     ) -> CompressedLinear:
-        """Compress one (out_features, in_features) weight."""
+        """Compress one (out_features, in_features) weight (or refine `base`, its compressed form)."""
 
 
 COMPRESSORS: dict[str, type[Compressor]] = {}

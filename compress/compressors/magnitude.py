@@ -67,7 +67,7 @@ class MagnitudeCompressor(Compressor):
     method = "magnitude"
     config_class = MagnitudeConfig
 
-    def compress(self, weight, bias, stats: LayerStats, config: MagnitudeConfig) -> SparseLinear:
+    def compress(self, weight, bias, stats: LayerStats, config: MagnitudeConfig, base=None) -> SparseLinear:
         scores = weight.abs().float()
         if config.pattern == "unstructured":
             mask = unstructured_mask(scores, config.ratio)

@@ -31,7 +31,7 @@ class SVDCompressor(Compressor):
     method = "svd"
     config_class = SVDConfig
 
-    def compress(self, weight, bias, stats: LayerStats, config: SVDConfig) -> LowRankLinear:
+    def compress(self, weight, bias, stats: LayerStats, config: SVDConfig, base=None) -> LowRankLinear:
         rank = rank_for_ratio(weight.shape[0], weight.shape[1], config.ratio)
         up, down = truncated_svd(weight, rank)
         return LowRankLinear.from_factors(up.to(weight.dtype), down.to(weight.dtype), bias)

@@ -1,12 +1,14 @@
 """nn.Linear replacements, one per storage format (see FORMATS)."""
 
 from .base import FORMATS, CompressedLinear, build_module, register_format
+from .eora import EoRALinear
 from .lowrank import LowRankLinear
 from .sparse import SparseLinear, pack_mask, unpack_mask
 
 __all__ = [
     "FORMATS",
     "CompressedLinear",
+    "EoRALinear",
     "LowRankLinear",
     "SparseLinear",
     "build_module",

@@ -1,0 +1,48 @@
+"""EoRA: training-free low-rank compensation of any compressor's error in the eigenspace of XᵀX.
+
+ΔW = W − Ŵ; G = QΛQᵀ (float64, non-positive eigenvalues clamped); SVD of ΔW·Q·Λ^½ truncated to
+rank r gives B = U_r Σ_r and A = V_rᵀ Λ^{-½} Qᵀ, so y = x·Ŵᵀ + (x·Aᵀ)·Bᵀ. Projecting into the
+eigenspace makes the truncation optimal for the calibration-weighted error ‖(ΔW − B·A)Xᵀ‖ instead
+of ‖ΔW − B·A‖. Run as a recipe stage after any method; the pipeline gives it the layer's original
+weight, the compressed module, and a Gram collected on the compressed model's own inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from ..modules import CompressedLinear, EoRALinear
+from .base import Compressor, LayerStats, StageConfig, register_compressor
+from .whitening import whiten
+
+
+class EoRAConfig(StageConfig):
+    method: str = "eora"
+    rank: int = Field(ge=1, description="rank of the compensation")
+    percdamp: float = Field(default=1e-6, ge=0.0, lt=1.0)
+
+
+def eora_factors(
+    delta: torch.Tensor, gram: torch.Tensor, rank: int, percdamp: float = 1e-6, name: str = "layer"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) with B·A the rank-`rank` minimizer of ‖(ΔW − B·A)Xᵀ‖ (in float64)."""
+    white = whiten(gram, percdamp, name, prefer="eigh")
+    u, sigma, vh = torch.linalg.svd(delta.double() @ white.s, full_matrices=False)
+    rank = min(rank, sigma.numel())
+    return u[:, :rank] * sigma[:rank], vh[:rank] @ white.s_inv
+
+
+@register_compressor
+class EoRACompressor(Compressor):
+    method = "eora"
+    config_class = EoRAConfig
+    needs = ("gram",)
+    wraps_compressed = True
+
+    def compress(self, weight, bias, stats: LayerStats, config: EoRAConfig, base: CompressedLinear | None = None):
+        if base is None:
+            raise ValueError("EoRA compensates a compressed module: run it as a stage after a compression stage")
+        delta = weight.double() - base.to_dense().double()
+        up, down = eora_factors(delta, stats["gram"], config.rank, config.percdamp)
+        return EoRALinear.from_factors(base, up.to(weight.dtype), down.to(weight.dtype))

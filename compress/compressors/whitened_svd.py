@@ -1,0 +1,46 @@
+"""Whitened truncated SVD (SVD-LLM): low rank that minimizes the output error on calibration data.
+
+With S·Sᵀ = XᵀX, truncate the SVD of W·S = U Σ Vᵀ to rank r and map back:
+up = U_r Σ_r^½, down = Σ_r^½ V_rᵀ S⁻¹. Dropping singular value σ_i of W·S costs exactly σ_i²
+of squared calibration-weighted error ‖(W−Ŵ)Xᵀ‖², so the rank-r result is optimal for that error.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from ..modules import LowRankLinear
+from .base import Compressor, LayerStats, StageConfig, rank_for_ratio, register_compressor
+from .whitening import whiten
+
+
+class WhitenedSVDConfig(StageConfig):
+    method: str = "whitened_svd"
+    ratio: float = Field(gt=0.0, lt=1.0, description="fraction of the layer's weights removed")
+    percdamp: float = Field(default=1e-4, ge=0.0, lt=1.0, description="damping, fraction of mean diag(XᵀX)")
+
+
+def whitened_svd(weight: torch.Tensor, gram: torch.Tensor, percdamp: float = 1e-4, name: str = "layer"):
+    """(U, σ, Vᵀ S⁻¹) of W·S in float64, all ranks: callers truncate (allocation reuses one SVD)."""
+    white = whiten(gram, percdamp, name)
+    u, sigma, vh = torch.linalg.svd(weight.double() @ white.s, full_matrices=False)
+    return u, sigma, vh @ white.s_inv
+
+
+def truncate(u: torch.Tensor, sigma: torch.Tensor, vh_unwhitened: torch.Tensor, rank: int):
+    root = sigma[:rank].sqrt()
+    return u[:, :rank] * root, root[:, None] * vh_unwhitened[:rank]
+
+
+@register_compressor
+class WhitenedSVDCompressor(Compressor):
+    method = "whitened_svd"
+    config_class = WhitenedSVDConfig
+    needs = ("gram",)
+
+    def compress(self, weight, bias, stats: LayerStats, config: WhitenedSVDConfig, base=None) -> LowRankLinear:
+        rank = rank_for_ratio(weight.shape[0], weight.shape[1], config.ratio)
+        u, sigma, vh = whitened_svd(weight, stats["gram"], config.percdamp)
+        up, down = truncate(u, sigma, vh, rank)
+        return LowRankLinear.from_factors(up.to(weight.dtype), down.to(weight.dtype), bias)

@@ -1,0 +1,97 @@
+"""The CLI on a tiny local model: the main job, and every bad input giving exit code 2."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from compress.cli import main
+
+
+def _recipe(tmp_path, body: str):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(body)
+    return str(path)
+
+
+GOOD = "calibration: {num_samples: 4, seq_len: 32}\nstages:\n  - method: svd\n    ratio: 0.25\n"
+
+
+def test_compress_eval_inspect(tiny_model_dir, tmp_path, calib_text, capsys):
+    out = tmp_path / "out"
+    rc = main(["compress", str(tiny_model_dir), "--recipe", _recipe(tmp_path, GOOD), "--dataset", str(calib_text),
+               "--output-dir", str(out), "--set", "stages.0.ratio=0.4", "--quiet"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"]["stages"][0]["ratio"] == 0.4
+    assert report["summary"]["layers"] == 14 and report["calibration"]["tokens"] == 128
+    assert "| layer |" in (out / "report.md").read_text()
+    capsys.readouterr()
+
+    text = tmp_path / "eval.txt"
+    text.write_text(calib_text.read_text()[:20_000])
+    rc = main(["eval", str(out), "--ppl", str(text), "--seq-len", "64", "--max-windows", "3", "--quiet",
+               "--json", str(tmp_path / "ppl.json")])
+    assert rc == 0
+    assert "perplexity" in capsys.readouterr().out
+    result = json.loads((tmp_path / "ppl.json").read_text())
+    assert result["windows"] == 3 and result["perplexity"] > 1
+
+    assert main(["inspect", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "lowrank" in table and "model.layers.1.mlp.down_proj" in table
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert len(info["modules"]) == 14 and all(m["ratio"] < 1 for m in info["modules"])
+
+
+def _fails(args, capsys, match):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert match in err, err
+    return err
+
+
+def test_bad_inputs_exit_2(tiny_model_dir, tmp_path, calib_text, capsys):
+    model, good = str(tiny_model_dir), _recipe(tmp_path, GOOD)
+    base = ["--dataset", str(calib_text), "--quiet"]
+    _fails(["compress", str(tmp_path / "nope"), "--recipe", good, *base], capsys, "not found")
+    _fails(["compress", "missing.gguf", "--recipe", good, *base], capsys, "not found")
+    _fails(["compress", model, "--recipe", str(tmp_path / "none.yaml"), *base], capsys, "recipe file")
+    _fails(["compress", model, "--recipe", good, "--set", "stages.0.ratoi=0.3", *base], capsys, "unknown key")
+    _fails(["compress", model, "--recipe", good, "--set", "stages.0.method=foo", *base], capsys, "unknown method 'foo'")
+    _fails(["compress", model, "--recipe", good, "--set", "stages.0.ratio=1.2", *base], capsys, "stages.0.ratio")
+    _fails(["compress", model, "--recipe", good, "--set", "stages.0.targets=[Conv1d]", *base,
+            "--output-dir", str(tmp_path / "o1")], capsys, "match no Linear")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    _fails(["compress", model, "--recipe", good, "--dataset", str(empty), "--quiet", "--output-dir", str(tmp_path / "o2")],
+           capsys, "calibration data is empty")
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words")
+    _fails(["compress", model, "--recipe", good, "--dataset", str(short), "--quiet", "--output-dir", str(tmp_path / "o3")],
+           capsys, "fewer than one window")
+    _fails(["compress", model, "--recipe", good, "--dataset", str(tmp_path / "nodata.txt"), "--quiet",
+            "--output-dir", str(tmp_path / "o4")], capsys, "calibration file")
+    exists = tmp_path / "exists"
+    exists.mkdir()
+    _fails(["compress", model, "--recipe", good, *base, "--output-dir", str(exists)], capsys, "--overwrite")
+    _fails(["eval", str(tmp_path / "nope"), "--ppl", str(calib_text)], capsys, "not found")
+    _fails(["inspect", model], capsys, "not an llmpress checkpoint")
+    assert not any(p.name.startswith("o") and p.is_dir() for p in tmp_path.iterdir())  # nothing half-written
+
+
+def test_non_finite_activations_are_reported(tmp_path, tokenizer, calib_text, capsys):
+    from conftest import tiny_model
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight[3] = float("nan")
+    model.save_pretrained(tmp_path / "nan-model")
+    tokenizer.save_pretrained(tmp_path / "nan-model")
+    err = _fails(["compress", str(tmp_path / "nan-model"), "--recipe", _recipe(tmp_path, GOOD), "--dataset",
+                  str(calib_text), "--quiet", "--output-dir", str(tmp_path / "o")], capsys, "non-finite")
+    assert "model.layers.1.mlp" in err
+    assert not (tmp_path / "o").exists()
+    assert AutoModelForCausalLM  # the tiny model directory loads with plain transformers too
