@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .errors import LlmpressError
-from .hf_quantizer import QUANT_METHOD, LlmpressConfig
+from .hf_quantizer import QUANT_METHOD, LlmpressConfig, LlmpressHfQuantizer
 from .report import compressed_modules, write_report
 
 
@@ -51,7 +51,11 @@ def save_compressed(
     output_dir = check_output_dir(output_dir, overwrite)
     modules = {name: module.spec() for name, module in compressed_modules(model).items()}
     recipe_name = getattr(recipe, "name", None)
-    model.config.quantization_config = LlmpressConfig(modules=modules, recipe=recipe_name)
+    config = LlmpressConfig(modules=modules, recipe=recipe_name)
+    model.config.quantization_config = config
+    # The model is now an llmpress model, whatever it was loaded from: a GGUF-loaded model still
+    # carries transformers' (non-serializable) GGUF quantizer although its weights were dequantized.
+    model.hf_quantizer = LlmpressHfQuantizer(config)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:

@@ -30,12 +30,14 @@ def test_svd_compress_eval_and_reload(tmp_path):
     dense = perplexity(model, tokenizer, text, seq_len=512, max_windows=3, progress=False)
     assert 5 < dense.perplexity < 60  # a real pretrained LM, not random weights
 
-    recipe = {"calibration": {"num_samples": 4, "seq_len": 256}, "stages": [{"method": "svd", "ratio": 0.1}]}
+    # Whitened SVD: plain SVD collapses this model even at 10% (perplexity in the millions, as
+    # SVD-LLM reports for plain SVD on LLaMA), so it would not tell a broken pipeline from the method.
+    recipe = {"calibration": {"num_samples": 8, "seq_len": 256}, "stages": [{"method": "whitened_svd", "ratio": 0.1}]}
     model, report = compress.compress_model(model, recipe, tokenizer=tokenizer, progress=False)
     assert report["summary"]["layers"] == 30 * 7
     assert 0.09 < report["summary"]["storage_ratio_removed"] < 0.11
     compressed = perplexity(model, tokenizer, text, seq_len=512, max_windows=3, progress=False)
-    assert dense.perplexity < compressed.perplexity < 50 * dense.perplexity
+    assert dense.perplexity < compressed.perplexity < 3 * dense.perplexity
 
     out = compress.save_compressed(model, tmp_path / "ckpt", tokenizer=tokenizer, report=report)
     reloaded = compress.load(out)

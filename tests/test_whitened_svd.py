@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from compress.compressors import COMPRESSORS, LayerStats, SVDConfig, WhitenedSVDConfig, rank_for_ratio
-from compress.compressors.whitened_svd import truncate, whitened_svd
+from compress.compressors.svd import split_factors
+from compress.compressors.whitened_svd import whitened_svd
 from compress.compressors.whitening import whiten
 from compress.errors import LlmpressError
 from compress.pipeline import relative_errors
@@ -20,7 +21,7 @@ def test_truncating_sigma_costs_exactly_sigma_squared():
     gram = X.double().T @ X.double()
     u, sigma, vh = whitened_svd(W, gram, percdamp=0.0)
     for rank in (1, 5, 12, 23):
-        up, down = truncate(u, sigma, vh, rank)
+        up, down = split_factors(u, sigma, vh, rank)
         err2 = ((W - up @ down) @ X.double().T).square().sum()
         assert float(err2) == pytest.approx(float(sigma[rank:].square().sum()), rel=1e-6)
 

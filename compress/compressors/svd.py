@@ -19,11 +19,16 @@ class SVDConfig(StageConfig):
     ratio: float = Field(gt=0.0, lt=1.0, description="fraction of the layer's weights removed")
 
 
+def split_factors(u: torch.Tensor, sigma: torch.Tensor, vh: torch.Tensor, rank: int):
+    """Rank-`rank` truncation of U·diag(σ)·Vh as (U_r Σ_r^½, Σ_r^½ Vh_r): balanced factor scales."""
+    root = sigma[:rank].sqrt()
+    return u[:, :rank] * root, root[:, None] * vh[:rank]
+
+
 def truncated_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(up, down) with up @ down the best rank-`rank` approximation of `weight` (computed in fp64)."""
     u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
-    root = s[:rank].sqrt()
-    return u[:, :rank] * root, root[:, None] * vh[:rank]
+    return split_factors(u, s, vh, rank)
 
 
 @register_compressor

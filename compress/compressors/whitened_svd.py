@@ -12,6 +12,7 @@ from pydantic import Field
 
 from ..modules import LowRankLinear
 from .base import Compressor, LayerStats, StageConfig, rank_for_ratio, register_compressor
+from .svd import split_factors
 from .whitening import whiten
 
 
@@ -28,11 +29,6 @@ def whitened_svd(weight: torch.Tensor, gram: torch.Tensor, percdamp: float = 1e-
     return u, sigma, vh @ white.s_inv
 
 
-def truncate(u: torch.Tensor, sigma: torch.Tensor, vh_unwhitened: torch.Tensor, rank: int):
-    root = sigma[:rank].sqrt()
-    return u[:, :rank] * root, root[:, None] * vh_unwhitened[:rank]
-
-
 @register_compressor
 class WhitenedSVDCompressor(Compressor):
     method = "whitened_svd"
@@ -42,5 +38,5 @@ class WhitenedSVDCompressor(Compressor):
     def compress(self, weight, bias, stats: LayerStats, config: WhitenedSVDConfig, base=None) -> LowRankLinear:
         rank = rank_for_ratio(weight.shape[0], weight.shape[1], config.ratio)
         u, sigma, vh = whitened_svd(weight, stats["gram"], config.percdamp)
-        up, down = truncate(u, sigma, vh, rank)
+        up, down = split_factors(u, sigma, vh, rank)
         return LowRankLinear.from_factors(up.to(weight.dtype), down.to(weight.dtype), bias)
