@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .data import calibration_windows
-from .model_loading import default_device, load_model, load_tokenizer
+from .model_loading import check_device, load_model, load_tokenizer
 from .pipeline import SequentialPipeline
 from .recipe import Recipe, load_recipe
 from .report import build_report, model_size
@@ -40,6 +40,7 @@ def compress_model(
     the model itself stays where it is.
     """
     start = time.perf_counter()
+    device = check_device(device)
     recipe = load_recipe(recipe, overrides)
     calib = recipe.calibration
     if num_samples is not None:
@@ -52,7 +53,6 @@ def compress_model(
     if isinstance(model, (str, Path)):
         tokenizer = tokenizer or load_tokenizer(model)
         model = load_model(model, dtype=dtype, device="cpu")
-    device = device or default_device()
     dense_size = model_size(model)
 
     input_ids = None

@@ -76,12 +76,13 @@ def cmd_compress(args) -> int:
 
     from .api import compress_model
     from .checkpoint import check_output_dir, save_compressed
-    from .model_loading import load_model, load_tokenizer, resolve_model_source
+    from .model_loading import check_device, load_model, load_tokenizer, resolve_model_source
     from .recipe import load_recipe
     from .report import report_markdown
 
     recipe = load_recipe(args.recipe, args.overrides)
-    resolve_model_source(args.model)  # fail fast on a missing path
+    resolve_model_source(args.model)  # fail fast on a missing path or device
+    check_device(args.device)
     output_dir = Path(args.output_dir) if args.output_dir else _default_output_dir(args.model, recipe.name)
     check_output_dir(output_dir, args.overwrite)
     tokenizer = load_tokenizer(args.model)
@@ -108,9 +109,9 @@ def cmd_compress(args) -> int:
 def cmd_eval(args) -> int:
     from compress.eval import perplexity
 
-    from .model_loading import default_device, load_model, load_tokenizer
+    from .model_loading import check_device, load_model, load_tokenizer
 
-    device = args.device or default_device()
+    device = check_device(args.device)
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype=args.dtype, device=device)
     result = perplexity(

@@ -84,6 +84,21 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str | torch.device | None) -> str:
+    """The device to compute on (default: cuda if present), refusing ones this machine lacks."""
+    if device is None:
+        return default_device()
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise LlmpressError(f"unknown device {str(device)!r}; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise LlmpressError(f"device {str(device)!r} requested but no CUDA GPU is available; use --device cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise LlmpressError(f"device {str(device)!r} does not exist: {torch.cuda.device_count()} GPU(s) visible")
+    return str(parsed)
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     dtype: str | torch.dtype | None = None,

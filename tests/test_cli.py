@@ -59,6 +59,9 @@ def test_bad_inputs_exit_2(tiny_model_dir, tmp_path, calib_text, capsys):
     _fails(["compress", str(tmp_path / "nope"), "--recipe", good, *base], capsys, "not found")
     _fails(["compress", "missing.gguf", "--recipe", good, *base], capsys, "not found")
     _fails(["compress", model, "--recipe", str(tmp_path / "none.yaml"), *base], capsys, "recipe file")
+    _fails(["compress", model, "--recipe", good, "--device", "tpu9", *base], capsys, "unknown device")
+    if not torch.cuda.is_available():
+        _fails(["compress", model, "--recipe", good, "--device", "cuda", *base], capsys, "no CUDA GPU")
     _fails(["compress", model, "--recipe", good, "--set", "stages.0.ratoi=0.3", *base], capsys, "unknown key")
     _fails(["compress", model, "--recipe", good, "--set", "stages.0.method=foo", *base], capsys, "unknown method 'foo'")
     _fails(["compress", model, "--recipe", good, "--set", "stages.0.ratio=1.2", *base], capsys, "stages.0.ratio")
