@@ -166,6 +166,9 @@ class SequentialPipeline:
         self.blocks_path, self.blocks = find_decoder_blocks(model)
         self.compressors = [COMPRESSORS[stage.method]() for stage in stages]
         self.block_log: list[dict[str, Any]] = []
+        # original (weight, bias) of the current block's layers, kept only for refining stages (EoRA)
+        self._keep_originals = any(c.wraps_compressed for c in self.compressors)
+        self._originals: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._check_targets()
 
     def _check_targets(self) -> None:
@@ -210,7 +213,6 @@ class SequentialPipeline:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             block.to(self.device)
-            self._originals: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
             for stage_index, (stage, compressor) in enumerate(zip(self.stages, self.compressors)):
                 layers = self._block_layers(block, index, stage, compressor)
                 if not layers:
@@ -229,7 +231,7 @@ class SequentialPipeline:
                         "or a milder ratio"
                     )
             block.to(self.offload_device)
-            self._originals = {}
+            self._originals.clear()
             seconds = time.perf_counter() - start
             memory = peak_memory_mb(self.device)
             self.block_log.append({"block": index, "seconds": round(seconds, 3), "peak_memory_mb": round(memory, 1)})
@@ -261,7 +263,8 @@ class SequentialPipeline:
         else:
             weight = linear.weight.data
             bias = linear.bias.data if linear.bias is not None else None
-            self._originals[name] = (weight, bias)
+            if self._keep_originals:
+                self._originals[name] = (weight, bias)
         compressed: CompressedLinear = compressor.compress(weight, bias, stats or LayerStats(), stage, base=base)
         rel, weighted = relative_errors(weight, compressed.to_dense(), stats.get("gram") if stats else None)
         local_name = name[len(f"{self.blocks_path}.{index}.") :]

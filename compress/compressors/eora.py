@@ -14,7 +14,7 @@ from pydantic import Field
 
 from ..modules import CompressedLinear, EoRALinear
 from .base import Compressor, LayerStats, StageConfig, register_compressor
-from .whitening import whiten
+from .whitened_svd import whitened_svd
 
 
 class EoRAConfig(StageConfig):
@@ -27,10 +27,9 @@ def eora_factors(
     delta: torch.Tensor, gram: torch.Tensor, rank: int, percdamp: float = 1e-6, name: str = "layer"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, A) with B·A the rank-`rank` minimizer of ‖(ΔW − B·A)Xᵀ‖ (in float64)."""
-    white = whiten(gram, percdamp, name, prefer="eigh")
-    u, sigma, vh = torch.linalg.svd(delta.double() @ white.s, full_matrices=False)
+    u, sigma, vh = whitened_svd(delta, gram, percdamp, name, prefer="eigh")
     rank = min(rank, sigma.numel())
-    return u[:, :rank] * sigma[:rank], vh[:rank] @ white.s_inv
+    return u[:, :rank] * sigma[:rank], vh[:rank]
 
 
 @register_compressor

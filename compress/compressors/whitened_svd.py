@@ -22,9 +22,11 @@ class WhitenedSVDConfig(StageConfig):
     percdamp: float = Field(default=1e-4, ge=0.0, lt=1.0, description="damping, fraction of mean diag(XᵀX)")
 
 
-def whitened_svd(weight: torch.Tensor, gram: torch.Tensor, percdamp: float = 1e-4, name: str = "layer"):
+def whitened_svd(
+    weight: torch.Tensor, gram: torch.Tensor, percdamp: float = 1e-4, name: str = "layer", prefer: str = "cholesky"
+):
     """(U, σ, Vᵀ S⁻¹) of W·S in float64, all ranks: callers truncate (allocation reuses one SVD)."""
-    white = whiten(gram, percdamp, name)
+    white = whiten(gram, percdamp, name, prefer=prefer)
     u, sigma, vh = torch.linalg.svd(weight.double() @ white.s, full_matrices=False)
     return u, sigma, vh @ white.s_inv
 
