@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .budget import AllocationPlan, plan_allocation
 from .data import calibration_windows
 from .model_loading import check_device, load_model, load_tokenizer
 from .pipeline import SequentialPipeline
@@ -17,6 +18,15 @@ from .recipe import Recipe, load_recipe
 from .report import build_report, model_size
 
 logger = logging.getLogger("compress")
+
+
+def allocation_summary(plan: AllocationPlan | None, recipe: Recipe) -> dict[str, Any] | None:
+    """The report's `allocation` section: the plan (knapsack) or the uniform level."""
+    if recipe.allocation is None:
+        return None
+    if plan is None:
+        return {"strategy": "uniform", "stage": recipe.allocation.stage, "ratio": recipe.allocation.ratio}
+    return plan.as_dict()
 
 
 def compress_model(
@@ -63,7 +73,14 @@ def compress_model(
         input_ids = calibration_windows(
             tokenizer, texts, calib.num_samples, calib.seq_len, calib.seed, calib.chat_template, calib.split, calib.text_field
         )
-    pipeline = SequentialPipeline(model, recipe.stages, device=device, batch_size=calib.batch_size, progress=progress)
+    pipeline = SequentialPipeline(
+        model, recipe.stages, device=device, batch_size=calib.batch_size, progress=progress, statistics=calib.statistics
+    )
+    plan = None
+    if recipe.allocation is not None and recipe.allocation.strategy == "knapsack":
+        plan = plan_allocation(pipeline, input_ids, recipe.allocation)
+        stage = recipe.stages[recipe.allocation.stage]
+        pipeline.layer_configs = plan.layer_configs(stage, pipeline.compressors[recipe.allocation.stage].level_field)
     with torch.no_grad():
         records = pipeline.run(input_ids)
     calibration_info = {
@@ -73,6 +90,7 @@ def compress_model(
         "seed": calib.seed,
         "chat_template": calib.chat_template,
         "tokens": int(input_ids.numel()) if input_ids is not None else 0,
+        "statistics": calib.statistics,
     }
     report = build_report(
         records,
@@ -84,6 +102,7 @@ def compress_model(
         block_log=pipeline.block_log,
         seconds=time.perf_counter() - start,
     )
+    report["allocation"] = allocation_summary(plan, recipe)
     report["device"] = str(device)
     report["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     return model, report

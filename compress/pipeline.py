@@ -143,8 +143,19 @@ def relative_errors(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tens
     return rel, float((num / den).clamp_min(0).sqrt())
 
 
+GRADIENT_STATS = {"fisher"}  # statistics from a backward pass (compress/fisher.py), not input hooks
+
+
 class SequentialPipeline:
-    """Compress a model's decoder-block Linears stage by stage, one block on the device at a time."""
+    """Compress a model's decoder-block Linears stage by stage, one block on the device at a time.
+
+    `statistics="sequential"` (default) calibrates each block on the outputs of the already
+    compressed blocks before it, so later layers correct for earlier errors. `"dense"` takes every
+    statistic from the uncompressed model (one forward per block, no propagation pass): cheaper,
+    and what allocation profiling and repeated experiments reuse. `layer_configs` overrides a
+    stage's config per layer ({stage index: {layer name: config, or None to leave it dense}}):
+    this is how the knapsack allocator's per-layer levels are applied.
+    """
 
     def __init__(
         self,
@@ -155,7 +166,11 @@ class SequentialPipeline:
         batch_size: int = 1,
         progress: bool = True,
         on_layer: Callable[[LayerRecord], None] | None = None,
+        statistics: str = "sequential",
+        layer_configs: dict[int, dict[str, StageConfig | None]] | None = None,
     ):
+        if statistics not in ("sequential", "dense"):
+            raise LlmpressError(f"statistics must be 'sequential' or 'dense', got {statistics!r}")
         self.model = model
         self.stages = stages
         self.device = torch.device(device)
@@ -163,6 +178,8 @@ class SequentialPipeline:
         self.batch_size = batch_size
         self.progress = progress
         self.on_layer = on_layer
+        self.statistics = statistics
+        self.layer_configs = layer_configs or {}
         self.blocks_path, self.blocks = find_decoder_blocks(model)
         self.compressors = [COMPRESSORS[stage.method]() for stage in stages]
         self.block_log: list[dict[str, Any]] = []
@@ -194,17 +211,82 @@ class SequentialPipeline:
         kind = CompressedLinear if compressor.wraps_compressed else nn.Linear
         return match_linears(block, stage.targets, stage.ignore, prefix=f"{self.blocks_path}.{index}", kind=kind)
 
-    def run(self, input_ids: torch.Tensor | None) -> list[LayerRecord]:
-        """Compress every block; `input_ids` (samples, seq_len) or None for data-free stages only."""
-        if input_ids is None:
-            needy = [s.method for s, c in zip(self.stages, self.compressors) if c.needs]
-            if needy:
-                raise LlmpressError(f"methods {needy} need calibration data; set calibration.num_samples >= 1")
-            hiddens = kwargs_list = None
-        else:
-            hiddens, kwargs_list = capture_block_inputs(
-                self.model, self.blocks, input_ids, self.batch_size, self.device, self.offload_device
-            )
+    def _stage_needs(self, stage_indices) -> tuple[set[str], set[str]]:
+        """(input-hook collectors, gradient statistics) the given stages need; the Gram always."""
+        needs = set().union(*(self.compressors[i].needs for i in stage_indices)) | {"gram"}
+        return needs - GRADIENT_STATS, needs & GRADIENT_STATS
+
+    def _fisher(self, input_ids: torch.Tensor, stage_indices) -> dict[str, dict[str, torch.Tensor]]:
+        """Fisher sums for the plain-Linear targets of the stages that need them (one backward pass)."""
+        wanted = [i for i in stage_indices if "fisher" in self.compressors[i].needs]
+        if not wanted:
+            return {}
+        from .fisher import collect_fisher  # model plumbing only FWSVD-like methods need
+
+        linears: dict[str, nn.Module] = {}
+        for i in wanted:
+            linears.update(match_linears(self.model, self.stages[i].targets, self.stages[i].ignore))
+        return collect_fisher(
+            self.model, self.blocks, linears, input_ids, self.device, self.offload_device, progress=self.progress
+        )
+
+    def _require_data(self, input_ids, stage_indices) -> None:
+        needy = [self.stages[i].method for i in stage_indices if self.compressors[i].needs]
+        if input_ids is None and needy:
+            raise LlmpressError(f"methods {needy} need calibration data; set calibration.num_samples >= 1")
+
+    def collect_stats(
+        self,
+        input_ids: torch.Tensor,
+        on_block: Callable[[int, dict[str, LayerStats]], None],
+        stage_indices: list[int] | None = None,
+    ) -> None:
+        """Statistics of the *dense* model for the given stages' targets, handed over block by block.
+
+        Nothing is compressed. Used to profile layers for allocation and to reuse one calibration
+        pass across many experiments (pass the collected dict to `run(stats=...)`).
+        """
+        stage_indices = list(range(len(self.stages))) if stage_indices is None else stage_indices
+        self._require_data(input_ids, stage_indices)
+        fisher = self._fisher(input_ids, stage_indices)
+        hiddens, kwargs_list = capture_block_inputs(
+            self.model, self.blocks, input_ids, self.batch_size, self.device, self.offload_device
+        )
+        needs, _ = self._stage_needs(stage_indices)
+        bar = tqdm(range(len(self.blocks)), desc="Collecting statistics", disable=not self.progress, unit="block")
+        for index in bar:
+            block = self.blocks[index].to(self.device)
+            layers = self._dense_targets(block, index, stage_indices)
+            stats, hiddens = self._collect(block, layers, needs, hiddens, kwargs_list, index, keep=True)
+            block.to(self.offload_device)
+            _merge(stats, fisher)
+            on_block(index, stats)
+
+    def _dense_targets(self, block, index, stage_indices) -> dict[str, nn.Module]:
+        """Plain Linears any of the stages targets in this block (refining stages: the same names)."""
+        layers: dict[str, nn.Module] = {}
+        for i in stage_indices:
+            stage = self.stages[i]
+            prefix = f"{self.blocks_path}.{index}"
+            layers.update(match_linears(block, stage.targets, stage.ignore, prefix=prefix, kind=nn.Linear))
+        return layers
+
+    def run(self, input_ids: torch.Tensor | None, stats: dict[str, LayerStats] | None = None) -> list[LayerRecord]:
+        """Compress every block; `input_ids` (samples, seq_len) or None for data-free stages only.
+
+        `stats`: statistics already collected from the dense model (`collect_stats`); then no
+        calibration forward runs at all.
+        """
+        all_stages = list(range(len(self.stages)))
+        hiddens = kwargs_list = None
+        fisher: dict[str, dict[str, torch.Tensor]] = {}
+        if stats is None:
+            self._require_data(input_ids, all_stages)
+            if input_ids is not None:
+                fisher = self._fisher(input_ids, all_stages)
+                hiddens, kwargs_list = capture_block_inputs(
+                    self.model, self.blocks, input_ids, self.batch_size, self.device, self.offload_device
+                )
         records: list[LayerRecord] = []
         bar = tqdm(range(len(self.blocks)), desc="Compressing blocks", disable=not self.progress, unit="block")
         for index in bar:
@@ -213,15 +295,36 @@ class SequentialPipeline:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             block.to(self.device)
+            block_stats = None
+            if stats is not None:
+                block_stats = stats
+            elif self.statistics == "dense" and hiddens is not None:
+                needs, _ = self._stage_needs(all_stages)
+                layers = self._dense_targets(block, index, all_stages)
+                block_stats, hiddens = self._collect(block, layers, needs, hiddens, kwargs_list, index, keep=True)
+                _merge(block_stats, fisher)
             for stage_index, (stage, compressor) in enumerate(zip(self.stages, self.compressors)):
                 layers = self._block_layers(block, index, stage, compressor)
                 if not layers:
                     continue
-                stats = self._calibrate(block, layers, compressor, hiddens, kwargs_list, index)
+                if block_stats is not None:
+                    stage_stats = block_stats
+                elif hiddens is not None:
+                    needs, _ = self._stage_needs([stage_index])
+                    stage_stats, _ = self._collect(block, layers, needs, hiddens, kwargs_list, index, keep=False)
+                    _merge(stage_stats, fisher)
+                else:
+                    stage_stats = {}
                 for name, linear in layers.items():
-                    record = self._compress_layer(name, linear, stats.get(name), stage, compressor, index, stage_index)
+                    config = self.layer_configs.get(stage_index, {}).get(name, stage)
+                    if config is None:  # the allocator left this layer dense
+                        continue
+                    if compressor.needs and name not in stage_stats:
+                        raise LlmpressError(f"no calibration statistics for {name}; collect them for every target")
+                    layer_stats = stage_stats.get(name)
+                    record = self._compress_layer(name, linear, layer_stats, config, compressor, index, stage_index)
                     records.append(record)
-            if hiddens is not None:
+            if hiddens is not None and self.statistics == "sequential":
                 with torch.no_grad():
                     hiddens = run_block(block, hiddens, kwargs_list, self.device, self.offload_device, keep=True)
                 if not all(torch.isfinite(h).all() for h in hiddens):
@@ -239,19 +342,17 @@ class SequentialPipeline:
         return records
 
     @torch.no_grad()
-    def _calibrate(self, block, layers, compressor, hiddens, kwargs_list, index) -> dict[str, LayerStats]:
-        if hiddens is None:
-            return {}
-        needs = set(compressor.needs) | {"gram"}
+    def _collect(self, block, layers, needs, hiddens, kwargs_list, index, keep: bool):
+        """Run the batches through `block` with collectors on `layers`: (stats by name, outputs if keep)."""
         with LinearInputHooks(layers, needs) as hooks:
-            run_block(block, hiddens, kwargs_list, self.device, self.offload_device, keep=False)
+            outputs = run_block(block, hiddens, kwargs_list, self.device, self.offload_device, keep=keep)
         stats = {}
         for name, collectors in hooks.collectors.items():
             any_collector = next(iter(collectors.values()))
             if any_collector.num_tokens == 0:
                 raise LlmpressError(f"{name} received no calibration tokens (block {index} never calls it)")
             stats[name] = LayerStats({k: c.result() for k, c in collectors.items()}, any_collector.num_tokens)
-        return stats
+        return stats, outputs
 
     @torch.no_grad()
     def _compress_layer(self, name, linear, stats, stage, compressor, index, stage_index) -> LayerRecord:
@@ -303,3 +404,10 @@ class SequentialPipeline:
         if self.on_layer:
             self.on_layer(record)
         return record
+
+
+def _merge(stats: dict[str, LayerStats], fisher: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Add gradient statistics (Fisher sums) to the input statistics of the same layers."""
+    for name, tensors in fisher.items():
+        if name in stats:
+            stats[name].tensors.update(tensors)

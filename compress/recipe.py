@@ -18,7 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+
+from .budget import AllocationConfig
 
 from .compressors import COMPRESSORS, StageConfig
 from .errors import LlmpressError
@@ -35,6 +39,11 @@ class CalibrationConfig(BaseModel):
     chat_template: bool = Field(default=False, description="wrap each document in the tokenizer's chat template")
     text_field: str = "text"
     split: str = "train"
+    statistics: Literal["sequential", "dense"] = Field(
+        default="sequential",
+        description="sequential: each block calibrated on the compressed model's outputs; dense: all "
+        "statistics from the uncompressed model (faster, no error correction across blocks)",
+    )
 
 
 class Recipe(BaseModel):
@@ -44,6 +53,7 @@ class Recipe(BaseModel):
     description: str = ""
     calibration: CalibrationConfig = CalibrationConfig()
     stages: list[SerializeAsAny[StageConfig]] = Field(min_length=1)
+    allocation: AllocationConfig | None = Field(default=None, description="global budget split across layers")
 
     @field_validator("stages", mode="before")
     @classmethod
@@ -62,6 +72,17 @@ class Recipe(BaseModel):
                 raise ValueError(f"stage {index}: unknown method {method!r}; valid methods: {sorted(COMPRESSORS)}")
             parsed.append(COMPRESSORS[method].config_class.model_validate(stage))
         return parsed
+
+    @model_validator(mode="after")
+    def _allocated_stage_exists(self):
+        if self.allocation is not None:
+            if self.allocation.stage >= len(self.stages):
+                raise ValueError(f"allocation.stage is {self.allocation.stage} but the recipe has {len(self.stages)} stages")
+            stage = self.stages[self.allocation.stage]
+            if COMPRESSORS[stage.method].level_field is None:
+                levelled = sorted(m for m, c in COMPRESSORS.items() if c.level_field)
+                raise ValueError(f"allocation: method {stage.method!r} has no level to allocate; methods that do: {levelled}")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -97,6 +118,27 @@ def _validate_stages(stages: Any, errors: list[str]) -> Any:
             except ValidationError as exc:
                 errors.extend(_format_errors(exc, ("stages", index), sorted(config_class.model_fields)))
     return parsed
+
+
+def _stage_level_from_allocation(data: dict, errors: list[str]) -> None:
+    """The allocated stage's level (e.g. `ratio`) comes from `allocation.ratio`: fill it in, or
+    report a conflicting value (a stage ratio that the allocation would silently override)."""
+    allocation, stages = data.get("allocation"), data.get("stages")
+    if not isinstance(allocation, dict) or not isinstance(stages, list) or "ratio" not in allocation:
+        return
+    index = allocation.get("stage", 0)
+    if not isinstance(index, int) or not 0 <= index < len(stages) or not isinstance(stages[index], dict):
+        return
+    method = COMPRESSORS.get(stages[index].get("method"))
+    if method is None or method.level_field is None:
+        return
+    stage = stages[index] = dict(stages[index])
+    given = stage.setdefault(method.level_field, allocation["ratio"])
+    if given != allocation["ratio"]:
+        errors.append(
+            f"  stages.{index}.{method.level_field}: {given} conflicts with allocation.ratio {allocation['ratio']}; "
+            "the allocation sets each layer's level, drop one of them"
+        )
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -136,6 +178,7 @@ def parse_recipe(data: dict | Recipe, source: str = "<recipe>", overrides: list[
         raise LlmpressError(f"recipe {source} must be a YAML mapping with a 'stages' list")
     data = apply_overrides(data, overrides or [])
     errors: list[str] = []
+    _stage_level_from_allocation(data, errors)
     data = {**data, "stages": _validate_stages(data["stages"], errors)} if "stages" in data else data
     recipe = None
     try:
@@ -145,7 +188,9 @@ def parse_recipe(data: dict | Recipe, source: str = "<recipe>", overrides: list[
             top = item["loc"][0] if item["loc"] else None
             if top == "stages" and errors:
                 continue  # already reported per stage
-            keys = sorted(CalibrationConfig.model_fields) if top == "calibration" else sorted(Recipe.model_fields)
+            keys = {"calibration": sorted(CalibrationConfig.model_fields), "allocation": sorted(AllocationConfig.model_fields)}.get(
+                top, sorted(Recipe.model_fields)
+            )
             errors.extend(_format_errors(ValidationError.from_exception_data(exc.title, [item]), (), keys))
     if errors:
         raise LlmpressError(f"invalid recipe {source}:\n" + "\n".join(errors))

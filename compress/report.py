@@ -100,6 +100,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         "| layer | method | format | shape | detail | values before | values after | bytes after/before | rel err | weighted err | s |",
         "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
+    lines[-2:-2] = _allocation_lines(report.get("allocation"))
     for r in report["layers"]:
         detail = ", ".join(f"{k}={v}" for k, v in r["detail"].items() if k != "bias")
         lines.append(
@@ -108,6 +109,34 @@ def report_markdown(report: dict[str, Any]) -> str:
             f"{r['rel_error']:.4f} | {_fmt_err(r['rel_weighted_error'])} | {r['seconds']:.2f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _allocation_lines(allocation: dict[str, Any] | None) -> list[str]:
+    """The knapsack's chosen level per layer as a block x layer grid (0 = left dense)."""
+    if not allocation:
+        return []
+    if allocation["strategy"] == "uniform":
+        return [f"Allocation: uniform, ratio {allocation['ratio']} for every layer of stage {allocation['stage']}.", ""]
+    lines = [
+        f"Allocation: knapsack over {len(allocation['layers'])} layers, {allocation['unit']} "
+        f"{allocation['chosen_total']:,} of {allocation['budget']:,} allowed (dense {allocation['dense_total']:,}; "
+        f"ratio {allocation['ratio']}), total cost {allocation['total_cost']:.4f}, profiled in {allocation['seconds']:.1f} s.",
+        "",
+    ]
+    grid: dict[str, dict[str, float]] = {}
+    for layer in allocation["layers"]:
+        head, _, tail = layer["name"].rpartition(".")
+        block = head
+        for part in head.split("."):  # the block index is the first integer in the path
+            if part.isdigit():
+                block = part
+                break
+        grid.setdefault(block, {})[layer["name"].split(f".{block}.", 1)[-1]] = layer["level"]
+    columns = list(dict.fromkeys(c for row in grid.values() for c in row))
+    lines += ["| block | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for block, row in grid.items():
+        lines.append(f"| {block} | " + " | ".join(f"{row[c]:.2f}" if c in row else "" for c in columns) + " |")
+    return lines + [""]
 
 
 def write_report(report: dict[str, Any], directory: str | Path) -> None:

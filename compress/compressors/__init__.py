@@ -2,6 +2,7 @@
 
 from .base import COMPRESSORS, Compressor, LayerStats, StageConfig, rank_for_ratio, register_compressor
 from .eora import EoRACompressor, EoRAConfig
+from .fwsvd import FWSVDCompressor, FWSVDConfig
 from .magnitude import MagnitudeCompressor, MagnitudeConfig
 from .svd import SVDCompressor, SVDConfig
 from .whitened_svd import WhitenedSVDCompressor, WhitenedSVDConfig
@@ -11,6 +12,8 @@ __all__ = [
     "Compressor",
     "EoRACompressor",
     "EoRAConfig",
+    "FWSVDCompressor",
+    "FWSVDConfig",
     "LayerStats",
     "MagnitudeCompressor",
     "MagnitudeConfig",

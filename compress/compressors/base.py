@@ -49,6 +49,9 @@ class Compressor(ABC):
     # True for methods that refine an earlier stage's result (EoRA): they target compressed
     # modules and receive the original weight plus the compressed module as `base`.
     wraps_compressed: ClassVar[bool] = False
+    # the config field that sets how hard a layer is compressed (what the allocator varies per
+    # layer), with its valid range: e.g. "ratio" in (0, 1); None for methods without one
+    level_field: ClassVar[str | None] = None
 
     @abstractmethod
     def compress(
@@ -60,6 +63,35 @@ class Compressor(ABC):
         base: CompressedLinear | None = None,
     ) -> CompressedLinear:
         """Compress one (out_features, in_features) weight (or refine `base`, its compressed form)."""
+
+
+    def profile(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats, config: StageConfig, levels: list[float]
+    ) -> list["LevelResult"]:
+        """Size and error of this layer at each level (what the knapsack allocator chooses from).
+
+        The default compresses once per level; methods with a cheaper way (one SVD for every
+        rank) override it. Errors are the pipeline's: plain and calibration-weighted relative.
+        """
+        from ..pipeline import relative_errors  # the one definition of the reported errors
+
+        results = []
+        for level in levels:
+            module = self.compress(weight, bias, stats, config.model_copy(update={self.level_field: level}))
+            rel, weighted = relative_errors(weight, module.to_dense(), stats.get("gram"))
+            results.append(LevelResult(level, module.num_values(), module.num_bytes(), rel, weighted))
+        return results
+
+
+@dataclass(frozen=True)
+class LevelResult:
+    """One (layer, level) point measured by `Compressor.profile`."""
+
+    level: float
+    values: int
+    bytes: int
+    rel_error: float
+    rel_weighted_error: float | None
 
 
 COMPRESSORS: dict[str, type[Compressor]] = {}

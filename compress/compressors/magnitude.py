@@ -66,6 +66,7 @@ def unstructured_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
 class MagnitudeCompressor(Compressor):
     method = "magnitude"
     config_class = MagnitudeConfig
+    level_field = "ratio"
 
     def compress(self, weight, bias, stats: LayerStats, config: MagnitudeConfig, base=None) -> SparseLinear:
         scores = weight.abs().float()

@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from ..modules import LowRankLinear
-from .base import Compressor, LayerStats, StageConfig, rank_for_ratio, register_compressor
-from .svd import split_factors
+from .base import LayerStats, StageConfig, register_compressor
+from .svd import LowRankCompressor
 from .whitening import whiten
 
 
@@ -32,13 +31,10 @@ def whitened_svd(
 
 
 @register_compressor
-class WhitenedSVDCompressor(Compressor):
+class WhitenedSVDCompressor(LowRankCompressor):
     method = "whitened_svd"
     config_class = WhitenedSVDConfig
     needs = ("gram",)
 
-    def compress(self, weight, bias, stats: LayerStats, config: WhitenedSVDConfig, base=None) -> LowRankLinear:
-        rank = rank_for_ratio(weight.shape[0], weight.shape[1], config.ratio)
-        u, sigma, vh = whitened_svd(weight, stats["gram"], config.percdamp)
-        up, down = split_factors(u, sigma, vh, rank)
-        return LowRankLinear.from_factors(up.to(weight.dtype), down.to(weight.dtype), bias)
+    def factorize(self, weight, stats: LayerStats, config: WhitenedSVDConfig):
+        return whitened_svd(weight, stats["gram"], config.percdamp)

@@ -1,0 +1,151 @@
+"""Empirical Fisher of Linear weights: squared gradients of the language-model loss, block by block.
+
+FWSVD weighs a layer's reconstruction error by how much the loss cares about each weight:
+F_ij = Σ_samples (∂L/∂W_ij)². The gradients here are the exact full-model ones, yet only one
+decoder block is on the device at a time:
+
+1. forward the calibration sequences through the dense blocks (no autograd), keeping every
+   block's input on the offload device (a chunk of sequences at a time, to bound memory);
+2. the tail (final norm, LM head, loss) runs through the model's own forward with the blocks
+   swapped for replay modules that return the last hidden state, so it works for any
+   architecture; its gradient w.r.t. that state starts the backward pass;
+3. walking the blocks backwards, each one recomputes its forward from its stored input with
+   autograd on, back-propagates the incoming gradient, and hands the gradient of its input to
+   the block before it. Squared weight gradients are summed per sequence (batch of one: the
+   empirical Fisher is a sum over samples, not the square of a batch mean).
+
+Only the row and column sums of F are kept (out + in numbers per layer, not out × in).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .pipeline import _move_outside_blocks, _to, capture_block_inputs
+
+logger = logging.getLogger("compress")
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder block during the tail pass: passes hidden states through, the last
+    one returns the stored final hidden state (in the container type the real block returns)."""
+
+    def __init__(self, output: torch.Tensor | None, as_tuple: bool):
+        super().__init__()
+        self.output = output
+        self.as_tuple = as_tuple
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = hidden_states if self.output is None else self.output
+        return (out,) if self.as_tuple else out
+
+
+def _block_forward(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, bool]:
+    out = block(hidden, **kwargs)
+    if isinstance(out, (tuple, list)):
+        return out[0], True
+    return out, False
+
+
+def collect_fisher(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    linears: dict[str, nn.Linear],
+    input_ids: torch.Tensor,
+    device: torch.device,
+    offload_device: torch.device,
+    chunk_size: int = 8,
+    progress: bool = True,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """{layer name: {"fisher_row": (out,), "fisher_col": (in,)}} summed over calibration sequences."""
+    sums = {
+        name: {
+            "fisher_row": torch.zeros(lin.out_features, dtype=torch.float64),
+            "fisher_col": torch.zeros(lin.in_features, dtype=torch.float64),
+        }
+        for name, lin in linears.items()
+    }
+    by_weight = {id(lin.weight): name for name, lin in linears.items()}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(input_ids), desc="Fisher (backward passes)", disable=not progress, unit="seq")
+    try:
+        for chunk in input_ids.split(chunk_size):
+            _accumulate_chunk(model, blocks, chunk, linears, by_weight, sums, device, offload_device)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return sums
+
+
+def _accumulate_chunk(model, blocks, chunk, linears, by_weight, sums, device, offload_device) -> None:
+    hiddens, kwargs_list = capture_block_inputs(model, blocks, chunk, 1, device, offload_device)
+    # 1. dense forward, keeping each block's inputs
+    inputs: list[list[torch.Tensor]] = []
+    as_tuple = False
+    with torch.no_grad():
+        for block in blocks:
+            block.to(device)
+            inputs.append(hiddens)
+            outs = []
+            for hidden, kwargs in zip(hiddens, kwargs_list):
+                out, as_tuple = _block_forward(block, hidden.to(device), _to(kwargs, device))
+                outs.append(out.to(offload_device))
+            hiddens = outs
+            block.to(offload_device)
+    # 2. the tail: loss from the last hidden state, through the model's own forward
+    grads = [_tail_gradient(model, blocks, seq[None], last, as_tuple, device, offload_device) for seq, last in zip(chunk, hiddens)]
+    # 3. backward through the blocks, last to first
+    for index in reversed(range(len(blocks))):
+        block = blocks[index]
+        block.to(device)
+        weights = [m.weight for m in block.modules() if id(getattr(m, "weight", None)) in by_weight]
+        for w in weights:
+            w.requires_grad_(True)
+        new_grads = []
+        for hidden, kwargs, grad in zip(inputs[index], kwargs_list, grads):
+            x = hidden.to(device).requires_grad_(True)
+            with torch.enable_grad():
+                out, _ = _block_forward(block, x, _to(kwargs, device))
+                out.backward(grad.to(device))
+            for w in weights:
+                g2 = w.grad.double().square()
+                name = by_weight[id(w)]
+                sums[name]["fisher_row"] += g2.sum(1).cpu()
+                sums[name]["fisher_col"] += g2.sum(0).cpu()
+                w.grad = None
+            new_grads.append(x.grad.detach().to(offload_device))
+        for w in weights:
+            w.requires_grad_(False)
+        block.to(offload_device)
+        grads = new_grads
+
+
+def _tail_gradient(model, blocks, ids, last_hidden, as_tuple, device, offload_device) -> torch.Tensor:
+    """∂loss/∂(last hidden state) for one sequence, using the model's own norm, head and loss."""
+    originals = list(blocks)
+    h = last_hidden.to(device).requires_grad_(True)
+    try:
+        for i in range(len(blocks)):
+            blocks[i] = _Replay(h if i == len(blocks) - 1 else None, as_tuple)
+        _move_outside_blocks(model, blocks, device)
+        with torch.enable_grad():
+            ids = ids.to(device)
+            loss: Any = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+        _move_outside_blocks(model, blocks, offload_device)
+    return h.grad.detach().to(offload_device)
