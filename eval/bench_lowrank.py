@@ -1,0 +1,271 @@
+"""Low-rank benchmark: perplexity against compression ratio for SVD, FWSVD and whitened SVD,
+uniform vs knapsack allocation, plus EoRA compensation rows. Prints a table, writes JSON,
+markdown and a plot.
+
+    python -m compress.eval.bench_lowrank --model models/SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --calib ../shared/data/wikitext2/valid.txt --eval ../shared/data/wikitext2/test.txt \\
+        --out runs/bench-lowrank
+
+The grid (method x allocation x ratio) takes every statistic from the dense model
+(`calibration.statistics: dense`): one calibration pass (Grams, plus the Fisher backward pass for
+FWSVD) and one profile per method serve all rows, so each row costs only its SVDs and the
+evaluation. EoRA rows run the normal sequential pipeline (EoRA's statistics come from the
+compressed model's own inputs) against a sequential whitened-SVD baseline of equal size.
+Rows already in OUT/results.json are skipped, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress.api import compress_model
+from compress.budget import AllocationConfig, profile_block, solve_allocation
+from compress.compressors import COMPRESSORS, rank_for_ratio
+from compress.data import calibration_windows
+from compress.model_loading import load_model, load_tokenizer
+from compress.pipeline import SequentialPipeline
+from compress.report import summarize
+from compress.targets import match_linears
+
+from .perplexity import perplexity
+
+LEVELS = [round(0.05 * i, 2) for i in range(20)]
+
+
+def _row_key(row: dict[str, Any]) -> str:
+    return row["name"]
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results_path = self.out / "results.json"
+        self.rows: list[dict[str, Any]] = json.loads(self.results_path.read_text())["rows"] if self.results_path.exists() else []
+        self.tokenizer = load_tokenizer(args.model)
+        self.dense = load_model(args.model, dtype="float32")
+        self.calib_ids = calibration_windows(self.tokenizer, args.calib, args.num_samples, args.seq_len, args.seed)
+
+    def done(self, name: str) -> bool:
+        return any(_row_key(r) == name for r in self.rows)
+
+    def record(self, row: dict[str, Any]) -> None:
+        self.rows = [r for r in self.rows if _row_key(r) != row["name"]] + [row]
+        meta = {k: v for k, v in vars(self.args).items()}
+        self.results_path.write_text(json.dumps({"config": meta, "rows": self.rows}, indent=2))
+        print(f"{row['name']:<40} ppl {row['perplexity']:>14.2f}  removed {100 * row['params_removed']:.2f}%", flush=True)
+
+    def evaluate(self, model) -> dict[str, Any]:
+        result = perplexity(model, self.tokenizer, self.args.eval, seq_len=self.args.eval_seq_len, max_windows=self.args.max_windows, progress=False)
+        return {"perplexity": result.perplexity, "eval_tokens": result.tokens, "eval_seconds": round(result.seconds, 1)}
+
+    # ---- the grid: dense statistics, reused -------------------------------------------------
+    def grid(self) -> None:
+        args = self.args
+        if not self.done("dense"):
+            self.record({"name": "dense", "method": "dense", "allocation": "-", "ratio": 0.0, "params_removed": 0.0, **self.evaluate(self.dense)})
+        pending = [
+            (m, a, r)
+            for m in args.methods
+            for a in args.allocations
+            for r in args.ratios
+            if not self.done(f"{m}/{a}/{r:g}")
+        ]
+        if not pending:
+            return
+        stages = {m: COMPRESSORS[m].config_class(method=m, ratio=0.5) for m in args.methods}
+        start = time.perf_counter()
+        stats: dict[str, Any] = {}
+        collector = SequentialPipeline(self.dense, list(stages.values()), progress=True)
+        profiles: dict[str, dict[str, Any]] = {m: {} for m in args.methods}
+
+        def on_block(index, block_stats):
+            stats.update(block_stats)
+            for i, m in enumerate(args.methods):
+                profiles[m].update(profile_block(collector, i, index, block_stats, LEVELS))
+
+        collector.collect_stats(self.calib_ids, on_block)
+        stats_seconds = time.perf_counter() - start
+        print(f"dense statistics and profiles: {stats_seconds:.0f} s", flush=True)
+        for method, allocation, ratio in pending:
+            name = f"{method}/{allocation}/{ratio:g}"
+            model = copy.deepcopy(self.dense)
+            stage = stages[method].model_copy(update={"ratio": ratio})
+            t0 = time.perf_counter()
+            layer_configs, cost = None, None
+            if allocation == "knapsack":
+                plan = solve_allocation(profiles[method], AllocationConfig(ratio=ratio, levels=LEVELS, cost=args.cost))
+                layer_configs = plan.layer_configs(stage, "ratio")
+                cost = plan.total_cost
+                levels = [c.level for c in plan.layers]
+            else:
+                levels = [ratio] * len(profiles[method])
+            pipeline = SequentialPipeline(model, [stage], progress=False, layer_configs=layer_configs)
+            with torch.no_grad():
+                records = pipeline.run(None, stats=stats)
+            seconds = time.perf_counter() - t0
+            self.record(
+                {
+                    "name": name,
+                    "method": method,
+                    "allocation": allocation,
+                    "ratio": ratio,
+                    "statistics": "dense",
+                    "params_removed": _removed(model, records),
+                    "mean_weighted_error": summarize(records)["mean_rel_weighted_error"],
+                    "knapsack_cost": cost,
+                    "levels": levels,
+                    "compress_seconds": round(seconds + stats_seconds / len(pending), 1),
+                    **self.evaluate(model),
+                }
+            )
+            del model
+
+    # ---- EoRA: sequential pipeline ------------------------------------------------------------
+    def eora(self) -> None:
+        args = self.args
+        base_recipe = {"calibration": {"num_samples": args.num_samples, "seq_len": args.seq_len, "seed": args.seed}}
+        runs: list[tuple[str, float | None, list[dict]]] = []
+        for ratio in args.eora_ratios:
+            runs.append((f"whitened_svd/seq/{ratio:g}", ratio, [{"method": "whitened_svd", "ratio": ratio}]))
+            for rank in args.eora_ranks:
+                deeper = _deeper_ratio(self.dense, ratio, rank)
+                stages = [{"method": "whitened_svd", "ratio": deeper}, {"method": "eora", "rank": rank}]
+                runs.append((f"whitened_svd@{deeper:.3f}+eora{rank}/seq/{ratio:g}", ratio, stages))
+        prune = {"method": "magnitude", "pattern": "2:4"}
+        runs.append(("magnitude2:4/seq", None, [prune]))
+        for rank in args.eora_ranks:
+            runs.append((f"magnitude2:4+eora{rank}/seq", None, [prune, {"method": "eora", "rank": rank}]))
+        for name, ratio, stages in runs:
+            if self.done(name):
+                continue
+            model = copy.deepcopy(self.dense)
+            t0 = time.perf_counter()
+            model, report = compress_model(
+                model, {**base_recipe, "stages": stages}, dataset=args.calib, tokenizer=self.tokenizer, progress=False
+            )
+            s = report["summary"]
+            self.record(
+                {
+                    "name": name,
+                    "method": "+".join(st["method"] for st in stages),
+                    "allocation": "uniform",
+                    "ratio": ratio,
+                    "statistics": "sequential",
+                    "params_removed": s["nominal_ratio_removed"],
+                    "bytes_removed": s["storage_ratio_removed"],
+                    "mean_weighted_error": s["mean_rel_weighted_error"],
+                    "compress_seconds": round(time.perf_counter() - t0, 1),
+                    **self.evaluate(model),
+                }
+            )
+            del model
+
+
+def _removed(model, records) -> float:
+    """Fraction of the targets' parameters removed, counting layers left dense as kept."""
+    s = summarize(records)
+    linears = match_linears(model, ["Linear"], ["lm_head"])
+    untouched = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in linears.values() if type(m) is torch.nn.Linear)
+    return 1 - (s["values_after"] + untouched) / (s["params_before"] + untouched)
+
+
+def _deeper_ratio(model, ratio: float, rank: int) -> float:
+    """Whitened-SVD ratio that, with an EoRA residual of `rank` on every layer, totals `ratio` removed."""
+    shapes = [(m.out_features, m.in_features) for m in match_linears(model, ["Linear"], ["lm_head"]).values()]
+    dense = sum(o * i for o, i in shapes)
+
+    def size(r: float) -> int:
+        return sum((rank_for_ratio(o, i, r) + rank) * (o + i) for o, i in shapes)
+
+    lo, hi = ratio, 0.99
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if size(mid) > (1 - ratio) * dense else (lo, mid)
+    return hi
+
+
+def write_outputs(out: Path, rows: list[dict[str, Any]]) -> str:
+    """Markdown table (also returned) and a perplexity-vs-ratio plot."""
+    lines = [
+        "| run | statistics | params removed | perplexity | mean weighted err | compress s |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: (r.get("statistics", ""), r["method"], r["allocation"], r["ratio"] or 0)):
+        err = r.get("mean_weighted_error")
+        lines.append(
+            f"| {r['name']} | {r.get('statistics', '-')} | {100 * r['params_removed']:.2f}% | {r['perplexity']:.2f} | "
+            f"{'' if err is None else f'{err:.4f}'} | {r.get('compress_seconds', '')} |"
+        )
+    table = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(table)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return table
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r.get("statistics") == "dense" and r["method"] != "dense":
+            series.setdefault(f"{r['method']} ({r['allocation']})", []).append((r["params_removed"], r["perplexity"]))
+    for label, points in sorted(series.items()):
+        points.sort()
+        ax.plot([100 * p for p, _ in points], [v for _, v in points], marker="o", label=label)
+    dense = [r for r in rows if r["method"] == "dense"]
+    if dense:
+        ax.axhline(dense[0]["perplexity"], color="gray", linestyle="--", label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("target parameters removed (%)")
+    ax.set_ylabel("WikiText-2 perplexity (log)")
+    ax.set_title("SmolLM2-135M, low-rank methods (dense statistics)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "ppl_vs_ratio.png", dpi=120)
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--calib", required=True, help="calibration text (disjoint from --eval)")
+    parser.add_argument("--eval", required=True, help="evaluation text")
+    parser.add_argument("--out", default="runs/bench-lowrank")
+    parser.add_argument("--methods", nargs="+", default=["svd", "fwsvd", "whitened_svd"])
+    parser.add_argument("--allocations", nargs="+", default=["uniform", "knapsack"])
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.3, 0.4])
+    parser.add_argument("--cost", default="weighted_sq", choices=["weighted_sq", "weighted", "plain_sq"])
+    parser.add_argument("--eora-ratios", nargs="*", type=float, default=[0.3])
+    parser.add_argument("--eora-ranks", nargs="*", type=int, default=[32, 64])
+    parser.add_argument("--skip-grid", action="store_true")
+    parser.add_argument("--skip-eora", action="store_true")
+    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-windows", type=int, default=8)
+    parser.add_argument("--eval-seq-len", type=int, default=2048)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    bench = Bench(args)
+    if not args.skip_grid:
+        bench.grid()
+    if not args.skip_eora:
+        bench.eora()
+    print(write_outputs(bench.out, bench.rows))
+    print(f"wrote {bench.out / 'results.json'}, results.md, ppl_vs_ratio.png")
+
+
+if __name__ == "__main__":
+    main()
