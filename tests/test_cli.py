@@ -98,3 +98,25 @@ def test_non_finite_activations_are_reported(tmp_path, tokenizer, calib_text, ca
     assert "model.layers.1.mlp" in err
     assert not (tmp_path / "o").exists()
     assert AutoModelForCausalLM  # the tiny model directory loads with plain transformers too
+
+
+@pytest.mark.parametrize("model_kind", ["qwen2"])
+def test_knapsack_recipe_from_the_cli_round_trips(tiny_model_dir, tmp_path, calib_text):
+    from pathlib import Path
+
+    import compress
+
+    recipe = Path(__file__).parents[1] / "recipes" / "whitened-svd-30-knapsack.yaml"
+    out = tmp_path / "knap"
+    rc = main(["compress", str(tiny_model_dir), "--recipe", str(recipe), "--dataset", str(calib_text),
+               "--num-samples", "3", "--seq-len", "32", "--output-dir", str(out), "--quiet",
+               "--set", "allocation.ratio=0.5"])  # fmt: skip
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["allocation"]["ratio"] == 0.5 and report["allocation"]["chosen_total"] <= report["allocation"]["budget"]
+    assert "| block |" in (out / "report.md").read_text()
+    model = compress.load(out)
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.randint(0, 300, (1, 12))
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+    assert not torch.allclose(model(input_ids=ids).logits, original(input_ids=ids).logits)
