@@ -3,7 +3,7 @@ import torch
 
 from compress import kernels
 from compress.compressors import COMPRESSORS, LayerStats, MagnitudeConfig, SVDConfig, rank_for_ratio
-from compress.compressors.magnitude import nm_mask
+from compress.compressors.masks import nm_mask
 from compress.modules import LowRankLinear, SparseLinear, build_module, pack_mask, unpack_mask
 
 

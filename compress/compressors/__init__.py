@@ -4,7 +4,9 @@ from .base import COMPRESSORS, Compressor, LayerStats, StageConfig, rank_for_rat
 from .eora import EoRACompressor, EoRAConfig
 from .fwsvd import FWSVDCompressor, FWSVDConfig
 from .magnitude import MagnitudeCompressor, MagnitudeConfig
+from .sparsegpt import SparseGPTCompressor, SparseGPTConfig
 from .svd import SVDCompressor, SVDConfig
+from .wanda import WandaCompressor, WandaConfig
 from .whitened_svd import WhitenedSVDCompressor, WhitenedSVDConfig
 
 __all__ = [
@@ -18,6 +20,10 @@ __all__ = [
     "MagnitudeCompressor",
     "MagnitudeConfig",
     "SVDCompressor",
+    "SparseGPTCompressor",
+    "SparseGPTConfig",
+    "WandaCompressor",
+    "WandaConfig",
     "SVDConfig",
     "StageConfig",
     "WhitenedSVDCompressor",

@@ -1,0 +1,76 @@
+"""Wanda and layer-wise OBS (SparseGPT): masks of the right shape, and less output error than magnitude."""
+
+import pytest
+import torch
+
+import compress
+from compress.compressors import COMPRESSORS, LayerStats, MagnitudeConfig, SparseGPTConfig, WandaConfig
+from compress.compressors.masks import row_mask
+from compress.compressors.sparsegpt import inverse_hessian_factor, sparsegpt_prune
+from compress.errors import LlmpressError
+from compress.modules import SparseLinear
+from compress.pipeline import relative_errors
+from conftest import tiny_model
+
+
+def _problem(seed=0, out=32, inp=64, n=500):
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(0, -1.5, inp)[torch.randperm(inp, generator=g)]
+    X = torch.randn(n, inp, generator=g) @ (torch.randn(inp, inp, generator=g) * 0.3 + torch.eye(inp)) * scales
+    gram = (X.T @ X).double()
+    stats = LayerStats({"gram": gram, "channel_norm_sq": gram.diagonal().clone()}, n)
+    return torch.randn(out, inp, generator=g), stats
+
+
+@pytest.mark.parametrize("pattern,ratio", [("unstructured", 0.5), ("unstructured", 0.7), ("2:4", None), ("4:8", None)])
+def test_obs_beats_wanda_beats_magnitude(pattern, ratio):
+    W, stats = _problem()
+    errors = {}
+    for method, cls in [("magnitude", MagnitudeConfig), ("wanda", WandaConfig), ("sparsegpt", SparseGPTConfig)]:
+        extra = {"blocksize": 16} if method == "sparsegpt" else {}
+        module = COMPRESSORS[method]().compress(W, None, stats, cls(ratio=ratio, pattern=pattern, **extra))
+        assert isinstance(module, SparseLinear)
+        dense = module.to_dense()
+        mask = dense != 0
+        if pattern == "unstructured":
+            assert abs(1 - mask.float().mean().item() - ratio) < 0.02
+        else:
+            n, m = map(int, pattern.split(":"))
+            assert (mask.view(32, -1, m).sum(-1) <= n).all()
+        errors[method] = relative_errors(W, dense, stats["gram"])[1]
+    assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"]
+
+
+def test_sparsegpt_updates_kept_weights_and_handles_dead_inputs():
+    W, stats = _problem()
+    gram = stats["gram"].clone()
+    gram[5, :] = 0
+    gram[:, 5] = 0  # input channel 5 never fires
+    pruned, keep = sparsegpt_prune(W, gram, SparseGPTConfig(ratio=0.5, blocksize=16))
+    assert (pruned[~keep] == 0).all() and (pruned[:, 5] == 0).all() and not keep[:, 5].any()
+    assert not torch.allclose(pruned[keep], W[keep])  # OBS compensation moved the survivors
+    with pytest.raises(LlmpressError, match="NaN"):
+        inverse_hessian_factor(torch.full((4, 4), float("nan")), 0.01, "q_proj")
+    singular = torch.ones(6, 6, dtype=torch.float64)  # rank one: needs damping to factor
+    upper, dead = inverse_hessian_factor(singular, 1e-12, "x")
+    assert torch.isfinite(upper).all() and not dead.any()
+
+
+def test_wanda_keeps_weights_on_loud_channels_per_row():
+    W = torch.ones(4, 8)
+    norms = torch.ones(8, dtype=torch.float64)
+    norms[3] = 1e6
+    W[:, 3] = 1e-3  # tiny weight on a very loud channel: worth keeping
+    module = COMPRESSORS["wanda"]().compress(W, None, LayerStats({"channel_norm_sq": norms}), WandaConfig(ratio=0.5))
+    mask = module.to_dense() != 0
+    assert mask[:, 3].all() and (mask.sum(1) == 4).all()
+    assert (row_mask(torch.rand(3, 10), 0.3).sum(1) == 7).all()
+
+
+def test_pruning_recipes_on_a_tiny_model(tokenizer, calib_text):
+    for stage in ({"method": "wanda", "pattern": "2:4"}, {"method": "sparsegpt", "ratio": 0.5}):
+        recipe = {"calibration": {"num_samples": 3, "seq_len": 32}, "stages": [stage]}
+        model, report = compress.compress_model(tiny_model("llama"), recipe, dataset=str(calib_text), tokenizer=tokenizer, progress=False)
+        assert isinstance(model.model.layers[0].mlp.down_proj, SparseLinear)
+        assert report["summary"]["nominal_ratio_removed"] == pytest.approx(0.5, abs=0.01)
+        assert torch.isfinite(model(input_ids=torch.randint(0, 300, (1, 8))).logits).all()
