@@ -62,3 +62,15 @@ def test_eora_stage_in_pipeline_and_round_trip(tokenizer, calib_text, tmp_path):
     ids = torch.randint(0, 300, (1, 16))
     out = compress.save_compressed(model, tmp_path / "ckpt")
     assert torch.equal(compress.load(out)(ids).logits, model(ids).logits)
+
+
+def test_eora_rank_from_a_size_budget():
+    W, gram = _problem()
+    base = COMPRESSORS["magnitude"]().compress(W, None, LayerStats(), MagnitudeConfig(pattern="2:4"))
+    config = EoRAConfig(budget=0.25)
+    module = COMPRESSORS["eora"]().compress(W, None, LayerStats({"gram": gram}), config, base=base)
+    assert module.rank == int(0.25 * 24 * 32 // (24 + 32)) == 3
+    assert (module.num_values() - base.num_values()) <= 0.25 * 24 * 32
+    for bad in ({}, {"rank": 2, "budget": 0.1}):
+        with pytest.raises(ValueError, match="exactly one of 'rank'"):
+            EoRAConfig(**bad)

@@ -10,7 +10,7 @@ weight, the compressed module, and a Gram collected on the compressed model's ow
 from __future__ import annotations
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..modules import CompressedLinear, EoRALinear
 from .base import Compressor, LayerStats, StageConfig, register_compressor
@@ -19,8 +19,23 @@ from .whitened_svd import whitened_svd
 
 class EoRAConfig(StageConfig):
     method: str = "eora"
-    rank: int = Field(ge=1, description="rank of the compensation")
+    rank: int | None = Field(default=None, ge=1, description="rank of the compensation, the same for every layer")
+    budget: float | None = Field(
+        default=None, gt=0.0, lt=1.0, description="or: size of the residual as a fraction of the layer's dense size"
+    )
     percdamp: float = Field(default=1e-6, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _rank_or_budget(self):
+        if (self.rank is None) == (self.budget is None):
+            raise ValueError("eora needs exactly one of 'rank' (fixed) or 'budget' (fraction of the layer's dense size)")
+        return self
+
+    def rank_for(self, out_features: int, in_features: int) -> int:
+        """The fixed rank, or the largest whose two factors fit in `budget` of the dense weight (at least 1)."""
+        if self.rank is not None:
+            return self.rank
+        return max(1, int(self.budget * out_features * in_features // (out_features + in_features)))
 
 
 def eora_factors(
@@ -43,5 +58,6 @@ class EoRACompressor(Compressor):
         if base is None:
             raise ValueError("EoRA compensates a compressed module: run it as a stage after a compression stage")
         delta = weight.double() - base.to_dense().double()
-        up, down = eora_factors(delta, stats["gram"], config.rank, config.percdamp)
+        rank = config.rank_for(*weight.shape)
+        up, down = eora_factors(delta, stats["gram"], rank, config.percdamp)
         return EoRALinear.from_factors(base, up.to(weight.dtype), down.to(weight.dtype))
