@@ -74,3 +74,45 @@ def test_pruning_recipes_on_a_tiny_model(tokenizer, calib_text):
         assert isinstance(model.model.layers[0].mlp.down_proj, SparseLinear)
         assert report["summary"]["nominal_ratio_removed"] == pytest.approx(0.5, abs=0.01)
         assert torch.isfinite(model(input_ids=torch.randint(0, 300, (1, 8))).logits).all()
+
+
+def test_mfac_inverse_matches_dense_inverse():
+    from compress.compressors.mfac import BlockFisherInverse
+
+    g = torch.randn(10, 48, dtype=torch.float64)
+    inv = BlockFisherInverse(g, block_size=16, damp=1e-2)
+    dense = torch.zeros(48, 48, dtype=torch.float64)
+    for b in range(3):
+        gb = g[:, 16 * b : 16 * (b + 1)]
+        fisher = inv.lam * torch.eye(16, dtype=torch.float64) + gb.T @ gb / 10
+        dense[16 * b : 16 * (b + 1), 16 * b : 16 * (b + 1)] = torch.linalg.inv(fisher)
+    torch.testing.assert_close(inv.diag(), dense.diagonal())
+    v = torch.randn(48, dtype=torch.float64)
+    torch.testing.assert_close(inv.mul(v), dense @ v)
+    # the M-FAC recursion (one Sherman-Morrison step per gradient) reaches the same inverse
+    rec = torch.eye(16, dtype=torch.float64) / inv.lam
+    for gi in g[:, :16]:
+        u = rec @ gi
+        rec = rec - torch.outer(u, u) / (10 + gi @ u)
+    torch.testing.assert_close(rec, dense[:16, :16])
+
+
+@pytest.mark.parametrize("pattern,ratio", [("unstructured", 0.5), ("2:4", None)])
+def test_mfac_obs_beats_magnitude_in_fisher_loss(pattern, ratio):
+    from compress.compressors.mfac import MFACConfig, mfac_prune
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(8, 32, generator=g)
+    # gradients with strongly unequal, correlated directions: the quadratic model of the loss
+    grads = torch.randn(64, 256, generator=g) @ (torch.randn(256, 256, generator=g) * torch.logspace(0, -2, 256)) * 0.1
+    fisher = grads.double().T @ grads.double() / 64
+    loss = lambda dw: float(dw.reshape(-1).double() @ fisher @ dw.reshape(-1).double())  # noqa: E731
+    config = MFACConfig(ratio=ratio, pattern=pattern, block_size=256, damp=1e-4, steps=4)
+    pruned, keep = mfac_prune(W, grads, config)
+    assert (pruned[~keep] == 0).all()
+    if ratio:
+        assert abs((~keep).float().mean().item() - ratio) < 0.01
+    else:
+        assert (keep.view(8, -1, 4).sum(-1) == 2).all()
+    magnitude = COMPRESSORS["magnitude"]().compress(W, None, LayerStats(), MagnitudeConfig(ratio=ratio, pattern=pattern))
+    assert loss(pruned - W) < 0.7 * loss(magnitude.to_dense() - W)

@@ -1,0 +1,92 @@
+"""M-FAC OBS pruning (Frantar, Kurtic & Alistarh 2021): the empirical Fisher from m gradients.
+
+F = λI + (1/m)·Σ_i g_i g_iᵀ over blocks of B consecutive weights (block-diagonal). M-FAC's
+recursion for F⁻¹ applies Sherman-Morrison once per gradient; its fixed point is the Woodbury
+form used here, batched over all blocks:
+
+    F⁻¹ = (1/λ)·(I − Gᵀ K⁻¹ G),   K = mλ·I_m + G·Gᵀ   (per block: G is m × B)
+
+so with P = K⁻¹G precomputed (O(d·m²) in all), an inverse-Hessian-vector product is
+(v − Gᵀ(P·v))/λ in O(d·m) and a diagonal element [F⁻¹]_qq = (1 − g_qᵀ p_q)/λ costs O(m).
+
+Pruning follows OBS: a weight's saliency is w_q²/(2[F⁻¹]_qq); the weights to remove at a step
+are the lowest-saliency ones, and the rest absorb them with one IHVP,
+δw = −F⁻¹·(w_Q / [F⁻¹]_QQ) (the sum of the single-weight OBS updates). Several steps approach
+the target sparsity gradually so that later choices see earlier updates.
+
+This file is the math; the per-block gradient windows it needs (m per-sample gradients of
+every weight, too large to hold for a whole model) are collected by the pipeline integration
+of the pruning issue, which registers the `mfac` method.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from ..errors import LlmpressError
+from .masks import PruningConfig, nm_mask, unstructured_mask
+
+
+class MFACConfig(PruningConfig):
+    method: str = "mfac"
+    block_size: int = Field(default=128, ge=1, description="weights per diagonal block of the Fisher")
+    damp: float = Field(default=1e-5, gt=0.0, description="λ relative to the mean squared gradient")
+    steps: int = Field(default=4, ge=1, le=64, description="pruning steps towards the target sparsity")
+
+
+class BlockFisherInverse:
+    """The inverse of the block-diagonal empirical Fisher of m gradients over d weights."""
+
+    def __init__(self, grads: torch.Tensor, block_size: int, damp: float):
+        m, d = grads.shape
+        if d % block_size:
+            raise ValueError(f"block_size {block_size} must divide the number of weights {d}")
+        if not torch.isfinite(grads).all():
+            raise LlmpressError("gradients contain NaN/Inf: the calibration loss overflowed; try float32")
+        g = grads.double().reshape(m, d // block_size, block_size).transpose(0, 1)  # (blocks, m, B)
+        scale = float(g.square().mean())
+        self.lam = damp * scale if scale > 0 else damp
+        self.m = m
+        self.g = g
+        eye = torch.eye(m, dtype=g.dtype, device=g.device)
+        k = m * self.lam * eye + g @ g.transpose(1, 2)  # (blocks, m, m), positive definite
+        self.p = torch.cholesky_solve(g, torch.linalg.cholesky(k))  # K⁻¹G, (blocks, m, B)
+
+    def diag(self) -> torch.Tensor:
+        """[F⁻¹]_qq for every weight, flattened (d,)."""
+        return ((1.0 - (self.g * self.p).sum(1)) / self.lam).reshape(-1)
+
+    def mul(self, v: torch.Tensor) -> torch.Tensor:
+        """F⁻¹·v for a flattened (d,) vector."""
+        vb = v.double().reshape(self.g.shape[0], -1)  # (blocks, B)
+        pv = (self.p @ vb.unsqueeze(-1)).squeeze(-1)  # (blocks, m)
+        return ((vb - (self.g.transpose(1, 2) @ pv.unsqueeze(-1)).squeeze(-1)) / self.lam).reshape(-1)
+
+
+def mfac_prune(weight: torch.Tensor, grads: torch.Tensor, config: MFACConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(updated weight with zeros, keep-mask) after `config.steps` OBS steps with the M-FAC inverse."""
+    rows, cols = weight.shape
+    if grads.shape[1] != weight.numel():
+        raise ValueError(f"gradients have {grads.shape[1]} entries per sample, the weight has {weight.numel()}")
+    inverse = BlockFisherInverse(grads, config.block_size, config.damp)
+    diag = inverse.diag().clamp_min(1e-30)
+    w = weight.double().reshape(-1).clone()
+    keep = torch.ones_like(w, dtype=torch.bool)
+    for step in range(1, config.steps + 1):
+        saliency = (w.square() / (2 * diag)).reshape(rows, cols)
+        saliency[~keep.reshape(rows, cols)] = -1.0  # already pruned: pruned first again
+        if config.nm is not None:  # N:M: remove a growing number per group of M, reaching M-N at the end
+            n, m = config.nm
+            pruned_per_group = round((m - n) * step / config.steps)
+            new_keep = nm_mask(saliency, m - pruned_per_group, m).reshape(-1)
+        else:
+            new_keep = unstructured_mask(saliency, config.ratio * step / config.steps).reshape(-1)
+        removed = keep & ~new_keep
+        if removed.any():
+            coeff = torch.zeros_like(w)
+            coeff[removed] = w[removed] / diag[removed]
+            w -= inverse.mul(coeff)
+        keep = new_keep
+        w[~keep] = 0.0
+    return w.reshape(rows, cols).to(weight.dtype), keep.reshape(rows, cols)
