@@ -125,13 +125,9 @@ def _allocation_lines(allocation: dict[str, Any] | None) -> list[str]:
     ]
     grid: dict[str, dict[str, float]] = {}
     for layer in allocation["layers"]:
-        head, _, tail = layer["name"].rpartition(".")
-        block = head
-        for part in head.split("."):  # the block index is the first integer in the path
-            if part.isdigit():
-                block = part
-                break
-        grid.setdefault(block, {})[layer["name"].split(f".{block}.", 1)[-1]] = layer["level"]
+        parts = layer["name"].split(".")
+        at = next((i for i, part in enumerate(parts) if part.isdigit()), len(parts) - 1)  # the block index
+        grid.setdefault(parts[at], {})[".".join(parts[at + 1 :])] = layer["level"]
     columns = list(dict.fromkeys(c for row in grid.values() for c in row))
     lines += ["| block | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for block, row in grid.items():

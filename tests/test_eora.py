@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import compress
-from compress.compressors import COMPRESSORS, EoRAConfig, LayerStats, MagnitudeConfig, SVDConfig
+from compress.compressors import COMPRESSORS, EoRAConfig, LayerStats, MagnitudeConfig
 from compress.compressors.svd import truncated_svd
 from compress.modules import EoRALinear, LowRankLinear, SparseLinear
 from compress.pipeline import relative_errors
