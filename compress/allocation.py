@@ -54,8 +54,12 @@ def total(options: Sequence[Sequence[Option]], choice: Sequence[int]) -> tuple[f
     return sum(o.cost for o in picked), sum(o.size for o in picked)
 
 
-def solve_dp(options: Sequence[Sequence[Option]], budget: float, resolution: int = 4096) -> list[int]:
-    """Exact multi-choice knapsack on a discretized budget; returns one option index per layer."""
+def solve_dp(options: Sequence[Sequence[Option]], budget: float, resolution: int = 65536) -> list[int]:
+    """Multi-choice knapsack on a discretized budget; returns one option index per layer.
+
+    Exact on the discretized sizes; rounding each size up can leave up to one unit per layer
+    unspent, which a final greedy pass spends (`spend_leftover`).
+    """
     _check(options, budget)
     unit = max(budget / resolution, 1.0)
     slots = int(budget // unit)
@@ -66,7 +70,7 @@ def solve_dp(options: Sequence[Sequence[Option]], budget: float, resolution: int
     for layer in options:
         kept = pareto_indices(layer)
         new = np.full(slots + 1, inf)
-        arg = np.full(slots + 1, -1, dtype=np.int64)
+        arg = np.full(slots + 1, -1, dtype=np.int16 if len(layer) < 2**15 else np.int64)
         for i in kept:
             w = int(np.ceil(layer[i].size / unit - 1e-9))
             if w > slots:
@@ -89,7 +93,7 @@ def solve_dp(options: Sequence[Sequence[Option]], budget: float, resolution: int
         i = int(arg[b])
         choice.append(i)
         b -= int(np.ceil(layer[i].size / unit - 1e-9))
-    return choice[::-1]
+    return spend_leftover(options, choice[::-1], budget)
 
 
 def _pick(options, lam: float) -> list[int]:
@@ -113,8 +117,14 @@ def solve_lagrangian(options: Sequence[Sequence[Option]], budget: float, iterati
     choice = _pick(options, hi)
     if total(options, choice)[1] > budget:  # λ could not get there: start from the smallest options
         choice = [min(range(len(layer)), key=lambda i: layer[i].size) for layer in options]
+    return spend_leftover(options, choice, budget)
+
+
+def spend_leftover(options: Sequence[Sequence[Option]], choice: list[int], budget: float) -> list[int]:
+    """Greedily upgrade layers while the budget allows, best error reduction per extra unit first."""
+    choice = list(choice)
     _, size = total(options, choice)
-    while True:  # spend what is left on the best error reduction per extra unit of size
+    while True:
         best = None
         for li, layer in enumerate(options):
             current = layer[choice[li]]

@@ -46,7 +46,7 @@ class AllocationConfig(BaseModel):
         "error, or squared relative Frobenius error",
     )
     solver: Literal["dp", "lagrangian"] = "dp"
-    resolution: int = Field(default=4096, ge=16, description="budget slots of the DP (sizes are rounded up)")
+    resolution: int = Field(default=65536, ge=16, description="budget slots of the DP (sizes are rounded up)")
 
     @field_validator("levels")
     @classmethod
