@@ -11,7 +11,7 @@ Importing this package registers the llmpress quantizer with transformers.
 
 from . import hf_quantizer  # noqa: F401  (registers quant_method "llmpress" with transformers)
 from .api import compress_model
-from .checkpoint import load, save_compressed
+from .checkpoint import export_dense, load, save_compressed
 from .compressors import COMPRESSORS
 from .errors import LlmpressError
 from .model_loading import load_model, load_tokenizer
@@ -26,6 +26,7 @@ __all__ = [
     "LlmpressError",
     "Recipe",
     "compress_model",
+    "export_dense",
     "load",
     "load_model",
     "load_recipe",

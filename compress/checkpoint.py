@@ -17,8 +17,9 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -56,9 +57,7 @@ def save_compressed(
     # The model is now an llmpress model, whatever it was loaded from: a GGUF-loaded model still
     # carries transformers' (non-serializable) GGUF quantizer although its weights were dequantized.
     model.hf_quantizer = LlmpressHfQuantizer(config)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
+    with atomic_directory(output_dir) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -67,6 +66,16 @@ def save_compressed(
             (tmp / "recipe.yaml").write_text(text)
         if report is not None:
             write_report(report, tmp)
+    return output_dir
+
+
+@contextmanager
+def atomic_directory(output_dir: Path) -> Iterator[Path]:
+    """A temporary sibling directory to write into; renamed onto `output_dir` only on success."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        yield tmp
         if output_dir.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
             os.replace(output_dir, trash / "old")
@@ -77,6 +86,36 @@ def save_compressed(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def export_dense(directory: str | Path, output_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write an ordinary HF checkpoint (every compressed Linear reconstructed as nn.Linear) for
+    tools that know nothing of llmpress. The file is as big as the dense model: only the
+    quality of the compression carries over, not its savings."""
+    from transformers import AutoTokenizer
+
+    from .targets import set_submodule
+
+    output_dir = check_output_dir(output_dir, overwrite)
+    model = load(directory, dtype="auto")
+    for name, module in compressed_modules(model).items():
+        dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        dense = dense.to(dtype=module.value_dtype(), device="cpu")
+        with torch.no_grad():
+            dense.weight.copy_(module.to_dense())
+            if module.bias is not None:
+                dense.bias.copy_(module.bias)
+        set_submodule(model, name, dense)
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    with atomic_directory(output_dir) as tmp:
+        model.save_pretrained(tmp)
+        try:
+            AutoTokenizer.from_pretrained(directory).save_pretrained(tmp)
+        except (OSError, ValueError):
+            pass  # a checkpoint saved without a tokenizer exports without one
     return output_dir
 
 

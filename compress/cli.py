@@ -1,4 +1,4 @@
-"""The `llmpress` command line: compress, eval, inspect, fetch-demo.
+"""The `llmpress` command line: compress, eval, report, inspect, export, fetch-demo.
 
 Errors the user can fix print one clear message and exit with status 2.
 """
@@ -33,16 +33,35 @@ def _add_compress(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a dense or compressed model")
+    p = sub.add_parser("eval", help="perplexity and lm-eval tasks of a dense or compressed model")
     p.add_argument("model", help="llmpress checkpoint, HF directory, .gguf file or hub id")
-    p.add_argument("--ppl", required=True, help="text file (or 'wikitext2' when online) for perplexity")
+    p.add_argument("--ppl", help="text file (or 'wikitext2' when online) for token-level perplexity")
+    p.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. local_arc_easy,local_piqa")
+    p.add_argument("--include-path", action="append", default=[], help="folder of lm-eval task YAMLs (repeatable)")
+    p.add_argument("--limit", type=float, help="examples per task (an int) or a fraction")
+    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--baseline", help="also evaluate this (dense) model and show both")
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick runs)")
+    p.add_argument("--max-windows", type=int, help="perplexity on the first N windows only (quick runs)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--json", help="also write the result to this JSON file")
+    p.add_argument("--json", help="write the results to this JSON file (llmpress report reads DIR/eval.json)")
     p.add_argument("--quiet", action="store_true")
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="one table and plots across several compressed checkpoints")
+    p.add_argument("runs", nargs="+", help="checkpoint directories (each with report.json, optionally eval.json)")
+    p.add_argument("--output-dir", default="report", help="where report.md and the PNG plots go")
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a compressed checkpoint as an ordinary dense HF checkpoint")
+    p.add_argument("directory", help="llmpress checkpoint")
+    p.add_argument("output_dir")
+    p.add_argument("--format", choices=["dense"], default="dense", help="dense: reconstructed nn.Linear weights")
+    p.add_argument("--overwrite", action="store_true")
 
 
 def _add_inspect(sub) -> None:
@@ -61,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_compress(sub)
     _add_eval(sub)
+    _add_report(sub)
     _add_inspect(sub)
+    _add_export(sub)
     _add_fetch(sub)
     return parser
 
@@ -106,24 +127,66 @@ def cmd_compress(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    from compress.eval import perplexity
+def _evaluate_one(args, source: str) -> dict:
+    from compress.eval import evaluate, perplexity
 
     from .model_loading import check_device, load_model, load_tokenizer
 
     device = check_device(args.device)
-    tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, dtype=args.dtype, device=device)
-    result = perplexity(
-        model, tokenizer, Path(args.ppl) if Path(args.ppl).exists() else args.ppl,
-        seq_len=args.seq_len, max_windows=args.max_windows, batch_size=args.batch_size, progress=not args.quiet,
-    )
-    print(
-        f"perplexity {result.perplexity:.4f}  ({result.windows} windows x {result.seq_len} tokens, "
-        f"{result.tokens} predicted tokens, {result.seconds:.1f}s)  model {args.model}  text {args.ppl}"
-    )
+    tokenizer = load_tokenizer(source)
+    model = load_model(source, dtype=args.dtype, device=device)
+    result: dict = {"model": source}
+    if args.ppl:
+        ppl = perplexity(
+            model, tokenizer, Path(args.ppl) if Path(args.ppl).exists() else args.ppl,
+            seq_len=args.seq_len, max_windows=args.max_windows, batch_size=args.batch_size, progress=not args.quiet,
+        )  # fmt: skip
+        print(
+            f"perplexity {ppl.perplexity:.4f}  ({ppl.windows} windows x {ppl.seq_len} tokens, "
+            f"{ppl.tokens} predicted tokens, {ppl.seconds:.1f}s)  model {source}  text {args.ppl}"
+        )
+        result["perplexity"] = ppl.as_dict()
+    if args.tasks:
+        limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        harness = evaluate(
+            model, tasks, tokenizer=tokenizer, include_path=args.include_path or None, limit=limit,
+            batch_size=args.batch_size, num_fewshot=args.num_fewshot,
+        )  # fmt: skip
+        result.update({k: v for k, v in harness.items() if k != "model"})
+    return result
+
+
+def cmd_eval(args) -> int:
+    from compress.eval import results_table
+
+    if not args.ppl and not args.tasks:
+        raise LlmpressError("nothing to evaluate: pass --ppl TEXT and/or --tasks a,b,...")
+    results = [_evaluate_one(args, args.model)]
+    if args.baseline:
+        results.append(_evaluate_one(args, args.baseline))
+    if args.tasks:
+        print(results_table([r for r in results if "tasks" in r]))
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, **result.as_dict()}, indent=2))
+        payload = results[0] if len(results) == 1 else {"model": results[0], "baseline": results[1]}
+        Path(args.json).write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .runs_report import write_runs_report
+
+    path = write_runs_report(args.runs, args.output_dir)
+    print(path.read_text())
+    print(f"wrote {path} and plots in {path.parent}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .checkpoint import export_dense
+
+    out = export_dense(args.directory, args.output_dir, overwrite=args.overwrite)
+    print(f"wrote dense HF checkpoint {out}")
     return 0
 
 
@@ -142,7 +205,14 @@ def cmd_fetch(args) -> int:
     return 0
 
 
-COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "inspect": cmd_inspect, "fetch-demo": cmd_fetch}
+COMMANDS = {
+    "compress": cmd_compress,
+    "eval": cmd_eval,
+    "report": cmd_report,
+    "inspect": cmd_inspect,
+    "export": cmd_export,
+    "fetch-demo": cmd_fetch,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -142,4 +142,9 @@ def write_report(report: dict[str, Any], directory: str | Path) -> None:
 
 
 def compressed_modules(model: nn.Module) -> dict[str, CompressedLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    """The outermost compressed modules by name (an EoRA wrapper, not also the base inside it)."""
+    found: dict[str, CompressedLinear] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, CompressedLinear) and not any(name.startswith(f"{outer}.") for outer in found):
+            found[name] = module
+    return found

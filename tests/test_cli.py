@@ -32,11 +32,25 @@ def test_compress_eval_inspect(tiny_model_dir, tmp_path, calib_text, capsys):
     text = tmp_path / "eval.txt"
     text.write_text(calib_text.read_text()[:20_000])
     rc = main(["eval", str(out), "--ppl", str(text), "--seq-len", "64", "--max-windows", "3", "--quiet",
-               "--json", str(tmp_path / "ppl.json")])
+               "--json", str(out / "eval.json"), "--baseline", str(tiny_model_dir)])
     assert rc == 0
     assert "perplexity" in capsys.readouterr().out
-    result = json.loads((tmp_path / "ppl.json").read_text())
-    assert result["windows"] == 3 and result["perplexity"] > 1
+    result = json.loads((out / "eval.json").read_text())
+    ppl, dense_ppl = result["model"]["perplexity"], result["baseline"]["perplexity"]
+    assert ppl["windows"] == 3 and ppl["perplexity"] > 1 and ppl["perplexity"] != dense_ppl["perplexity"]
+
+    assert main(["report", str(out), "--output-dir", str(tmp_path / "report")]) == 0
+    md = (tmp_path / "report" / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| out | svd |"))
+    assert f"{ppl['perplexity']:.2f}" in row and "%" in row
+    assert (tmp_path / "report" / "ppl_vs_ratio.png").stat().st_size > 1000
+    _fails(["report", str(tmp_path / "nothing")], capsys, "neither report.json nor eval.json")
+    _fails(["eval", str(out)], capsys, "nothing to evaluate")
+
+    assert main(["export", str(out), str(tmp_path / "dense")]) == 0
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert type(dense.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    capsys.readouterr()
 
     assert main(["inspect", str(out)]) == 0
     table = capsys.readouterr().out

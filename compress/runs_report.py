@@ -1,0 +1,166 @@
+"""`llmpress report RUN_DIR...`: one table and plots across compressed checkpoints.
+
+Each run directory holds `report.json` (written by `llmpress compress`) and optionally
+`eval.json` (`llmpress eval DIR --ppl ... --tasks ... --json DIR/eval.json`). A directory with
+only `eval.json` is a reference (the dense model, at ratio 0). Plots: perplexity and task
+accuracy against the fraction of parameters removed, one line per method, and for knapsack runs
+a heat map of the level chosen for each layer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import LlmpressError
+
+ACC_METRICS = ("acc_norm", "acc")  # preferred accuracy metric per task, first found
+
+
+def load_run(directory: str | Path) -> dict[str, Any]:
+    directory = Path(directory)
+    report_path, eval_path = directory / "report.json", directory / "eval.json"
+    if not report_path.is_file() and not eval_path.is_file():
+        raise LlmpressError(
+            f"{str(directory)!r} has neither report.json nor eval.json: pass checkpoint directories made by "
+            "`llmpress compress`, evaluated with `llmpress eval DIR ... --json DIR/eval.json`"
+        )
+    report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    evaluation = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
+    if "baseline" in evaluation:  # written with --baseline: the first entry is this model
+        evaluation = evaluation["model"]
+    run: dict[str, Any] = {"name": directory.name, "eval": evaluation}
+    if report is None:
+        run.update(method="dense", nominal=0.0, storage=0.0, allocation=None)
+    else:
+        stages = report["recipe"]["stages"]
+        run.update(
+            method="+".join(stage["method"] for stage in stages),
+            nominal=report["summary"]["nominal_ratio_removed"],
+            storage=report["summary"]["storage_ratio_removed"],
+            allocation=report.get("allocation"),
+        )
+        if run["allocation"] and run["allocation"].get("strategy") == "knapsack":
+            run["method"] += " (knapsack)"
+            # layers left dense have no record in the summary: count them as kept
+            left = [c for c in run["allocation"]["layers"] if c["level"] == 0]
+            kept_dense = sum(c["dense_values"] for c in left)
+            s = report["summary"]
+            run["nominal"] = 1 - (s["values_after"] + kept_dense) / (s["params_before"] + kept_dense)
+            kept_bytes = sum(c["dense_bytes"] for c in left)
+            run["storage"] = 1 - (s["bytes_after"] + kept_bytes) / (s["bytes_before"] + kept_bytes)
+    return run
+
+
+def _accuracy(tasks: dict[str, dict[str, float]], task: str) -> tuple[str, float] | None:
+    for metric in ACC_METRICS:
+        if metric in tasks.get(task, {}):
+            return metric, tasks[task][metric]
+    return None
+
+
+def runs_table(runs: Sequence[dict[str, Any]]) -> str:
+    tasks = list(dict.fromkeys(t for run in runs for t in run["eval"].get("tasks", {})))
+    header = ["run", "method", "values removed", "bytes removed", "perplexity"] + tasks
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+    for run in runs:
+        ppl = run["eval"].get("perplexity", {}).get("perplexity")
+        cells = [run["name"], run["method"], f"{100 * run['nominal']:.1f}%", f"{100 * run['storage']:.1f}%"]
+        cells.append("" if ppl is None else f"{ppl:.2f}")
+        for task in tasks:
+            acc = _accuracy(run["eval"].get("tasks", {}), task)
+            cells.append("" if acc is None else f"{acc[1]:.4f} ({acc[0]})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(runs: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    dense = [r for r in runs if r["method"] == "dense"]
+    methods = sorted({r["method"] for r in runs if r["method"] != "dense"})
+
+    def series(value):
+        for method in methods:
+            points = sorted((r["nominal"], value(r)) for r in runs if r["method"] == method and value(r) is not None)
+            if points:
+                yield method, points
+
+    def ppl(r):
+        return r["eval"].get("perplexity", {}).get("perplexity")
+
+    if any(ppl(r) is not None for r in runs):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for method, points in series(ppl):
+            ax.plot([100 * x for x, _ in points], [y for _, y in points], marker="o", label=method)
+        for r in dense:
+            if ppl(r) is not None:
+                ax.axhline(ppl(r), color="gray", linestyle="--", label=f"{r['name']} (dense)")
+        ax.set_yscale("log")
+        ax.set(xlabel="parameters removed (%)", ylabel="perplexity (log)", title="Perplexity vs compression")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "ppl_vs_ratio.png", dpi=120)
+        plt.close(fig)
+        written.append(out / "ppl_vs_ratio.png")
+    tasks = list(dict.fromkeys(t for r in runs for t in r["eval"].get("tasks", {})))
+    if tasks:
+        fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.8), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+
+            def acc(r, task=task):
+                found = _accuracy(r["eval"].get("tasks", {}), task)
+                return None if found is None else found[1]
+
+            for method, points in series(acc):
+                ax.plot([100 * x for x, _ in points], [y for _, y in points], marker="o", label=method)
+            for r in dense:
+                if acc(r) is not None:
+                    ax.axhline(acc(r), color="gray", linestyle="--")
+            ax.set(title=task, xlabel="parameters removed (%)", ylabel="accuracy")
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "acc_vs_ratio.png", dpi=120)
+        plt.close(fig)
+        written.append(out / "acc_vs_ratio.png")
+    for r in runs:
+        allocation = r.get("allocation")
+        if not allocation or allocation.get("strategy") != "knapsack":
+            continue
+        grid: dict[int, dict[str, float]] = {}
+        for layer in allocation["layers"]:
+            parts = layer["name"].split(".")
+            at = next(i for i, part in enumerate(parts) if part.isdigit())
+            grid.setdefault(int(parts[at]), {})[".".join(parts[at + 1 :])] = layer["level"]
+        columns = list(dict.fromkeys(c for row in grid.values() for c in row))
+        blocks = sorted(grid)
+        data = [[grid[b].get(c, float("nan")) for c in columns] for b in blocks]
+        fig, ax = plt.subplots(figsize=(1.2 * len(columns) + 2, 0.25 * len(blocks) + 1.5))
+        image = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(blocks)), blocks, fontsize=7)
+        ax.set(ylabel="block", title=f"{r['name']}: fraction removed per layer")
+        fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        path = out / f"allocation_{r['name']}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_runs_report(run_dirs: Sequence[str | Path], output_dir: str | Path) -> Path:
+    """report.md (the table, and links to the plots) and PNG plots in `output_dir`."""
+    runs = [load_run(d) for d in run_dirs]
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = _plots(runs, out)
+    text = "# llmpress runs\n\n" + runs_table(runs) + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots)
+    path = out / "report.md"
+    path.write_text(text)
+    return path
