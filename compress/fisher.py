@@ -14,13 +14,14 @@ decoder block is on the device at a time:
    the block before it. Squared weight gradients are summed per sequence (batch of one: the
    empirical Fisher is a sum over samples, not the square of a batch mean).
 
-Only the row and column sums of F are kept (out + in numbers per layer, not out × in).
+`collect_fisher` keeps only the row and column sums of F (out + in numbers per layer, not
+out × in); M-FAC takes the per-sequence gradients themselves through `backward_walk`.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -52,6 +53,48 @@ def _block_forward(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> tupl
     return out, False
 
 
+GradientCallback = Callable[[str, torch.Tensor], None]  # (layer name, one sequence's weight gradient)
+BlockCallback = Callable[[int], None]  # called after a block's backward, with its index
+
+
+def backward_walk(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    linears: dict[str, nn.Linear],
+    input_ids: torch.Tensor,
+    device: torch.device,
+    offload_device: torch.device,
+    on_gradient: GradientCallback,
+    on_block_done: BlockCallback | None = None,
+    chunk_size: int = 8,
+    progress: bool = True,
+    desc: str = "Backward passes",
+) -> None:
+    """Exact per-sequence weight gradients of the LM loss for `linears`, one block on the device.
+
+    `on_gradient(name, grad)` receives every sequence's gradient of every target weight;
+    `on_block_done(index)` runs when a block's backward is finished for the current chunk (with
+    one chunk holding every sequence, the block's gradients are then complete). The model is
+    left as it was (requires_grad flags, train/eval mode).
+    """
+    by_weight = {id(lin.weight): name for name, lin in linears.items()}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(input_ids), desc=desc, disable=not progress, unit="seq")
+    try:
+        for chunk in input_ids.split(chunk_size):
+            _walk_chunk(model, blocks, chunk, by_weight, on_gradient, on_block_done, device, offload_device)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
 def collect_fisher(
     model: nn.Module,
     blocks: nn.ModuleList,
@@ -70,26 +113,20 @@ def collect_fisher(
         }
         for name, lin in linears.items()
     }
-    by_weight = {id(lin.weight): name for name, lin in linears.items()}
-    flags = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    was_training = model.training
-    model.eval()
-    bar = tqdm(total=len(input_ids), desc="Fisher (backward passes)", disable=not progress, unit="seq")
-    try:
-        for chunk in input_ids.split(chunk_size):
-            _accumulate_chunk(model, blocks, chunk, linears, by_weight, sums, device, offload_device)
-            bar.update(len(chunk))
-    finally:
-        bar.close()
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
+
+    def accumulate(name: str, grad: torch.Tensor) -> None:
+        g2 = grad.double().square()
+        sums[name]["fisher_row"] += g2.sum(1).cpu()
+        sums[name]["fisher_col"] += g2.sum(0).cpu()
+
+    backward_walk(
+        model, blocks, linears, input_ids, device, offload_device, accumulate,
+        chunk_size=chunk_size, progress=progress, desc="Fisher (backward passes)",
+    )  # fmt: skip
     return sums
 
 
-def _accumulate_chunk(model, blocks, chunk, linears, by_weight, sums, device, offload_device) -> None:
+def _walk_chunk(model, blocks, chunk, by_weight, on_gradient, on_block_done, device, offload_device) -> None:
     hiddens, kwargs_list = capture_block_inputs(model, blocks, chunk, 1, device, offload_device)
     # 1. dense forward, keeping each block's inputs
     inputs: list[list[torch.Tensor]] = []
@@ -120,14 +157,13 @@ def _accumulate_chunk(model, blocks, chunk, linears, by_weight, sums, device, of
                 out, _ = _block_forward(block, x, _to(kwargs, device))
                 out.backward(grad.to(device))
             for w in weights:
-                g2 = w.grad.double().square()
-                name = by_weight[id(w)]
-                sums[name]["fisher_row"] += g2.sum(1).cpu()
-                sums[name]["fisher_col"] += g2.sum(0).cpu()
+                on_gradient(by_weight[id(w)], w.grad.detach())
                 w.grad = None
             new_grads.append(x.grad.detach().to(offload_device))
         for w in weights:
             w.requires_grad_(False)
+        if on_block_done is not None:
+            on_block_done(index)
         block.to(offload_device)
         grads = new_grads
 

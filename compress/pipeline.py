@@ -143,7 +143,10 @@ def relative_errors(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tens
     return rel, float((num / den).clamp_min(0).sqrt())
 
 
-GRADIENT_STATS = {"fisher"}  # statistics from a backward pass (compress/fisher.py), not input hooks
+# statistics from a backward pass (compress/fisher.py), not input hooks: Fisher sums are collected
+# before the block loop; per-sequence gradients ("grads", M-FAC) are too big to keep for a whole
+# model, so those stages compress each block during the backward walk itself (see `_gradient_stage`)
+GRADIENT_STATS = {"fisher", "grads"}
 
 
 class SequentialPipeline:
@@ -288,6 +291,11 @@ class SequentialPipeline:
                     self.model, self.blocks, input_ids, self.batch_size, self.device, self.offload_device
                 )
         records: list[LayerRecord] = []
+        gradient_stages = [i for i, c in enumerate(self.compressors) if "grads" in c.needs]
+        for stage_index in gradient_stages:
+            if stats is not None or input_ids is None:
+                raise LlmpressError(f"method {self.stages[stage_index].method!r} needs gradients: pass calibration data")
+            records += self._gradient_stage(stage_index, input_ids)
         bar = tqdm(range(len(self.blocks)), desc="Compressing blocks", disable=not self.progress, unit="block")
         for index in bar:
             block = self.blocks[index]
@@ -304,6 +312,8 @@ class SequentialPipeline:
                 block_stats, hiddens = self._collect(block, layers, needs, hiddens, kwargs_list, index, keep=True)
                 _merge(block_stats, fisher)
             for stage_index, (stage, compressor) in enumerate(zip(self.stages, self.compressors)):
+                if stage_index in gradient_stages:
+                    continue
                 layers = self._block_layers(block, index, stage, compressor)
                 if not layers:
                     continue
@@ -334,11 +344,50 @@ class SequentialPipeline:
                         "or a milder ratio"
                     )
             block.to(self.offload_device)
-            self._originals.clear()
+            prefix = f"{self.blocks_path}.{index}."
+            for name in [n for n in self._originals if n.startswith(prefix)]:
+                del self._originals[name]  # this block's refining stages are done
             seconds = time.perf_counter() - start
             memory = peak_memory_mb(self.device)
             self.block_log.append({"block": index, "seconds": round(seconds, 3), "peak_memory_mb": round(memory, 1)})
             bar.set_postfix(sec=f"{seconds:.1f}", mem_mb=f"{memory:.0f}")
+        return records
+
+    def _gradient_stage(self, stage_index: int, input_ids: torch.Tensor) -> list[LayerRecord]:
+        """Compress a stage that needs per-sequence gradients (M-FAC) during one backward walk.
+
+        All sequences form one chunk, so when the walk finishes a block every gradient of its
+        layers is known: they are compressed right there and the gradients dropped, which keeps
+        only one block's gradient windows in memory. Gradients are those of the dense model
+        (the walk's input gradients are computed before the block is replaced); such stages run
+        before the forward stages.
+        """
+        from .fisher import backward_walk
+
+        stage, compressor = self.stages[stage_index], self.compressors[stage_index]
+        if compressor.wraps_compressed:
+            raise LlmpressError(f"method {stage.method!r} cannot refine another stage's result")
+        linears = match_linears(self.model, stage.targets, stage.ignore)
+        grads: dict[str, list[torch.Tensor]] = {}
+        records: list[LayerRecord] = []
+        tokens = int(input_ids.numel())
+
+        def keep(name: str, grad: torch.Tensor) -> None:
+            grads.setdefault(name, []).append(grad.reshape(-1).to(self.offload_device, torch.float32))
+
+        def compress_block(index: int) -> None:
+            prefix = f"{self.blocks_path}.{index}."
+            for name in [n for n in linears if n.startswith(prefix)]:
+                window = LayerStats({"grads": torch.stack(grads.pop(name))}, tokens)
+                config = self.layer_configs.get(stage_index, {}).get(name, stage)
+                if config is not None:
+                    with torch.no_grad():
+                        records.append(self._compress_layer(name, linears[name], window, config, compressor, index, stage_index))
+
+        backward_walk(
+            self.model, self.blocks, linears, input_ids, self.device, self.offload_device, keep, compress_block,
+            chunk_size=len(input_ids), progress=self.progress, desc=f"{stage.method} (gradients)",
+        )  # fmt: skip
         return records
 
     @torch.no_grad()

@@ -116,3 +116,17 @@ def test_mfac_obs_beats_magnitude_in_fisher_loss(pattern, ratio):
         assert (keep.view(8, -1, 4).sum(-1) == 2).all()
     magnitude = COMPRESSORS["magnitude"]().compress(W, None, LayerStats(), MagnitudeConfig(ratio=ratio, pattern=pattern))
     assert loss(pruned - W) < 0.7 * loss(magnitude.to_dense() - W)
+
+
+def test_mfac_recipe_compresses_during_the_backward_walk(tokenizer, calib_text):
+    recipe = {
+        "calibration": {"num_samples": 4, "seq_len": 32},
+        "stages": [{"method": "mfac", "ratio": 0.5, "block_size": 64, "targets": ["re:.*mlp.*"]}, {"method": "eora", "rank": 2}],
+    }
+    model, report = compress.compress_model(tiny_model("llama"), recipe, dataset=str(calib_text), tokenizer=tokenizer, progress=False)
+    mlp = model.model.layers[0].mlp.down_proj
+    assert mlp.base.format == "sparse_bitmap" and mlp.rank == 2
+    first = [r for r in report["layers"] if r["stage"] == 0]
+    assert len(first) == 6 and [r["block"] for r in first] == [1, 1, 1, 0, 0, 0]  # compressed last block first
+    assert all(abs(1 - r["values_after"] / r["params_before"] - 0.5) < 0.01 for r in first)
+    assert torch.isfinite(model(input_ids=torch.randint(0, 300, (1, 8))).logits).all()

@@ -4,6 +4,7 @@ from .base import COMPRESSORS, Compressor, LayerStats, StageConfig, rank_for_rat
 from .eora import EoRACompressor, EoRAConfig
 from .fwsvd import FWSVDCompressor, FWSVDConfig
 from .magnitude import MagnitudeCompressor, MagnitudeConfig
+from .mfac import MFACCompressor, MFACConfig
 from .sparsegpt import SparseGPTCompressor, SparseGPTConfig
 from .svd import SVDCompressor, SVDConfig
 from .wanda import WandaCompressor, WandaConfig
@@ -19,6 +20,8 @@ __all__ = [
     "LayerStats",
     "MagnitudeCompressor",
     "MagnitudeConfig",
+    "MFACCompressor",
+    "MFACConfig",
     "SVDCompressor",
     "SparseGPTCompressor",
     "SparseGPTConfig",

@@ -14,9 +14,9 @@ are the lowest-saliency ones, and the rest absorb them with one IHVP,
 δw = −F⁻¹·(w_Q / [F⁻¹]_QQ) (the sum of the single-weight OBS updates). Several steps approach
 the target sparsity gradually so that later choices see earlier updates.
 
-This file is the math; the per-block gradient windows it needs (m per-sample gradients of
-every weight, too large to hold for a whole model) are collected by the pipeline integration
-of the pruning issue, which registers the `mfac` method.
+The m per-sequence gradients of every weight are too many to hold for a whole model: the
+pipeline compresses each block during one backward walk (`SequentialPipeline._gradient_stage`).
+Calibration `num_samples` is m.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import torch
 from pydantic import Field
 
 from ..errors import LlmpressError
+from ..modules import SparseLinear
+from .base import Compressor, LayerStats, register_compressor
 from .masks import PruningConfig, nm_mask, unstructured_mask
 
 
@@ -90,3 +92,15 @@ def mfac_prune(weight: torch.Tensor, grads: torch.Tensor, config: MFACConfig) ->
         keep = new_keep
         w[~keep] = 0.0
     return w.reshape(rows, cols).to(weight.dtype), keep.reshape(rows, cols)
+
+
+@register_compressor
+class MFACCompressor(Compressor):
+    method = "mfac"
+    config_class = MFACConfig
+    needs = ("grads",)
+    level_field = "ratio"
+
+    def compress(self, weight, bias, stats: LayerStats, config: MFACConfig, base=None) -> SparseLinear:
+        pruned, keep = mfac_prune(weight, stats["grads"], config)
+        return SparseLinear.from_dense(pruned, keep, bias, pattern=config.pattern)
