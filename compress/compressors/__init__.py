@@ -3,6 +3,7 @@
 from .base import COMPRESSORS, Compressor, LayerStats, StageConfig, rank_for_ratio, register_compressor
 from .eora import EoRACompressor, EoRAConfig
 from .fwsvd import FWSVDCompressor, FWSVDConfig
+from .gqsa import GQSACompressor, GQSAConfig
 from .magnitude import MagnitudeCompressor, MagnitudeConfig
 from .mfac import MFACCompressor, MFACConfig
 from .sparsegpt import SparseGPTCompressor, SparseGPTConfig
@@ -17,6 +18,8 @@ __all__ = [
     "EoRAConfig",
     "FWSVDCompressor",
     "FWSVDConfig",
+    "GQSACompressor",
+    "GQSAConfig",
     "LayerStats",
     "MagnitudeCompressor",
     "MagnitudeConfig",

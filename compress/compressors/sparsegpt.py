@@ -15,6 +15,8 @@ damping is raised tenfold, up to four times, then it is an error that names the 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from pydantic import Field
 
@@ -53,49 +55,71 @@ def inverse_hessian_factor(gram: torch.Tensor, percdamp: float, name: str = "lay
     )
 
 
+ColumnRule = Callable[[int, torch.Tensor, int], torch.Tensor]
+
+
+def obs_sweep(w: torch.Tensor, u: torch.Tensor, blocksize: int, rule: ColumnRule) -> torch.Tensor:
+    """The OBS/GPTQ column sweep: replace column j by `rule(j, block, j - block_start)` left to
+    right and let the columns to its right absorb the error through U (upper Cholesky of H⁻¹).
+
+    `block` is the current column block (rows × blocksize) as updated so far, so a rule can pick
+    masks or quantization grids for several columns at once when it reaches their first one.
+    Returns the processed weight (float32); lazy batched updates keep it O(rows·cols²/blocksize).
+    """
+    w = w.float().clone()
+    cols = w.shape[1]
+    for start in range(0, cols, blocksize):
+        end = min(start + blocksize, cols)
+        block = w[:, start:end].clone()
+        u_block = u[start:end, start:end]
+        errors = torch.zeros_like(block)
+        for i in range(end - start):
+            column = block[:, i].clone()
+            new = rule(start + i, block, i)
+            err = (column - new) / u_block[i, i]
+            block[:, i:] -= err[:, None] * u_block[i, i:][None, :]
+            block[:, i] = new
+            errors[:, i] = err
+        w[:, start:end] = block
+        w[:, end:] -= errors @ u[start:end, end:]
+    return w
+
+
 def sparsegpt_prune(
     weight: torch.Tensor, gram: torch.Tensor, config: SparseGPTConfig, name: str = "layer"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(updated weight with zeros, keep-mask), both (out, in); the weight in float32."""
-    w = weight.float().clone()
-    rows, cols = w.shape
-    u, dead = inverse_hessian_factor(gram.to(w.device), config.percdamp, name)
-    w[:, dead] = 0.0
+    rows, cols = weight.shape
+    u, dead = inverse_hessian_factor(gram.to(weight.device), config.percdamp, name)
     nm = config.nm
     if nm is not None and cols % nm[1]:
         raise ValueError(f"N:M pruning needs in_features divisible by M={nm[1]}, got {cols}")
     if nm is not None and config.blocksize % nm[1]:
         raise ValueError(f"blocksize {config.blocksize} must be a multiple of M={nm[1]}")
-    keep = torch.ones_like(w, dtype=torch.bool)
-    for start in range(0, cols, config.blocksize):
-        end = min(start + config.blocksize, cols)
-        block = w[:, start:end].clone()
-        u_block = u[start:end, start:end]
-        diag = u_block.diagonal()
-        errors = torch.zeros_like(block)
-        block_keep = torch.ones_like(block, dtype=torch.bool)
-        if nm is None:  # unstructured: the block's lowest saliencies, across all rows
-            saliency = block.square() / diag.square()[None, :]
+    keep = torch.ones(rows, cols, dtype=torch.bool, device=weight.device)
+    diag = u.diagonal()
+
+    def rule(j: int, block: torch.Tensor, i: int) -> torch.Tensor:
+        start = j - i
+        if nm is None and i == 0:  # unstructured: the block's lowest saliencies, across all rows
+            saliency = block.square() / diag[start : start + block.shape[1]].square()[None, :]
             count = int(round(config.ratio * saliency.numel()))
             if count:
+                block_keep = torch.ones_like(saliency, dtype=torch.bool)
                 block_keep.view(-1)[saliency.flatten().topk(count, largest=False).indices] = False
-        for i in range(end - start):
-            if nm is not None and i % nm[1] == 0:
-                n, m = nm
-                saliency = block[:, i : i + m].square() / diag[i : i + m].square()[None, :]
-                drop = saliency.topk(m - n, dim=1, largest=False).indices
-                block_keep[:, i : i + m].scatter_(1, drop, False)
-            column = block[:, i]
-            kept = torch.where(block_keep[:, i], column, torch.zeros_like(column))
-            err = (column - kept) / diag[i]
-            block[:, i:] -= err[:, None] * u_block[i, i:][None, :]
-            block[:, i] = kept
-            errors[:, i] = err
-        w[:, start:end] = block
-        keep[:, start:end] = block_keep
-        w[:, end:] -= errors @ u[start:end, end:]
+                keep[:, start : start + block.shape[1]] = block_keep
+        if nm is not None and j % nm[1] == 0:  # N:M: per group of M columns
+            n, m = nm
+            saliency = block[:, i : i + m].square() / diag[j : j + m].square()[None, :]
+            drop = saliency.topk(m - n, dim=1, largest=False).indices
+            keep[:, j : j + m].scatter_(1, drop, False)
+        return torch.where(keep[:, j], block[:, i], torch.zeros_like(block[:, i]))
+
+    w = weight.float().clone()
+    w[:, dead] = 0.0
+    pruned = obs_sweep(w, u, config.blocksize, rule)
     keep &= ~dead[None, :].to(keep.device)
-    return w, keep
+    return pruned, keep
 
 
 @register_compressor

@@ -2,6 +2,7 @@
 
 from .base import FORMATS, CompressedLinear, build_module, register_format
 from .eora import EoRALinear
+from .gqsa import GQSALinear
 from .lowrank import LowRankLinear
 from .sparse import SparseLinear, pack_mask, unpack_mask
 
@@ -9,6 +10,7 @@ __all__ = [
     "FORMATS",
     "CompressedLinear",
     "EoRALinear",
+    "GQSALinear",
     "LowRankLinear",
     "SparseLinear",
     "build_module",

@@ -1,0 +1,101 @@
+"""GQSALinear: group-sparse rows of INT4 groups (GQSA's W4 + group sparsity), in an ELL layout.
+
+Each output row keeps the same number k of groups of g consecutive input columns (balanced rows:
+every row of a kernel tile does the same work). Per kept group: its column-group index, g 4-bit
+codes packed two per byte (low nibble first), an asymmetric scale and zero point;
+Ŵ[r, G] = (q − zero)·scale. Bytes: out·k·(g/2 + 2 index + 1 zero + sizeof(scale)) + bias.
+The PyTorch path dequantizes per call (a reference); the Triton kernel dequantizes on chip.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import kernels
+from .base import CompressedLinear, register_format
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """(..., 2n) integers in [0, 15] -> (..., n) uint8, element 2i in the low nibble."""
+    codes = codes.to(torch.uint8)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4 (uint8 codes)."""
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2)
+
+
+@register_format
+class GQSALinear(CompressedLinear):
+    format = "gqsa"
+
+    def __init__(self, in_features, out_features, group_size, groups_per_row, has_bias, dtype=torch.float32, device=None):
+        super().__init__(in_features, out_features, has_bias, dtype, device)
+        if group_size % 2 or in_features % group_size:
+            raise ValueError(f"group_size {group_size} must be even and divide in_features {in_features}")
+        self.group_size = group_size
+        self.groups_per_row = groups_per_row
+        k = groups_per_row
+        self.scales = nn.Parameter(torch.empty(out_features, k, dtype=dtype, device=device), requires_grad=False)
+        self.register_buffer("qweight", torch.empty(out_features, k, group_size // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("zeros", torch.empty(out_features, k, dtype=torch.uint8, device=device))
+        self.register_buffer("group_index", torch.empty(out_features, k, dtype=torch.int16, device=device))
+
+    @classmethod
+    def from_codes(cls, codes, scales, zeros, group_index, in_features: int, bias: torch.Tensor | None) -> "GQSALinear":
+        """codes (out, k, g) in [0, 15]; scales (out, k); zeros (out, k) in [0, 15]; group_index (out, k)."""
+        out_features, k, g = codes.shape
+        module = cls(in_features, out_features, g, k, bias is not None, scales.dtype, scales.device)
+        module.qweight.copy_(pack_int4(codes))
+        module.scales.data.copy_(scales)
+        module.zeros.copy_(zeros.to(torch.uint8))
+        module.group_index.copy_(group_index.to(torch.int16))
+        if bias is not None:
+            module.bias.data.copy_(bias)
+        return module
+
+    def dequantized_groups(self) -> torch.Tensor:
+        """(out, k, g) float values of the kept groups."""
+        codes = unpack_int4(self.qweight).to(self.scales.dtype)
+        return (codes - self.zeros.to(self.scales.dtype)[..., None]) * self.scales[..., None]
+
+    def to_dense(self) -> torch.Tensor:
+        groups = self.in_features // self.group_size
+        dense = torch.zeros(self.out_features, groups, self.group_size, dtype=self.scales.dtype, device=self.scales.device)
+        index = self.group_index.long()[..., None].expand(-1, -1, self.group_size)
+        dense.scatter_(1, index, self.dequantized_groups())
+        return dense.reshape(self.out_features, self.in_features)
+
+    def num_values(self) -> int:
+        """4-bit codes, scales, zero points and bias (group indices are metadata)."""
+        k = self.out_features * self.groups_per_row
+        return k * self.group_size + 2 * k + (self.out_features if self.bias is not None else 0)
+
+    def group_sparsity(self) -> float:
+        return 1.0 - self.groups_per_row * self.group_size / self.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.dispatch("gqsa", self, x)
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "group_size": self.group_size, "groups_per_row": self.groups_per_row}
+
+    @classmethod
+    def from_spec(cls, spec, dtype, device=None):
+        return cls(
+            spec["in_features"], spec["out_features"], spec["group_size"], spec["groups_per_row"], spec["bias"], dtype, device
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}, group_sparsity={self.group_sparsity():.3f}, bits=4"
+
+
+def gqsa_forward_torch(module: GQSALinear, x: torch.Tensor) -> torch.Tensor:
+    return nn.functional.linear(x, module.to_dense().to(x.dtype), module.bias)
+
+
+kernels.register_kernel("gqsa", "torch", gqsa_forward_torch, priority=0)
