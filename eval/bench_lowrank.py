@@ -24,11 +24,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dataclasses import dataclass
+
 import torch
 
 from compress.api import compress_model
 from compress.budget import AllocationConfig, profile_block, solve_allocation
-from compress.compressors import COMPRESSORS, rank_for_ratio
+from compress.compressors import COMPRESSORS, StageConfig, rank_for_ratio
 from compress.data import calibration_windows
 from compress.model_loading import load_model, load_tokenizer
 from compress.pipeline import SequentialPipeline
@@ -42,6 +44,26 @@ LEVELS = [round(0.05 * i, 2) for i in range(20)]
 
 def _row_key(row: dict[str, Any]) -> str:
     return row["name"]
+
+
+@dataclass
+class GridRow:
+    """One compressed model of the grid: a stage config applied uniformly or by the knapsack."""
+
+    name: str
+    method: str
+    allocation: str  # "uniform" or "knapsack"
+    ratio: float | None
+    stage: StageConfig
+
+
+def lowrank_rows(methods: list[str], allocations: list[str], ratios: list[float]) -> list[GridRow]:
+    return [
+        GridRow(f"{m}/{a}/{r:g}", m, a, r, COMPRESSORS[m].config_class(method=m, ratio=r))
+        for m in methods
+        for a in allocations
+        for r in ratios
+    ]
 
 
 class Bench:
@@ -69,61 +91,55 @@ class Bench:
         return {"perplexity": result.perplexity, "eval_tokens": result.tokens, "eval_seconds": round(result.seconds, 1)}
 
     # ---- the grid: dense statistics, reused -------------------------------------------------
-    def grid(self) -> None:
-        args = self.args
+    def grid(self, rows: list[GridRow], levels: list[float] = LEVELS) -> None:
+        """Compress and evaluate each row from one shared pass of dense statistics; knapsack rows
+        are solved on per-method profiles measured in the same pass."""
         if not self.done("dense"):
             self.record({"name": "dense", "method": "dense", "allocation": "-", "ratio": 0.0, "params_removed": 0.0, **self.evaluate(self.dense)})
-        pending = [
-            (m, a, r)
-            for m in args.methods
-            for a in args.allocations
-            for r in args.ratios
-            if not self.done(f"{m}/{a}/{r:g}")
-        ]
+        pending = [row for row in rows if not self.done(row.name)]
         if not pending:
             return
-        stages = {m: COMPRESSORS[m].config_class(method=m, ratio=0.5) for m in args.methods}
+        stages = {row.method: row.stage for row in pending}  # one config per method to collect for
+        profiled = sorted({row.method for row in pending if row.allocation == "knapsack"})
+        methods = list(stages)
         start = time.perf_counter()
         stats: dict[str, Any] = {}
-        collector = SequentialPipeline(self.dense, list(stages.values()), progress=True)
-        profiles: dict[str, dict[str, Any]] = {m: {} for m in args.methods}
+        collector = SequentialPipeline(self.dense, [stages[m] for m in methods], progress=True)
+        profiles: dict[str, dict[str, Any]] = {m: {} for m in profiled}
 
         def on_block(index, block_stats):
             stats.update(block_stats)
-            for i, m in enumerate(args.methods):
-                profiles[m].update(profile_block(collector, i, index, block_stats, LEVELS))
+            for m in profiled:
+                profiles[m].update(profile_block(collector, methods.index(m), index, block_stats, levels))
 
         collector.collect_stats(self.calib_ids, on_block)
         stats_seconds = time.perf_counter() - start
         print(f"dense statistics and profiles: {stats_seconds:.0f} s", flush=True)
-        for method, allocation, ratio in pending:
-            name = f"{method}/{allocation}/{ratio:g}"
+        for row in pending:
             model = copy.deepcopy(self.dense)
-            stage = stages[method].model_copy(update={"ratio": ratio})
             t0 = time.perf_counter()
-            layer_configs, cost = None, None
-            if allocation == "knapsack":
-                plan = solve_allocation(profiles[method], AllocationConfig(ratio=ratio, levels=LEVELS, cost=args.cost))
-                layer_configs = plan.layer_configs(stage, "ratio")
-                cost = plan.total_cost
-                levels = [c.level for c in plan.layers]
-            else:
-                levels = [ratio] * len(profiles[method])
-            pipeline = SequentialPipeline(model, [stage], progress=False, layer_configs=layer_configs)
+            layer_configs, cost, chosen = None, None, None
+            if row.allocation == "knapsack":
+                plan = solve_allocation(profiles[row.method], AllocationConfig(ratio=row.ratio, levels=levels, cost=self.args.cost))
+                layer_configs = plan.layer_configs(row.stage, "ratio")
+                cost, chosen = plan.total_cost, [c.level for c in plan.layers]
+            pipeline = SequentialPipeline(model, [row.stage], progress=False, layer_configs=layer_configs)
             with torch.no_grad():
                 records = pipeline.run(None, stats=stats)
             seconds = time.perf_counter() - t0
+            values_removed, bytes_removed = _removed(model, records)
             self.record(
                 {
-                    "name": name,
-                    "method": method,
-                    "allocation": allocation,
-                    "ratio": ratio,
+                    "name": row.name,
+                    "method": row.method,
+                    "allocation": row.allocation,
+                    "ratio": row.ratio,
                     "statistics": "dense",
-                    "params_removed": _removed(model, records),
+                    "params_removed": values_removed,
+                    "bytes_removed": bytes_removed,
                     "mean_weighted_error": summarize(records)["mean_rel_weighted_error"],
                     "knapsack_cost": cost,
-                    "levels": levels,
+                    "levels": chosen,
                     "compress_seconds": round(seconds + stats_seconds / len(pending), 1),
                     **self.evaluate(model),
                 }
@@ -171,12 +187,16 @@ class Bench:
             del model
 
 
-def _removed(model, records) -> float:
-    """Fraction of the targets' parameters removed, counting layers left dense as kept."""
+def _removed(model, records) -> tuple[float, float]:
+    """Fractions of the targets' values and bytes removed, counting layers left dense as kept."""
     s = summarize(records)
     linears = match_linears(model, ["Linear"], ["lm_head"])
-    untouched = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in linears.values() if type(m) is torch.nn.Linear)
-    return 1 - (s["values_after"] + untouched) / (s["params_before"] + untouched)
+    plain = [m for m in linears.values() if type(m) is torch.nn.Linear]
+    kept_values = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in plain)
+    kept_bytes = sum(sum(p.numel() * p.element_size() for p in m.parameters()) for m in plain)
+    values = 1 - (s["values_after"] + kept_values) / (s["params_before"] + kept_values)
+    nbytes = 1 - (s["bytes_after"] + kept_bytes) / (s["bytes_before"] + kept_bytes)
+    return values, nbytes
 
 
 def _deeper_ratio(model, ratio: float, rank: int) -> float:
@@ -194,16 +214,17 @@ def _deeper_ratio(model, ratio: float, rank: int) -> float:
     return hi
 
 
-def write_outputs(out: Path, rows: list[dict[str, Any]]) -> str:
+def write_outputs(out: Path, rows: list[dict[str, Any]], title: str = "SmolLM2-135M, low-rank methods (dense statistics)") -> str:
     """Markdown table (also returned) and a perplexity-vs-ratio plot."""
     lines = [
-        "| run | statistics | params removed | perplexity | mean weighted err | compress s |",
-        "|---|---|---:|---:|---:|---:|",
+        "| run | statistics | params removed | bytes removed | perplexity | mean weighted err | compress s |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in sorted(rows, key=lambda r: (r.get("statistics", ""), r["method"], r["allocation"], r["ratio"] or 0)):
         err = r.get("mean_weighted_error")
         lines.append(
-            f"| {r['name']} | {r.get('statistics', '-')} | {100 * r['params_removed']:.2f}% | {r['perplexity']:.2f} | "
+            f"| {r['name']} | {r.get('statistics', '-')} | {100 * r['params_removed']:.2f}% | "
+            f"{100 * r.get('bytes_removed', r['params_removed']):.2f}% | {r['perplexity']:.2f} | "
             f"{'' if err is None else f'{err:.4f}'} | {r.get('compress_seconds', '')} |"
         )
     table = "\n".join(lines) + "\n"
@@ -229,7 +250,7 @@ def write_outputs(out: Path, rows: list[dict[str, Any]]) -> str:
     ax.set_yscale("log")
     ax.set_xlabel("target parameters removed (%)")
     ax.set_ylabel("WikiText-2 perplexity (log)")
-    ax.set_title("SmolLM2-135M, low-rank methods (dense statistics)")
+    ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "ppl_vs_ratio.png", dpi=120)
@@ -260,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     bench = Bench(args)
     if not args.skip_grid:
-        bench.grid()
+        bench.grid(lowrank_rows(args.methods, args.allocations, args.ratios))
     if not args.skip_eora:
         bench.eora()
     print(write_outputs(bench.out, bench.rows))
