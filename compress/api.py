@@ -101,6 +101,7 @@ def compress_model(
         calibration=calibration_info,
         block_log=pipeline.block_log,
         seconds=time.perf_counter() - start,
+        left_dense=[(c.dense_values, c.dense_bytes) for c in plan.layers if c.level == 0] if plan else (),
     )
     report["allocation"] = allocation_summary(plan, recipe)
     report["device"] = str(device)

@@ -25,18 +25,23 @@ def model_size(model: nn.Module) -> dict[str, int]:
     return {"values": values, "bytes": nbytes}
 
 
-def summarize(records: Sequence[LayerRecord]) -> dict[str, Any]:
-    """Totals over the compressed Linears: nominal (values) and true-storage (bytes) ratios.
+def summarize(records: Sequence[LayerRecord], left_dense: Sequence[tuple[int, int]] = ()) -> dict[str, Any]:
+    """Totals over the targeted Linears: nominal (values) and true-storage (bytes) ratios.
 
     A layer refined by a later stage (EoRA) has several records: its last one is what is stored.
+    `left_dense`: (values, bytes) of targets the allocator chose to keep dense; they count as
+    kept, so the ratios are of the whole target set, as the budget is.
     """
     records = list({r.name: r for r in records}.values())
-    params_before = sum(r.params_before for r in records)
-    values_after = sum(r.values_after for r in records)
-    bytes_before = sum(r.bytes_before for r in records)
-    bytes_after = sum(r.bytes_after for r in records)
+    kept_values = sum(v for v, _ in left_dense)
+    kept_bytes = sum(b for _, b in left_dense)
+    params_before = sum(r.params_before for r in records) + kept_values
+    values_after = sum(r.values_after for r in records) + kept_values
+    bytes_before = sum(r.bytes_before for r in records) + kept_bytes
+    bytes_after = sum(r.bytes_after for r in records) + kept_bytes
     return {
         "layers": len(records),
+        "layers_left_dense": len(left_dense),
         "params_before": params_before,
         "values_after": values_after,
         "bytes_before": bytes_before,
@@ -64,12 +69,13 @@ def build_report(
     calibration: dict[str, Any],
     block_log: list[dict[str, Any]],
     seconds: float,
+    left_dense: Sequence[tuple[int, int]] = (),
 ) -> dict[str, Any]:
     return {
         "model": model_source,
         "recipe": recipe,
         "calibration": calibration,
-        "summary": summarize(records),
+        "summary": summarize(records, left_dense),
         "model_size": {"dense": dense_size, "compressed": model_size(model)},
         "wall_seconds": round(seconds, 2),
         "blocks": block_log,
@@ -91,7 +97,9 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"- model: `{report['model']}`",
         f"- calibration: {report['calibration']}",
         f"- wall time: {report['wall_seconds']} s",
-        f"- compressed Linears: {s['layers']}, values {s['params_before']:,} -> {s['values_after']:,} "
+        f"- compressed Linears: {s['layers']}"
+        + (f" (+{s['layers_left_dense']} targets left dense by the allocation, counted as kept)" if s.get("layers_left_dense") else "")
+        + f", values {s['params_before']:,} -> {s['values_after']:,} "
         f"({100 * s['nominal_ratio_removed']:.1f}% removed), bytes {s['bytes_before']:,} -> {s['bytes_after']:,} "
         f"({100 * s['storage_ratio_removed']:.1f}% removed, true storage)",
         f"- whole model bytes: {size['dense']['bytes']:,} -> {size['compressed']['bytes']:,}",

@@ -43,7 +43,8 @@ def load_run(directory: str | Path) -> dict[str, Any]:
         )
         if run["allocation"] and run["allocation"].get("strategy") == "knapsack":
             run["method"] += " (knapsack)"
-            # layers left dense have no record in the summary: count them as kept
+        if run["allocation"] and run["allocation"].get("strategy") == "knapsack" and "layers_left_dense" not in report["summary"]:
+            # reports written before summaries counted targets left dense: count them as kept here
             left = [c for c in run["allocation"]["layers"] if c["level"] == 0]
             kept_dense = sum(c["dense_values"] for c in left)
             s = report["summary"]
