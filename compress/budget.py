@@ -40,10 +40,10 @@ class AllocationConfig(BaseModel):
     ratio: float = Field(gt=0.0, lt=1.0, description="fraction of the stage's target size removed, globally")
     unit: Literal["params", "bytes"] = "params"
     levels: list[float] = Field(default_factory=lambda: list(DEFAULT_LEVELS), description="candidate levels; 0 = dense")
-    cost: Literal["weighted_sq", "weighted", "plain_sq"] = Field(
+    cost: Literal["weighted_sq", "weighted", "plain_sq", "plain"] = Field(
         default="weighted_sq",
-        description="per-layer cost summed by the knapsack: squared (or plain) relative calibration-weighted "
-        "error, or squared relative Frobenius error",
+        description="per-layer cost summed by the knapsack: the relative calibration-weighted error "
+        "‖ΔW Xᵀ‖/‖W Xᵀ‖ (weighted) or the relative Frobenius error ‖ΔW‖/‖W‖ (plain), squared or not",
     )
     solver: Literal["dp", "lagrangian"] = "dp"
     resolution: int = Field(default=65536, ge=16, description="budget slots of the DP (sizes are rounded up)")
@@ -141,12 +141,17 @@ def profile_layers(
     return profiles
 
 
+COSTS = ("weighted_sq", "weighted", "plain_sq", "plain")
+
+
 def _cost(result: LevelResult, kind: str) -> float:
-    if kind == "plain_sq":
-        return result.rel_error**2
-    if result.rel_weighted_error is None:
-        raise LlmpressError("cost 'weighted*' needs calibration data (a Gram); use cost: plain_sq for data-free runs")
-    return result.rel_weighted_error**2 if kind == "weighted_sq" else result.rel_weighted_error
+    if kind.startswith("plain"):
+        error = result.rel_error
+    elif result.rel_weighted_error is None:
+        raise LlmpressError("cost 'weighted*' needs calibration data (a Gram); use cost: plain for data-free runs")
+    else:
+        error = result.rel_weighted_error
+    return error**2 if kind.endswith("_sq") else error
 
 
 def solve_allocation(profiles: dict[str, list[LevelResult]], config: AllocationConfig, seconds: float = 0.0) -> AllocationPlan:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from compress.api import compress_model
-from compress.budget import AllocationConfig, profile_block, solve_allocation
+from compress.budget import COSTS, AllocationConfig, profile_block, solve_allocation
 from compress.compressors import COMPRESSORS, StageConfig, rank_for_ratio
 from compress.data import calibration_windows
 from compress.model_loading import load_model, load_tokenizer
@@ -55,15 +55,20 @@ class GridRow:
     allocation: str  # "uniform" or "knapsack"
     ratio: float | None
     stage: StageConfig
+    cost: str = "weighted_sq"  # knapsack cost (compress/budget.py COSTS)
 
 
-def lowrank_rows(methods: list[str], allocations: list[str], ratios: list[float]) -> list[GridRow]:
-    return [
-        GridRow(f"{m}/{a}/{r:g}", m, a, r, COMPRESSORS[m].config_class(method=m, ratio=r))
-        for m in methods
-        for a in allocations
-        for r in ratios
-    ]
+def lowrank_rows(methods: list[str], allocations: list[str], ratios: list[float], costs: list[str]) -> list[GridRow]:
+    """Uniform rows, and knapsack rows per cost (the first cost unnamed: 'svd/knapsack/0.3',
+    others named: 'svd/knapsack[plain]/0.3')."""
+    rows = []
+    for m in methods:
+        for a in allocations:
+            for i, cost in enumerate(costs if a == "knapsack" else costs[:1]):
+                label = a if i == 0 else f"{a}[{cost}]"
+                config = COMPRESSORS[m].config_class
+                rows += [GridRow(f"{m}/{label}/{r:g}", m, a, r, config(method=m, ratio=r), cost) for r in ratios]
+    return rows
 
 
 class Bench:
@@ -120,7 +125,7 @@ class Bench:
             t0 = time.perf_counter()
             layer_configs, cost, chosen = None, None, None
             if row.allocation == "knapsack":
-                plan = solve_allocation(profiles[row.method], AllocationConfig(ratio=row.ratio, levels=levels, cost=self.args.cost))
+                plan = solve_allocation(profiles[row.method], AllocationConfig(ratio=row.ratio, levels=levels, cost=row.cost))
                 layer_configs = plan.layer_configs(row.stage, "ratio")
                 cost, chosen = plan.total_cost, [c.level for c in plan.layers]
             pipeline = SequentialPipeline(model, [row.stage], progress=False, layer_configs=layer_configs)
@@ -139,6 +144,7 @@ class Bench:
                     "bytes_removed": bytes_removed,
                     "mean_weighted_error": summarize(records)["mean_rel_weighted_error"],
                     "knapsack_cost": cost,
+                    "cost": row.cost if row.allocation == "knapsack" else None,
                     "levels": chosen,
                     "compress_seconds": round(seconds + stats_seconds / len(pending), 1),
                     **self.evaluate(model),
@@ -240,7 +246,7 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], title: str = "SmolLM2-1
     series: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         if r.get("statistics") == "dense" and r["method"] != "dense":
-            series.setdefault(f"{r['method']} ({r['allocation']})", []).append((r["params_removed"], r["perplexity"]))
+            series.setdefault(f"{r['method']} ({r['name'].split('/')[1]})", []).append((r["params_removed"], r["perplexity"]))
     for label, points in sorted(series.items()):
         points.sort()
         ax.plot([100 * p for p, _ in points], [v for _, v in points], marker="o", label=label)
@@ -266,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=["svd", "fwsvd", "whitened_svd"])
     parser.add_argument("--allocations", nargs="+", default=["uniform", "knapsack"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.3, 0.4])
-    parser.add_argument("--cost", default="weighted_sq", choices=["weighted_sq", "weighted", "plain_sq"])
+    parser.add_argument("--costs", nargs="+", default=["weighted_sq"], choices=list(COSTS), help="knapsack costs to compare")
     parser.add_argument("--eora-ratios", nargs="*", type=float, default=[0.3])
     parser.add_argument("--eora-ranks", nargs="*", type=int, default=[32, 64])
     parser.add_argument("--skip-grid", action="store_true")
@@ -281,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     bench = Bench(args)
     if not args.skip_grid:
-        bench.grid(lowrank_rows(args.methods, args.allocations, args.ratios))
+        bench.grid(lowrank_rows(args.methods, args.allocations, args.ratios, args.costs))
     if not args.skip_eora:
         bench.eora()
     print(write_outputs(bench.out, bench.rows))

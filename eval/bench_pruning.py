@@ -78,7 +78,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gqsa-group-sizes", nargs="*", type=int, default=[16])
     parser.add_argument("--mfac-ratios", nargs="*", type=float, default=[])
     parser.add_argument("--mfac-grads", type=int, default=64, help="per-sequence gradients for M-FAC")
-    parser.add_argument("--cost", default="weighted_sq")
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)

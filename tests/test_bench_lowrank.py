@@ -12,12 +12,13 @@ def test_bench_lowrank_tiny(tiny_model_dir, calib_text, tmp_path, capsys):
     out = tmp_path / "bench"
     args = [
         "--model", str(tiny_model_dir), "--calib", str(calib_text), "--eval", str(calib_text), "--out", str(out),
-        "--ratios", "0.3", "--eora-ratios", "0.3", "--eora-ranks", "4",
+        "--ratios", "0.3", "--costs", "weighted_sq", "plain", "--eora-ratios", "0.3", "--eora-ranks", "4",
         "--num-samples", "2", "--seq-len", "32", "--eval-seq-len", "64", "--max-windows", "2",
     ]  # fmt: skip
     main(args)
     rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
     expected = {"dense"} | {f"{m}/{a}/0.3" for m in ("svd", "fwsvd", "whitened_svd") for a in ("uniform", "knapsack")}
+    expected |= {f"{m}/knapsack[plain]/0.3" for m in ("svd", "fwsvd", "whitened_svd")}
     expected |= {"whitened_svd/seq/0.3", "magnitude2:4/seq", "magnitude2:4+eora4/seq"}
     assert expected <= set(rows)
     for name, row in rows.items():
@@ -28,6 +29,7 @@ def test_bench_lowrank_tiny(tiny_model_dir, calib_text, tmp_path, capsys):
     assert knap["knapsack_cost"] is not None and len(knap["levels"]) == 14
     eora = next(n for n in rows if "+eora4/seq/0.3" in n)
     assert rows[eora]["params_removed"] == pytest.approx(rows["whitened_svd/seq/0.3"]["params_removed"], abs=0.03)
+    assert rows["whitened_svd/knapsack[plain]/0.3"]["cost"] == "plain"
     assert (out / "results.md").read_text().count("\n") == len(rows) + 2
     assert (out / "ppl_vs_ratio.png").stat().st_size > 1000
     assert "dense statistics and profiles" in capsys.readouterr().out
