@@ -109,7 +109,7 @@ def profile_block(
         raise LlmpressError(f"method {stage.method!r} has no level to allocate; allocation needs e.g. a 'ratio' method")
     block = pipeline.blocks[index]
     profiles = {}
-    for name, linear in pipeline._dense_targets(block, index, [stage_index]).items():
+    for name, linear in pipeline.dense_targets(block, index, [stage_index]).items():
         weight = linear.weight.data
         bias = linear.bias.data if linear.bias is not None else None
         layer_stats = stats.get(name, LayerStats())
@@ -160,7 +160,8 @@ def solve_allocation(profiles: dict[str, list[LevelResult]], config: AllocationC
     if not names:
         raise LlmpressError("allocation: the stage targets no layer")
     size_of = (lambda r: r.values) if config.unit == "params" else (lambda r: r.bytes)
-    dense_total = sum(size_of(LevelResult(0.0, *_dense_sizes(profiles[n]), 0.0, 0.0)) for n in names)
+    dense = {n: _dense_entry(profiles[n]) for n in names}
+    dense_total = sum(size_of(dense[n]) for n in names)
     budget = int((1.0 - config.ratio) * dense_total)
     options = [[Option(f"{r.level:g}", _cost(r, config.cost), size_of(r)) for r in profiles[n]] for n in names]
     if config.solver == "dp":
@@ -173,17 +174,16 @@ def solve_allocation(profiles: dict[str, list[LevelResult]], config: AllocationC
     layers = []
     for n, i in zip(names, choice):
         r = profiles[n][i]
-        dense_values, dense_bytes = _dense_sizes(profiles[n])
-        layers.append(LayerChoice(n, r.level, r.values, r.bytes, dense_values, dense_bytes, r.rel_error, r.rel_weighted_error))
+        layers.append(LayerChoice(n, r.level, r.values, r.bytes, dense[n].values, dense[n].bytes, r.rel_error, r.rel_weighted_error))
     return AllocationPlan("knapsack", config.stage, config.unit, config.ratio, budget, dense_total, size, cost, seconds, layers)
 
 
-def _dense_sizes(results: list[LevelResult]) -> tuple[int, int]:
-    """(values, bytes) of the layer left dense: its level-0 profile entry."""
-    dense = [r for r in results if r.level == 0.0]
-    if not dense:
-        raise LlmpressError("allocation profiles must include level 0 (the dense layer) to define the budget")
-    return dense[0].values, dense[0].bytes
+def _dense_entry(results: list[LevelResult]) -> LevelResult:
+    """The level-0 profile entry: the layer left dense, which defines the budget."""
+    for result in results:
+        if result.level == 0.0:
+            return result
+    raise LlmpressError("allocation profiles must include level 0 (the dense layer) to define the budget")
 
 
 def plan_allocation(pipeline: SequentialPipeline, input_ids: torch.Tensor | None, config: AllocationConfig) -> AllocationPlan:

@@ -142,7 +142,7 @@ def _walk_chunk(model, blocks, chunk, by_weight, on_gradient, on_block_done, dev
             hiddens = outs
             block.to(offload_device)
     # 2. the tail: loss from the last hidden state, through the model's own forward
-    grads = [_tail_gradient(model, blocks, seq[None], last, as_tuple, device, offload_device) for seq, last in zip(chunk, hiddens)]
+    grads = _tail_gradients(model, blocks, chunk, hiddens, as_tuple, device, offload_device)
     # 3. backward through the blocks, last to first
     for index in reversed(range(len(blocks))):
         block = blocks[index]
@@ -168,20 +168,26 @@ def _walk_chunk(model, blocks, chunk, by_weight, on_gradient, on_block_done, dev
         grads = new_grads
 
 
-def _tail_gradient(model, blocks, ids, last_hidden, as_tuple, device, offload_device) -> torch.Tensor:
-    """∂loss/∂(last hidden state) for one sequence, using the model's own norm, head and loss."""
+def _tail_gradients(model, blocks, chunk, last_hiddens, as_tuple, device, offload_device) -> list[torch.Tensor]:
+    """∂loss/∂(last hidden state) for each sequence of the chunk, using the model's own norm, head
+    and loss. The blocks are swapped for replays and the rest of the model moved once per chunk."""
     originals = list(blocks)
-    h = last_hidden.to(device).requires_grad_(True)
+    replay_last = _Replay(None, as_tuple)
+    grads = []
     try:
         for i in range(len(blocks)):
-            blocks[i] = _Replay(h if i == len(blocks) - 1 else None, as_tuple)
+            blocks[i] = replay_last if i == len(blocks) - 1 else _Replay(None, as_tuple)
         _move_outside_blocks(model, blocks, device)
-        with torch.enable_grad():
-            ids = ids.to(device)
-            loss: Any = model(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()
+        for seq, last in zip(chunk, last_hiddens):
+            h = last.to(device).requires_grad_(True)
+            replay_last.output = h
+            with torch.enable_grad():
+                ids = seq[None].to(device)
+                loss: Any = model(input_ids=ids, labels=ids, use_cache=False).loss
+                loss.backward()
+            grads.append(h.grad.detach().to(offload_device))
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
         _move_outside_blocks(model, blocks, offload_device)
-    return h.grad.detach().to(offload_device)
+    return grads

@@ -259,13 +259,13 @@ class SequentialPipeline:
         bar = tqdm(range(len(self.blocks)), desc="Collecting statistics", disable=not self.progress, unit="block")
         for index in bar:
             block = self.blocks[index].to(self.device)
-            layers = self._dense_targets(block, index, stage_indices)
+            layers = self.dense_targets(block, index, stage_indices)
             stats, hiddens = self._collect(block, layers, needs, hiddens, kwargs_list, index, keep=True)
             block.to(self.offload_device)
             _merge(stats, fisher)
             on_block(index, stats)
 
-    def _dense_targets(self, block, index, stage_indices) -> dict[str, nn.Module]:
+    def dense_targets(self, block, index, stage_indices) -> dict[str, nn.Module]:
         """Plain Linears any of the stages targets in this block (refining stages: the same names)."""
         layers: dict[str, nn.Module] = {}
         for i in stage_indices:
@@ -308,7 +308,7 @@ class SequentialPipeline:
                 block_stats = stats
             elif self.statistics == "dense" and hiddens is not None:
                 needs, _ = self._stage_needs(all_stages)
-                layers = self._dense_targets(block, index, all_stages)
+                layers = self.dense_targets(block, index, all_stages)
                 block_stats, hiddens = self._collect(block, layers, needs, hiddens, kwargs_list, index, keep=True)
                 _merge(block_stats, fisher)
             for stage_index, (stage, compressor) in enumerate(zip(self.stages, self.compressors)):

@@ -119,6 +119,16 @@ def report_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def allocation_grid(allocation: dict[str, Any]) -> tuple[dict[int, dict[str, float]], list[str]]:
+    """({block index: {layer within block: level}}, layer columns in order) of a knapsack plan."""
+    grid: dict[int, dict[str, float]] = {}
+    for layer in allocation["layers"]:
+        parts = layer["name"].split(".")
+        at = next((i for i, part in enumerate(parts) if part.isdigit()), len(parts) - 1)  # the block index
+        grid.setdefault(int(parts[at]) if parts[at].isdigit() else -1, {})[".".join(parts[at + 1 :])] = layer["level"]
+    return grid, list(dict.fromkeys(c for row in grid.values() for c in row))
+
+
 def _allocation_lines(allocation: dict[str, Any] | None) -> list[str]:
     """The knapsack's chosen level per layer as a block x layer grid (0 = left dense)."""
     if not allocation:
@@ -131,12 +141,7 @@ def _allocation_lines(allocation: dict[str, Any] | None) -> list[str]:
         f"ratio {allocation['ratio']}), total cost {allocation['total_cost']:.4f}, profiled in {allocation['seconds']:.1f} s.",
         "",
     ]
-    grid: dict[str, dict[str, float]] = {}
-    for layer in allocation["layers"]:
-        parts = layer["name"].split(".")
-        at = next((i for i, part in enumerate(parts) if part.isdigit()), len(parts) - 1)  # the block index
-        grid.setdefault(parts[at], {})[".".join(parts[at + 1 :])] = layer["level"]
-    columns = list(dict.fromkeys(c for row in grid.values() for c in row))
+    grid, columns = allocation_grid(allocation)
     lines += ["| block | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for block, row in grid.items():
         lines.append(f"| {block} | " + " | ".join(f"{row[c]:.2f}" if c in row else "" for c in columns) + " |")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import LlmpressError
+from .report import allocation_grid
 
 ACC_METRICS = ("acc_norm", "acc")  # preferred accuracy metric per task, first found
 
@@ -43,14 +44,6 @@ def load_run(directory: str | Path) -> dict[str, Any]:
         )
         if run["allocation"] and run["allocation"].get("strategy") == "knapsack":
             run["method"] += " (knapsack)"
-        if run["allocation"] and run["allocation"].get("strategy") == "knapsack" and "layers_left_dense" not in report["summary"]:
-            # reports written before summaries counted targets left dense: count them as kept here
-            left = [c for c in run["allocation"]["layers"] if c["level"] == 0]
-            kept_dense = sum(c["dense_values"] for c in left)
-            s = report["summary"]
-            run["nominal"] = 1 - (s["values_after"] + kept_dense) / (s["params_before"] + kept_dense)
-            kept_bytes = sum(c["dense_bytes"] for c in left)
-            run["storage"] = 1 - (s["bytes_after"] + kept_bytes) / (s["bytes_before"] + kept_bytes)
     return run
 
 
@@ -133,12 +126,7 @@ def _plots(runs: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         allocation = r.get("allocation")
         if not allocation or allocation.get("strategy") != "knapsack":
             continue
-        grid: dict[int, dict[str, float]] = {}
-        for layer in allocation["layers"]:
-            parts = layer["name"].split(".")
-            at = next(i for i, part in enumerate(parts) if part.isdigit())
-            grid.setdefault(int(parts[at]), {})[".".join(parts[at + 1 :])] = layer["level"]
-        columns = list(dict.fromkeys(c for row in grid.values() for c in row))
+        grid, columns = allocation_grid(allocation)
         blocks = sorted(grid)
         data = [[grid[b].get(c, float("nan")) for c in columns] for b in blocks]
         fig, ax = plt.subplots(figsize=(1.2 * len(columns) + 2, 0.25 * len(blocks) + 1.5))

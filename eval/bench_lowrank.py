@@ -123,16 +123,17 @@ class Bench:
         for row in pending:
             model = copy.deepcopy(self.dense)
             t0 = time.perf_counter()
-            layer_configs, cost, chosen = None, None, None
+            layer_configs, cost, chosen, left_dense = None, None, None, []
             if row.allocation == "knapsack":
                 plan = solve_allocation(profiles[row.method], AllocationConfig(ratio=row.ratio, levels=levels, cost=row.cost))
                 layer_configs = plan.layer_configs(row.stage, "ratio")
                 cost, chosen = plan.total_cost, [c.level for c in plan.layers]
+                left_dense = [(c.dense_values, c.dense_bytes) for c in plan.layers if c.level == 0]
             pipeline = SequentialPipeline(model, [row.stage], progress=False, layer_configs=layer_configs)
             with torch.no_grad():
                 records = pipeline.run(None, stats=stats)
             seconds = time.perf_counter() - t0
-            values_removed, bytes_removed = _removed(model, records)
+            summary = summarize(records, left_dense)
             self.record(
                 {
                     "name": row.name,
@@ -140,9 +141,9 @@ class Bench:
                     "allocation": row.allocation,
                     "ratio": row.ratio,
                     "statistics": "dense",
-                    "params_removed": values_removed,
-                    "bytes_removed": bytes_removed,
-                    "mean_weighted_error": summarize(records)["mean_rel_weighted_error"],
+                    "params_removed": summary["nominal_ratio_removed"],
+                    "bytes_removed": summary["storage_ratio_removed"],
+                    "mean_weighted_error": summary["mean_rel_weighted_error"],
                     "knapsack_cost": cost,
                     "cost": row.cost if row.allocation == "knapsack" else None,
                     "levels": chosen,
@@ -155,7 +156,6 @@ class Bench:
     # ---- EoRA: sequential pipeline ------------------------------------------------------------
     def eora(self) -> None:
         args = self.args
-        base_recipe = {"calibration": {"num_samples": args.num_samples, "seq_len": args.seq_len, "seed": args.seed}}
         runs: list[tuple[str, float | None, list[dict]]] = []
         for ratio in args.eora_ratios:
             runs.append((f"whitened_svd/seq/{ratio:g}", ratio, [{"method": "whitened_svd", "ratio": ratio}]))
@@ -168,41 +168,36 @@ class Bench:
         for rank in args.eora_ranks:
             runs.append((f"magnitude2:4+eora{rank}/seq", None, [prune, {"method": "eora", "rank": rank}]))
         for name, ratio, stages in runs:
-            if self.done(name):
-                continue
-            model = copy.deepcopy(self.dense)
-            t0 = time.perf_counter()
-            model, report = compress_model(
-                model, {**base_recipe, "stages": stages}, dataset=args.calib, tokenizer=self.tokenizer, progress=False
-            )
-            s = report["summary"]
-            self.record(
-                {
-                    "name": name,
-                    "method": "+".join(st["method"] for st in stages),
-                    "allocation": "uniform",
-                    "ratio": ratio,
-                    "statistics": "sequential",
-                    "params_removed": s["nominal_ratio_removed"],
-                    "bytes_removed": s["storage_ratio_removed"],
-                    "mean_weighted_error": s["mean_rel_weighted_error"],
-                    "compress_seconds": round(time.perf_counter() - t0, 1),
-                    **self.evaluate(model),
-                }
-            )
-            del model
+            self.sequential_row(name, ratio, stages)
 
-
-def _removed(model, records) -> tuple[float, float]:
-    """Fractions of the targets' values and bytes removed, counting layers left dense as kept."""
-    s = summarize(records)
-    linears = match_linears(model, ["Linear"], ["lm_head"])
-    plain = [m for m in linears.values() if type(m) is torch.nn.Linear]
-    kept_values = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in plain)
-    kept_bytes = sum(sum(p.numel() * p.element_size() for p in m.parameters()) for m in plain)
-    values = 1 - (s["values_after"] + kept_values) / (s["params_before"] + kept_values)
-    nbytes = 1 - (s["bytes_after"] + kept_bytes) / (s["bytes_before"] + kept_bytes)
-    return values, nbytes
+    def sequential_row(
+        self, name: str, ratio: float | None, stages: list[dict], num_samples: int | None = None, statistics: str = "sequential"
+    ) -> None:
+        """Compress a copy of the dense model with the normal pipeline (compress_model) and record it."""
+        if self.done(name):
+            return
+        args = self.args
+        calibration = {"num_samples": num_samples or args.num_samples, "seq_len": args.seq_len, "seed": args.seed}
+        t0 = time.perf_counter()
+        model, report = compress_model(
+            copy.deepcopy(self.dense), {"calibration": calibration, "stages": stages}, dataset=args.calib,
+            tokenizer=self.tokenizer, progress=False,
+        )  # fmt: skip
+        s = report["summary"]
+        self.record(
+            {
+                "name": name,
+                "method": "+".join(st["method"] for st in stages),
+                "allocation": "uniform",
+                "ratio": ratio,
+                "statistics": statistics,
+                "params_removed": s["nominal_ratio_removed"],
+                "bytes_removed": s["storage_ratio_removed"],
+                "mean_weighted_error": s["mean_rel_weighted_error"],
+                "compress_seconds": round(time.perf_counter() - t0, 1),
+                **self.evaluate(model),
+            }
+        )
 
 
 def _deeper_ratio(model, ratio: float, rank: int) -> float:
@@ -263,12 +258,22 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], title: str = "SmolLM2-1
     return table
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_common_args(parser: argparse.ArgumentParser, out: str) -> None:
+    """Model, data, calibration and evaluation options every benchmark script takes."""
     parser.add_argument("--model", required=True)
     parser.add_argument("--calib", required=True, help="calibration text (disjoint from --eval)")
     parser.add_argument("--eval", required=True, help="evaluation text")
-    parser.add_argument("--out", default="runs/bench-lowrank")
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-windows", type=int, default=8)
+    parser.add_argument("--eval-seq-len", type=int, default=2048)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(parser, "runs/bench-lowrank")
     parser.add_argument("--methods", nargs="+", default=["svd", "fwsvd", "whitened_svd"])
     parser.add_argument("--allocations", nargs="+", default=["uniform", "knapsack"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.3, 0.4])
@@ -277,11 +282,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eora-ranks", nargs="*", type=int, default=[32, 64])
     parser.add_argument("--skip-grid", action="store_true")
     parser.add_argument("--skip-eora", action="store_true")
-    parser.add_argument("--num-samples", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-windows", type=int, default=8)
-    parser.add_argument("--eval-seq-len", type=int, default=2048)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -12,14 +12,11 @@ Writes OUT/results.json, results.md and ppl_vs_ratio.png; rows already done are 
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
-import time
 
-from compress.api import compress_model
 from compress.compressors import COMPRESSORS
 
-from .bench_lowrank import Bench, GridRow, write_outputs
+from .bench_lowrank import Bench, GridRow, add_common_args, write_outputs
 
 
 def pruning_rows(methods: list[str], ratios: list[float], patterns: list[str]) -> list[GridRow]:
@@ -45,32 +42,13 @@ def gqsa_rows(ratios: list[float], group_sizes: list[int]) -> list[GridRow]:
 def mfac_rows(bench: Bench, ratios: list[float], num_grads: int) -> None:
     """M-FAC on the sequential pipeline (its gradients come from a backward walk)."""
     for ratio in ratios:
-        name = f"mfac/uniform/{ratio:g}"
-        if bench.done(name):
-            continue
-        recipe = {
-            "calibration": {"num_samples": num_grads, "seq_len": bench.args.seq_len, "seed": bench.args.seed},
-            "stages": [{"method": "mfac", "ratio": ratio}],
-        }
-        t0 = time.perf_counter()
-        model, report = compress_model(copy.deepcopy(bench.dense), recipe, dataset=bench.args.calib, tokenizer=bench.tokenizer, progress=True)
-        s = report["summary"]
-        bench.record(
-            {
-                "name": name, "method": "mfac", "allocation": "uniform", "ratio": ratio, "statistics": "gradients",
-                "params_removed": s["nominal_ratio_removed"], "bytes_removed": s["storage_ratio_removed"],
-                "mean_weighted_error": None, "compress_seconds": round(time.perf_counter() - t0, 1),
-                **bench.evaluate(model),
-            }
-        )  # fmt: skip
+        stages = [{"method": "mfac", "ratio": ratio}]
+        bench.sequential_row(f"mfac/uniform/{ratio:g}", ratio, stages, num_samples=num_grads, statistics="gradients")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--calib", required=True, help="calibration text (disjoint from --eval)")
-    parser.add_argument("--eval", required=True, help="evaluation text")
-    parser.add_argument("--out", default="runs/bench-pruning")
+    add_common_args(parser, "runs/bench-pruning")
     parser.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.6, 0.7])
     parser.add_argument("--patterns", nargs="*", default=["2:4", "4:8"])
@@ -78,11 +56,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gqsa-group-sizes", nargs="*", type=int, default=[16])
     parser.add_argument("--mfac-ratios", nargs="*", type=float, default=[])
     parser.add_argument("--mfac-grads", type=int, default=64, help="per-sequence gradients for M-FAC")
-    parser.add_argument("--num-samples", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-windows", type=int, default=8)
-    parser.add_argument("--eval-seq-len", type=int, default=2048)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     bench = Bench(args)
