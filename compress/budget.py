@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .allocation import Option, solve_dp, solve_lagrangian, total
 from .compressors import LayerStats, StageConfig
-from .compressors.base import LevelResult
+from .compressors.base import LevelResult, flush_denormals
 from .errors import LlmpressError
 from .pipeline import SequentialPipeline
 
@@ -114,7 +114,8 @@ def profile_block(
         bias = linear.bias.data if linear.bias is not None else None
         layer_stats = stats.get(name, LayerStats())
         compressed_levels = [lv for lv in levels if lv > 0]
-        results = compressor.profile(weight, bias, layer_stats, stage, compressed_levels) if compressed_levels else []
+        with flush_denormals():
+            results = compressor.profile(weight, bias, layer_stats, stage, compressed_levels) if compressed_levels else []
         profiles[name] = ([_dense_result(weight, bias)] if 0.0 in levels else []) + results
     return profiles
 

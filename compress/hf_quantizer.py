@@ -17,7 +17,7 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .modules import build_module
+from .modules import build_module, tie_shared_dictionaries
 from .targets import set_submodule
 
 QUANT_METHOD = "llmpress"
@@ -70,6 +70,10 @@ class LlmpressHfQuantizer(HfQuantizer):
         dtype = dtype if isinstance(dtype, torch.dtype) else model.dtype
         for name, spec in self.quantization_config.modules.items():
             set_submodule(model, name, build_module(spec, dtype=dtype, device="meta"))
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        tie_shared_dictionaries(model)  # layers sharing one stored dictionary (CoSpaDi groups)
         return model
 
     def is_serializable(self, safe_serialization=None):

@@ -25,9 +25,10 @@ from tqdm.auto import tqdm
 from .blocks import find_decoder_blocks
 from .collectors import LinearInputHooks
 from .compressors import COMPRESSORS, LayerStats, StageConfig
+from .compressors.base import flush_denormals
 from .errors import LlmpressError
 from .modules import CompressedLinear
-from .targets import match_linears, set_submodule
+from .targets import is_target, match_linears, set_submodule
 
 logger = logging.getLogger("compress")
 
@@ -283,6 +284,9 @@ class SequentialPipeline:
         all_stages = list(range(len(self.stages)))
         hiddens = kwargs_list = None
         fisher: dict[str, dict[str, torch.Tensor]] = {}
+        grouped = [i for i, (st, c) in enumerate(zip(self.stages, self.compressors)) if c.group_size(st) > 1]
+        if grouped and stats is None:
+            stats = self._all_dense_stats(input_ids, grouped)
         if stats is None:
             self._require_data(input_ids, all_stages)
             if input_ids is not None:
@@ -331,6 +335,9 @@ class SequentialPipeline:
                         continue
                     if compressor.needs and name not in stage_stats:
                         raise LlmpressError(f"no calibration statistics for {name}; collect them for every target")
+                    if stage_index in grouped:
+                        records += self._compress_group(name, linear, stage_stats, config, compressor, index, stage_index)
+                        continue
                     layer_stats = stage_stats.get(name)
                     record = self._compress_layer(name, linear, layer_stats, config, compressor, index, stage_index)
                     records.append(record)
@@ -351,6 +358,62 @@ class SequentialPipeline:
             memory = peak_memory_mb(self.device)
             self.block_log.append({"block": index, "seconds": round(seconds, 3), "peak_memory_mb": round(memory, 1)})
             bar.set_postfix(sec=f"{seconds:.1f}", mem_mb=f"{memory:.0f}")
+        return records
+
+    def _all_dense_stats(self, input_ids, grouped: list[int]) -> dict[str, LayerStats]:
+        """Every block's statistics up front: a group's layers in later blocks are compressed
+        together with its first layer, so they must be calibrated before it."""
+        names = [self.stages[i].method for i in grouped]
+        if self.statistics != "dense":
+            raise LlmpressError(
+                f"stages {names} share dictionaries across blocks (group_size > 1), which needs statistics "
+                "of later blocks before earlier ones are compressed: set calibration.statistics: dense, or group_size: 1"
+            )
+        if any(i in self.layer_configs for i in grouped):
+            raise LlmpressError(f"stages {names} with group_size > 1 cannot take per-layer allocation levels")
+        self._require_data(input_ids, list(range(len(self.stages))))
+        if input_ids is None:
+            raise LlmpressError(f"stages {names} need calibration data")
+        stats: dict[str, LayerStats] = {}
+        self.collect_stats(input_ids, lambda index, block_stats: stats.update(block_stats))
+        return stats
+
+    def _group_members(self, name: str, linear: nn.Module, stage: StageConfig, size: int, index: int):
+        """`name` and the same-named, same-shape plain target Linears of the next size-1 blocks."""
+        local = name[len(f"{self.blocks_path}.{index}.") :]
+        members = [(name, linear, index)]
+        for j in range(index + 1, min(index + size, len(self.blocks))):
+            full = f"{self.blocks_path}.{j}.{local}"
+            try:
+                other = self.blocks[j].get_submodule(local)
+            except AttributeError:
+                break
+            same = isinstance(other, nn.Linear) and other.weight.shape == linear.weight.shape
+            if not same or not is_target(full, other, stage.targets, stage.ignore):
+                break
+            members.append((full, other, j))
+        return members
+
+    @torch.no_grad()
+    def _compress_group(self, name, linear, stats, stage, compressor, index, stage_index) -> list[LayerRecord]:
+        """Compress `name` together with its group (one shared dictionary); one record per layer."""
+        start = time.perf_counter()
+        members = self._group_members(name, linear, stage, compressor.group_size(stage), index)
+        missing = [n for n, _, _ in members if n not in stats]
+        if missing:
+            raise LlmpressError(f"no calibration statistics for {missing}; collect them for every target")
+        weights = [m.weight.data.to(self.device) for _, m, _ in members]
+        biases = [m.bias.data.to(self.device) if m.bias is not None else None for _, m, _ in members]
+        with flush_denormals():
+            modules = compressor.compress_group(weights, biases, [stats[n] for n, _, _ in members], stage, [n for n, _, _ in members])
+        seconds = (time.perf_counter() - start) / len(members)
+        records = []
+        for (full, member, j), module, weight, bias in zip(members, modules, weights, biases):
+            if self._keep_originals:
+                self._originals[full] = (weight, bias)
+            if j != index:
+                module.to(self.offload_device)  # that block is not on the device now
+            records.append(self._record(full, weight, bias, module, stats[full], stage, j, stage_index, seconds))
         return records
 
     def _gradient_stage(self, stage_index: int, input_ids: torch.Tensor) -> list[LayerRecord]:
@@ -415,8 +478,14 @@ class SequentialPipeline:
             bias = linear.bias.data if linear.bias is not None else None
             if self._keep_originals:
                 self._originals[name] = (weight, bias)
-        compressed: CompressedLinear = compressor.compress(weight, bias, stats or LayerStats(), stage, base=base)
-        rel, weighted = relative_errors(weight, compressed.to_dense(), stats.get("gram") if stats else None)
+        with flush_denormals():
+            compressed: CompressedLinear = compressor.compress(weight, bias, stats or LayerStats(), stage, base=base)
+        return self._record(name, weight, bias, compressed, stats, stage, index, stage_index, time.perf_counter() - start)
+
+    def _record(self, name, weight, bias, compressed, stats, stage, index, stage_index, seconds) -> LayerRecord:
+        """Put `compressed` in place of `name` and measure it (errors, sizes) for the report."""
+        with flush_denormals():
+            rel, weighted = relative_errors(weight, compressed.to_dense(), stats.get("gram") if stats else None)
         local_name = name[len(f"{self.blocks_path}.{index}.") :]
         set_submodule(self.blocks[index], local_name, compressed)
         spec = compressed.spec()
@@ -435,7 +504,7 @@ class SequentialPipeline:
             bytes_after=compressed.num_bytes(),
             rel_error=rel,
             rel_weighted_error=weighted,
-            seconds=time.perf_counter() - start,
+            seconds=seconds,
             detail=detail,
         )
         logger.info(

@@ -1,5 +1,6 @@
-"""Low-rank benchmark: perplexity against compression ratio for SVD, FWSVD and whitened SVD,
-uniform vs knapsack allocation, plus EoRA compensation rows. Prints a table, writes JSON,
+"""Low-rank benchmark: perplexity against compression ratio for SVD, FWSVD, whitened SVD and the
+sparse-dictionary methods (ROCKET, CoSpaDi per layer and per group), uniform vs knapsack
+allocation, plus EoRA compensation rows. Prints a table, writes JSON,
 markdown and a plot.
 
     python -m compress.eval.bench_lowrank --model models/SmolLM2-135M-Instruct.Q4_1.gguf \\
@@ -58,6 +59,19 @@ class GridRow:
     cost: str = "weighted_sq"  # knapsack cost (compress/budget.py COSTS)
 
 
+def cospadi_rows(ratios: list[float], groups: list[int], max_iters: int, ks: float = 2.0) -> list[GridRow]:
+    """CoSpaDi rows (uniform only: its per-level profile would rerun dictionary learning per level):
+    'cospadi/uniform/0.3' per layer, 'cospadi[g4]/uniform/0.3' with 4 blocks sharing each dictionary."""
+    config = COMPRESSORS["cospadi"].config_class
+    rows = []
+    for g in groups:
+        method = "cospadi" if g == 1 else f"cospadi[g{g}]"
+        for r in ratios:
+            stage = config(method="cospadi", ratio=r, ks=ks, group_size=g, max_iters=max_iters)
+            rows.append(GridRow(f"{method}/uniform/{r:g}", "cospadi", "uniform", r, stage))
+    return rows
+
+
 def lowrank_rows(methods: list[str], allocations: list[str], ratios: list[float], costs: list[str]) -> list[GridRow]:
     """Uniform rows, and knapsack rows per cost (the first cost unnamed: 'svd/knapsack/0.3',
     others named: 'svd/knapsack[plain]/0.3')."""
@@ -105,6 +119,7 @@ class Bench:
         if not pending:
             return
         stages = {row.method: row.stage for row in pending}  # one config per method to collect for
+        stages = {m: st.model_copy(update={"group_size": 1}) if "group_size" in type(st).model_fields else st for m, st in stages.items()}
         profiled = sorted({row.method for row in pending if row.allocation == "knapsack"})
         methods = list(stages)
         start = time.perf_counter()
@@ -241,7 +256,8 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], title: str = "SmolLM2-1
     series: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         if r.get("statistics") == "dense" and r["method"] != "dense":
-            series.setdefault(f"{r['method']} ({r['name'].split('/')[1]})", []).append((r["params_removed"], r["perplexity"]))
+            name = r['name'].split('/')
+            series.setdefault(f"{name[0]} ({name[1]})", []).append((r["params_removed"], r["perplexity"]))
     for label, points in sorted(series.items()):
         points.sort()
         ax.plot([100 * p for p, _ in points], [v for _, v in points], marker="o", label=label)
@@ -278,6 +294,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--allocations", nargs="+", default=["uniform", "knapsack"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.3, 0.4])
     parser.add_argument("--costs", nargs="+", default=["weighted_sq"], choices=list(COSTS), help="knapsack costs to compare")
+    parser.add_argument("--cospadi-ratios", nargs="*", type=float, default=[], help="CoSpaDi rows (uniform)")
+    parser.add_argument("--cospadi-groups", nargs="+", type=int, default=[1], help="group sizes (1 = per layer)")
+    parser.add_argument("--cospadi-iters", type=int, default=3)
     parser.add_argument("--eora-ratios", nargs="*", type=float, default=[0.3])
     parser.add_argument("--eora-ranks", nargs="*", type=int, default=[32, 64])
     parser.add_argument("--skip-grid", action="store_true")
@@ -287,7 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     bench = Bench(args)
     if not args.skip_grid:
-        bench.grid(lowrank_rows(args.methods, args.allocations, args.ratios, args.costs))
+        rows = lowrank_rows(args.methods, args.allocations, args.ratios, args.costs)
+        bench.grid(rows + cospadi_rows(args.cospadi_ratios, args.cospadi_groups, args.cospadi_iters))
     if not args.skip_eora:
         bench.eora()
     print(write_outputs(bench.out, bench.rows))

@@ -36,3 +36,19 @@ def test_bench_lowrank_tiny(tiny_model_dir, calib_text, tmp_path, capsys):
     main(args)  # a second run resumes: nothing is recomputed
     second = capsys.readouterr().out
     assert "dense statistics and profiles" not in second and " ppl " not in second
+
+
+def test_bench_dictionary_rows_tiny(tiny_model_dir, calib_text, tmp_path):
+    out = tmp_path / "bench"
+    main([
+        "--model", str(tiny_model_dir), "--calib", str(calib_text), "--eval", str(calib_text), "--out", str(out),
+        "--methods", "rocket", "--ratios", "0.3", "--cospadi-ratios", "0.3", "--cospadi-groups", "1", "2",
+        "--cospadi-iters", "1", "--skip-eora", "--num-samples", "2", "--seq-len", "32", "--eval-seq-len", "64",
+        "--max-windows", "2",
+    ])  # fmt: skip
+    rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    expected = {"rocket/uniform/0.3", "rocket/knapsack/0.3", "cospadi/uniform/0.3", "cospadi[g2]/uniform/0.3"}
+    assert expected <= set(rows)
+    for name in expected:
+        assert 0.29 <= rows[name]["params_removed"] <= 0.33, name  # tiny layers round k, s down; shared atoms counted once
+        assert rows[name]["perplexity"] > 1, name

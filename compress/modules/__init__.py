@@ -1,6 +1,7 @@
 """nn.Linear replacements, one per storage format (see FORMATS)."""
 
 from .base import FORMATS, CompressedLinear, build_module, register_format
+from .dictionary import DictLinear, tie_shared_dictionaries
 from .eora import EoRALinear
 from .gqsa import GQSALinear
 from .lowrank import LowRankLinear
@@ -9,6 +10,7 @@ from .sparse import SparseLinear, pack_mask, unpack_mask
 __all__ = [
     "FORMATS",
     "CompressedLinear",
+    "DictLinear",
     "EoRALinear",
     "GQSALinear",
     "LowRankLinear",
@@ -16,5 +18,6 @@ __all__ = [
     "build_module",
     "pack_mask",
     "register_format",
+    "tie_shared_dictionaries",
     "unpack_mask",
 ]

@@ -1,0 +1,146 @@
+"""Sparse-dictionary compression: sizes, ROCKET, CoSpaDi (per layer and shared), DictLinear."""
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import compress
+from compress.compressors import COMPRESSORS, LayerStats, rank_for_ratio
+from compress.compressors.cospadi import CoSpaDiConfig, cospadi_dictionary
+from compress.compressors.rocket import RocketConfig, WhitenedSpectrum, rocket_best
+from compress.compressors.sparse_coding import (
+    batch_omp,
+    code_on_support,
+    dense_coefficients,
+    dictionary_shape,
+)
+from compress.compressors.whitened_svd import WhitenedSVDConfig
+from compress.errors import LlmpressError
+from compress.modules import DictLinear
+from compress.pipeline import relative_errors
+
+
+def _layer(out_f=48, in_f=32, tokens=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.eye(in_f) + 0.5 * torch.randn(in_f, in_f, generator=g)
+    x = torch.randn(tokens, in_f, generator=g) @ mix * torch.linspace(0.2, 3.0, in_f)
+    w = torch.randn(out_f, in_f, generator=g) / in_f**0.5
+    return w, LayerStats({"gram": (x.double().T @ x.double())}, tokens)
+
+
+@pytest.mark.parametrize("ratio,ks", [(0.2, 1.0), (0.3, 2.0), (0.5, 3.0), (0.4, 1.5)])
+def test_dictionary_shape_fits_the_budget(ratio, ks):
+    out_f, in_f = 96, 64
+    k, s = dictionary_shape(out_f, in_f, ratio, ks, max_atoms=min(out_f, in_f))
+    assert k * in_f + s * out_f <= (1 - ratio) * out_f * in_f
+    assert 1 <= s <= k <= min(out_f, in_f)
+    if ks == 1.0:
+        assert k == s == rank_for_ratio(out_f, in_f, ratio)  # plain low rank
+
+
+def test_invalid_shapes_give_clear_errors():
+    with pytest.raises(LlmpressError, match=r"ratio must be in \(0, 1\)"):
+        dictionary_shape(8, 8, 1.2, 2.0)
+    with pytest.raises(LlmpressError, match="ks .* must be >= 1"):
+        dictionary_shape(8, 8, 0.3, 0.5)
+    with pytest.raises(LlmpressError, match="leaves no room"):
+        dictionary_shape(4, 4, 0.99, 2.0)
+    with pytest.raises(ValueError, match="every ks must be >= 1"):
+        RocketConfig(ratio=0.3, ks=[1.0, 0.5])
+
+
+def test_rocket_with_ks_one_equals_whitened_svd():
+    w, stats = _layer()
+    rocket = COMPRESSORS["rocket"]().compress(w, None, stats, RocketConfig(ratio=0.3, ks=[1.0]))
+    svd = COMPRESSORS["whitened_svd"]().compress(w, None, stats, WhitenedSVDConfig(ratio=0.3))
+    torch.testing.assert_close(rocket.to_dense(), svd.to_dense(), rtol=1e-4, atol=1e-5)
+    assert rocket.num_values() == svd.num_values()
+
+
+def test_rocket_sparse_coefficients_beat_low_rank_at_equal_size():
+    w, stats = _layer(96, 64)
+    spectrum = WhitenedSpectrum.of(w, stats["gram"], 1e-4)
+    low_rank = rocket_best(spectrum, 0.4, RocketConfig(ratio=0.4, ks=[1.0]))
+    sparse = rocket_best(spectrum, 0.4, RocketConfig(ratio=0.4))
+    assert sparse.ks > 1.0 and sparse.rel_weighted_error < low_rank.rel_weighted_error
+    assert sparse.num_values() <= 0.6 * 96 * 64
+    _, weighted = relative_errors(w, sparse.to_dense(), stats["gram"])
+    assert weighted == pytest.approx(sparse.rel_weighted_error, rel=1e-3)  # the whitened error is the output error
+
+
+def test_omp_recovers_true_supports_and_values():
+    torch.manual_seed(0)
+    atoms = torch.randn(24, 48, dtype=torch.float64)
+    support = torch.stack([torch.randperm(24)[:3] for _ in range(100)]).sort(1).values
+    a = dense_coefficients(torch.randn(100, 3, dtype=torch.float64), support, 24) @ atoms
+    found = batch_omp(a, atoms, 3, steps=3)
+    values, residual = code_on_support(a, atoms, found)
+    assert torch.equal(found, support)
+    assert float(residual.sum().sqrt() / a.norm()) < 1e-6
+
+
+def test_cospadi_recovers_a_planted_sparse_dictionary():
+    torch.manual_seed(0)
+    m, n, k, s = 600, 48, 24, 3
+    atoms = torch.randn(k, n, dtype=torch.float64)
+    support = torch.stack([torch.randperm(k)[:s] for _ in range(m)])
+    values = torch.randn(m, s, dtype=torch.float64) * (1 + torch.rand(m, s, dtype=torch.float64))
+    w = dense_coefficients(values, support, k) @ atoms
+    x = torch.randn(400, n, dtype=torch.float64) @ (torch.eye(n, dtype=torch.float64) + 0.3 * torch.randn(n, n, dtype=torch.float64))
+    factors, errors = cospadi_dictionary(w, x.T @ x, k, s, CoSpaDiConfig(ratio=0.5, max_iters=60, tol=0.0))
+    assert errors[0] > 0.3  # the ROCKET start is far from it
+    assert float((factors.to_dense() - w).norm() / w.norm()) < 1e-4
+
+
+def test_cospadi_improves_on_its_rocket_start():
+    w, stats = _layer(96, 64)
+    config = CoSpaDiConfig(ratio=0.4, ks=2.0, max_iters=5)
+    k, s = dictionary_shape(96, 64, 0.4, 2.0, max_atoms=64)
+    _, errors = cospadi_dictionary(w, stats["gram"], k, s, config)
+    assert min(errors[1:]) < errors[0]
+    module = COMPRESSORS["cospadi"]().compress(w, None, stats, config)
+    _, weighted = relative_errors(w, module.to_dense(), stats["gram"])
+    assert weighted == pytest.approx(min(errors), rel=1e-3)
+    assert (module.num_atoms, module.nnz_per_row) == (k, s)
+
+
+def test_dict_linear_forward_sizes_and_errors():
+    torch.manual_seed(0)
+    atoms, values = torch.randn(20, 32), torch.randn(48, 5)
+    support = torch.stack([torch.randperm(20)[:5] for _ in range(48)])
+    bias = torch.randn(48)
+    module = DictLinear.from_factors(atoms, values, support, bias)
+    dense = dense_coefficients(values, support, 20) @ atoms
+    torch.testing.assert_close(module.to_dense(), dense)
+    x = torch.randn(3, 7, 32)
+    torch.testing.assert_close(module(x), x @ dense.T + bias, rtol=1e-5, atol=1e-5)
+    assert module.coef_index.dtype == torch.uint8  # 20 atoms: one byte per index
+    assert module.num_values() == 20 * 32 + 48 * 5 + 48
+    assert module.num_bytes() == 4 * (20 * 32 + 48 * 5 + 48) + 48 * 5  # values + uint8 indices
+    with pytest.raises(RuntimeError, match="never tied"):
+        DictLinear(32, 48, 20, 5, False, atoms_from="model.layers.0.x").dictionary()
+
+
+def test_grouped_cospadi_shares_one_stored_dictionary(tokenizer, calib_text, tmp_path):
+    recipe = {
+        "calibration": {"num_samples": 2, "seq_len": 32, "statistics": "dense"},
+        "stages": [{"method": "cospadi", "ratio": 0.3, "group_size": 2, "max_iters": 2, "targets": ["re:.*mlp\\.(gate|up)_proj"]}],
+    }
+    model, report = compress.compress_model(tiny_model("llama", layers=3), recipe, dataset=str(calib_text), tokenizer=tokenizer, progress=False)
+    gate0, gate1, gate2 = (model.get_submodule(f"model.layers.{i}.mlp.gate_proj") for i in range(3))
+    assert gate0.atoms_from is None and gate1.atoms_from == "model.layers.0.mlp.gate_proj"
+    assert gate1.dictionary() is gate0.atoms and gate2.atoms_from is None  # blocks 0-1 share, block 2 alone
+    assert "atoms" not in dict(gate1.named_parameters())
+    summary = report["summary"]
+    assert summary["nominal_ratio_removed"] == pytest.approx(0.3, abs=0.02)  # the shared atoms counted once
+    out = compress.save_compressed(model, tmp_path / "ckpt", tokenizer=tokenizer, report=report)
+    loaded = compress.load(out)
+    ids = torch.randint(0, 300, (1, 12))
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert loaded.get_submodule("model.layers.1.mlp.gate_proj").dictionary() is loaded.get_submodule("model.layers.0.mlp.gate_proj").atoms
+
+
+def test_grouped_stage_needs_dense_statistics(tokenizer, calib_text):
+    recipe = {"calibration": {"num_samples": 2, "seq_len": 32}, "stages": [{"method": "cospadi", "ratio": 0.3, "group_size": 2}]}
+    with pytest.raises(LlmpressError, match="statistics: dense"):
+        compress.compress_model(tiny_model(), recipe, dataset=str(calib_text), tokenizer=tokenizer, progress=False)
