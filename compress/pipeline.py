@@ -372,8 +372,6 @@ class SequentialPipeline:
         if any(i in self.layer_configs for i in grouped):
             raise LlmpressError(f"stages {names} with group_size > 1 cannot take per-layer allocation levels")
         self._require_data(input_ids, list(range(len(self.stages))))
-        if input_ids is None:
-            raise LlmpressError(f"stages {names} need calibration data")
         stats: dict[str, LayerStats] = {}
         self.collect_stats(input_ids, lambda index, block_stats: stats.update(block_stats))
         return stats
@@ -484,8 +482,7 @@ class SequentialPipeline:
 
     def _record(self, name, weight, bias, compressed, stats, stage, index, stage_index, seconds) -> LayerRecord:
         """Put `compressed` in place of `name` and measure it (errors, sizes) for the report."""
-        with flush_denormals():
-            rel, weighted = relative_errors(weight, compressed.to_dense(), stats.get("gram") if stats else None)
+        rel, weighted = relative_errors(weight, compressed.to_dense(), stats.get("gram") if stats else None)
         local_name = name[len(f"{self.blocks_path}.{index}.") :]
         set_submodule(self.blocks[index], local_name, compressed)
         spec = compressed.spec()

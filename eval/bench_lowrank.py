@@ -119,7 +119,6 @@ class Bench:
         if not pending:
             return
         stages = {row.method: row.stage for row in pending}  # one config per method to collect for
-        stages = {m: st.model_copy(update={"group_size": 1}) if "group_size" in type(st).model_fields else st for m, st in stages.items()}
         profiled = sorted({row.method for row in pending if row.allocation == "knapsack"})
         methods = list(stages)
         start = time.perf_counter()

@@ -4,12 +4,14 @@ Minimizes ‖A − P·E‖_F over a dictionary E (k atoms) and coefficients P wi
 row, A = W·S the whitened weight (so the error is the calibration-weighted output error), by
 alternating
   1. sparse coding: batched OMP picks each row's s atoms; values re-solved exactly;
-  2. dictionary update (MOD): E = (PᵀP + μI)⁻¹·Pᵀ·A.
+  2. dictionary update: approximate K-SVD (each atom refit with its coefficients), or MOD,
+     E = (PᵀP + μI)⁻¹·Pᵀ·A; atoms that (almost) no row uses are replaced by the worst rows'
+     residuals before the next coding step.
 It starts from ROCKET's one-step solution (eigenbasis, sparsified, refit) instead of random
-atoms, keeps a row's previous support whenever OMP's greedy choice fits it worse (so the error
-never increases), and stops when an iteration improves the error by less than `tol`. The
-reference solver (K-SVD from random atoms) needs hours per model on a GPU; this reaches a lower
-error than its ROCKET start in a few iterations.
+atoms, keeps a row's previous support whenever OMP's greedy choice fits it worse, returns the
+best iterate, and stops when an iteration improves it by less than `tol`. The reference solver
+(K-SVD from random atoms) needs hours per model on a GPU; this reaches a lower error than its
+ROCKET start in a few iterations.
 
 Group mode (`group_size` g > 1): layers with the same name in g consecutive blocks (e.g. the
 q_proj of blocks 0-3) share one dictionary: whitened with the mean of their normalized Grams,
@@ -34,7 +36,7 @@ from .base import (
     flush_denormals,
     register_compressor,
 )
-from .rocket import DictionaryFactors, WhitenedSpectrum, rocket_step
+from .rocket import DictionaryFactors, rocket_whitened
 from .sparse_coding import (
     batch_omp,
     code_on_support,
@@ -44,6 +46,7 @@ from .sparse_coding import (
     refit_dictionary,
     replace_weak_atoms,
 )
+from .whitening import WhitenedSpectrum
 
 logger = logging.getLogger("compress")
 
@@ -61,13 +64,12 @@ class CoSpaDiConfig(StageConfig):
     percdamp: float = Field(default=1e-4, ge=0.0, lt=1.0)
 
 
-def learn_dictionary(a: torch.Tensor, start: DictionaryFactors, atoms_w: torch.Tensor, config: CoSpaDiConfig):
-    """Alternate OMP coding and dictionary updates from a start (in whitened space).
+def learn_dictionary(a: torch.Tensor, atoms_w: torch.Tensor, values, support, config: CoSpaDiConfig):
+    """Alternate OMP coding and dictionary updates from a start (atoms, values, support; whitened space).
 
     Returns the best (atoms_w, values, support) seen and the relative error of every iteration
     (the first entry is the start's). Stops when an iteration improves the best by < `tol`.
     """
-    support, values = start.support, start.values
     k, s = atoms_w.shape[0], support.shape[1]
     a = a.double()
     norm_a = float(a.norm().clamp_min(1e-30))
@@ -114,17 +116,16 @@ def cospadi_factorize(weights: list[torch.Tensor], grams: list[torch.Tensor], co
     k, s = dictionary_shape(stacked.shape[0], in_f, config.ratio, config.ks, max_atoms=min(stacked.shape))
     factors, errors = cospadi_dictionary(stacked, gram, k, s, config)
     parts = zip(factors.values.split(out_f), factors.support.split(out_f))
-    return [DictionaryFactors(factors.atoms, v, i, config.ks, errors[-1]) for v, i in parts], errors
+    return [DictionaryFactors(factors.atoms, v, i, config.ks, factors.rel_weighted_error) for v, i in parts], errors
 
 
 @flush_denormals()
 def cospadi_dictionary(weight: torch.Tensor, gram: torch.Tensor, k: int, s: int, config: CoSpaDiConfig):
     """k atoms, s per row, for one (possibly stacked) weight: (factors, errors per iteration)."""
     spectrum = WhitenedSpectrum.of(weight, gram, config.percdamp)
-    start = rocket_step(spectrum, k, s, config.alpha, config.ridge, config.ks)
-    atoms_w = start.atoms @ spectrum.white.s  # back to whitened space
-    atoms_w, values, support, errors = learn_dictionary(spectrum.a, start, atoms_w, config)
-    return DictionaryFactors(atoms_w @ spectrum.white.s_inv, values, support, config.ks, errors[-1]), errors
+    atoms_w, values, support, _ = rocket_whitened(spectrum, k, s, config.alpha, config.ridge)
+    atoms_w, values, support, errors = learn_dictionary(spectrum.a, atoms_w, values, support, config)
+    return DictionaryFactors(atoms_w @ spectrum.white.s_inv, values, support, config.ks, min(errors)), errors
 
 
 @register_compressor

@@ -39,7 +39,7 @@ from .sparse_coding import (
     refit_dictionary,
     top_s_support,
 )
-from .whitening import Whitening, whiten
+from .whitening import WhitenedSpectrum
 
 
 class RocketConfig(StageConfig):
@@ -90,28 +90,12 @@ class DictionaryFactors:
         return DictLinear.from_factors(self.atoms.to(dtype), self.values.to(dtype), self.support, bias)
 
 
-@dataclass
-class WhitenedSpectrum:
-    """One layer's whitened weight and its SVD: computed once, reused for every (ratio, ks)."""
-
-    a: torch.Tensor
-    white: Whitening
-    u: torch.Tensor
-    sigma: torch.Tensor
-    vh: torch.Tensor
-
-    @classmethod
-    @flush_denormals()
-    def of(cls, weight: torch.Tensor, gram: torch.Tensor, percdamp: float, name: str = "layer") -> WhitenedSpectrum:
-        white = whiten(gram, percdamp, name)
-        a = weight.double() @ white.s
-        u, sigma, vh = torch.linalg.svd(a, full_matrices=False)
-        return cls(a, white, u, sigma, vh)
-
-
 @flush_denormals()
-def rocket_step(spec: WhitenedSpectrum, k: int, s: int, alpha: float, ridge: float, ks: float) -> DictionaryFactors:
-    """Eigenbasis → sparsified coefficients → closed-form dictionary refit, for k atoms, s per row."""
+def rocket_whitened(spec: WhitenedSpectrum, k: int, s: int, alpha: float, ridge: float):
+    """Eigenbasis → sparsified coefficients → closed-form dictionary refit, for k atoms, s per row.
+
+    Returns (atoms in the whitened space, values, support, relative whitened error).
+    """
     atoms_w = spec.vh[:k]
     coef = spec.u[:, :k] * spec.sigma[:k]
     if s >= k:  # nothing to sparsify: whitened SVD
@@ -123,7 +107,12 @@ def rocket_step(spec: WhitenedSpectrum, k: int, s: int, alpha: float, ridge: flo
         values = coef.gather(1, support)
         atoms_w = refit_dictionary(spec.a, dense_coefficients(values, support, k), ridge)
     residual = spec.a - dense_coefficients(values, support, k) @ atoms_w
-    error = float(residual.norm() / spec.a.norm().clamp_min(1e-30))
+    return atoms_w, values, support, float(residual.norm() / spec.a.norm().clamp_min(1e-30))
+
+
+def rocket_step(spec: WhitenedSpectrum, k: int, s: int, alpha: float, ridge: float, ks: float) -> DictionaryFactors:
+    """ROCKET's factors (atoms mapped back to the original space) for k atoms, s per row."""
+    atoms_w, values, support, error = rocket_whitened(spec, k, s, alpha, ridge)
     return DictionaryFactors(atoms_w @ spec.white.s_inv, values, support, ks, error)
 
 

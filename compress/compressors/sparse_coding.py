@@ -8,8 +8,6 @@ calibration-weighted output error. Supports are (out × s) index tensors, values
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..errors import LlmpressError
@@ -173,8 +171,3 @@ def batch_omp(a: torch.Tensor, atoms: torch.Tensor, s: int, steps: int = 4, chun
             alpha = alpha0 - dense_coefficients(x, support, gram.shape[0]) @ gram
         supports.append(support)
     return torch.cat(supports).sort(dim=1).values
-
-
-def relative_whitened_error(a: torch.Tensor, residual_sq: torch.Tensor) -> float:
-    """‖A − P·E‖ / ‖A‖ from per-row squared residuals."""
-    return math.sqrt(float(residual_sq.sum()) / max(float(a.double().square().sum()), 1e-30))

@@ -12,7 +12,7 @@ from pydantic import Field
 
 from .base import LayerStats, StageConfig, register_compressor
 from .svd import LowRankCompressor
-from .whitening import whiten
+from .whitening import WhitenedSpectrum
 
 
 class WhitenedSVDConfig(StageConfig):
@@ -25,9 +25,8 @@ def whitened_svd(
     weight: torch.Tensor, gram: torch.Tensor, percdamp: float = 1e-4, name: str = "layer", prefer: str = "cholesky"
 ):
     """(U, σ, Vᵀ S⁻¹) of W·S in float64, all ranks: callers truncate (allocation reuses one SVD)."""
-    white = whiten(gram, percdamp, name, prefer=prefer)
-    u, sigma, vh = torch.linalg.svd(weight.double() @ white.s, full_matrices=False)
-    return u, sigma, vh @ white.s_inv
+    spectrum = WhitenedSpectrum.of(weight, gram, percdamp, name, prefer)
+    return spectrum.u, spectrum.sigma, spectrum.vh @ spectrum.white.s_inv
 
 
 @register_compressor

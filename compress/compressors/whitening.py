@@ -59,3 +59,24 @@ def whiten(
     floor = max(top * 1e-10, 1e-30)
     root = evals.clamp_min(floor).sqrt()
     return Whitening(evecs * root, (evecs / root).T, "eigh", damping)
+
+
+@dataclass
+class WhitenedSpectrum:
+    """A layer's whitened weight A = W·S and its SVD (float64): whitened SVD truncates it, ROCKET and
+    CoSpaDi sparsify it; one per layer serves every ratio."""
+
+    a: torch.Tensor
+    white: Whitening
+    u: torch.Tensor
+    sigma: torch.Tensor
+    vh: torch.Tensor
+
+    @classmethod
+    def of(
+        cls, weight: torch.Tensor, gram: torch.Tensor, percdamp: float, name: str = "layer", prefer: str = "cholesky"
+    ) -> "WhitenedSpectrum":
+        white = whiten(gram, percdamp, name, prefer=prefer)
+        a = weight.double() @ white.s
+        u, sigma, vh = torch.linalg.svd(a, full_matrices=False)
+        return cls(a, white, u, sigma, vh)
