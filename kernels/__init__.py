@@ -75,3 +75,23 @@ def select(fmt: str, module: torch.nn.Module, x: torch.Tensor) -> Kernel:
 
 def dispatch(fmt: str, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return select(fmt, module, x).fn(module, x)
+
+
+def _register_triton_kernels() -> None:
+    """The Triton kernel of each format, preferred to its PyTorch reference where it fits."""
+    from .bitmap_matmul import sparse_forward_triton, sparse_refusal
+    from .ell_matmul import dict_forward_triton, dict_refusal
+    from .gqsa_matmul import gqsa_forward_triton, gqsa_refusal
+    from .lowrank_matmul import eora_forward_triton, eora_refusal, lowrank_forward_triton, lowrank_refusal
+
+    for fmt, name, fn, supports in (
+        ("lowrank", "triton_lowrank", lowrank_forward_triton, lowrank_refusal),
+        ("eora", "triton_eora", eora_forward_triton, eora_refusal),
+        ("dict", "triton_dict", dict_forward_triton, dict_refusal),
+        ("gqsa", "triton_gqsa", gqsa_forward_triton, gqsa_refusal),
+        ("sparse_bitmap", "triton_bitmap", sparse_forward_triton, sparse_refusal),
+    ):
+        register_kernel(fmt, name, fn, priority=10, supports=supports, backend="triton")
+
+
+_register_triton_kernels()

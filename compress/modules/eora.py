@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import kernels
 from .base import CompressedLinear, build_module, register_format
 
 
@@ -29,7 +30,7 @@ class EoRALinear(CompressedLinear):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + nn.functional.linear(nn.functional.linear(x, self.down), self.up)
+        return kernels.dispatch("eora", self, x)
 
     def to_dense(self) -> torch.Tensor:
         return self.base.to_dense() + self.up @ self.down
@@ -46,3 +47,10 @@ class EoRALinear(CompressedLinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", rank={self.rank}"
+
+
+def eora_forward_torch(module: EoRALinear, x: torch.Tensor) -> torch.Tensor:
+    return module.base(x) + nn.functional.linear(nn.functional.linear(x, module.down), module.up)
+
+
+kernels.register_kernel("eora", "torch", eora_forward_torch, priority=0)

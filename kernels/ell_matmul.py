@@ -1,0 +1,92 @@
+"""Dictionary GEMM for DictLinear: y = (x·Dᵀ)·Cᵀ + b with C in an ELL layout, never forming D·C.
+
+Two launches: the dense dictionary product h = x·Dᵀ (k atoms, a skinny GEMM with split-K), then
+the ELL product y[n, r] = Σ_j C_val[r, j]·h[n, C_idx[r, j]]: every output row has the same
+number s of coefficients, so a tile of rows does equal work; each row gathers its s entries of the
+(tokens × k) activation h, which is small and stays in L1/L2. Bytes read: k·in dictionary values
+plus out·s (value + index), against out·in for the dense weight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .runtime import check_launch, interpreting, launch_refusal, next_pow2
+from .skinny_matmul import skinny_matmul
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _ell_kernel(
+        h_ptr, v_ptr, i_ptr, b_ptr, y_ptr,
+        M, N, S, stride_hn, stride_yn,
+        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):  # fmt: skip
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = rm < M
+        n_ok = rn < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s0 in range(0, S, BLOCK_S):
+            rs = s0 + tl.arange(0, BLOCK_S)
+            ok = m_ok[:, None] & (rs[None, :] < S)
+            slot = rm[:, None] * S + rs[None, :]
+            atom = tl.load(i_ptr + slot, mask=ok, other=0).to(tl.int32)
+            value = tl.load(v_ptr + slot, mask=ok, other=0.0).to(tl.float32)
+            h = tl.load(h_ptr + rn[None, None, :] * stride_hn + atom[:, :, None], mask=ok[:, :, None] & n_ok[None, None, :], other=0.0)
+            acc += tl.sum(value[:, :, None] * h.to(tl.float32), axis=1)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rm, mask=m_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + rn[None, :] * stride_yn + rm[:, None], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def ell_matmul(h: torch.Tensor, values: torch.Tensor, index: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y[..., r] = Σ_j values[r, j]·h[..., index[r, j]] + bias; h (..., k), values/index (M, s)."""
+    if triton is None:
+        raise RuntimeError("triton is not installed; pip install triton")
+    check_launch(h, values, index)
+    if values.shape != index.shape or values.dim() != 2:
+        raise ValueError(f"values {tuple(values.shape)} and index {tuple(index.shape)} must be the same (out, s) shape")
+    if not (values.is_contiguous() and index.is_contiguous()):
+        raise ValueError("values and index must be contiguous")
+    if index.dtype.is_floating_point:
+        raise ValueError(f"index must be an integer tensor, got {index.dtype}")
+    m, s = values.shape
+    k = h.shape[-1]
+    h2 = h.reshape(-1, k)
+    if h2.stride(-1) != 1:
+        h2 = h2.contiguous()
+    n = h2.shape[0]
+    out = torch.empty(*h.shape[:-1], m, dtype=h.dtype, device=h.device)
+    if n == 0:
+        return out
+    block_m = 16 if interpreting() else 64
+    block_n = min(16, next_pow2(n))
+    block_s = min(16, next_pow2(s))
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _ell_kernel[grid](
+        h2, values, index, bias if bias is not None else values, out, m, n, s, h2.stride(0), m,
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=block_s, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def dict_matmul(x, atoms, values, index, bias=None) -> torch.Tensor:
+    """y = x·(C·D)ᵀ + bias with D = atoms (k × in) and C given as ELL values/index (out × s)."""
+    return ell_matmul(skinny_matmul(x, atoms), values, index, bias)
+
+
+def dict_refusal(module, x: torch.Tensor) -> str | None:
+    return launch_refusal(x, module.dictionary(), module.coef_values)
+
+
+def dict_forward_triton(module, x: torch.Tensor) -> torch.Tensor:
+    return dict_matmul(x, module.dictionary(), module.coef_values, module.coef_index, module.bias)

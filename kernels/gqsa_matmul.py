@@ -1,0 +1,117 @@
+"""GQSA W4 group-sparse GEMM: y = x·Ŵᵀ + b with Ŵ stored as GQSALinear's ELL of INT4 groups.
+
+Every output row keeps the same number of groups of g input columns; per kept group the kernel
+reads its column-group index, g/2 bytes of packed 4-bit codes, a scale and a zero point, and
+dequantizes on chip: Ŵ[r, G] = (q − zero)·scale. With all groups kept (group_index = 0..K/g−1)
+this is plain W4 group quantization (GPTQ-style storage), so one kernel serves both.
+
+Rows of a tile keep different groups, so each row gathers its own activation columns: the inner
+product runs on CUDA cores as a broadcast multiply and sum over the group (decode is memory-bound:
+about 0.56 + 4/g bytes per kept weight at fp16 scales, against 2 for dense fp16). The zero point
+is applied once per group: Σ (q − z)·x = Σ q·x − z·Σ x.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .runtime import check_launch, interpreting, launch_refusal, next_pow2
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _gqsa_kernel(
+        x_ptr, q_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr,
+        M, N, KEPT, stride_xn, stride_yn,
+        HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        HALF: tl.constexpr = GROUP // 2
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = rm < M
+        n_ok = rn < N
+        half = tl.arange(0, HALF)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for j in range(0, KEPT):
+            slot = rm * KEPT + j
+            group = tl.load(g_ptr + slot, mask=m_ok, other=0).to(tl.int32)
+            scale = tl.load(s_ptr + slot, mask=m_ok, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + slot, mask=m_ok, other=0).to(tl.float32)
+            packed = tl.load(q_ptr + slot[:, None] * HALF + half[None, :], mask=m_ok[:, None], other=0)
+            low = (packed & 0xF).to(tl.float32)
+            high = (packed >> 4).to(tl.float32)
+            col = group[:, None] * GROUP + 2 * half[None, :]  # (BLOCK_M, HALF), even columns
+            x_off = rn[None, None, :] * stride_xn + col[:, :, None]
+            x_mask = m_ok[:, None, None] & n_ok[None, None, :]
+            x_even = tl.load(x_ptr + x_off, mask=x_mask, other=0.0).to(tl.float32)
+            x_odd = tl.load(x_ptr + x_off + 1, mask=x_mask, other=0.0).to(tl.float32)
+            dot = tl.sum(low[:, :, None] * x_even + high[:, :, None] * x_odd, axis=1)
+            x_sum = tl.sum(x_even + x_odd, axis=1)
+            acc += scale[:, None] * (dot - zero[:, None] * x_sum)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rm, mask=m_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + rn[None, :] * stride_yn + rm[:, None], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def gqsa_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_index: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x·Ŵᵀ + bias for GQSALinear's storage: qweight (M, kept, g/2) uint8, scales (M, kept),
+    zeros (M, kept) uint8, group_index (M, kept) integer; x (..., K) -> (..., M)."""
+    if triton is None:
+        raise RuntimeError("triton is not installed; pip install triton")
+    check_launch(x, qweight, scales, zeros, group_index)
+    m, kept, half = qweight.shape
+    group = 2 * half
+    if group & (group - 1) or group < 2:
+        raise ValueError(f"the kernel needs a power-of-two group size, got {group}")
+    if scales.shape != (m, kept) or zeros.shape != (m, kept) or group_index.shape != (m, kept):
+        raise ValueError("scales, zeros and group_index must all be (out_features, groups_per_row)")
+    if qweight.dtype != torch.uint8 or zeros.dtype != torch.uint8:
+        raise ValueError("qweight and zeros must be uint8 (packed INT4 codes, zero points)")
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("group_index", group_index)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    k = x.shape[-1]
+    if k % group:
+        raise ValueError(f"x has {k} features, not a multiple of the group size {group}")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    n = x2.shape[0]
+    out = torch.empty(*x.shape[:-1], m, dtype=x.dtype, device=x.device)
+    if n == 0:
+        return out
+    block_m = 16 if interpreting() else 64
+    block_n = min(16, next_pow2(n))
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _gqsa_kernel[grid](
+        x2, qweight, scales, zeros, group_index, bias if bias is not None else scales, out,
+        m, n, kept, x2.stride(0), m,
+        HAS_BIAS=bias is not None, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def gqsa_refusal(module, x: torch.Tensor) -> str | None:
+    why = launch_refusal(x, module.qweight, module.scales)
+    if why is None and module.group_size & (module.group_size - 1):
+        why = f"group size {module.group_size} is not a power of two"
+    return why
+
+
+def gqsa_forward_triton(module, x: torch.Tensor) -> torch.Tensor:
+    return gqsa_matmul(x, module.qweight, module.scales, module.zeros, module.group_index, module.bias)

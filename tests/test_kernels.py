@@ -1,0 +1,153 @@
+"""Triton kernels against their PyTorch references.
+
+Without a GPU these run in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1) on small
+shapes: they check indexing, masking, split-K and packing, not speed (eval/bench_kernels.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compress import kernels
+from compress.kernels.bitmap_matmul import bitmap_matmul, split_offsets
+from compress.kernels.ell_matmul import ell_matmul
+from compress.kernels.gqsa_matmul import gqsa_matmul
+from compress.kernels.runtime import interpreting
+from compress.kernels.skinny_matmul import skinny_matmul, skinny_matmul_reference
+from compress.modules import DictLinear, EoRALinear, GQSALinear, LowRankLinear, SparseLinear, pack_mask
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    DEVICE == "cpu" and not interpreting(), reason="no GPU and TRITON_INTERPRET is not set"
+)
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(y).all(), "output has non-finite (unwritten?) elements"
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k,split_k", [(40, 3, 70, 1), (64, 17, 130, 2), (33, 1, 200, 3)])
+def test_skinny_matmul(dtype, m, n, k, split_k):
+    x = torch.randn(2, n, k, device=DEVICE).to(dtype)
+    w = torch.randn(m, k, device=DEVICE).to(dtype)
+    b = torch.randn(m, device=DEVICE).to(dtype)
+    y = skinny_matmul(x, w, b, split_k=split_k)
+    assert y.shape == (2, n, m) and y.dtype == dtype
+    assert rel_err(y, skinny_matmul_reference(x, w, b)) < TOLERANCE[dtype]
+    base = torch.randn(2, n, m, device=DEVICE).to(dtype)
+    out = base.clone()
+    skinny_matmul(x, w, out=out, accumulate=True, split_k=split_k)
+    assert rel_err(out, base.double() + skinny_matmul_reference(x, w)) < TOLERANCE[dtype]
+    poisoned = torch.full((2, n, m), float("nan"), device=DEVICE, dtype=dtype)
+    skinny_matmul(x, w, out=poisoned, split_k=split_k)
+    assert rel_err(poisoned, skinny_matmul_reference(x, w)) < TOLERANCE[dtype]
+
+
+def test_launchers_explain_bad_input():
+    x = torch.randn(3, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="features"):
+        skinny_matmul(x, torch.randn(8, 12, device=DEVICE))
+    with pytest.raises(ValueError, match="accumulate"):
+        skinny_matmul(x, torch.randn(8, 16, device=DEVICE), accumulate=True)
+    with pytest.raises(ValueError, match="dtype"):
+        skinny_matmul(x.to(torch.int32), torch.randn(8, 16, device=DEVICE))
+    with pytest.raises(ValueError, match="bitmap"):
+        bitmap_matmul(x, torch.randn(10, device=DEVICE), torch.zeros(8, 3, dtype=torch.uint8, device=DEVICE), 8)
+    with pytest.raises(ValueError, match="same"):
+        ell_matmul(x, torch.randn(8, 3, device=DEVICE), torch.zeros(8, 2, dtype=torch.uint8, device=DEVICE))
+    q = torch.zeros(8, 2, 4, dtype=torch.uint8, device=DEVICE)
+    z = torch.zeros(8, 2, dtype=torch.uint8, device=DEVICE)
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        gqsa_matmul(torch.randn(3, 20, device=DEVICE), q, torch.ones(8, 2, device=DEVICE), z, z)
+
+
+def test_split_offsets_match_a_count():
+    mask = torch.rand(7, 45) < 0.4
+    bitmap = pack_mask(mask)
+    offsets = split_offsets(bitmap, 16)
+    per_row = mask.sum(1)
+    for r in range(7):
+        for s in range(offsets.shape[1]):
+            assert offsets[r, s] == per_row[:r].sum() + mask[r, : 16 * s].sum()
+
+
+def _random_sparse(m: int, k: int, sparsity: float, dtype, pattern: str = "unstructured") -> SparseLinear:
+    w = torch.randn(m, k)
+    if pattern == "2:4":
+        keep = w.abs().view(m, -1, 4).topk(2, dim=-1).indices
+        mask = torch.zeros(m, k // 4, 4, dtype=torch.bool).scatter_(-1, keep, True).view(m, k)
+    else:
+        mask = torch.rand(m, k) >= sparsity
+        mask[3] = False  # a dead row
+    return SparseLinear.from_dense(w.to(dtype), mask, torch.randn(m).to(dtype), pattern=pattern).to(DEVICE)
+
+
+def _random_gqsa(m: int, k: int, group: int, kept: int, dtype) -> GQSALinear:
+    codes = torch.randint(0, 16, (m, kept, group))
+    index = torch.stack([torch.randperm(k // group)[:kept].sort().values for _ in range(m)])
+    scales = (torch.rand(m, kept) * 0.1 + 0.01).to(dtype)
+    zeros = torch.randint(0, 16, (m, kept))
+    return GQSALinear.from_codes(codes, scales, zeros, index, k, torch.randn(m).to(dtype)).to(DEVICE)
+
+
+def _random_dict(m: int, k: int, atoms: int, s: int, dtype) -> DictLinear:
+    index = torch.stack([torch.randperm(atoms)[:s] for _ in range(m)])
+    return DictLinear.from_factors(
+        torch.randn(atoms, k).to(dtype), torch.randn(m, s).to(dtype), index, None
+    ).to(DEVICE)
+
+
+def _modules(dtype):
+    lowrank = LowRankLinear.from_factors(torch.randn(48, 8).to(dtype), torch.randn(8, 72).to(dtype), torch.randn(48).to(dtype))
+    sparse_base = _random_sparse(48, 72, 0.5, dtype)
+    eora = EoRALinear.from_factors(sparse_base, torch.randn(48, 4).to(dtype).to(DEVICE), torch.randn(4, 72).to(dtype).to(DEVICE))
+    return {
+        "lowrank": lowrank.to(DEVICE),
+        "sparse 50%": _random_sparse(48, 72, 0.5, dtype),
+        "sparse 90%": _random_sparse(40, 131, 0.9, dtype),
+        "sparse 2:4": _random_sparse(48, 64, 0.5, dtype, "2:4"),
+        "gqsa W4S50 g16": _random_gqsa(40, 96, 16, 3, dtype),
+        "gqsa W4 g8 dense": _random_gqsa(24, 64, 8, 8, dtype),
+        "dict k=300 (int16 index)": _random_dict(36, 64, 300, 5, dtype),
+        "dict k=20": _random_dict(36, 64, 20, 20, dtype),
+        "eora over sparse": eora,
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 5, 19])
+def test_modules_match_between_torch_and_triton(monkeypatch, dtype, tokens):
+    for name, module in _modules(dtype).items():
+        x = torch.randn(tokens, module.in_features, device=DEVICE).to(dtype)
+        monkeypatch.setenv("LLMPRESS_KERNEL", "torch")
+        reference = module(x)
+        bias = module.base.bias if isinstance(module, EoRALinear) else module.bias  # EoRA keeps the bias in its base
+        dense = torch.nn.functional.linear(x.double(), module.to_dense().double(), None if bias is None else bias.double())
+        monkeypatch.setenv("LLMPRESS_KERNEL", "triton")
+        assert kernels.select(module.format, module, x).backend == "triton", name
+        y = module(x)
+        assert y.shape == reference.shape and y.dtype == dtype, name
+        assert rel_err(y, dense) < TOLERANCE[dtype], f"{name}: {rel_err(y, dense):.2e}"
+        assert rel_err(y, reference) < 2 * TOLERANCE[dtype] + 1e-6, name
+
+
+@pytest.mark.parametrize("split_k", [1, 2, 5])
+def test_bitmap_split_k(split_k):
+    module = _random_sparse(33, 150, 0.7, torch.float32)
+    x = torch.randn(4, 150, device=DEVICE)
+    y = bitmap_matmul(x, module.values, module.bitmap, module.out_features, module.bias, split_k=split_k)
+    assert rel_err(y, torch.nn.functional.linear(x.double(), module.to_dense().double(), module.bias.double())) < 1e-5
+
+
+def test_auto_never_picks_the_interpreter(monkeypatch):
+    module = LowRankLinear.from_factors(torch.randn(16, 4), torch.randn(4, 16), None)
+    x = torch.randn(2, 16)
+    monkeypatch.setenv("LLMPRESS_KERNEL", "auto")
+    assert kernels.select("lowrank", module, x).backend == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("LLMPRESS_KERNEL", "triton")
+    with pytest.raises(RuntimeError, match="need a CUDA device"):
+        module(x)
