@@ -83,6 +83,7 @@ def _register_triton_kernels() -> None:
     from .ell_matmul import dict_forward_triton, dict_refusal
     from .gqsa_matmul import gqsa_forward_triton, gqsa_refusal
     from .lowrank_matmul import eora_forward_triton, eora_refusal, lowrank_forward_triton, lowrank_refusal
+    from .tile_sparse_matmul import tile_sparse_forward_triton, tile_sparse_refusal
 
     for fmt, name, fn, supports in (
         ("lowrank", "triton_lowrank", lowrank_forward_triton, lowrank_refusal),
@@ -90,6 +91,7 @@ def _register_triton_kernels() -> None:
         ("dict", "triton_dict", dict_forward_triton, dict_refusal),
         ("gqsa", "triton_gqsa", gqsa_forward_triton, gqsa_refusal),
         ("sparse_bitmap", "triton_bitmap", sparse_forward_triton, sparse_refusal),
+        ("tile_sparse", "triton_tile_sparse", tile_sparse_forward_triton, tile_sparse_refusal),
     ):
         register_kernel(fmt, name, fn, priority=10, supports=supports, backend="triton")
 

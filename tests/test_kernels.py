@@ -14,7 +14,9 @@ from compress.kernels.ell_matmul import ell_matmul
 from compress.kernels.gqsa_matmul import gqsa_matmul
 from compress.kernels.runtime import interpreting
 from compress.kernels.skinny_matmul import skinny_matmul, skinny_matmul_reference
-from compress.modules import DictLinear, EoRALinear, GQSALinear, LowRankLinear, SparseLinear, pack_mask
+from compress.compressors.masks import tile_mask
+from compress.kernels.tile_sparse_matmul import tile_sparse_matmul
+from compress.modules import DictLinear, EoRALinear, GQSALinear, LowRankLinear, SparseLinear, TileSparseLinear, pack_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
@@ -100,6 +102,12 @@ def _random_dict(m: int, k: int, atoms: int, s: int, dtype) -> DictLinear:
     ).to(DEVICE)
 
 
+def _random_tile_sparse(m: int, k: int, tile_rows: int, tile_cols: int, keep: int, dtype) -> TileSparseLinear:
+    w = torch.randn(m, k)
+    mask = tile_mask(torch.rand(m, k), tile_rows, tile_cols, keep)
+    return TileSparseLinear.from_dense(w.to(dtype), mask, torch.randn(m).to(dtype), tile_rows, tile_cols).to(DEVICE)
+
+
 def _modules(dtype):
     lowrank = LowRankLinear.from_factors(torch.randn(48, 8).to(dtype), torch.randn(8, 72).to(dtype), torch.randn(48).to(dtype))
     sparse_base = _random_sparse(48, 72, 0.5, dtype)
@@ -114,6 +122,9 @@ def _modules(dtype):
         "dict k=300 (int16 index)": _random_dict(36, 64, 300, 5, dtype),
         "dict k=20": _random_dict(36, 64, 20, 20, dtype),
         "eora over sparse": eora,
+        "tile 50% 16x32": _random_tile_sparse(48, 96, 16, 32, 16, dtype),
+        "tile 75% 32x64 (keep 16)": _random_tile_sparse(64, 128, 32, 64, 16, dtype),
+        "tile keep 5 of 24": _random_tile_sparse(32, 72, 16, 24, 5, dtype),
     }
 
 
@@ -151,3 +162,11 @@ def test_auto_never_picks_the_interpreter(monkeypatch):
     monkeypatch.setenv("LLMPRESS_KERNEL", "triton")
     with pytest.raises(RuntimeError, match="need a CUDA device"):
         module(x)
+
+
+@pytest.mark.parametrize("split_k", [1, 2, 3])
+def test_tile_sparse_split_k(split_k):
+    module = _random_tile_sparse(32, 160, 16, 32, 12, torch.float32)
+    x = torch.randn(3, 160, device=DEVICE)
+    y = tile_sparse_matmul(x, module.values, module.col_index, module.bias, split_k=split_k)
+    assert rel_err(y, torch.nn.functional.linear(x.double(), module.to_dense().double(), module.bias.double())) < 1e-5

@@ -12,9 +12,10 @@ from compress.modules import FORMATS, CompressedLinear
 from compress.report import compressed_modules
 from conftest import tiny_model
 
-RECIPE = {  # one stage per format: gqsa, dict (one layer each), lowrank (attention), sparse_bitmap (mlp), eora in block 1
+RECIPE = {  # one stage per format: gqsa, dict, tile_sparse (one layer each), lowrank (attention), sparse_bitmap (mlp), eora in block 1
     "calibration": {"num_samples": 3, "seq_len": 32},
     "stages": [
+        {"method": "sparsegpt", "ratio": 0.5, "pattern": "tile", "tile_rows": 16, "tile_cols": 32, "targets": ["model.layers.0.self_attn.o_proj"]},
         {"method": "gqsa", "ratio": 0.5, "group_size": 16, "targets": ["model.layers.0.mlp.down_proj"]},
         {"method": "rocket", "ratio": 0.3, "targets": ["model.layers.0.mlp.up_proj"]},
         {"method": "whitened_svd", "ratio": 0.4, "targets": ["re:.*self_attn\\..*"]},
@@ -38,7 +39,7 @@ def checkpoint(tmp_path_factory, tokenizer):
 def test_every_format_round_trips_through_from_pretrained(checkpoint):
     model, out = checkpoint
     formats = {m.format for m in compressed_modules(model).values()}
-    assert formats == set(FORMATS) == {"gqsa", "dict", "lowrank", "sparse_bitmap", "eora"}
+    assert formats == set(FORMATS) == {"gqsa", "dict", "lowrank", "sparse_bitmap", "eora", "tile_sparse"}
     ids = torch.randint(0, 300, (2, 16))
     auto = AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(auto(input_ids=ids).logits, model(input_ids=ids).logits)

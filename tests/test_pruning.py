@@ -8,7 +8,7 @@ from compress.compressors import COMPRESSORS, LayerStats, MagnitudeConfig, Spars
 from compress.compressors.masks import row_mask
 from compress.compressors.sparsegpt import inverse_hessian_factor, sparsegpt_prune
 from compress.errors import LlmpressError
-from compress.modules import SparseLinear
+from compress.modules import SparseLinear, TileSparseLinear
 from compress.pipeline import relative_errors
 from conftest import tiny_model
 
@@ -39,6 +39,31 @@ def test_obs_beats_wanda_beats_magnitude(pattern, ratio):
             assert (mask.view(32, -1, m).sum(-1) <= n).all()
         errors[method] = relative_errors(W, dense, stats["gram"])[1]
     assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"]
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.75])
+def test_tile_pattern_sits_between_unstructured_and_magnitude(ratio):
+    """Tile-structured OBS: every 8-row x 16-column tile keeps one column set, the module stores it
+    compactly, OBS beats magnitude and Wanda at the same pattern, and loses (a little) to
+    unstructured OBS, which has the most freedom."""
+    W, stats = _problem()
+    errors = {}
+    for method, cls in [("magnitude", MagnitudeConfig), ("wanda", WandaConfig), ("sparsegpt", SparseGPTConfig)]:
+        extra = {"blocksize": 32} if method == "sparsegpt" else {}
+        config = cls(ratio=ratio, pattern="tile", tile_rows=8, tile_cols=16, **extra)
+        module = COMPRESSORS[method]().compress(W, None, stats, config)
+        assert isinstance(module, TileSparseLinear) and module.keep == round(16 * (1 - ratio))
+        mask = module.to_dense() != 0
+        tiles = mask.view(4, 8, 4, 16)
+        assert (tiles == tiles[:, :1]).all() and (tiles[:, 0].sum(-1) == module.keep).all()
+        errors[method] = relative_errors(W, module.to_dense(), stats["gram"])[1]
+    unstructured = COMPRESSORS["sparsegpt"]().compress(W, None, stats, SparseGPTConfig(ratio=ratio, blocksize=32))
+    free = relative_errors(W, unstructured.to_dense(), stats["gram"])[1]
+    assert free < errors["sparsegpt"] < errors["wanda"] < errors["magnitude"]
+    with pytest.raises(ValueError, match="tiles"):
+        COMPRESSORS["sparsegpt"]().compress(W[:, :60], None, LayerStats({"gram": stats["gram"][:60, :60]}), config)
+    with pytest.raises(ValueError, match="keeps no column"):
+        SparseGPTConfig(ratio=0.99, pattern="tile", tile_cols=16)
 
 
 def test_sparsegpt_updates_kept_weights_and_handles_dead_inputs():

@@ -6,9 +6,9 @@ of M consecutive input weights of a row keep the N largest.
 
 from __future__ import annotations
 
-from ..modules import SparseLinear
+from ..modules import CompressedLinear
 from .base import Compressor, LayerStats, register_compressor
-from .masks import PruningConfig, nm_mask, pruning_mask, unstructured_mask
+from .masks import PruningConfig, nm_mask, pruned_module, pruning_mask, unstructured_mask
 
 __all__ = ["MagnitudeCompressor", "MagnitudeConfig", "nm_mask", "unstructured_mask"]
 
@@ -23,6 +23,6 @@ class MagnitudeCompressor(Compressor):
     config_class = MagnitudeConfig
     level_field = "ratio"
 
-    def compress(self, weight, bias, stats: LayerStats, config: MagnitudeConfig, base=None) -> SparseLinear:
+    def compress(self, weight, bias, stats: LayerStats, config: MagnitudeConfig, base=None) -> CompressedLinear:
         mask = pruning_mask(weight.abs().float(), config)
-        return SparseLinear.from_dense(weight, mask, bias, pattern=config.pattern)
+        return pruned_module(weight, mask, bias, config)

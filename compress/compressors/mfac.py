@@ -71,6 +71,8 @@ def mfac_prune(weight: torch.Tensor, grads: torch.Tensor, config: MFACConfig) ->
     rows, cols = weight.shape
     if grads.shape[1] != weight.numel():
         raise ValueError(f"gradients have {grads.shape[1]} entries per sample, the weight has {weight.numel()}")
+    if config.pattern == "tile":
+        raise ValueError("mfac does not choose tile-structured masks; use sparsegpt, wanda or magnitude for pattern 'tile'")
     inverse = BlockFisherInverse(grads, config.block_size, config.damp)
     diag = inverse.diag().clamp_min(1e-30)
     w = weight.double().reshape(-1).clone()

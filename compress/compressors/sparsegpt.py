@@ -5,8 +5,10 @@ are processed left to right; removing weight w_q with inverse-Hessian diagonal d
 w_q²/d_q² in the Cholesky form, and the remaining columns of the row absorb its error:
 W[:, q:] -= (w_q/d_q)·U[q, q:] with U the upper Cholesky factor of H⁻¹. The work is done in
 column blocks of `blocksize` with lazy updates of the columns to the right. The mask is chosen
-per block (unstructured: the lowest saliencies of the block; N:M: per group of M columns)
-from the weights as updated so far, so later choices see earlier compensation.
+per block (unstructured: the lowest saliencies of the block; N:M: per group of M columns; tile:
+per tile, the columns with the lowest saliency summed over the tile's rows, an OBS group score
+for removing one column from all rows of the block) from the weights as updated so far, so later
+choices see earlier compensation.
 
 Numerics: float32 on the working weight, damping λ = percdamp·mean(diag H), dead inputs (zero
 diagonal) get H_ii = 1 and their weights zeroed; if the Cholesky factorization fails the
@@ -21,9 +23,9 @@ import torch
 from pydantic import Field
 
 from ..errors import LlmpressError
-from ..modules import SparseLinear
+from ..modules import CompressedLinear
 from .base import Compressor, LayerStats, register_compressor
-from .masks import PruningConfig
+from .masks import PruningConfig, pruned_module, tile_mask
 
 
 class SparseGPTConfig(PruningConfig):
@@ -96,12 +98,21 @@ def sparsegpt_prune(
         raise ValueError(f"N:M pruning needs in_features divisible by M={nm[1]}, got {cols}")
     if nm is not None and config.blocksize % nm[1]:
         raise ValueError(f"blocksize {config.blocksize} must be a multiple of M={nm[1]}")
+    tile = config.pattern == "tile"
+    if tile:
+        config.check_tile_shape(rows, cols)
+        if config.blocksize % config.tile_cols:
+            raise ValueError(f"blocksize {config.blocksize} must be a multiple of tile_cols={config.tile_cols}")
     keep = torch.ones(rows, cols, dtype=torch.bool, device=weight.device)
     diag = u.diagonal()
 
     def rule(j: int, block: torch.Tensor, i: int) -> torch.Tensor:
         start = j - i
-        if nm is None and i == 0:  # unstructured: the block's lowest saliencies, across all rows
+        if tile and j % config.tile_cols == 0:  # tile: one column set per row block, by group saliency
+            width = config.tile_cols
+            saliency = block[:, i : i + width].square() / diag[j : j + width].square()[None, :]
+            keep[:, j : j + width] = tile_mask(saliency, config.tile_rows, width, config.tile_keep)
+        if nm is None and not tile and i == 0:  # unstructured: the block's lowest saliencies, across all rows
             saliency = block.square() / diag[start : start + block.shape[1]].square()[None, :]
             count = int(round(config.ratio * saliency.numel()))
             if count:
@@ -118,7 +129,8 @@ def sparsegpt_prune(
     w = weight.float().clone()
     w[:, dead] = 0.0
     pruned = obs_sweep(w, u, config.blocksize, rule)
-    keep &= ~dead[None, :].to(keep.device)
+    if not tile:  # a dead input's weights are zero; the tile format keeps its fixed column count
+        keep &= ~dead[None, :].to(keep.device)
     return pruned, keep
 
 
@@ -129,6 +141,6 @@ class SparseGPTCompressor(Compressor):
     needs = ("gram",)
     level_field = "ratio"
 
-    def compress(self, weight, bias, stats: LayerStats, config: SparseGPTConfig, base=None) -> SparseLinear:
+    def compress(self, weight, bias, stats: LayerStats, config: SparseGPTConfig, base=None) -> CompressedLinear:
         pruned, keep = sparsegpt_prune(weight, stats["gram"], config)
-        return SparseLinear.from_dense(pruned.to(weight.dtype), keep, bias, pattern=config.pattern)
+        return pruned_module(pruned.to(weight.dtype), keep, bias, config)

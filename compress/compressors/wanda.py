@@ -7,9 +7,9 @@ when small. No weight update. Needs only per-channel norms, not the Gram.
 
 from __future__ import annotations
 
-from ..modules import SparseLinear
+from ..modules import CompressedLinear
 from .base import Compressor, LayerStats, register_compressor
-from .masks import PruningConfig, pruning_mask
+from .masks import PruningConfig, pruned_module, pruning_mask
 
 
 class WandaConfig(PruningConfig):
@@ -28,6 +28,6 @@ class WandaCompressor(Compressor):
     needs = ("channel_norm_sq",)
     level_field = "ratio"
 
-    def compress(self, weight, bias, stats: LayerStats, config: WandaConfig, base=None) -> SparseLinear:
+    def compress(self, weight, bias, stats: LayerStats, config: WandaConfig, base=None) -> CompressedLinear:
         mask = pruning_mask(wanda_scores(weight, stats["channel_norm_sq"]), config, per_row=True)
-        return SparseLinear.from_dense(weight, mask, bias, pattern=config.pattern)
+        return pruned_module(weight, mask, bias, config)

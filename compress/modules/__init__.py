@@ -6,6 +6,7 @@ from .eora import EoRALinear
 from .gqsa import GQSALinear
 from .lowrank import LowRankLinear
 from .sparse import SparseLinear, pack_mask, unpack_mask
+from .tile_sparse import TileSparseLinear
 
 __all__ = [
     "FORMATS",
@@ -15,6 +16,7 @@ __all__ = [
     "GQSALinear",
     "LowRankLinear",
     "SparseLinear",
+    "TileSparseLinear",
     "build_module",
     "pack_mask",
     "register_format",

@@ -1,0 +1,120 @@
+"""Tile-structured sparse GEMM for TileSparseLinear: Load-as-Sparse, Compute-as-Dense with the
+decode done per tile, not per element.
+
+In the format every tile of `tile_rows` output rows × `tile_cols` input columns keeps the same
+`keep` columns. A program owns one row block (BLOCK_M = tile_rows) and a range of K tiles
+(split-K); per tile it loads the `keep` column offsets (one byte each), gathers those activation
+columns (keep × tokens, from a small x that stays in cache), loads the compact, contiguous
+(tile_rows × keep) value tile and multiplies on tensor cores. The weight bytes read are the kept
+values plus 1/tile_rows byte per kept value, so the byte limit at sparsity s is about 1/(1−s).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .runtime import check_launch, dot_in_fp32, launch_refusal, next_pow2, num_sms
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _tile_sparse_kernel(
+        x_ptr, v_ptr, c_ptr, b_ptr, y_ptr,
+        M, N, TILES, TILES_PER_SPLIT, KEEP, stride_xn, stride_yn, stride_ys,
+        HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, TILE_COLS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KEEP: tl.constexpr,
+    ):  # fmt: skip
+        tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_KEEP >= 16, "tl.dot needs tiles of at least 16")
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        rows = tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        kk = tl.arange(0, BLOCK_KEEP)
+        k_ok = kk < KEEP
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        t_start = pid_k * TILES_PER_SPLIT
+        t_end = tl.minimum(t_start + TILES_PER_SPLIT, TILES)
+        for t in range(t_start, t_end):
+            tile = pid_m * TILES + t
+            cols = tl.load(c_ptr + tile * KEEP + kk, mask=k_ok, other=0).to(tl.int32) + t * TILE_COLS
+            x = tl.load(x_ptr + rn[None, :] * stride_xn + cols[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            w = tl.load(v_ptr + tile * (BLOCK_M * KEEP) + rows[:, None] * KEEP + kk[None, :], mask=k_ok[None, :], other=0.0)
+            if DOT_FP32:
+                acc += tl.dot(w.to(tl.float32), x.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(w.to(x.dtype), x)
+        rm = pid_m * BLOCK_M + rows
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rm).to(tl.float32)[:, None]
+        y_offsets = pid_k * stride_ys + rn[None, :] * stride_yn + rm[:, None]
+        tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & n_ok[None, :])
+
+
+def tile_sparse_matmul(
+    x: torch.Tensor, values: torch.Tensor, col_index: torch.Tensor, bias: torch.Tensor | None = None, split_k: int | None = None
+) -> torch.Tensor:
+    """y = x·Ŵᵀ + bias for TileSparseLinear storage: values (row_blocks, col_tiles, tile_rows, keep),
+    col_index (row_blocks, col_tiles, keep) uint8 offsets inside each tile; x (..., K) -> (..., M)."""
+    if triton is None:
+        raise RuntimeError("triton is not installed; pip install triton")
+    check_launch(x, values, col_index)
+    if values.dim() != 4 or col_index.shape != (values.shape[0], values.shape[1], values.shape[3]):
+        raise ValueError(f"values {tuple(values.shape)} and col_index {tuple(col_index.shape)} are not a tile-sparse pair")
+    if not (values.is_contiguous() and col_index.is_contiguous()):
+        raise ValueError("values and col_index must be contiguous")
+    row_blocks, tiles, tile_rows, keep = values.shape
+    if tile_rows < 16 or tile_rows & (tile_rows - 1):
+        raise ValueError(f"the kernel needs tile_rows to be a power of two >= 16, got {tile_rows}")
+    k = x.shape[-1]
+    if k % tiles:
+        raise ValueError(f"x has {k} features, not {tiles} tiles of equal width")
+    tile_cols = k // tiles
+    m = row_blocks * tile_rows
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    n = x2.shape[0]
+    out = torch.empty(*x.shape[:-1], m, dtype=x.dtype, device=x.device)
+    if n == 0:
+        return out
+    block_n = min(64, max(16, next_pow2(n)))
+    programs = row_blocks * triton.cdiv(n, block_n)
+    if split_k is None:
+        split_k = max(1, min(2 * num_sms(x.device) // programs, tiles // 2))
+    per_split = triton.cdiv(tiles, split_k)
+    split_k = triton.cdiv(tiles, per_split)
+    y2 = out.view(n, m)
+    single = split_k == 1
+    target = y2 if single else torch.empty(split_k, n, m, dtype=torch.float32, device=x.device)
+    grid = (row_blocks, triton.cdiv(n, block_n), split_k)
+    _tile_sparse_kernel[grid](
+        x2, values, col_index, bias if bias is not None else values, target,
+        m, n, tiles, per_split, keep, x2.stride(0), target.stride(-2), 0 if single else n * m,
+        HAS_BIAS=single and bias is not None, DOT_FP32=dot_in_fp32(x.dtype), TILE_COLS=tile_cols,
+        BLOCK_M=tile_rows, BLOCK_N=block_n, BLOCK_KEEP=max(16, next_pow2(keep)), num_warps=4, num_stages=4,
+    )  # fmt: skip
+    if not single:
+        total = target.sum(0)
+        if bias is not None:
+            total += bias.float()
+        y2.copy_(total)
+    return out
+
+
+def tile_sparse_refusal(module, x: torch.Tensor) -> str | None:
+    why = launch_refusal(x, module.values, module.col_index)
+    if why is None and (module.tile_rows < 16 or module.tile_rows & (module.tile_rows - 1)):
+        why = f"tile_rows {module.tile_rows} is not a power of two >= 16"
+    return why
+
+
+def tile_sparse_forward_triton(module, x: torch.Tensor) -> torch.Tensor:
+    return tile_sparse_matmul(x, module.values, module.col_index, module.bias)
