@@ -30,6 +30,17 @@ def pruning_rows(methods: list[str], ratios: list[float], patterns: list[str]) -
     return rows
 
 
+def tile_rows(methods: list[str], ratios: list[float], tile: tuple[int, int]) -> list[GridRow]:
+    """Tile-structured rows: every tile[0] output rows x tile[1] input columns keep one column set."""
+    rows = []
+    for m in methods:
+        config = COMPRESSORS[m].config_class
+        for r in ratios:
+            stage = config(method=m, ratio=r, pattern="tile", tile_rows=tile[0], tile_cols=tile[1])
+            rows.append(GridRow(f"{m}/tile{tile[0]}x{tile[1]}/{r:g}", m, "uniform", r, stage))
+    return rows
+
+
 def gqsa_rows(ratios: list[float], group_sizes: list[int]) -> list[GridRow]:
     config = COMPRESSORS["gqsa"].config_class
     return [
@@ -52,6 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.6, 0.7])
     parser.add_argument("--patterns", nargs="*", default=["2:4", "4:8"])
+    parser.add_argument("--tile-ratios", nargs="*", type=float, default=[0.5, 0.75], help="tile-structured sparsities")
+    parser.add_argument("--tile-methods", nargs="*", default=["sparsegpt"])
+    parser.add_argument("--tile", nargs=2, type=int, default=[64, 64], metavar=("ROWS", "COLS"))
     parser.add_argument("--gqsa-ratios", nargs="*", type=float, default=[0.0, 0.5])
     parser.add_argument("--gqsa-group-sizes", nargs="*", type=int, default=[16])
     parser.add_argument("--mfac-ratios", nargs="*", type=float, default=[])
@@ -59,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     bench = Bench(args)
-    bench.grid(pruning_rows(args.methods, args.ratios, args.patterns) + gqsa_rows(args.gqsa_ratios, args.gqsa_group_sizes))
+    rows = pruning_rows(args.methods, args.ratios, args.patterns) + tile_rows(args.tile_methods, args.tile_ratios, tuple(args.tile))
+    bench.grid(rows + gqsa_rows(args.gqsa_ratios, args.gqsa_group_sizes))
     mfac_rows(bench, args.mfac_ratios, args.mfac_grads)
     print(write_outputs(bench.out, bench.rows, title="SmolLM2-135M, pruning and GQSA (dense statistics)"))
     print(f"wrote {bench.out / 'results.json'}, results.md, ppl_vs_ratio.png")
