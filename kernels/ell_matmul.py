@@ -68,9 +68,10 @@ def ell_matmul(h: torch.Tensor, values: torch.Tensor, index: torch.Tensor, bias:
     out = torch.empty(*h.shape[:-1], m, dtype=h.dtype, device=h.device)
     if n == 0:
         return out
-    block_m = 16 if interpreting() else 64
     block_n = min(16, next_pow2(n))
     block_s = min(16, next_pow2(s))
+    # the (rows × s × tokens) gathered products live in registers: about 8K elements per program
+    block_m = 16 if interpreting() else max(16, min(64, 8192 // (block_s * block_n)))
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _ell_kernel[grid](
         h2, values, index, bias if bias is not None else values, out, m, n, s, h2.stride(0), m,

@@ -95,8 +95,9 @@ def gqsa_matmul(
     out = torch.empty(*x.shape[:-1], m, dtype=x.dtype, device=x.device)
     if n == 0:
         return out
-    block_m = 16 if interpreting() else 64
     block_n = min(16, next_pow2(n))
+    # the (rows × g/2 × tokens) products live in registers: keep them near 8K elements per program
+    block_m = 16 if interpreting() else max(16, min(64, 8192 // (half * block_n)))
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _gqsa_kernel[grid](
         x2, qweight, scales, zeros, group_index, bias if bias is not None else scales, out,
