@@ -82,7 +82,12 @@ def _register_triton_kernels() -> None:
     from .bitmap_matmul import sparse_forward_triton, sparse_refusal
     from .ell_matmul import dict_forward_triton, dict_refusal
     from .gqsa_matmul import gqsa_forward_triton, gqsa_refusal
-    from .lowrank_matmul import eora_forward_triton, eora_refusal, lowrank_forward_triton, lowrank_refusal
+    from .lowrank_matmul import (
+        eora_forward_triton,
+        eora_refusal,
+        lowrank_forward_triton,
+        lowrank_refusal,
+    )
     from .tile_sparse_matmul import tile_sparse_forward_triton, tile_sparse_refusal
 
     for fmt, name, fn, supports in (

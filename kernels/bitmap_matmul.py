@@ -17,13 +17,19 @@ from __future__ import annotations
 
 import torch
 
-from .runtime import check_launch, dot_in_fp32, interpreting, launch_refusal, next_pow2, num_sms
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
+from .runtime import (
+    SplitK,
+    check_launch,
+    dot_in_fp32,
+    flat_tokens,
+    interpreting,
+    launch_refusal,
+    next_pow2,
+    num_sms,
+    output_like,
+    tl,
+    triton,
+)
 
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
 
@@ -113,11 +119,9 @@ def bitmap_matmul(
     m = out_features
     if bitmap.dtype != torch.uint8 or bitmap.shape != (m, (k + 7) // 8) or not bitmap.is_contiguous():
         raise ValueError(f"bitmap must be a contiguous uint8 tensor of shape {(m, (k + 7) // 8)}, got {bitmap.dtype} {tuple(bitmap.shape)}")
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = flat_tokens(x)
     n = x2.shape[0]
-    out = torch.empty(*x.shape[:-1], m, dtype=x.dtype, device=x.device)
+    out = output_like(x, m)
     if n == 0:
         return out
     cfg = bitmap_config(m, n, k, x.device, split_k)
@@ -125,22 +129,16 @@ def bitmap_matmul(
         offsets = split_offsets(bitmap, cfg["k_per_split"])
     if offsets.shape != (m, cfg["split_k"]):
         raise ValueError(f"offsets {tuple(offsets.shape)} were computed for another split; expected {(m, cfg['split_k'])}")
-    y2 = out.view(n, m)
-    single = cfg["split_k"] == 1
-    target = y2 if single else torch.empty(cfg["split_k"], n, m, dtype=torch.float32, device=x.device)
+    split = SplitK(out.view(n, m), cfg["split_k"])
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), cfg["split_k"])
     _bitmap_kernel[grid](
-        x2, values, bitmap, offsets, bias if bias is not None else values, target,
+        x2, values, bitmap, offsets, bias if bias is not None else values, split.target,
         m, n, k, cfg["k_per_split"], cfg["split_k"], bitmap.shape[1],
-        x2.stride(0), target.stride(-2), 0 if single else n * m,
-        HAS_BIAS=single and bias is not None, DOT_FP32=dot_in_fp32(x.dtype),
+        x2.stride(0), split.target.stride(-2), split.split_stride,
+        HAS_BIAS=split.single and bias is not None, DOT_FP32=dot_in_fp32(x.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=4, num_stages=3,
     )  # fmt: skip
-    if not single:
-        total = target.sum(0)
-        if bias is not None:
-            total += bias.float()
-        y2.copy_(total)
+    split.finish(bias)
     return out
 
 

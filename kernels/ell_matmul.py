@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import torch
 
-from .runtime import check_launch, interpreting, launch_refusal, next_pow2
+from .runtime import (
+    check_launch,
+    flat_tokens,
+    interpreting,
+    launch_refusal,
+    next_pow2,
+    output_like,
+    tl,
+    triton,
+)
 from .skinny_matmul import skinny_matmul
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
 
 if triton is not None:
 
@@ -60,12 +63,9 @@ def ell_matmul(h: torch.Tensor, values: torch.Tensor, index: torch.Tensor, bias:
     if index.dtype.is_floating_point:
         raise ValueError(f"index must be an integer tensor, got {index.dtype}")
     m, s = values.shape
-    k = h.shape[-1]
-    h2 = h.reshape(-1, k)
-    if h2.stride(-1) != 1:
-        h2 = h2.contiguous()
+    h2 = flat_tokens(h)
     n = h2.shape[0]
-    out = torch.empty(*h.shape[:-1], m, dtype=h.dtype, device=h.device)
+    out = output_like(h, m)
     if n == 0:
         return out
     block_n = min(16, next_pow2(n))

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import torch
 
-from .runtime import check_launch, interpreting, launch_refusal, next_pow2
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
+from .runtime import (
+    check_launch,
+    flat_tokens,
+    interpreting,
+    launch_refusal,
+    next_pow2,
+    output_like,
+    tl,
+    triton,
+)
 
 if triton is not None:
 
@@ -88,11 +91,9 @@ def gqsa_matmul(
     k = x.shape[-1]
     if k % group:
         raise ValueError(f"x has {k} features, not a multiple of the group size {group}")
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = flat_tokens(x)
     n = x2.shape[0]
-    out = torch.empty(*x.shape[:-1], m, dtype=x.dtype, device=x.device)
+    out = output_like(x, m)
     if n == 0:
         return out
     block_n = min(16, next_pow2(n))

@@ -13,6 +13,12 @@ import os
 
 import torch
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a dependency on Linux; launchers then refuse
+    triton = tl = None
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -81,3 +87,32 @@ def flat_tokens(x: torch.Tensor) -> torch.Tensor:
     """(..., K) -> (N, K) with unit stride along K (the kernels read rows of K)."""
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def output_like(x: torch.Tensor, features: int) -> torch.Tensor:
+    """The (..., features) output of a layer applied to x, in x's dtype, not yet written."""
+    return torch.empty(*x.shape[:-1], features, dtype=x.dtype, device=x.device)
+
+
+class SplitK:
+    """Where a split-K launch writes: straight into y (N, M) when there is one split, else into an
+    fp32 workspace of per-split partial sums that `finish` reduces (deterministic, no atomics)."""
+
+    def __init__(self, y2: torch.Tensor, splits: int):
+        self.y2 = y2
+        self.single = splits == 1
+        n, m = y2.shape
+        self.target = y2 if self.single else torch.empty(splits, n, m, dtype=torch.float32, device=y2.device)
+        self.split_stride = 0 if self.single else n * m
+
+    def finish(self, bias: torch.Tensor | None, accumulate: bool = False) -> None:
+        """Sum the partials, add the bias (and y's old content when accumulating) and write y.
+        With one split the kernel has done all of this itself."""
+        if self.single:
+            return
+        total = self.target.sum(0)
+        if bias is not None:
+            total += bias.float()
+        if accumulate:
+            total += self.y2.float()
+        self.y2.copy_(total)

@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import torch
 
-from .runtime import check_launch, dot_in_fp32, interpreting, next_pow2, num_sms
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton is a dependency on Linux
-    triton = None
+from .runtime import (
+    SplitK,
+    check_launch,
+    dot_in_fp32,
+    flat_tokens,
+    interpreting,
+    next_pow2,
+    num_sms,
+    output_like,
+    tl,
+    triton,
+)
 
 if triton is not None:
 
@@ -98,39 +103,26 @@ def skinny_matmul(
         raise ValueError("the weight must have unit stride along its input dimension (call .contiguous())")
     if accumulate and out is None:
         raise ValueError("accumulate=True needs `out`, the tensor to add into")
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = flat_tokens(x)
     n = x2.shape[0]
     if out is None:
-        out = torch.empty(*x.shape[:-1], m, dtype=x.dtype, device=x.device)
+        out = output_like(x, m)
     elif out.shape != (*x.shape[:-1], m) or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous tensor of shape {(*x.shape[:-1], m)}, got {tuple(out.shape)}")
     if n == 0:
         return out
     cfg = skinny_config(m, n, k, x.device, split_k)
-    y2 = out.view(n, m)
-    target, stride_ys = y2, 0
-    if cfg["split_k"] > 1:
-        target = torch.empty(cfg["split_k"], n, m, dtype=torch.float32, device=x.device)
-        stride_ys = n * m
+    split = SplitK(out.view(n, m), cfg["split_k"])
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), cfg["split_k"])
-    single = cfg["split_k"] == 1
     _skinny_matmul_kernel[grid](
-        x2, weight, bias if bias is not None else weight, target,
+        x2, weight, bias if bias is not None else weight, split.target,
         m, n, k, cfg["k_per_split"],
-        x2.stride(0), weight.stride(0), target.stride(-2), stride_ys,
-        HAS_BIAS=single and bias is not None, ACCUMULATE=single and accumulate, DOT_FP32=dot_in_fp32(x.dtype),
+        x2.stride(0), weight.stride(0), split.target.stride(-2), split.split_stride,
+        HAS_BIAS=split.single and bias is not None, ACCUMULATE=split.single and accumulate, DOT_FP32=dot_in_fp32(x.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=4, num_stages=4,
     )  # fmt: skip
-    if not single:
-        total = target.sum(0)
-        if bias is not None:
-            total += bias.float()
-        if accumulate:
-            total += y2.float()
-        y2.copy_(total)
+    split.finish(bias, accumulate)
     return out
 
 

@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import torch
 
-from .runtime import check_launch, dot_in_fp32, launch_refusal, next_pow2, num_sms
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
+from .runtime import (
+    SplitK,
+    check_launch,
+    dot_in_fp32,
+    flat_tokens,
+    launch_refusal,
+    next_pow2,
+    num_sms,
+    output_like,
+    tl,
+    triton,
+)
 
 if triton is not None:
 
@@ -78,11 +83,9 @@ def tile_sparse_matmul(
         raise ValueError(f"x has {k} features, not {tiles} tiles of equal width")
     tile_cols = k // tiles
     m = row_blocks * tile_rows
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = flat_tokens(x)
     n = x2.shape[0]
-    out = torch.empty(*x.shape[:-1], m, dtype=x.dtype, device=x.device)
+    out = output_like(x, m)
     if n == 0:
         return out
     block_n = min(64, max(16, next_pow2(n)))
@@ -91,21 +94,15 @@ def tile_sparse_matmul(
         split_k = max(1, min(2 * num_sms(x.device) // programs, tiles // 2))
     per_split = triton.cdiv(tiles, split_k)
     split_k = triton.cdiv(tiles, per_split)
-    y2 = out.view(n, m)
-    single = split_k == 1
-    target = y2 if single else torch.empty(split_k, n, m, dtype=torch.float32, device=x.device)
+    split = SplitK(out.view(n, m), split_k)
     grid = (row_blocks, triton.cdiv(n, block_n), split_k)
     _tile_sparse_kernel[grid](
-        x2, values, col_index, bias if bias is not None else values, target,
-        m, n, tiles, per_split, keep, x2.stride(0), target.stride(-2), 0 if single else n * m,
-        HAS_BIAS=single and bias is not None, DOT_FP32=dot_in_fp32(x.dtype), TILE_COLS=tile_cols,
+        x2, values, col_index, bias if bias is not None else values, split.target,
+        m, n, tiles, per_split, keep, x2.stride(0), split.target.stride(-2), split.split_stride,
+        HAS_BIAS=split.single and bias is not None, DOT_FP32=dot_in_fp32(x.dtype), TILE_COLS=tile_cols,
         BLOCK_M=tile_rows, BLOCK_N=block_n, BLOCK_KEEP=max(16, next_pow2(keep)), num_warps=4, num_stages=4,
     )  # fmt: skip
-    if not single:
-        total = target.sum(0)
-        if bias is not None:
-            total += bias.float()
-        y2.copy_(total)
+    split.finish(bias)
     return out
 
 
