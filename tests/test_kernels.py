@@ -170,3 +170,14 @@ def test_tile_sparse_split_k(split_k):
     x = torch.randn(3, 160, device=DEVICE)
     y = tile_sparse_matmul(x, module.values, module.col_index, module.bias, split_k=split_k)
     assert rel_err(y, torch.nn.functional.linear(x.double(), module.to_dense().double(), module.bias.double())) < 1e-5
+
+
+def test_auto_leaves_prefill_to_the_reference(monkeypatch):
+    from compress.kernels.runtime import launch_refusal
+
+    module = LowRankLinear.from_factors(torch.randn(16, 4), torch.randn(4, 16), None)
+    monkeypatch.setenv("LLMPRESS_KERNEL", "auto")
+    why = launch_refusal(torch.randn(65, 16, device="cuda" if torch.cuda.is_available() else "cpu"), module.up)
+    assert why is not None
+    if torch.cuda.is_available():
+        assert "prefill" in why and launch_refusal(torch.randn(64, 16, device="cuda"), module.up.cuda()) is None
