@@ -87,13 +87,9 @@ class TileSparseLinear(CompressedLinear):
 
 
 def tile_sparse_forward_torch(module: TileSparseLinear, x: torch.Tensor) -> torch.Tensor:
-    """Gather each tile's kept activation columns and contract with the compact values: the
-    kernel's arithmetic, written with einsum (never forms the dense weight)."""
-    rb, ct, keep = module.col_index.shape
-    columns = module.col_index.long() + torch.arange(ct, device=x.device)[None, :, None] * module.tile_cols  # (rb, ct, keep)
-    gathered = x.reshape(-1, module.in_features)[:, columns]  # (n, rb, ct, keep)
-    y = torch.einsum("nbtk,btrk->nbr", gathered, module.values.to(x.dtype)).reshape(*x.shape[:-1], module.out_features)
-    return y + module.bias if module.bias is not None else y
+    """Reference: expand to the dense weight and multiply (one out × in buffer per call; the
+    kernel never forms it)."""
+    return nn.functional.linear(x, module.to_dense().to(x.dtype), module.bias)
 
 
 kernels.register_kernel("tile_sparse", "torch", tile_sparse_forward_torch, priority=0)
