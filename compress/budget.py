@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -40,10 +40,12 @@ class AllocationConfig(BaseModel):
     ratio: float = Field(gt=0.0, lt=1.0, description="fraction of the stage's target size removed, globally")
     unit: Literal["params", "bytes"] = "params"
     levels: list[float] = Field(default_factory=lambda: list(DEFAULT_LEVELS), description="candidate levels; 0 = dense")
-    cost: Literal["weighted_sq", "weighted", "plain_sq", "plain"] = Field(
+    cost: Literal["weighted_sq", "weighted", "plain_sq", "plain", "fisher"] = Field(
         default="weighted_sq",
         description="per-layer cost summed by the knapsack: the relative calibration-weighted error "
-        "‖ΔW Xᵀ‖/‖W Xᵀ‖ (weighted) or the relative Frobenius error ‖ΔW‖/‖W‖ (plain), squared or not",
+        "‖ΔW Xᵀ‖/‖W Xᵀ‖ (weighted) or the relative Frobenius error ‖ΔW‖/‖W‖ (plain), squared or not; "
+        "fisher: the squared weighted error times the layer's Fisher energy Σ F_ij·W_ij², an estimate of "
+        "the loss increase that compares layers (needs a backward pass over the calibration data)",
     )
     solver: Literal["dp", "lagrangian"] = "dp"
     resolution: int = Field(default=65536, ge=16, description="budget slots of the DP (sizes are rounded up)")
@@ -116,7 +118,11 @@ def profile_block(
         compressed_levels = [lv for lv in levels if lv > 0]
         with flush_denormals():
             results = compressor.profile(weight, bias, layer_stats, stage, compressed_levels) if compressed_levels else []
-        profiles[name] = ([_dense_result(weight, bias)] if 0.0 in levels else []) + results
+        results = ([_dense_result(weight, bias)] if 0.0 in levels else []) + results
+        energy = layer_stats.get("fisher_energy")
+        if energy is not None:
+            results = [replace(r, sensitivity=float(energy)) for r in results]
+        profiles[name] = results
     return profiles
 
 
@@ -142,10 +148,14 @@ def profile_layers(
     return profiles
 
 
-COSTS = ("weighted_sq", "weighted", "plain_sq", "plain")
+COSTS = ("weighted_sq", "weighted", "plain_sq", "plain", "fisher")
 
 
 def _cost(result: LevelResult, kind: str) -> float:
+    if kind == "fisher":
+        if result.sensitivity is None or result.rel_weighted_error is None:
+            raise LlmpressError("cost 'fisher' needs Fisher statistics and a Gram: collect them with calibration data")
+        return result.rel_weighted_error**2 * result.sensitivity
     if kind.startswith("plain"):
         error = result.rel_error
     elif result.rel_weighted_error is None:
@@ -195,6 +205,8 @@ def plan_allocation(pipeline: SequentialPipeline, input_ids: torch.Tensor | None
         raise LlmpressError("knapsack allocation measures layer errors on calibration data: set calibration.num_samples >= 1")
     start = time.perf_counter()
     levels = sorted(set(config.levels) | {0.0})
+    if config.cost == "fisher":
+        pipeline.fisher_stages.add(config.stage)
     profiles = profile_layers(pipeline, input_ids, config.stage, levels)
     plan = solve_allocation(profiles, config, seconds=time.perf_counter() - start)
     for choice in plan.layers:

@@ -15,7 +15,10 @@ decoder block is on the device at a time:
    empirical Fisher is a sum over samples, not the square of a batch mean).
 
 `collect_fisher` keeps only the row and column sums of F (out + in numbers per layer, not
-out × in); M-FAC takes the per-sequence gradients themselves through `backward_walk`.
+out × in) and the layer's Fisher energy Σ_ij F_ij·W_ij² (the second-order loss increase, times
+two, if every weight moved by its own size: how much the loss cares about this layer, which the
+knapsack's `fisher` cost uses); M-FAC takes the per-sequence gradients themselves through
+`backward_walk`.
 """
 
 from __future__ import annotations
@@ -105,11 +108,13 @@ def collect_fisher(
     chunk_size: int = 8,
     progress: bool = True,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """{layer name: {"fisher_row": (out,), "fisher_col": (in,)}} summed over calibration sequences."""
+    """{layer name: {"fisher_row": (out,), "fisher_col": (in,), "fisher_energy": ()}} summed over
+    calibration sequences."""
     sums = {
         name: {
             "fisher_row": torch.zeros(lin.out_features, dtype=torch.float64),
             "fisher_col": torch.zeros(lin.in_features, dtype=torch.float64),
+            "fisher_energy": torch.zeros((), dtype=torch.float64),
         }
         for name, lin in linears.items()
     }
@@ -118,6 +123,7 @@ def collect_fisher(
         g2 = grad.double().square()
         sums[name]["fisher_row"] += g2.sum(1).cpu()
         sums[name]["fisher_col"] += g2.sum(0).cpu()
+        sums[name]["fisher_energy"] += (g2 * linears[name].weight.detach().double().square()).sum().cpu()
 
     backward_walk(
         model, blocks, linears, input_ids, device, offload_device, accumulate,

@@ -190,6 +190,9 @@ class SequentialPipeline:
         # original (weight, bias) of the current block's layers, kept only for refining stages (EoRA)
         self._keep_originals = any(c.wraps_compressed for c in self.compressors)
         self._originals: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        # stages whose targets get Fisher sums even though their method needs none (the knapsack's
+        # `fisher` cost weighs their profiles with it)
+        self.fisher_stages: set[int] = set()
         self._check_targets()
 
     def _check_targets(self) -> None:
@@ -222,7 +225,7 @@ class SequentialPipeline:
 
     def _fisher(self, input_ids: torch.Tensor, stage_indices) -> dict[str, dict[str, torch.Tensor]]:
         """Fisher sums for the plain-Linear targets of the stages that need them (one backward pass)."""
-        wanted = [i for i in stage_indices if "fisher" in self.compressors[i].needs]
+        wanted = [i for i in stage_indices if "fisher" in self.compressors[i].needs or i in self.fisher_stages]
         if not wanted:
             return {}
         from .fisher import collect_fisher  # model plumbing only FWSVD-like methods need

@@ -124,6 +124,7 @@ class Bench:
         start = time.perf_counter()
         stats: dict[str, Any] = {}
         collector = SequentialPipeline(self.dense, [stages[m] for m in methods], progress=True)
+        collector.fisher_stages = {methods.index(r.method) for r in pending if r.allocation == "knapsack" and r.cost == "fisher"}
         profiles: dict[str, dict[str, Any]] = {m: {} for m in profiled}
 
         def on_block(index, block_stats):

@@ -140,6 +140,31 @@ def test_knapsack_beats_uniform_on_the_profile(tokenizer, calib_text):
         solve_allocation(profiles, AllocationConfig(ratio=0.9, levels=[0.0, 0.2]))
 
 
+def test_fisher_cost_weighs_layers_by_their_fisher_energy(tokenizer, calib_text):
+    """cost: fisher collects the layers' Fisher energy Σ F_ij·W_ij² (a backward pass the method
+    itself does not need) and prices each option as its squared weighted error times it."""
+    model = tiny_model("llama")
+    ids = calibration_windows(tokenizer, str(calib_text), 3, 32, 0)
+    pipeline = SequentialPipeline(model, [WhitenedSVDConfig(ratio=0.4)], progress=False)
+    levels = [0.0, 0.2, 0.4, 0.6]
+    with pytest.raises(LlmpressError, match="needs Fisher"):
+        solve_allocation(profile_layers(pipeline, ids, 0, levels), AllocationConfig(ratio=0.3, levels=levels, cost="fisher"))
+    pipeline.fisher_stages.add(0)
+    profiles = profile_layers(pipeline, ids, 0, levels)
+    energies = {name: results[0].sensitivity for name, results in profiles.items()}
+    assert all(e is not None and e > 0 for e in energies.values())
+    assert len({round(e, 12) for e in energies.values()}) == len(energies)  # layers differ
+    plan = solve_allocation(profiles, AllocationConfig(ratio=0.3, levels=levels, cost="fisher"))
+    expected = sum(
+        next(r for r in profiles[c.name] if r.level == c.level).rel_weighted_error ** 2 * energies[c.name] for c in plan.layers
+    )
+    assert plan.total_cost == pytest.approx(expected) and plan.chosen_total <= plan.budget
+    recipe = {"calibration": {"num_samples": 3, "seq_len": 32}, "stages": [{"method": "whitened_svd"}],
+              "allocation": {"ratio": 0.3, "levels": levels, "cost": "fisher"}}  # fmt: skip
+    _, report = compress.compress_model(tiny_model("llama"), recipe, dataset=str(calib_text), tokenizer=tokenizer, progress=False)
+    assert report["allocation"]["chosen_total"] <= report["allocation"]["budget"]
+
+
 def test_dense_statistics_mode_equals_reused_stats(tokenizer, calib_text):
     ids = calibration_windows(tokenizer, str(calib_text), 3, 32, 0)
     stages = [WhitenedSVDConfig(ratio=0.5)]

@@ -130,6 +130,9 @@ class LevelResult:
     bytes: int
     rel_error: float
     rel_weighted_error: float | None
+    # the layer's Fisher energy Σ F_ij·W_ij² when Fisher statistics were collected (same for every
+    # level of a layer): scales the relative error into loss units for the knapsack's `fisher` cost
+    sensitivity: float | None = None
 
 
 COMPRESSORS: dict[str, type[Compressor]] = {}
