@@ -77,6 +77,13 @@ def builds(dtype: str = "fp16") -> list[Build]:
             aligned=("M", "stride_xn", "stride_yn"),
         ))  # fmt: skip
     out.append(Build(
+        "int4 (W4, all groups) g128 BM64 BN16", "int4_matmul:_int4_kernel",
+        {"x_ptr": p, "q_ptr": "*u8", "s_ptr": p, "z_ptr": "*u8", "b_ptr": p, "y_ptr": p,
+         **_ints("M", "N", "GROUPS", "GROUPS_PER_SPLIT", "stride_xn", "stride_yn", "stride_ys")},
+        {"HAS_BIAS": False, "DOT_FP32": False, "GROUP": 128, "BLOCK_M": 64, "BLOCK_N": 16},
+        aligned=("M", "GROUPS", "stride_xn", "stride_yn", "stride_ys"),
+    ))  # fmt: skip
+    out.append(Build(
         "ell (dict coefficients) BS16", "ell_matmul:_ell_kernel",
         {"h_ptr": p, "v_ptr": p, "i_ptr": "*i16", "b_ptr": p, "y_ptr": p, **_ints("M", "N", "S", "stride_hn", "stride_yn")},
         {"HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 4, "BLOCK_S": 16}, {"num_warps": 4},

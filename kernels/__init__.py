@@ -82,6 +82,7 @@ def _register_triton_kernels() -> None:
     from .bitmap_matmul import sparse_forward_triton, sparse_refusal
     from .ell_matmul import dict_forward_triton, dict_refusal
     from .gqsa_matmul import gqsa_forward_triton, gqsa_refusal
+    from .int4_matmul import int4_forward_triton, int4_refusal
     from .lowrank_matmul import (
         eora_forward_triton,
         eora_refusal,
@@ -99,6 +100,8 @@ def _register_triton_kernels() -> None:
         ("tile_sparse", "triton_tile_sparse", tile_sparse_forward_triton, tile_sparse_refusal),
     ):
         register_kernel(fmt, name, fn, priority=10, supports=supports, backend="triton")
+    # W4 with every group kept goes to tensor cores before the group-sparse gather kernel
+    register_kernel("gqsa", "triton_int4", int4_forward_triton, priority=20, supports=int4_refusal, backend="triton")
 
 
 _register_triton_kernels()

@@ -12,6 +12,7 @@ from compress import kernels
 from compress.kernels.bitmap_matmul import bitmap_matmul, split_offsets
 from compress.kernels.ell_matmul import ell_matmul
 from compress.kernels.gqsa_matmul import gqsa_matmul
+from compress.kernels.int4_matmul import int4_matmul
 from compress.kernels.runtime import interpreting
 from compress.kernels.skinny_matmul import skinny_matmul, skinny_matmul_reference
 from compress.compressors.masks import tile_mask
@@ -119,6 +120,7 @@ def _modules(dtype):
         "sparse 2:4": _random_sparse(48, 64, 0.5, dtype, "2:4"),
         "gqsa W4S50 g16": _random_gqsa(40, 96, 16, 3, dtype),
         "gqsa W4 g8 dense": _random_gqsa(24, 64, 8, 8, dtype),
+        "W4 g32 (int4 tensor-core kernel)": _random_gqsa(40, 128, 32, 4, dtype),
         "dict k=300 (int16 index)": _random_dict(36, 64, 300, 5, dtype),
         "dict k=20": _random_dict(36, 64, 20, 20, dtype),
         "eora over sparse": eora,
@@ -181,3 +183,15 @@ def test_auto_leaves_prefill_to_the_reference(monkeypatch):
     assert why is not None
     if torch.cuda.is_available():
         assert "prefill" in why and launch_refusal(torch.randn(64, 16, device="cuda"), module.up.cuda()) is None
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_int4_kernel_serves_plain_w4_and_split_k(monkeypatch, split_k):
+    module = _random_gqsa(48, 192, 32, 6, torch.float32)  # every group kept, in order
+    sparse = _random_gqsa(48, 192, 32, 3, torch.float32)
+    x = torch.randn(5, 192, device=DEVICE)
+    monkeypatch.setenv("LLMPRESS_KERNEL", "triton")
+    assert kernels.select("gqsa", module, x).name == "triton_int4"
+    assert kernels.select("gqsa", sparse, x).name == "triton_gqsa"
+    y = int4_matmul(x, module.qweight, module.scales, module.zeros, module.bias, split_k=split_k)
+    assert rel_err(y, torch.nn.functional.linear(x.double(), module.to_dense().double(), module.bias.double())) < 1e-5

@@ -34,7 +34,7 @@ def test_every_kernel_compiles_for_sm90_without_spills(report):
 
 def test_dot_kernels_use_hopper_tensor_cores(report):
     for name, row in report.items():
-        if name.split()[0] in ("skinny_matmul", "tile_sparse", "bitmap"):
+        if name.split()[0] in ("skinny_matmul", "tile_sparse", "bitmap", "int4"):
             assert row["HGMMA"] > 0, f"{name} does not issue wgmma: {row}"
 
 
