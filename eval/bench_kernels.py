@@ -116,23 +116,15 @@ def nbytes(obj) -> int:
 
 
 def apply(obj, kind: str, x: torch.Tensor) -> torch.Tensor:
-    if kind == "dense":
-        return F.linear(x, obj)
     if kind == "csr":
         return torch.mm(obj, x.T).T
-    if kind == "2:4":
+    if kind in ("dense", "2:4"):
         return F.linear(x, obj)
     return obj(x)
 
 
 def dense_of(obj, kind: str) -> torch.Tensor:
-    if kind == "dense":
-        return obj
-    if kind == "csr":
-        return obj.to_dense()
-    if kind == "2:4":
-        return obj.to_dense()
-    return obj.to_dense()
+    return obj if kind == "dense" else obj.to_dense()
 
 
 def time_us(fn: Callable[[], object], device: torch.device, repeats: int) -> float:

@@ -85,7 +85,6 @@ def _register_triton_kernels() -> None:
     from .int4_matmul import int4_forward_triton, int4_refusal
     from .lowrank_matmul import (
         eora_forward_triton,
-        eora_refusal,
         lowrank_forward_triton,
         lowrank_refusal,
     )
@@ -93,7 +92,7 @@ def _register_triton_kernels() -> None:
 
     for fmt, name, fn, supports in (
         ("lowrank", "triton_lowrank", lowrank_forward_triton, lowrank_refusal),
-        ("eora", "triton_eora", eora_forward_triton, eora_refusal),
+        ("eora", "triton_eora", eora_forward_triton, lowrank_refusal),
         ("dict", "triton_dict", dict_forward_triton, dict_refusal),
         ("gqsa", "triton_gqsa", gqsa_forward_triton, gqsa_refusal),
         ("sparse_bitmap", "triton_bitmap", sparse_forward_triton, sparse_refusal),

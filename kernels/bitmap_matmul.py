@@ -19,14 +19,16 @@ import torch
 
 from .runtime import (
     SplitK,
+    cached_on,
     check_launch,
     dot_in_fp32,
     flat_tokens,
     interpreting,
     launch_refusal,
     next_pow2,
-    num_sms,
     output_like,
+    split_k_plan,
+    storage_key,
     tl,
     triton,
 )
@@ -92,12 +94,9 @@ def split_offsets(bitmap: torch.Tensor, k_per_split: int) -> torch.Tensor:
 def bitmap_config(m: int, n: int, k: int, device: torch.device, split_k: int | None = None) -> dict[str, int]:
     block_n = min(64, max(16, next_pow2(n)))
     block_m, block_k = (32, 32) if interpreting() else (64, 64)
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    if split_k is None:
-        split_k = max(1, min(2 * num_sms(device) // tiles, k // (4 * block_k)))
-        split_k = 1 << (split_k.bit_length() - 1)
-    per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "split_k": triton.cdiv(k, per_split), "k_per_split": per_split}
+    programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    splits, per_split = split_k_plan(triton.cdiv(k, block_k), programs, device, 4, split_k)
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "split_k": splits, "k_per_split": per_split * block_k}
 
 
 def bitmap_matmul(
@@ -112,8 +111,6 @@ def bitmap_matmul(
     """y = x·Ŵᵀ + bias for Ŵ stored as row-major nonzero `values` and a (M, ceil(K/8)) uint8 `bitmap`
     (bit j of byte b = column 8b+j). `offsets` (from split_offsets with this call's k_per_split)
     may be passed to skip recomputing them."""
-    if triton is None:
-        raise RuntimeError("triton is not installed; pip install triton")
     check_launch(x, values, bitmap)
     k = x.shape[-1]
     m = out_features
@@ -147,13 +144,9 @@ def sparse_refusal(module, x: torch.Tensor) -> str | None:
 
 
 def sparse_forward_triton(module, x: torch.Tensor) -> torch.Tensor:
-    """Cache the split offsets on the module (derived data, never saved), keyed by what they
-    depend on, so decode steps reuse them."""
+    """The split offsets are cached on the module for the split this call uses."""
     n = x.numel() // x.shape[-1]
-    cfg = bitmap_config(module.out_features, n, module.in_features, x.device)
-    key = (cfg["k_per_split"], str(x.device), module.bitmap.data_ptr(), module.bitmap._version)
-    cache = module.__dict__.setdefault("_offsets_cache", {})
-    if key not in cache:
-        cache.clear()
-        cache[key] = split_offsets(module.bitmap, cfg["k_per_split"])
-    return bitmap_matmul(x, module.values, module.bitmap, module.out_features, module.bias, offsets=cache[key])
+    per_split = bitmap_config(module.out_features, n, module.in_features, x.device)["k_per_split"]
+    key = (per_split, *storage_key(module.bitmap))
+    offsets = cached_on(module, "_split_offsets", key, lambda: split_offsets(module.bitmap, per_split))
+    return bitmap_matmul(x, module.values, module.bitmap, module.out_features, module.bias, offsets=offsets)

@@ -53,8 +53,6 @@ if triton is not None:
 
 def ell_matmul(h: torch.Tensor, values: torch.Tensor, index: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y[..., r] = Σ_j values[r, j]·h[..., index[r, j]] + bias; h (..., k), values/index (M, s)."""
-    if triton is None:
-        raise RuntimeError("triton is not installed; pip install triton")
     check_launch(h, values, index)
     if values.shape != index.shape or values.dim() != 2:
         raise ValueError(f"values {tuple(values.shape)} and index {tuple(index.shape)} must be the same (out, s) shape")

@@ -74,8 +74,6 @@ def gqsa_matmul(
 ) -> torch.Tensor:
     """y = x·Ŵᵀ + bias for GQSALinear's storage: qweight (M, kept, g/2) uint8, scales (M, kept),
     zeros (M, kept) uint8, group_index (M, kept) integer; x (..., K) -> (..., M)."""
-    if triton is None:
-        raise RuntimeError("triton is not installed; pip install triton")
     check_launch(x, qweight, scales, zeros, group_index)
     m, kept, half = qweight.shape
     group = 2 * half

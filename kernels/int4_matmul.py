@@ -15,14 +15,16 @@ import torch
 
 from .runtime import (
     SplitK,
+    cached_on,
     check_launch,
     dot_in_fp32,
     flat_tokens,
     interpreting,
     launch_refusal,
     next_pow2,
-    num_sms,
     output_like,
+    split_k_plan,
+    storage_key,
     tl,
     triton,
 )
@@ -82,8 +84,6 @@ def int4_matmul(
 ) -> torch.Tensor:
     """y = x·Ŵᵀ + bias for W4 group quantization with every group kept in order: qweight
     (M, K/g, g/2) uint8, scales (M, K/g), zeros (M, K/g) uint8; x (..., K) -> (..., M)."""
-    if triton is None:
-        raise RuntimeError("triton is not installed; pip install triton")
     check_launch(x, qweight, scales, zeros)
     m, groups, half = qweight.shape
     group = 2 * half
@@ -101,11 +101,9 @@ def int4_matmul(
     block_m = 32 if interpreting() else 64
     block_n = min(64, max(16, next_pow2(n)))
     programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    if split_k is None:
-        split_k = max(1, min(2 * num_sms(x.device) // programs, groups // 4))
-    per_split = triton.cdiv(groups, split_k)
-    split = SplitK(out.view(n, m), triton.cdiv(groups, per_split))
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), triton.cdiv(groups, per_split))
+    split_k, per_split = split_k_plan(groups, programs, x.device, 4, split_k)
+    split = SplitK(out.view(n, m), split_k)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
     _int4_kernel[grid](
         x2, qweight, scales, zeros, bias if bias is not None else scales, split.target,
         m, n, groups, per_split, x2.stride(0), split.target.stride(-2), split.split_stride,
@@ -117,16 +115,14 @@ def int4_matmul(
 
 
 def _all_groups_in_order(module) -> bool:
-    """Whether a GQSALinear keeps every group in order (plain W4); cached per index tensor version."""
-    key = (module.group_index.data_ptr(), module.group_index._version, str(module.group_index.device))
-    cached = module.__dict__.get("_dense_w4_key")
-    if cached is None or cached[0] != key:
+    """Whether a GQSALinear keeps every group in order (plain W4); cached on the module."""
+
+    def check() -> bool:
+        index = module.group_index
         groups = module.in_features // module.group_size
-        dense = module.groups_per_row == groups and bool(
-            (module.group_index == torch.arange(groups, device=module.group_index.device, dtype=module.group_index.dtype)).all()
-        )
-        module.__dict__["_dense_w4_key"] = (key, dense)
-    return module.__dict__["_dense_w4_key"][1]
+        return module.groups_per_row == groups and bool((index == torch.arange(groups, device=index.device, dtype=index.dtype)).all())
+
+    return cached_on(module, "_all_groups_in_order", storage_key(module.group_index), check)
 
 
 def int4_refusal(module, x: torch.Tensor) -> str | None:

@@ -37,10 +37,6 @@ def lowrank_forward_triton(module, x: torch.Tensor) -> torch.Tensor:
     return lowrank_matmul(x, module.down, module.up, module.bias)
 
 
-def eora_refusal(module, x: torch.Tensor) -> str | None:
-    return launch_refusal(x, module.up, module.down)
-
-
 def eora_forward_triton(module, x: torch.Tensor) -> torch.Tensor:
     """The base module's own kernel, then the residual added in place by the expand kernel."""
     y = module.base(x)

@@ -8,16 +8,19 @@ the PyTorch path, so `auto` never picks it.
 
 from __future__ import annotations
 
-import functools
 import os
+from typing import Any, Callable
 
 import torch
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # pragma: no cover - triton is a dependency on Linux; launchers then refuse
+
+    _IMPORT_ERROR: str | None = None
+except Exception as error:  # pragma: no cover - ImportError, or a broken install raising anything else
     triton = tl = None
+    _IMPORT_ERROR = f"triton is not importable ({error}); pip install triton"
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # the kernels are tuned for decode; in `auto`, longer inputs (prefill) go to the PyTorch path,
@@ -30,24 +33,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
-def triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except Exception as error:  # ImportError, or a broken install raising anything else
-        return f"triton is not importable ({error}); pip install triton"
-    return None
-
-
 def launch_refusal(x: torch.Tensor, *tensors: torch.Tensor, dispatching: bool = True) -> str | None:
     """None when a Triton kernel may run on these tensors, else the reason it may not.
     `dispatching`: asked by the module dispatcher, which sends CPU calls to the interpreter only
     under LLMPRESS_KERNEL=triton; a launcher called directly runs there whenever interpreting."""
     from . import kernel_mode
 
-    why = triton_import_error()
-    if why:
-        return why
+    if _IMPORT_ERROR:
+        return _IMPORT_ERROR
     devices = {t.device for t in (x, *tensors)}
     if len(devices) > 1:
         return f"tensors on several devices {sorted(map(str, devices))}; move the module to the input's device"
@@ -68,6 +61,8 @@ def launch_refusal(x: torch.Tensor, *tensors: torch.Tensor, dispatching: bool = 
 
 def check_launch(x: torch.Tensor, *tensors: torch.Tensor) -> None:
     """Raise with the reason when a launcher is called on tensors no kernel can take."""
+    if _IMPORT_ERROR:
+        raise RuntimeError(_IMPORT_ERROR)
     why = launch_refusal(x, *tensors, dispatching=False)
     if why is not None:
         raise ValueError(why)
@@ -83,6 +78,32 @@ def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_k_plan(steps: int, programs: int, device: torch.device, min_steps: int, requested: int | None = None) -> tuple[int, int]:
+    """(splits, steps per split) for a K loop of `steps` steps run by `programs` output tiles:
+    enough splits for about two waves of the SMs, each at least `min_steps` steps deep, a power of
+    two (`requested` overrides the count); no split is left empty."""
+    if requested is None:
+        requested = max(1, min(2 * num_sms(device) // programs, steps // min_steps))
+        requested = 1 << (requested.bit_length() - 1)
+    per_split = triton.cdiv(steps, requested)
+    return triton.cdiv(steps, per_split), per_split
+
+
+def cached_on(module, name: str, key: tuple, compute: Callable[[], Any]) -> Any:
+    """Data a kernel derives from a module's storage, kept on the module (never saved) and
+    recomputed only when `key` (see `storage_key`) changes: decode steps reuse it."""
+    slot = module.__dict__.get(name)
+    if slot is None or slot[0] != key:
+        slot = (key, compute())
+        module.__dict__[name] = slot
+    return slot[1]
+
+
+def storage_key(t: torch.Tensor) -> tuple:
+    """What identifies a tensor's content for `cached_on`: its memory, version counter and device."""
+    return (t.data_ptr(), t._version, str(t.device))
 
 
 def next_pow2(n: int) -> int:

@@ -20,8 +20,8 @@ from .runtime import (
     flat_tokens,
     interpreting,
     next_pow2,
-    num_sms,
     output_like,
+    split_k_plan,
     tl,
     triton,
 )
@@ -73,13 +73,9 @@ def skinny_config(m: int, n: int, k: int, device: torch.device, split_k: int | N
         block_m, block_k = 32, 32
     else:
         block_m, block_k = (64, 128) if m >= 4096 else (32, 128)
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    if split_k is None:
-        split_k = max(1, min(2 * num_sms(device) // tiles, k // (2 * block_k)))
-        split_k = 1 << (split_k.bit_length() - 1)  # a power of two
-    per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    split_k = triton.cdiv(k, per_split)  # no empty splits
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "split_k": split_k, "k_per_split": per_split}
+    programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    splits, per_split = split_k_plan(triton.cdiv(k, block_k), programs, device, 2, split_k)
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "split_k": splits, "k_per_split": per_split * block_k}
 
 
 def skinny_matmul(
@@ -93,8 +89,6 @@ def skinny_matmul(
     """y = x·weightᵀ + bias (+ out when `accumulate`), x (..., K), weight (M, K) -> (..., M) in x's dtype.
 
     `out` (..., M), contiguous, receives the result; with `accumulate` its old content is added."""
-    if triton is None:
-        raise RuntimeError("triton is not installed; pip install triton")
     check_launch(x, weight, *([bias] if bias is not None else []))
     m, k = weight.shape
     if x.shape[-1] != k:

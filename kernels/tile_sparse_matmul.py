@@ -20,8 +20,8 @@ from .runtime import (
     flat_tokens,
     launch_refusal,
     next_pow2,
-    num_sms,
     output_like,
+    split_k_plan,
     tl,
     triton,
 )
@@ -68,8 +68,6 @@ def tile_sparse_matmul(
 ) -> torch.Tensor:
     """y = x·Ŵᵀ + bias for TileSparseLinear storage: values (row_blocks, col_tiles, tile_rows, keep),
     col_index (row_blocks, col_tiles, keep) uint8 offsets inside each tile; x (..., K) -> (..., M)."""
-    if triton is None:
-        raise RuntimeError("triton is not installed; pip install triton")
     check_launch(x, values, col_index)
     if values.dim() != 4 or col_index.shape != (values.shape[0], values.shape[1], values.shape[3]):
         raise ValueError(f"values {tuple(values.shape)} and col_index {tuple(col_index.shape)} are not a tile-sparse pair")
@@ -90,10 +88,7 @@ def tile_sparse_matmul(
         return out
     block_n = min(64, max(16, next_pow2(n)))
     programs = row_blocks * triton.cdiv(n, block_n)
-    if split_k is None:
-        split_k = max(1, min(2 * num_sms(x.device) // programs, tiles // 2))
-    per_split = triton.cdiv(tiles, split_k)
-    split_k = triton.cdiv(tiles, per_split)
+    split_k, per_split = split_k_plan(tiles, programs, x.device, 2, split_k)
     split = SplitK(out.view(n, m), split_k)
     grid = (row_blocks, triton.cdiv(n, block_n), split_k)
     _tile_sparse_kernel[grid](

@@ -18,6 +18,8 @@ from pydantic import Field, field_validator, model_validator
 from ..modules import SparseLinear, TileSparseLinear
 from .base import StageConfig
 
+RATIO_PATTERNS = ("unstructured", "tile")  # patterns whose sparsity is set by `ratio`
+
 
 class PruningConfig(StageConfig):
     ratio: float | None = Field(default=None, gt=0.0, lt=1.0, description="fraction of weights removed")
@@ -28,9 +30,9 @@ class PruningConfig(StageConfig):
     @field_validator("pattern")
     @classmethod
     def _check_pattern(cls, value: str) -> str:
-        if value not in ("unstructured", "tile") and not re.fullmatch(r"\d+:\d+", value):
+        if value not in RATIO_PATTERNS and not re.fullmatch(r"\d+:\d+", value):
             raise ValueError(f"pattern must be 'unstructured', 'tile' or 'N:M' like '2:4', got {value!r}")
-        if value not in ("unstructured", "tile"):
+        if value not in RATIO_PATTERNS:
             n, m = map(int, value.split(":"))
             if not 0 < n < m:
                 raise ValueError(f"N:M pattern needs 0 < N < M, got {value!r}")
@@ -38,7 +40,7 @@ class PruningConfig(StageConfig):
 
     @model_validator(mode="after")
     def _ratio_matches_pattern(self):
-        if self.pattern in ("unstructured", "tile") and self.ratio is None:
+        if self.pattern in RATIO_PATTERNS and self.ratio is None:
             raise ValueError(f"{self.pattern} pruning needs 'ratio' (fraction of weights removed, in (0, 1))")
         if self.pattern == "tile" and self.tile_keep < 1:
             raise ValueError(
@@ -53,7 +55,7 @@ class PruningConfig(StageConfig):
     @property
     def nm(self) -> tuple[int, int] | None:
         """(N, M) for an N:M pattern, None for unstructured."""
-        if self.pattern in ("unstructured", "tile"):
+        if self.pattern in RATIO_PATTERNS:
             return None
         n, m = map(int, self.pattern.split(":"))
         return n, m
