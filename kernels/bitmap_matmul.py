@@ -23,11 +23,10 @@ from .runtime import (
     check_launch,
     dot_in_fp32,
     flat_tokens,
+    gemm_config,
     interpreting,
     launch_refusal,
-    next_pow2,
     output_like,
-    split_k_plan,
     storage_key,
     tl,
     triton,
@@ -92,11 +91,8 @@ def split_offsets(bitmap: torch.Tensor, k_per_split: int) -> torch.Tensor:
 
 
 def bitmap_config(m: int, n: int, k: int, device: torch.device, split_k: int | None = None) -> dict[str, int]:
-    block_n = min(64, max(16, next_pow2(n)))
     block_m, block_k = (32, 32) if interpreting() else (64, 64)
-    programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    splits, per_split = split_k_plan(triton.cdiv(k, block_k), programs, device, 4, split_k)
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "split_k": splits, "k_per_split": per_split * block_k}
+    return gemm_config(m, n, k, device, block_m, block_k, 4, split_k)
 
 
 def bitmap_matmul(

@@ -21,11 +21,11 @@ from .runtime import (
     flat_tokens,
     interpreting,
     launch_refusal,
-    next_pow2,
     output_like,
     split_k_plan,
     storage_key,
     tl,
+    token_block,
     triton,
 )
 
@@ -99,7 +99,7 @@ def int4_matmul(
     if n == 0:
         return out
     block_m = 32 if interpreting() else 64
-    block_n = min(64, max(16, next_pow2(n)))
+    block_n = token_block(n)
     programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     split_k, per_split = split_k_plan(groups, programs, x.device, 4, split_k)
     split = SplitK(out.view(n, m), split_k)

@@ -91,6 +91,20 @@ def split_k_plan(steps: int, programs: int, device: torch.device, min_steps: int
     return triton.cdiv(steps, per_split), per_split
 
 
+def token_block(n: int) -> int:
+    """BLOCK_N of the tensor-core kernels for n tokens: a power of two in [16, 64] (tl.dot's minimum
+    is 16; more tokens take more programs)."""
+    return min(64, max(16, next_pow2(n)))
+
+
+def gemm_config(m: int, n: int, k: int, device: torch.device, block_m: int, block_k: int, min_steps: int, split_k: int | None = None) -> dict[str, int]:
+    """Tiles and split-K of a K-looping kernel over an (m × k) weight and n tokens."""
+    block_n = token_block(n)
+    programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    splits, per_split = split_k_plan(triton.cdiv(k, block_k), programs, device, min_steps, split_k)
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "split_k": splits, "k_per_split": per_split * block_k}
+
+
 def cached_on(module, name: str, key: tuple, compute: Callable[[], Any]) -> Any:
     """Data a kernel derives from a module's storage, kept on the module (never saved) and
     recomputed only when `key` (see `storage_key`) changes: decode steps reuse it."""

@@ -18,10 +18,9 @@ from .runtime import (
     check_launch,
     dot_in_fp32,
     flat_tokens,
+    gemm_config,
     interpreting,
-    next_pow2,
     output_like,
-    split_k_plan,
     tl,
     triton,
 )
@@ -68,14 +67,11 @@ if triton is not None:
 def skinny_config(m: int, n: int, k: int, device: torch.device, split_k: int | None = None) -> dict[str, int]:
     """Tile sizes and split-K for an (m × k) weight and n tokens: enough programs for about two
     waves of the SMs, each split at least two K tiles deep."""
-    block_n = min(64, max(16, next_pow2(n)))
     if interpreting():
         block_m, block_k = 32, 32
     else:
         block_m, block_k = (64, 128) if m >= 4096 else (32, 128)
-    programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    splits, per_split = split_k_plan(triton.cdiv(k, block_k), programs, device, 2, split_k)
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "split_k": splits, "k_per_split": per_split * block_k}
+    return gemm_config(m, n, k, device, block_m, block_k, 2, split_k)
 
 
 def skinny_matmul(

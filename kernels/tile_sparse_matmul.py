@@ -23,6 +23,7 @@ from .runtime import (
     output_like,
     split_k_plan,
     tl,
+    token_block,
     triton,
 )
 
@@ -86,7 +87,7 @@ def tile_sparse_matmul(
     out = output_like(x, m)
     if n == 0:
         return out
-    block_n = min(64, max(16, next_pow2(n)))
+    block_n = token_block(n)
     programs = row_blocks * triton.cdiv(n, block_n)
     split_k, per_split = split_k_plan(tiles, programs, x.device, 2, split_k)
     split = SplitK(out.view(n, m), split_k)
