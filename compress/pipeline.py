@@ -418,41 +418,8 @@ class SequentialPipeline:
         return records
 
     def _gradient_stage(self, stage_index: int, input_ids: torch.Tensor) -> list[LayerRecord]:
-        """Compress a stage that needs per-sequence gradients (M-FAC) during one backward walk.
-
-        All sequences form one chunk, so when the walk finishes a block every gradient of its
-        layers is known: they are compressed right there and the gradients dropped, which keeps
-        only one block's gradient windows in memory. Gradients are those of the dense model
-        (the walk's input gradients are computed before the block is replaced); such stages run
-        before the forward stages.
-        """
-        from .fisher import backward_walk
-
-        stage, compressor = self.stages[stage_index], self.compressors[stage_index]
-        if compressor.wraps_compressed:
-            raise LlmpressError(f"method {stage.method!r} cannot refine another stage's result")
-        linears = match_linears(self.model, stage.targets, stage.ignore)
-        grads: dict[str, list[torch.Tensor]] = {}
-        records: list[LayerRecord] = []
-        tokens = int(input_ids.numel())
-
-        def keep(name: str, grad: torch.Tensor) -> None:
-            grads.setdefault(name, []).append(grad.reshape(-1).to(self.offload_device, torch.float32))
-
-        def compress_block(index: int) -> None:
-            prefix = f"{self.blocks_path}.{index}."
-            for name in [n for n in linears if n.startswith(prefix)]:
-                window = LayerStats({"grads": torch.stack(grads.pop(name))}, tokens)
-                config = self.layer_configs.get(stage_index, {}).get(name, stage)
-                if config is not None:
-                    with torch.no_grad():
-                        records.append(self._compress_layer(name, linears[name], window, config, compressor, index, stage_index))
-
-        backward_walk(
-            self.model, self.blocks, linears, input_ids, self.device, self.offload_device, keep, compress_block,
-            chunk_size=len(input_ids), progress=self.progress, desc=f"{stage.method} (gradients)",
-        )  # fmt: skip
-        return records
+        """Compress a stage that needs per-sequence gradients (M-FAC) during one backward walk."""
+        return compress_from_gradients([(self, stage_index)], input_ids)[0]
 
     @torch.no_grad()
     def _collect(self, block, layers, needs, hiddens, kwargs_list, index, keep: bool):
@@ -529,3 +496,51 @@ def _merge(stats: dict[str, LayerStats], fisher: dict[str, dict[str, torch.Tenso
     for name, tensors in fisher.items():
         if name in stats:
             stats[name].tensors.update(tensors)
+
+
+def compress_from_gradients(jobs: list[tuple[SequentialPipeline, int]], input_ids: torch.Tensor) -> list[list[LayerRecord]]:
+    """Compress gradient stages (M-FAC) during one backward walk of the first job's model.
+
+    All sequences form one chunk, so when the walk finishes a block every gradient of its layers
+    is known: each job compresses its own model's copy of those layers right there and the
+    gradients are dropped, which keeps only one block's gradient windows in memory. Gradients are
+    those of the dense model (the walk's input gradients are computed before the block is
+    replaced), so such stages run before the forward stages. Several jobs (pipelines over
+    identical copies of one model, e.g. a benchmark's sparsity levels) share the walk: its cost
+    is paid once.
+    """
+    from .fisher import backward_walk
+
+    walker = jobs[0][0]
+    targets: list[dict[str, nn.Linear]] = []
+    for pipeline, stage_index in jobs:
+        stage, compressor = pipeline.stages[stage_index], pipeline.compressors[stage_index]
+        if compressor.wraps_compressed:
+            raise LlmpressError(f"method {stage.method!r} cannot refine another stage's result")
+        targets.append(match_linears(pipeline.model, stage.targets, stage.ignore))
+        if list(targets[-1]) != list(targets[0]):
+            raise LlmpressError("pipelines sharing a gradient walk must target the same layers of identical models")
+    grads: dict[str, list[torch.Tensor]] = {}
+    records: list[list[LayerRecord]] = [[] for _ in jobs]
+    tokens = int(input_ids.numel())
+
+    def keep(name: str, grad: torch.Tensor) -> None:
+        grads.setdefault(name, []).append(grad.reshape(-1).to(walker.offload_device, torch.float32))
+
+    def compress_block(index: int) -> None:
+        prefix = f"{walker.blocks_path}.{index}."
+        for name in [n for n in targets[0] if n.startswith(prefix)]:
+            window = LayerStats({"grads": torch.stack(grads.pop(name))}, tokens)
+            for (pipeline, stage_index), linears, job_records in zip(jobs, targets, records):
+                stage = pipeline.stages[stage_index]
+                config = pipeline.layer_configs.get(stage_index, {}).get(name, stage)
+                if config is not None:
+                    with torch.no_grad():
+                        compressor = pipeline.compressors[stage_index]
+                        job_records.append(pipeline._compress_layer(name, linears[name], window, config, compressor, index, stage_index))
+
+    backward_walk(
+        walker.model, walker.blocks, targets[0], input_ids, walker.device, walker.offload_device, keep, compress_block,
+        chunk_size=len(input_ids), progress=walker.progress, desc=f"{walker.stages[jobs[0][1]].method} (gradients)",
+    )  # fmt: skip
+    return records

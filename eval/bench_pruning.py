@@ -1,6 +1,7 @@
 """Pruning and GQSA benchmark: magnitude, Wanda, layer-wise OBS (SparseGPT-style) at several
 unstructured sparsities and N:M patterns, and GQSA group-sparse INT4, all from one shared pass of
-dense statistics; M-FAC (which needs per-sequence gradients) runs on the normal pipeline.
+dense statistics; M-FAC rows share one backward walk of the dense model for their per-sequence
+gradients.
 
     python -m compress.eval.bench_pruning --model models/SmolLM2-135M-Instruct.Q4_1.gguf \\
         --calib ../shared/data/wikitext2/valid.txt --eval ../shared/data/wikitext2/test.txt \\
@@ -12,9 +13,16 @@ Writes OUT/results.json, results.md and ppl_vs_ratio.png; rows already done are 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
+import time
+
+import torch
 
 from compress.compressors import COMPRESSORS
+from compress.data import calibration_windows
+from compress.pipeline import SequentialPipeline, compress_from_gradients
+from compress.report import summarize
 
 from .bench_lowrank import Bench, GridRow, add_common_args, write_outputs
 
@@ -50,11 +58,48 @@ def gqsa_rows(ratios: list[float], group_sizes: list[int]) -> list[GridRow]:
     ]
 
 
-def mfac_rows(bench: Bench, ratios: list[float], num_grads: int) -> None:
-    """M-FAC on the sequential pipeline (its gradients come from a backward walk)."""
-    for ratio in ratios:
-        stages = [{"method": "mfac", "ratio": ratio}]
-        bench.sequential_row(f"mfac/uniform/{ratio:g}", ratio, stages, num_samples=num_grads, statistics="gradients")
+def mfac_rows(ratios: list[float], patterns: list[str]) -> list[GridRow]:
+    config = COMPRESSORS["mfac"].config_class
+    rows = [GridRow(f"mfac/uniform/{r:g}", "mfac", "uniform", r, config(method="mfac", ratio=r)) for r in ratios]
+    for p in patterns:
+        n, m = map(int, p.split(":"))
+        rows.append(GridRow(f"mfac/{p}", "mfac", "uniform", 1 - n / m, config(method="mfac", pattern=p)))
+    return rows
+
+
+def mfac_grid(bench: Bench, rows: list[GridRow], num_grads: int, seq_len: int) -> None:
+    """M-FAC rows from one backward walk of the dense model: per-sequence gradients are too many
+    to keep for a whole model, so every row's copy is compressed block by block during the walk
+    (`compress_from_gradients`); the walk's time is shared among the rows."""
+    pending = [row for row in rows if not bench.done(row.name)]
+    if not pending:
+        return
+    args = bench.args
+    ids = calibration_windows(bench.tokenizer, args.calib, num_grads, seq_len, args.seed)
+    pipelines = [SequentialPipeline(copy.deepcopy(bench.dense), [row.stage], progress=i == 0) for i, row in enumerate(pending)]
+    start = time.perf_counter()
+    with torch.no_grad():
+        all_records = compress_from_gradients([(p, 0) for p in pipelines], ids)
+    walk_seconds = time.perf_counter() - start
+    layer_seconds = [sum(r.seconds for r in records) for records in all_records]
+    shared = walk_seconds - sum(layer_seconds)
+    print(f"M-FAC gradient walk ({num_grads} x {seq_len} tokens) and pruning: {walk_seconds:.0f} s", flush=True)
+    for row, pipeline, records, own in zip(pending, pipelines, all_records, layer_seconds):
+        summary = summarize(records)
+        bench.record(
+            {
+                "name": row.name,
+                "method": row.method,
+                "allocation": row.allocation,
+                "ratio": row.ratio,
+                "statistics": f"dense gradients ({num_grads} x {seq_len})",
+                "params_removed": summary["nominal_ratio_removed"],
+                "bytes_removed": summary["storage_ratio_removed"],
+                "compress_seconds": round(own + shared, 1),  # its pruning plus the whole walk
+                "walk_seconds_shared": round(shared, 1),
+                **bench.evaluate(pipeline.model),
+            }
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -69,13 +114,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gqsa-ratios", nargs="*", type=float, default=[0.0, 0.5])
     parser.add_argument("--gqsa-group-sizes", nargs="*", type=int, default=[16])
     parser.add_argument("--mfac-ratios", nargs="*", type=float, default=[])
-    parser.add_argument("--mfac-grads", type=int, default=64, help="per-sequence gradients for M-FAC")
+    parser.add_argument("--mfac-patterns", nargs="*", default=[], help="N:M patterns for M-FAC")
+    parser.add_argument("--mfac-grads", type=int, default=128, help="per-sequence gradients for M-FAC (m)")
+    parser.add_argument("--mfac-seq-len", type=int, default=256, help="tokens per gradient sequence")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     bench = Bench(args)
     rows = pruning_rows(args.methods, args.ratios, args.patterns) + tile_rows(args.tile_methods, args.tile_ratios, tuple(args.tile))
     bench.grid(rows + gqsa_rows(args.gqsa_ratios, args.gqsa_group_sizes))
-    mfac_rows(bench, args.mfac_ratios, args.mfac_grads)
+    mfac_grid(bench, mfac_rows(args.mfac_ratios, args.mfac_patterns), args.mfac_grads, args.mfac_seq_len)
     print(write_outputs(bench.out, bench.rows, title="SmolLM2-135M, pruning and GQSA (dense statistics)"))
     print(f"wrote {bench.out / 'results.json'}, results.md, ppl_vs_ratio.png")
 

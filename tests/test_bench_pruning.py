@@ -12,14 +12,16 @@ def test_bench_pruning_tiny(tiny_model_dir, calib_text, tmp_path):
     out = tmp_path / "bench"
     main([
         "--model", str(tiny_model_dir), "--calib", str(calib_text), "--eval", str(calib_text), "--out", str(out),
-        "--ratios", "0.5", "--patterns", "2:4", "--gqsa-ratios", "0.5", "--mfac-ratios", "0.5", "--mfac-grads", "2",
+        "--ratios", "0.5", "--patterns", "2:4", "--gqsa-ratios", "0.5", "--mfac-ratios", "0.5", "--mfac-patterns", "2:4", "--mfac-grads", "2", "--mfac-seq-len", "16",
         "--tile-ratios", "0.5", "--tile", "16", "32",
         "--num-samples", "2", "--seq-len", "32", "--eval-seq-len", "64", "--max-windows", "2",
     ])  # fmt: skip
     rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
-    for name in ("magnitude/uniform/0.5", "wanda/2:4", "sparsegpt/uniform/0.5", "gqsa-g16/W4S50", "mfac/uniform/0.5", "sparsegpt/tile16x32/0.5"):
+    for name in ("magnitude/uniform/0.5", "wanda/2:4", "sparsegpt/uniform/0.5", "gqsa-g16/W4S50", "mfac/uniform/0.5", "mfac/2:4", "sparsegpt/tile16x32/0.5"):
         assert rows[name]["perplexity"] > 1, name
     assert rows["sparsegpt/2:4"]["params_removed"] == pytest.approx(0.5, abs=0.01)
+    assert rows["mfac/2:4"]["params_removed"] == pytest.approx(0.5, abs=0.01)
+    assert rows["mfac/2:4"]["walk_seconds_shared"] == rows["mfac/uniform/0.5"]["walk_seconds_shared"]  # one walk
     assert rows["gqsa-g16/W4S50"]["bytes_removed"] > rows["sparsegpt/uniform/0.5"]["bytes_removed"]
     assert rows["sparsegpt/uniform/0.5"]["mean_weighted_error"] < rows["magnitude/uniform/0.5"]["mean_weighted_error"]
     tile = rows["sparsegpt/tile16x32/0.5"]

@@ -1,11 +1,14 @@
 """Wanda and layer-wise OBS (SparseGPT): masks of the right shape, and less output error than magnitude."""
 
+import copy
+
 import pytest
 import torch
 
 import compress
 from compress.compressors import COMPRESSORS, LayerStats, MagnitudeConfig, SparseGPTConfig, WandaConfig
 from compress.compressors.masks import row_mask
+from compress.compressors.mfac import MFACConfig
 from compress.compressors.sparsegpt import inverse_hessian_factor, sparsegpt_prune
 from compress.errors import LlmpressError
 from compress.modules import SparseLinear, TileSparseLinear
@@ -155,3 +158,27 @@ def test_mfac_recipe_compresses_during_the_backward_walk(tokenizer, calib_text):
     assert len(first) == 6 and [r["block"] for r in first] == [1, 1, 1, 0, 0, 0]  # compressed last block first
     assert all(abs(1 - r["values_after"] / r["params_before"] - 0.5) < 0.01 for r in first)
     assert torch.isfinite(model(input_ids=torch.randint(0, 300, (1, 8))).logits).all()
+
+
+def test_pipelines_sharing_a_gradient_walk_match_separate_walks(tokenizer, calib_text):
+    """compress_from_gradients: two configs from one walk give what each gets from its own walk."""
+    from compress.pipeline import SequentialPipeline, compress_from_gradients
+
+    ids = torch.randint(0, 300, (3, 16), generator=torch.Generator().manual_seed(0))
+    configs = [MFACConfig(ratio=0.5, block_size=32), MFACConfig(pattern="2:4", block_size=32)]
+    base = tiny_model("llama")
+
+    def pipeline(config):
+        return SequentialPipeline(copy.deepcopy(base), [config], progress=False)
+
+    shared = [pipeline(c) for c in configs]
+    compress_from_gradients([(p, 0) for p in shared], ids)
+    for config, together in zip(configs, shared):
+        alone = pipeline(config)
+        alone.run(ids)
+        for a, b in zip(alone.model.modules(), together.model.modules()):
+            if hasattr(a, "to_dense"):
+                torch.testing.assert_close(a.to_dense(), b.to_dense())
+    mismatched = SequentialPipeline(copy.deepcopy(base), [MFACConfig(ratio=0.5, targets=["re:.*mlp.*"])], progress=False)
+    with pytest.raises(LlmpressError, match="same layers"):
+        compress_from_gradients([(shared[0], 0), (mismatched, 0)], ids)
