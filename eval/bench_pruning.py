@@ -49,13 +49,25 @@ def tile_rows(methods: list[str], ratios: list[float], tile: tuple[int, int]) ->
     return rows
 
 
-def gqsa_rows(ratios: list[float], group_sizes: list[int]) -> list[GridRow]:
+GQSA_VARIANTS = {  # name -> (group selection, scale refit)
+    "global": ("global", False),
+    "global+refit": ("global", True),
+    "blockwise": ("blockwise", False),
+    "blockwise+refit": ("blockwise", True),
+}
+
+
+def gqsa_rows(ratios: list[float], group_sizes: list[int], variants: list[str]) -> list[GridRow]:
+    """'gqsa-g16[blockwise+refit]/W4S50': group size, selection (+ scale refit), group sparsity."""
     config = COMPRESSORS["gqsa"].config_class
-    return [
-        GridRow(f"gqsa-g{g}/W4S{round(100 * r)}", "gqsa", "uniform", r, config(method="gqsa", ratio=r, group_size=g))
-        for g in group_sizes
-        for r in ratios
-    ]
+    rows = []
+    for v in variants:
+        selection, refit = GQSA_VARIANTS[v]
+        for g in group_sizes:
+            for r in ratios:
+                stage = config(method="gqsa", ratio=r, group_size=g, selection=selection, refit_scales=refit)
+                rows.append(GridRow(f"gqsa-g{g}[{v}]/W4S{round(100 * r)}", "gqsa", "uniform", r, stage))
+    return rows
 
 
 def mfac_rows(ratios: list[float], patterns: list[str]) -> list[GridRow]:
@@ -113,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tile", nargs=2, type=int, default=[64, 64], metavar=("ROWS", "COLS"))
     parser.add_argument("--gqsa-ratios", nargs="*", type=float, default=[0.0, 0.5])
     parser.add_argument("--gqsa-group-sizes", nargs="*", type=int, default=[16])
+    parser.add_argument("--gqsa-variants", nargs="*", default=["blockwise+refit"], choices=list(GQSA_VARIANTS))
     parser.add_argument("--mfac-ratios", nargs="*", type=float, default=[])
     parser.add_argument("--mfac-patterns", nargs="*", default=[], help="N:M patterns for M-FAC")
     parser.add_argument("--mfac-grads", type=int, default=128, help="per-sequence gradients for M-FAC (m)")
@@ -121,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     bench = Bench(args)
     rows = pruning_rows(args.methods, args.ratios, args.patterns) + tile_rows(args.tile_methods, args.tile_ratios, tuple(args.tile))
-    bench.grid(rows + gqsa_rows(args.gqsa_ratios, args.gqsa_group_sizes))
+    bench.grid(rows + gqsa_rows(args.gqsa_ratios, args.gqsa_group_sizes, args.gqsa_variants))
     mfac_grid(bench, mfac_rows(args.mfac_ratios, args.mfac_patterns), args.mfac_grads, args.mfac_seq_len)
     print(write_outputs(bench.out, bench.rows, title="SmolLM2-135M, pruning and GQSA (dense statistics)"))
     print(f"wrote {bench.out / 'results.json'}, results.md, ppl_vs_ratio.png")

@@ -17,12 +17,12 @@ def test_bench_pruning_tiny(tiny_model_dir, calib_text, tmp_path):
         "--num-samples", "2", "--seq-len", "32", "--eval-seq-len", "64", "--max-windows", "2",
     ])  # fmt: skip
     rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
-    for name in ("magnitude/uniform/0.5", "wanda/2:4", "sparsegpt/uniform/0.5", "gqsa-g16/W4S50", "mfac/uniform/0.5", "mfac/2:4", "sparsegpt/tile16x32/0.5"):
+    for name in ("magnitude/uniform/0.5", "wanda/2:4", "sparsegpt/uniform/0.5", "gqsa-g16[blockwise+refit]/W4S50", "mfac/uniform/0.5", "mfac/2:4", "sparsegpt/tile16x32/0.5"):
         assert rows[name]["perplexity"] > 1, name
     assert rows["sparsegpt/2:4"]["params_removed"] == pytest.approx(0.5, abs=0.01)
     assert rows["mfac/2:4"]["params_removed"] == pytest.approx(0.5, abs=0.01)
     assert rows["mfac/2:4"]["walk_seconds_shared"] == rows["mfac/uniform/0.5"]["walk_seconds_shared"]  # one walk
-    assert rows["gqsa-g16/W4S50"]["bytes_removed"] > rows["sparsegpt/uniform/0.5"]["bytes_removed"]
+    assert rows["gqsa-g16[blockwise+refit]/W4S50"]["bytes_removed"] > rows["sparsegpt/uniform/0.5"]["bytes_removed"]
     assert rows["sparsegpt/uniform/0.5"]["mean_weighted_error"] < rows["magnitude/uniform/0.5"]["mean_weighted_error"]
     tile = rows["sparsegpt/tile16x32/0.5"]
     assert tile["params_removed"] == pytest.approx(0.5, abs=0.01)

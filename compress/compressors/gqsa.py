@@ -2,17 +2,29 @@
 second-order group saliency, quantize the surviving groups to INT4 with GPTQ-style error feedback.
 
 1. Group saliency from OBS with the layer Hessian H = XᵀX: removing group G of row r costs
-   w_{r,G}ᵀ [(H⁻¹)_GG]⁻¹ w_{r,G} / 2 (one g×g inverse per column group, shared by all rows).
-2. Every row keeps its k = (1 − sparsity)·(in/g) most salient groups (balanced rows, for the kernel).
+   w_{r,G}ᵀ [(H⁻¹)_GG]⁻¹ w_{r,G} / 2.
+2. Which groups each row keeps (balanced rows, for the kernel):
+   - `selection: blockwise` (default): at the start of every lazy block of the OBS sweep, each row
+     keeps the (1 − sparsity) share of the block's groups with the highest saliency computed on
+     the weights *as updated so far* (SparseGPT's adaptive mask selection, per group), with the
+     sweep's conditional inverse Hessian: the g×g diagonal block U_GG of U (UᵀU = H⁻¹), cost
+     ‖U_GG⁻ᵀ w_G‖²/2. Every row keeps the same number of groups in every block.
+   - `selection: global`: every row keeps its k = (1 − sparsity)·(in/g) most salient groups of
+     the original weight, chosen once (groups may cluster anywhere in the row).
 3. One OBS sweep over the columns (compress/compressors/sparsegpt.obs_sweep): when it reaches a
    kept group its asymmetric 4-bit grid (scale, zero) is fitted to the group's weights *as
    updated so far*; each column is replaced by its quantized value (0 in dropped groups) and the
    columns to its right absorb the error.
-The paper's further stages (block-wise and end-to-end parameter optimization) train the
-quantization parameters; llmpress does no training, so they are not part of this method.
+4. `refit_scales` (default on): with the codes and zero points fixed, each row's k scales enter
+   the layer output linearly, so the scales that minimize ‖(W − Ŵ)Xᵀ‖² solve one k×k least-squares
+   system per row (damped towards the sweep's scales, so the error can only go down). This is the
+   closed-form, layer-wise part of the paper's scale optimization (BQPO); its block-wise and
+   end-to-end stages train by gradient descent, which llmpress (no training) does not do.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -30,6 +42,10 @@ class GQSAConfig(StageConfig):
     group_size: int = Field(default=16, ge=2, description="input columns per group (8, 16, 32, ...)")
     blocksize: int = Field(default=128, ge=2, description="columns per lazy-update block (a multiple of group_size)")
     percdamp: float = Field(default=0.01, gt=0.0, lt=1.0)
+    selection: Literal["blockwise", "global"] = Field(
+        default="blockwise", description="choose kept groups per lazy block from updated weights, or once from the original"
+    )
+    refit_scales: bool = Field(default=True, description="least-squares refit of the scales on the layer output error")
 
     @model_validator(mode="after")
     def _sizes(self):
@@ -51,6 +67,48 @@ def group_saliency(weight: torch.Tensor, u: torch.Tensor, group_size: int) -> to
     return 0.5 * torch.einsum("rng,ngh,rnh->rn", w, inv, w)
 
 
+def conditional_group_saliency(block: torch.Tensor, u_block: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(rows, groups) OBS cost of removing each group of a sweep block whose earlier columns are
+    fixed: ‖U_GG⁻ᵀ w_G‖²/2 with U_GG the group's diagonal block of U (UᵀU = H⁻¹)."""
+    rows, cols = block.shape
+    groups = cols // group_size
+    diag = torch.stack([u_block[i * group_size : (i + 1) * group_size, i * group_size : (i + 1) * group_size] for i in range(groups)])
+    w = block.double().reshape(rows, groups, group_size).transpose(0, 1).unsqueeze(-1)  # (groups, rows, g, 1)
+    t = torch.linalg.solve_triangular(diag.double().transpose(1, 2).unsqueeze(1), w, upper=False)  # U_GGᵀ t = w
+    return 0.5 * t.squeeze(-1).square().sum(-1).T
+
+
+def refit_scales(
+    weight: torch.Tensor, gram: torch.Tensor, codes: torch.Tensor, zeros: torch.Tensor, index: torch.Tensor, scales: torch.Tensor,
+    damp: float = 1e-4, chunk: int = 64,
+) -> torch.Tensor:  # fmt: skip
+    """Scales (out, k) minimizing ‖(W − Ŵ)Xᵀ‖² with Ŵ[r, G_a] = (q − z)_{r,a}·s_{r,a}, codes fixed.
+
+    Per row r with v_a = (q − z)_{r,a} (a g-vector): M_ab = v_aᵀ H[G_a, G_b] v_b and
+    c_a = v_aᵀ (H w_r)[G_a]; solve (M + λD)s = c + λD·s0 with D = diag(M), λ = `damp`, which
+    pulls ill-determined scales towards the sweep's s0 and never does worse than s0.
+    """
+    rows, k, g = codes.shape
+    h = gram.double().to(weight.device)
+    hw = weight.double() @ h  # (rows, in): H w_r per row (H symmetric)
+    v = codes.double() - zeros.double()[..., None]  # (rows, k, g)
+    cols = (index.long()[..., None] * g + torch.arange(g, device=index.device)).reshape(rows, k * g)
+    out = scales.double().clone()
+    for start in range(0, rows, chunk):
+        sl = slice(start, min(start + chunk, rows))
+        c_idx = cols[sl]  # (n, kg)
+        h_sub = h[c_idx[:, :, None], c_idx[:, None, :]].reshape(-1, k, g, k, g)
+        vv = v[sl]
+        m = torch.einsum("nai,naibj,nbj->nab", vv, h_sub, vv)
+        c = (vv * hw.gather(1, c_idx).reshape(-1, k, g)).sum(-1)
+        d = m.diagonal(dim1=1, dim2=2)
+        reg = damp * d + 1e-12 * (d.mean(-1, keepdim=True) + 1e-30)
+        lhs = m + torch.diag_embed(reg)
+        rhs = c + reg * out[sl]
+        out[sl] = torch.linalg.solve(lhs, rhs.unsqueeze(-1)).squeeze(-1)
+    return out
+
+
 def gqsa_quantize(weight: torch.Tensor, gram: torch.Tensor, config: GQSAConfig, name: str = "layer"):
     """(codes (out,k,g), scales (out,k), zeros (out,k), group_index (out,k), dequantized dense weight)."""
     rows, cols = weight.shape
@@ -58,20 +116,25 @@ def gqsa_quantize(weight: torch.Tensor, gram: torch.Tensor, config: GQSAConfig, 
     if cols % g:
         raise ValueError(f"GQSA needs in_features divisible by group_size={g}, got {cols}")
     groups = cols // g
-    keep_groups = max(1, round((1.0 - config.ratio) * groups))
     u, dead = inverse_hessian_factor(gram.to(weight.device), config.percdamp, name)
     w = weight.float().clone()
     w[:, dead] = 0.0
-    saliency = group_saliency(w, u, g)
-    index = saliency.topk(keep_groups, dim=1).indices.sort(dim=1).values  # (rows, k), ascending columns
+    keep_groups = max(1, round((1.0 - config.ratio) * groups))
     kept = torch.zeros(rows, groups, dtype=torch.bool, device=w.device)
-    kept.scatter_(1, index, True)
+    if config.selection == "global":
+        kept.scatter_(1, group_saliency(w, u, g).topk(keep_groups, dim=1).indices, True)
     scales = torch.zeros(rows, groups, device=w.device)
     zeros = torch.zeros(rows, groups, device=w.device)
     codes = torch.zeros(rows, cols, device=w.device)
 
     def rule(j: int, block: torch.Tensor, i: int) -> torch.Tensor:
         group = j // g
+        if i == 0 and config.selection == "blockwise":  # this block's groups, from its updated weights
+            first, count = j // g, block.shape[1] // g
+            # this block's share of the row's keep_groups (cumulative rounding: the shares sum to it)
+            keep = round(keep_groups * (first + count) / groups) - round(keep_groups * first / groups)
+            saliency = conditional_group_saliency(block, u[j : j + block.shape[1], j : j + block.shape[1]], g)
+            kept[:, first : first + count].scatter_(1, saliency.topk(keep, dim=1).indices, True)
         if j % g == 0:  # fit this group's grid to its current (error-corrected) weights
             values = block[:, i : i + g]
             lo = values.min(dim=1).values.clamp(max=0.0)
@@ -85,9 +148,17 @@ def gqsa_quantize(weight: torch.Tensor, gram: torch.Tensor, config: GQSAConfig, 
         return torch.where(kept[:, group], (code - zero) * scale, torch.zeros_like(code))
 
     dequantized = obs_sweep(w, u, config.blocksize, rule)
+    k = int(kept[0].sum())
+    index = kept.nonzero()[:, 1].reshape(rows, k)  # ascending column groups per row (equal counts)
     pick = index[..., None].expand(-1, -1, g)
     grouped_codes = codes.reshape(rows, groups, g).gather(1, pick)
-    return grouped_codes, scales.gather(1, index), zeros.gather(1, index), index, dequantized
+    kept_scales, kept_zeros = scales.gather(1, index), zeros.gather(1, index)
+    if config.refit_scales:
+        kept_scales = refit_scales(weight, gram, grouped_codes, kept_zeros, index, kept_scales).float()
+        dense = torch.zeros(rows, groups, g, device=w.device)
+        dense.scatter_(1, pick, (grouped_codes - kept_zeros[..., None]) * kept_scales[..., None])
+        dequantized = dense.reshape(rows, cols)
+    return grouped_codes, kept_scales, kept_zeros, index, dequantized
 
 
 @register_compressor
