@@ -104,7 +104,8 @@ def mfac_grid(bench: Bench, rows: list[GridRow], num_grads: int, seq_len: int) -
                 "method": row.method,
                 "allocation": row.allocation,
                 "ratio": row.ratio,
-                "statistics": f"dense gradients ({num_grads} x {seq_len})",
+                "statistics": "dense",
+                "gradients": f"{num_grads} sequences x {seq_len} tokens",
                 "params_removed": summary["nominal_ratio_removed"],
                 "bytes_removed": summary["storage_ratio_removed"],
                 "compress_seconds": round(own + shared, 1),  # its pruning plus the whole walk
