@@ -80,7 +80,7 @@ def conditional_group_saliency(block: torch.Tensor, u_block: torch.Tensor, group
 
 def refit_scales(
     weight: torch.Tensor, gram: torch.Tensor, codes: torch.Tensor, zeros: torch.Tensor, index: torch.Tensor, scales: torch.Tensor,
-    damp: float = 1e-4, chunk: int = 64,
+    damp: float = 1e-4, chunk: int = 128,
 ) -> torch.Tensor:  # fmt: skip
     """Scales (out, k) minimizing ‖(W − Ŵ)Xᵀ‖² with Ŵ[r, G_a] = (q − z)_{r,a}·s_{r,a}, codes fixed.
 
@@ -89,18 +89,22 @@ def refit_scales(
     pulls ill-determined scales towards the sweep's s0 and never does worse than s0.
     """
     rows, k, g = codes.shape
-    h = gram.double().to(weight.device)
-    hw = weight.double() @ h  # (rows, in): H w_r per row (H symmetric)
+    cols = gram.shape[0]
+    groups = cols // g
+    h4 = gram.double().to(weight.device).reshape(groups, g, groups, g)
+    hw = weight.double() @ gram.double().to(weight.device)  # (rows, in): H w_r per row (H symmetric)
     v = codes.double() - zeros.double()[..., None]  # (rows, k, g)
-    cols = (index.long()[..., None] * g + torch.arange(g, device=index.device)).reshape(rows, k * g)
+    pick = index.long()[..., None].expand(-1, -1, g)
     out = scales.double().clone()
     for start in range(0, rows, chunk):
         sl = slice(start, min(start + chunk, rows))
-        c_idx = cols[sl]  # (n, kg)
-        h_sub = h[c_idx[:, :, None], c_idx[:, None, :]].reshape(-1, k, g, k, g)
-        vv = v[sl]
-        m = torch.einsum("nai,naibj,nbj->nab", vv, h_sub, vv)
-        c = (vv * hw.gather(1, c_idx).reshape(-1, k, g)).sum(-1)
+        n = out[sl].shape[0]
+        u = torch.zeros(n, groups, g, dtype=torch.float64, device=weight.device).scatter_(1, pick[sl], v[sl])  # v in place
+        t = torch.einsum("aibj,rbj->raib", h4, u)  # GEMMs batched over column groups (K = g)
+        m_all = torch.einsum("rai,raib->rab", u, t)  # (n, groups, groups): every group pair's v_aᵀ H_ab v_b
+        idx = index.long()[sl]
+        m = m_all.gather(1, idx[:, :, None].expand(-1, -1, groups)).gather(2, idx[:, None, :].expand(-1, k, -1))
+        c = (v[sl] * hw[sl].reshape(n, groups, g).gather(1, pick[sl])).sum(-1)
         d = m.diagonal(dim1=1, dim2=2)
         reg = damp * d + 1e-12 * (d.mean(-1, keepdim=True) + 1e-30)
         lhs = m + torch.diag_embed(reg)
