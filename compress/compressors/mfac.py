@@ -17,6 +17,12 @@ the target sparsity gradually so that later choices see earlier updates.
 The m per-sequence gradients of every weight are too many to hold for a whole model: the
 pipeline compresses each block during one backward walk (`SequentialPipeline._gradient_stage`).
 Calibration `num_samples` is m.
+
+Memory: the walk holds one block's gradient windows, m·d_block fp32 values, and pruning a layer
+adds G and P = K⁻¹G in fp64, 2·m·d_layer·8 bytes. SmolLM2-135M with m = 128: 1.7 GiB + 1.7 GiB.
+A Llama-2-7B / Llama-3-8B block holds ~0.2 G weights: at m = 128 that is ~100 GiB of gradients
+plus ~90-110 GiB for its largest layer, so a 7B model needs either a few hundred GiB of host
+memory or a smaller m (m = 16: ~25 GiB), or gradients streamed to disk per layer.
 """
 
 from __future__ import annotations
