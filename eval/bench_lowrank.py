@@ -147,26 +147,28 @@ class Bench:
             pipeline = SequentialPipeline(model, [row.stage], progress=False, layer_configs=layer_configs)
             with torch.no_grad():
                 records = pipeline.run(None, stats=stats)
-            seconds = time.perf_counter() - t0
-            summary = summarize(records, left_dense)
-            self.record(
-                {
-                    "name": row.name,
-                    "method": row.method,
-                    "allocation": row.allocation,
-                    "ratio": row.ratio,
-                    "statistics": "dense",
-                    "params_removed": summary["nominal_ratio_removed"],
-                    "bytes_removed": summary["storage_ratio_removed"],
-                    "mean_weighted_error": summary["mean_rel_weighted_error"],
-                    "knapsack_cost": cost,
-                    "cost": row.cost if row.allocation == "knapsack" else None,
-                    "levels": chosen,
-                    "compress_seconds": round(seconds + stats_seconds / len(pending), 1),
-                    **self.evaluate(model),
-                }
-            )
+            seconds = time.perf_counter() - t0 + stats_seconds / len(pending)
+            extra = {"knapsack_cost": cost, "cost": row.cost if row.allocation == "knapsack" else None, "levels": chosen}
+            self.record_row(row, summarize(records, left_dense), seconds, model, **extra)
             del model
+
+    def record_row(self, row: GridRow, summary: dict[str, Any], seconds: float, model, **extra: Any) -> None:
+        """Record a grid row compressed from dense statistics: sizes, error, time, perplexity."""
+        self.record(
+            {
+                "name": row.name,
+                "method": row.method,
+                "allocation": row.allocation,
+                "ratio": row.ratio,
+                "statistics": "dense",
+                "params_removed": summary["nominal_ratio_removed"],
+                "bytes_removed": summary["storage_ratio_removed"],
+                "mean_weighted_error": summary["mean_rel_weighted_error"],
+                **extra,
+                "compress_seconds": round(seconds, 1),
+                **self.evaluate(model),
+            }
+        )
 
     # ---- EoRA: sequential pipeline ------------------------------------------------------------
     def eora(self) -> None:

@@ -97,22 +97,9 @@ def mfac_grid(bench: Bench, rows: list[GridRow], num_grads: int, seq_len: int) -
     shared = walk_seconds - sum(layer_seconds)
     print(f"M-FAC gradient walk ({num_grads} x {seq_len} tokens) and pruning: {walk_seconds:.0f} s", flush=True)
     for row, pipeline, records, own in zip(pending, pipelines, all_records, layer_seconds):
-        summary = summarize(records)
-        bench.record(
-            {
-                "name": row.name,
-                "method": row.method,
-                "allocation": row.allocation,
-                "ratio": row.ratio,
-                "statistics": "dense",
-                "gradients": f"{num_grads} sequences x {seq_len} tokens",
-                "params_removed": summary["nominal_ratio_removed"],
-                "bytes_removed": summary["storage_ratio_removed"],
-                "compress_seconds": round(own + shared, 1),  # its pruning plus the whole walk
-                "walk_seconds_shared": round(shared, 1),
-                **bench.evaluate(pipeline.model),
-            }
-        )
+        # its pruning plus the whole walk
+        extra = {"gradients": f"{num_grads} sequences x {seq_len} tokens", "walk_seconds_shared": round(shared, 1)}
+        bench.record_row(row, summarize(records), own + shared, pipeline.model, **extra)
 
 
 def main(argv: list[str] | None = None) -> None:

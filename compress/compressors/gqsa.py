@@ -56,13 +56,18 @@ class GQSAConfig(StageConfig):
         return self
 
 
+def diagonal_blocks(matrix: torch.Tensor, size: int) -> torch.Tensor:
+    """(n/size, size, size): the diagonal blocks of a square (n, n) matrix."""
+    groups = matrix.shape[0] // size
+    return torch.stack([matrix[i * size : (i + 1) * size, i * size : (i + 1) * size] for i in range(groups)])
+
+
 def group_saliency(weight: torch.Tensor, u: torch.Tensor, group_size: int) -> torch.Tensor:
     """(rows, groups) OBS cost of removing each group: w_Gᵀ [(H⁻¹)_GG]⁻¹ w_G / 2."""
     rows, cols = weight.shape
     groups = cols // group_size
-    hinv = (u.T @ u).double()  # UᵀU = H⁻¹
-    blocks = torch.stack([hinv[i * group_size : (i + 1) * group_size, i * group_size : (i + 1) * group_size] for i in range(groups)])
-    inv = torch.linalg.inv(blocks)  # (groups, g, g)
+    ug = u.double().reshape(cols, groups, group_size)
+    inv = torch.linalg.inv(torch.einsum("cag,cah->agh", ug, ug))  # [(H⁻¹)_GG]⁻¹ = [U_GᵀU_G]⁻¹, (groups, g, g)
     w = weight.double().reshape(rows, groups, group_size)
     return 0.5 * torch.einsum("rng,ngh,rnh->rn", w, inv, w)
 
@@ -72,7 +77,7 @@ def conditional_group_saliency(block: torch.Tensor, u_block: torch.Tensor, group
     fixed: ‖U_GG⁻ᵀ w_G‖²/2 with U_GG the group's diagonal block of U (UᵀU = H⁻¹)."""
     rows, cols = block.shape
     groups = cols // group_size
-    diag = torch.stack([u_block[i * group_size : (i + 1) * group_size, i * group_size : (i + 1) * group_size] for i in range(groups)])
+    diag = diagonal_blocks(u_block, group_size)
     w = block.double().reshape(rows, groups, group_size).transpose(0, 1).unsqueeze(-1)  # (groups, rows, g, 1)
     t = torch.linalg.solve_triangular(diag.double().transpose(1, 2).unsqueeze(1), w, upper=False)  # U_GGᵀ t = w
     return 0.5 * t.squeeze(-1).square().sum(-1).T
