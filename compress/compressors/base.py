@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -57,6 +57,9 @@ class LayerStats:
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     num_tokens: int = 0
+    # what a compressor derives from these statistics and may reuse when several configs are
+    # compressed from the same statistics (M-FAC's Fisher inverse for several sparsities)
+    derived: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[name]

@@ -15,17 +15,19 @@ are the lowest-saliency ones, and the rest absorb them with one IHVP,
 the target sparsity gradually so that later choices see earlier updates.
 
 The m per-sequence gradients of every weight are too many to hold for a whole model: the
-pipeline compresses each block during one backward walk (`SequentialPipeline._gradient_stage`).
+pipeline compresses each block during one backward walk (`pipeline.compress_from_gradients`).
 Calibration `num_samples` is m.
 
 Memory: the walk holds one block's gradient windows, m·d_block fp32 values, and pruning a layer
-adds G and P = K⁻¹G in fp64, 2·m·d_layer·8 bytes. SmolLM2-135M with m = 128: 1.7 GiB + 1.7 GiB.
-A Llama-2-7B / Llama-3-8B block holds ~0.2 G weights: at m = 128 that is ~100 GiB of gradients
-plus ~90-110 GiB for its largest layer, so a 7B model needs either a few hundred GiB of host
-memory or a smaller m (m = 16: ~25 GiB), or gradients streamed to disk per layer.
+adds Z = L⁻¹G in fp64, m·d_layer·8 bytes. SmolLM2-135M (3.5 M weights per block, 0.9 M in its
+largest layer) with m = 128: 1.7 GiB + 0.8 GiB. A Llama-3-8B block holds 0.22 G weights, its MLP
+layers 58.7 M each: at m = 128 that is 104 GiB of gradients plus 56 GiB for one MLP layer, so an
+8B model needs a large host, a smaller m (m = 16: 13 + 7 GiB), or gradients streamed per layer.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from pydantic import Field
@@ -44,42 +46,55 @@ class MFACConfig(PruningConfig):
 
 
 class BlockFisherInverse:
-    """The inverse of the block-diagonal empirical Fisher of m gradients over d weights."""
+    """The inverse of the block-diagonal empirical Fisher of m gradients over d weights.
+
+    Only Z = L⁻¹G is kept (K = LLᵀ), since Gᵀ K⁻¹ G = ZᵀZ: one triangular solve instead of
+    K⁻¹G's two, and m·d values instead of G and K⁻¹G's 2·m·d.
+    """
+
+    CHUNK = 128  # blocks per batched factorization (small chunks stay in cache)
 
     def __init__(self, grads: torch.Tensor, block_size: int, damp: float):
         m, d = grads.shape
         if d % block_size:
             raise ValueError(f"block_size {block_size} must divide the number of weights {d}")
-        if not torch.isfinite(grads).all():
+        blocks = d // block_size
+        g32 = grads.reshape(m, blocks, block_size)
+        mean_square = float(torch.linalg.vector_norm(grads)) ** 2 / grads.numel()
+        if not math.isfinite(mean_square):
             raise LlmpressError("gradients contain NaN/Inf: the calibration loss overflowed; try float32")
-        g = grads.double().reshape(m, d // block_size, block_size).transpose(0, 1)  # (blocks, m, B)
-        scale = float(g.square().mean())
-        self.lam = damp * scale if scale > 0 else damp
+        self.lam = damp * mean_square or damp
         self.m = m
-        self.g = g
-        eye = torch.eye(m, dtype=g.dtype, device=g.device)
-        k = m * self.lam * eye + g @ g.transpose(1, 2)  # (blocks, m, m), positive definite
-        self.p = torch.cholesky_solve(g, torch.linalg.cholesky(k))  # K⁻¹G, (blocks, m, B)
+        self.z = torch.empty(blocks, m, block_size, dtype=torch.float64, device=grads.device)
+        damping = torch.eye(m, dtype=torch.float64, device=grads.device).mul_(m * self.lam)
+        for start in range(0, blocks, self.CHUNK):  # fp64 G a chunk at a time: memory m·d·8 for Z only
+            g = g32[:, start : start + self.CHUNK].double().transpose(0, 1).contiguous()  # (chunk, m, B)
+            k = torch.baddbmm(damping.expand(len(g), m, m), g, g.transpose(1, 2))  # positive definite
+            torch.linalg.solve_triangular(torch.linalg.cholesky(k), g, upper=False, out=self.z[start : start + self.CHUNK])
 
     def diag(self) -> torch.Tensor:
-        """[F⁻¹]_qq for every weight, flattened (d,)."""
-        return ((1.0 - (self.g * self.p).sum(1)) / self.lam).reshape(-1)
+        """[F⁻¹]_qq = (1 − ‖z_q‖²)/λ for every weight, flattened (d,)."""
+        return ((1.0 - self.z.square().sum(1)) / self.lam).reshape(-1)
 
     def mul(self, v: torch.Tensor) -> torch.Tensor:
-        """F⁻¹·v for a flattened (d,) vector."""
-        vb = v.double().reshape(self.g.shape[0], -1)  # (blocks, B)
-        pv = (self.p @ vb.unsqueeze(-1)).squeeze(-1)  # (blocks, m)
-        return ((vb - (self.g.transpose(1, 2) @ pv.unsqueeze(-1)).squeeze(-1)) / self.lam).reshape(-1)
+        """F⁻¹·v = (v − Zᵀ(Z·v))/λ for a flattened (d,) vector."""
+        vb = v.double().reshape(self.z.shape[0], -1)  # (blocks, B)
+        zv = torch.einsum("kmb,kb->km", self.z, vb)
+        return ((vb - torch.einsum("kmb,km->kb", self.z, zv)) / self.lam).reshape(-1)
 
 
-def mfac_prune(weight: torch.Tensor, grads: torch.Tensor, config: MFACConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(updated weight with zeros, keep-mask) after `config.steps` OBS steps with the M-FAC inverse."""
+def mfac_prune(
+    weight: torch.Tensor, grads: torch.Tensor, config: MFACConfig, inverse: BlockFisherInverse | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(updated weight with zeros, keep-mask) after `config.steps` OBS steps with the M-FAC inverse
+    (`inverse`, when given, must be that of `grads` with the config's block size and damping)."""
     rows, cols = weight.shape
     if grads.shape[1] != weight.numel():
         raise ValueError(f"gradients have {grads.shape[1]} entries per sample, the weight has {weight.numel()}")
     if config.pattern == "tile":
         raise ValueError("mfac does not choose tile-structured masks; use sparsegpt, wanda or magnitude for pattern 'tile'")
-    inverse = BlockFisherInverse(grads, config.block_size, config.damp)
+    if inverse is None:
+        inverse = BlockFisherInverse(grads, config.block_size, config.damp)
     diag = inverse.diag().clamp_min(1e-30)
     w = weight.double().reshape(-1).clone()
     keep = torch.ones_like(w, dtype=torch.bool)
@@ -110,5 +125,9 @@ class MFACCompressor(Compressor):
     level_field = "ratio"
 
     def compress(self, weight, bias, stats: LayerStats, config: MFACConfig, base=None) -> SparseLinear:
-        pruned, keep = mfac_prune(weight, stats["grads"], config)
+        # several sparsities pruned from one gradient window (a benchmark's rows) share the inverse
+        key = ("mfac_inverse", config.block_size, config.damp)
+        if key not in stats.derived:
+            stats.derived[key] = BlockFisherInverse(stats["grads"], config.block_size, config.damp)
+        pruned, keep = mfac_prune(weight, stats["grads"], config, stats.derived[key])
         return SparseLinear.from_dense(pruned, keep, bias, pattern=config.pattern)
