@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gqsa-variants", nargs="*", default=["blockwise+refit"], choices=list(GQSA_VARIANTS))
     parser.add_argument("--mfac-ratios", nargs="*", type=float, default=[])
     parser.add_argument("--mfac-patterns", nargs="*", default=[], help="N:M patterns for M-FAC")
-    parser.add_argument("--mfac-grads", type=int, default=128, help="per-sequence gradients for M-FAC (m)")
+    parser.add_argument("--mfac-grads", type=int, default=64, help="per-sequence gradients for M-FAC (m)")
     parser.add_argument("--mfac-seq-len", type=int, default=256, help="tokens per gradient sequence")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
