@@ -146,6 +146,23 @@ def test_mfac_obs_beats_magnitude_in_fisher_loss(pattern, ratio):
     assert loss(pruned - W) < 0.7 * loss(magnitude.to_dense() - W)
 
 
+def test_mfac_configs_share_one_inverse_per_gradient_window():
+    from compress.compressors.base import LayerStats
+    from compress.compressors.mfac import MFACCompressor, MFACConfig
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(8, 32, generator=g)
+    stats = LayerStats({"grads": torch.randn(16, 256, generator=g)}, 16)
+    compressor = MFACCompressor()
+    shared = [compressor.compress(W, None, stats, MFACConfig(ratio=r, block_size=64)).to_dense() for r in (0.3, 0.6)]
+    assert len(stats.derived) == 1  # built once, reused by the second sparsity
+    alone = [compressor.compress(W, None, LayerStats(dict(stats.tensors), 16), MFACConfig(ratio=r, block_size=64)).to_dense() for r in (0.3, 0.6)]
+    for a, b in zip(shared, alone):
+        torch.testing.assert_close(a, b)
+    compressor.compress(W, None, stats, MFACConfig(ratio=0.3, block_size=64, damp=1.0))
+    assert len(stats.derived) == 2  # another damping is another inverse
+
+
 def test_mfac_recipe_compresses_during_the_backward_walk(tokenizer, calib_text):
     recipe = {
         "calibration": {"num_samples": 4, "seq_len": 32},
