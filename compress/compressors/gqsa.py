@@ -96,14 +96,15 @@ def refit_scales(
     rows, k, g = codes.shape
     cols = gram.shape[0]
     groups = cols // g
-    h4 = gram.double().to(weight.device).reshape(groups, g, groups, g)
-    hw = weight.double() @ gram.double().to(weight.device)  # (rows, in): H w_r per row (H symmetric)
+    h = gram.double().to(weight.device)
+    h4 = h.reshape(groups, g, groups, g)
+    hw = weight.double() @ h  # (rows, in): H w_r per row (H symmetric)
     v = codes.double() - zeros.double()[..., None]  # (rows, k, g)
     pick = index.long()[..., None].expand(-1, -1, g)
     out = scales.double().clone()
     for start in range(0, rows, chunk):
         sl = slice(start, min(start + chunk, rows))
-        n = out[sl].shape[0]
+        n = sl.stop - sl.start
         u = torch.zeros(n, groups, g, dtype=torch.float64, device=weight.device).scatter_(1, pick[sl], v[sl])  # v in place
         t = torch.einsum("aibj,rbj->raib", h4, u)  # GEMMs batched over column groups (K = g)
         m_all = torch.einsum("rai,raib->rab", u, t)  # (n, groups, groups): every group pair's v_aᵀ H_ab v_b

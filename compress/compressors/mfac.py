@@ -6,8 +6,9 @@ form used here, batched over all blocks:
 
     F⁻¹ = (1/λ)·(I − Gᵀ K⁻¹ G),   K = mλ·I_m + G·Gᵀ   (per block: G is m × B)
 
-so with P = K⁻¹G precomputed (O(d·m²) in all), an inverse-Hessian-vector product is
-(v − Gᵀ(P·v))/λ in O(d·m) and a diagonal element [F⁻¹]_qq = (1 − g_qᵀ p_q)/λ costs O(m).
+so with K = LLᵀ and Z = L⁻¹G precomputed (O(d·m²) in all), GᵀK⁻¹G = ZᵀZ: an
+inverse-Hessian-vector product is (v − Zᵀ(Z·v))/λ in O(d·m) and a diagonal element
+[F⁻¹]_qq = (1 − ‖z_q‖²)/λ costs O(m).
 
 Pruning follows OBS: a weight's saliency is w_q²/(2[F⁻¹]_qq); the weights to remove at a step
 are the lowest-saliency ones, and the rest absorb them with one IHVP,
@@ -70,7 +71,6 @@ class BlockFisherInverse:
         if not math.isfinite(mean_square):
             raise LlmpressError("gradients contain NaN/Inf: the calibration loss overflowed; try float32")
         self.lam = damp * mean_square or damp
-        self.m = m
         self.z = torch.empty(blocks, m, block_size, dtype=torch.float64, device=grads.device)
         damping = torch.eye(m, dtype=torch.float64, device=grads.device).mul_(m * self.lam)
         for start in range(0, blocks, self.CHUNK):  # fp64 G a chunk at a time: memory m·d·8 for Z only
