@@ -254,25 +254,31 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], title: str = "SmolLM2-1
         import matplotlib.pyplot as plt
     except ImportError:
         return table
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    series: dict[str, list[tuple[float, float]]] = {}
+    # Two x axes: parameters removed (what a recipe's ratio sets) and true bytes removed (what a
+    # user pays for: dictionary coefficients carry indices, so the two differ by up to 24 points).
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    series: dict[str, list[tuple[float, float, float]]] = {}
     for r in rows:
         if r.get("statistics") == "dense" and r["method"] != "dense":
-            name = r['name'].split('/')
-            series.setdefault(f"{name[0]} ({name[1]})", []).append((r["params_removed"], r["perplexity"]))
-    for label, points in sorted(series.items()):
-        points.sort()
-        ax.plot([100 * p for p, _ in points], [v for _, v in points], marker="o", label=label)
+            name = r["name"].split("/")
+            point = (r["params_removed"], r.get("bytes_removed", r["params_removed"]), r["perplexity"])
+            series.setdefault(f"{name[0]} ({name[1]})", []).append(point)
     dense = [r for r in rows if r["method"] == "dense"]
-    if dense:
-        ax.axhline(dense[0]["perplexity"], color="gray", linestyle="--", label="dense")
-    ax.set_yscale("log")
-    ax.set_xlabel("target parameters removed (%)")
-    ax.set_ylabel("WikiText-2 perplexity (log)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    for ax, axis, xlabel in zip(axes, (0, 1), ("target parameters removed (%)", "true bytes removed (%, indices counted)")):
+        for i, (label, points) in enumerate(sorted(series.items())):
+            points.sort(key=lambda p: p[axis])
+            cycle = i // 10 % 3  # the colour cycle has 10 entries: later series change marker and line
+            style = {"marker": "os^"[cycle], "linestyle": ("-", "--", ":")[cycle]}
+            ax.plot([100 * p[axis] for p in points], [p[2] for p in points], label=label, **style)
+        if dense:
+            ax.axhline(dense[0]["perplexity"], color="gray", linestyle="--", label="dense")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+    axes[0].set_ylabel("WikiText-2 perplexity (log)")
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out / "ppl_vs_ratio.png", dpi=120)
+    fig.savefig(out / "ppl_vs_ratio.png", dpi=120, bbox_inches="tight")
     return table
 
 
