@@ -47,7 +47,7 @@ def _solve_on_support(gram: torch.Tensor, corr: torch.Tensor, support: torch.Ten
     sub = gram[support.unsqueeze(-1), support.unsqueeze(-2)]  # rows × s × s
     rhs = corr.gather(1, support)
     scale = sub.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True).clamp_min(1e-30)
-    sub = sub + torch.diag_embed((ridge * scale).expand_as(rhs))
+    sub.diagonal(dim1=-2, dim2=-1).add_(ridge * scale)  # in place: the gather made a fresh tensor
     chol, info = torch.linalg.cholesky_ex(sub)
     if int(info.max()) == 0:
         return torch.cholesky_solve(rhs.unsqueeze(-1), chol).squeeze(-1)
