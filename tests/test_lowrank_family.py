@@ -128,7 +128,7 @@ def test_knapsack_beats_uniform_on_the_profile(tokenizer, calib_text):
     pipeline = SequentialPipeline(model, [stage], progress=False)
     levels = [0.0, 0.2, 0.4, 0.6, 0.8]
     profiles = profile_layers(pipeline, ids, 0, levels)
-    config = AllocationConfig(ratio=0.4, levels=levels)
+    config = AllocationConfig(ratio=0.4, levels=levels, cost="weighted_sq")
     plan = solve_allocation(profiles, config)
     uniform_cost = sum(next(r for r in results if r.level == 0.4).rel_weighted_error ** 2 for results in profiles.values())
     uniform_size = sum(next(r for r in results if r.level == 0.4).values for results in profiles.values())
@@ -137,7 +137,7 @@ def test_knapsack_beats_uniform_on_the_profile(tokenizer, calib_text):
     lagrangian = solve_allocation(profiles, config.model_copy(update={"solver": "lagrangian"}))
     assert lagrangian.chosen_total <= lagrangian.budget and lagrangian.total_cost >= plan.total_cost - 1e-9
     with pytest.raises(LlmpressError, match="infeasible budget"):
-        solve_allocation(profiles, AllocationConfig(ratio=0.9, levels=[0.0, 0.2]))
+        solve_allocation(profiles, AllocationConfig(ratio=0.9, levels=[0.0, 0.2], cost="weighted_sq"))
 
 
 def test_fisher_cost_weighs_layers_by_their_fisher_energy(tokenizer, calib_text):
