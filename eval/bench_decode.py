@@ -5,8 +5,10 @@ weights from the config, nothing downloaded) in each compressed format.
 
 Every decoder Linear is replaced by the format's module built from its random fp16 weight (the
 same builders as eval/bench_kernels.py: the kernels read the same bytes whatever the values). Decode
-speed is measured with `generate` (greedy, a fixed number of new tokens): the time of T new tokens
-minus the time of one (which holds the prefill), so tokens/s counts decode steps only. Peak memory
+speed is measured with `generate` (greedy, a fixed number of new tokens): a logits processor stamps
+the clock once per generated token, and a step is the median interval between stamps, so the
+prefill is left out and tokens/s counts decode steps only (differencing two runs' totals instead
+went negative on a busy CPU). Peak memory
 is torch.cuda.max_memory_allocated over the run. Writes OUT/results.json and results.md. Without a
 GPU it runs a tiny config on the PyTorch references (a check of the script, not a measurement).
 """
@@ -16,12 +18,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, LogitsProcessor, LogitsProcessorList
 
 from compress.compressors.masks import tile_mask
 from compress.modules import CompressedLinear, SparseLinear, TileSparseLinear
@@ -66,24 +69,34 @@ def build_model(config: LlamaConfig, variant: str, device: torch.device, dtype: 
     return model
 
 
+class _StepClock(LogitsProcessor):
+    """Stamps the clock each time generate has the next token's logits (once per decode step)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
 def decode_speed(model, batch: int, prompt: int, new_tokens: int, vocab: int, device) -> dict[str, float]:
+    if new_tokens < 2:
+        raise ValueError("decode speed needs --new-tokens >= 2 (a step is the time between two tokens)")
     ids = torch.randint(0, vocab, (batch, prompt), device=device)
     kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
 
-    def run(n: int) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = model.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        assert out.shape[1] == prompt + n
-        return time.perf_counter() - t0
+    def steps(n: int) -> list[float]:
+        clock = _StepClock(device)
+        out = model.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, logits_processor=LogitsProcessorList([clock]), **kwargs)
+        assert out.shape[1] == prompt + n and len(clock.stamps) == n
+        return [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
 
-    run(2)  # warm-up: compile kernels, allocate the cache
-    one = min(run(1) for _ in range(2))
-    many = min(run(new_tokens) for _ in range(2))
-    step = (many - one) / (new_tokens - 1)
+    steps(2)  # warm-up: compile kernels, allocate the cache
+    step = statistics.median(steps(new_tokens) + steps(new_tokens))
     return {"ms_per_step": 1e3 * step, "tokens_per_s": batch / step}
 
 
