@@ -138,7 +138,8 @@ def _allocation_lines(allocation: dict[str, Any] | None) -> list[str]:
     lines = [
         f"Allocation: knapsack over {len(allocation['layers'])} layers, {allocation['unit']} "
         f"{allocation['chosen_total']:,} of {allocation['budget']:,} allowed (dense {allocation['dense_total']:,}; "
-        f"ratio {allocation['ratio']}), total cost {allocation['total_cost']:.4f}, profiled in {allocation['seconds']:.1f} s.",
+        f"ratio {allocation['ratio']}), total cost {allocation['total_cost']:.4f}"
+        f"{' (' + allocation['cost'] + ')' if allocation.get('cost') else ''}, profiled in {allocation['seconds']:.1f} s.",
         "",
     ]
     grid, columns = allocation_grid(allocation)

@@ -160,9 +160,10 @@ def test_fisher_cost_weighs_layers_by_their_fisher_energy(tokenizer, calib_text)
     )
     assert plan.total_cost == pytest.approx(expected) and plan.chosen_total <= plan.budget
     recipe = {"calibration": {"num_samples": 3, "seq_len": 32}, "stages": [{"method": "whitened_svd"}],
-              "allocation": {"ratio": 0.3, "levels": levels, "cost": "fisher"}}  # fmt: skip
+              "allocation": {"ratio": 0.3, "levels": levels}}  # fmt: skip  (fisher is the default cost)
     _, report = compress.compress_model(tiny_model("llama"), recipe, dataset=str(calib_text), tokenizer=tokenizer, progress=False)
     assert report["allocation"]["chosen_total"] <= report["allocation"]["budget"]
+    assert report["allocation"]["cost"] == "fisher"
 
 
 def test_dense_statistics_mode_equals_reused_stats(tokenizer, calib_text):
