@@ -26,7 +26,7 @@ def allocation_summary(plan: AllocationPlan | None, recipe: Recipe) -> dict[str,
         return None
     if plan is None:
         return {"strategy": "uniform", "stage": recipe.allocation.stage, "ratio": recipe.allocation.ratio}
-    return {**plan.as_dict(), "cost": recipe.allocation.cost}  # which cost priced the options
+    return plan.as_dict()
 
 
 def compress_model(

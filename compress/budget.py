@@ -83,6 +83,7 @@ class AllocationPlan:
     dense_total: int
     chosen_total: int
     total_cost: float
+    cost: str  # the AllocationConfig.cost that priced the options
     seconds: float
     layers: list[LayerChoice] = field(default_factory=list)
 
@@ -188,7 +189,7 @@ def solve_allocation(profiles: dict[str, list[LevelResult]], config: AllocationC
     for n, i in zip(names, choice):
         r = profiles[n][i]
         layers.append(LayerChoice(n, r.level, r.values, r.bytes, dense[n].values, dense[n].bytes, r.rel_error, r.rel_weighted_error))
-    return AllocationPlan("knapsack", config.stage, config.unit, config.ratio, budget, dense_total, size, cost, seconds, layers)
+    return AllocationPlan("knapsack", config.stage, config.unit, config.ratio, budget, dense_total, size, cost, config.cost, seconds, layers)
 
 
 def _dense_entry(results: list[LevelResult]) -> LevelResult:

@@ -255,7 +255,7 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], title: str = "SmolLM2-1
     except ImportError:
         return table
     # Two x axes: parameters removed (what a recipe's ratio sets) and true bytes removed (what a
-    # user pays for: dictionary coefficients carry indices, so the two differ by up to 24 points).
+    # user pays for: dictionary coefficients carry indices, so the two can differ by 20+ points).
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     series: dict[str, list[tuple[float, float, float]]] = {}
     for r in rows:
