@@ -1,12 +1,24 @@
-"""Find a model's decoder blocks without assuming `model.model.layers`.
+"""Decoder-block plumbing: find the blocks, catch what each one receives, run and move them.
 
-First choice: the ModuleList whose children are the classes in the model's own
-`_no_split_modules` (what accelerate uses to place whole blocks on one device). Then a list of
-known attribute paths; last, the longest ModuleList of identical modules that contain Linears.
+Finding the blocks does not assume `model.model.layers`. First choice: the ModuleList whose
+children are the classes in the model's own `_no_split_modules` (what accelerate uses to place
+whole blocks on one device). Then a list of known attribute paths; last, the longest ModuleList
+of identical modules that contain Linears.
+
+What a block receives is caught from the model's own forward (`capture_block_inputs`): every
+block's forward is swapped for a recorder that keeps its keyword arguments and passes the hidden
+states through. The model itself therefore builds each layer's attention mask (sliding window or
+full, chunked) and rotary embedding (per-layer-type RoPE bases, as in Gemma-2/3, Mistral, gpt-oss,
+Cohere-2, Llama-4) exactly as in a plain forward, and nothing here is model-specific.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
 from torch import nn
 
 from .errors import LlmpressError
@@ -65,3 +77,163 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         f"{sorted(no_split) or 'repeated blocks'} and none of {list(KNOWN_BLOCK_PATHS)}. "
         "Please report the architecture"
     )
+
+
+def to_device(obj: Any, device: torch.device | str) -> Any:
+    """Move tensors inside nested tuples/lists/dicts (block kwargs) to `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device | str) -> None:
+    """Move every parameter/buffer that is not inside the decoder blocks (embeddings, rotary, norm)."""
+    inside = {id(m) for m in blocks.modules()}
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        for param in module.parameters(recurse=False):
+            param.data = param.data.to(device)
+        for key, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[key] = buf.to(device)
+
+
+# (block index, positional args, keyword args) -> what the block returns to the model
+BlockStandIn = Callable[[int, tuple, dict], Any]
+
+
+@contextmanager
+def blocks_replaced(blocks: nn.ModuleList, stand_in: BlockStandIn) -> Iterator[None]:
+    """Within the context, calling block i runs `stand_in(i, args, kwargs)` instead of its forward.
+
+    The blocks stay in place (the model may read their attributes, e.g. a layer's attention type)
+    and only their `forward` is shadowed by an instance attribute; an instance `forward` already
+    there (accelerate's offload hooks put one) is restored afterwards.
+    """
+    saved = [block.__dict__.get("forward") for block in blocks]
+    try:
+        for index, block in enumerate(blocks):
+            block.forward = lambda *args, _i=index, **kwargs: stand_in(_i, args, kwargs)
+        yield
+    finally:
+        for block, forward in zip(blocks, saved):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
+
+
+class _StopForward(Exception):
+    """Raised by the last recorder: nothing after the blocks is needed."""
+
+
+def split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
+    """(hidden states, the other keyword arguments) of a block call."""
+    kwargs = dict(kwargs)
+    if args:
+        if len(args) > 1:
+            raise LlmpressError(
+                f"a decoder block was called with {len(args)} positional arguments; llmpress expects the hidden "
+                "states alone positionally and the rest as keywords (every transformers v5 model does). Please report the model"
+            )
+        return args[0], kwargs
+    return kwargs.pop("hidden_states"), kwargs
+
+
+@dataclass
+class BlockInputs:
+    """Calibration batches entering the current block, and what every block receives besides.
+
+    `hiddens[b]` is batch b's hidden state at the current block's input (advanced by
+    `run_block`); `kwargs[i][b]` is block i's own keyword arguments for batch b (attention mask,
+    position embeddings, ...). Tensors shared between blocks (layers of one attention type get the
+    same mask and RoPE) are stored once.
+    """
+
+    hiddens: list[torch.Tensor]
+    kwargs: list[list[dict]]
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    input_ids: torch.Tensor,
+    batch_size: int,
+    device: torch.device | str,
+    offload_device: torch.device | str,
+) -> BlockInputs:
+    """Block 0's hidden states and every block's keyword arguments, for each calibration batch.
+
+    One forward of the model per batch with every block replaced by a recorder (no block is
+    computed, none is moved to the device): the model computes each layer's mask and RoPE itself.
+    """
+    hiddens: list[torch.Tensor] = []
+    kwargs: list[list[dict]] = [[] for _ in blocks]
+    stored: dict[int, torch.Tensor] = {}  # id of a tensor of this batch -> its offloaded copy
+
+    def keep(obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            if id(obj) not in stored:
+                stored[id(obj)] = obj.detach().to(offload_device)
+            return stored[id(obj)]
+        if isinstance(obj, (tuple, list)):
+            return type(obj)(keep(o) for o in obj)
+        if isinstance(obj, dict):
+            return {k: keep(v) for k, v in obj.items()}
+        return obj
+
+    def record(index: int, args: tuple, call_kwargs: dict) -> Any:
+        hidden, rest = split_hidden(args, call_kwargs)
+        if index == 0:
+            hiddens.append(hidden.detach().to(offload_device))
+        kwargs[index].append(keep(rest))
+        if index == len(blocks) - 1:
+            raise _StopForward
+        return hidden
+
+    move_outside_blocks(model, blocks, device)
+    try:
+        with blocks_replaced(blocks, record):
+            for batch in input_ids.split(batch_size):
+                stored.clear()
+                try:
+                    model(input_ids=batch.to(device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        stored.clear()
+        move_outside_blocks(model, blocks, offload_device)
+    if any(len(k) != len(hiddens) for k in kwargs):
+        called = [len(k) for k in kwargs]
+        raise LlmpressError(f"the model's forward did not call every decoder block once per batch (calls per block: {called})")
+    return BlockInputs(hiddens, kwargs)
+
+
+def block_output(out: Any) -> torch.Tensor:
+    """The hidden state in a block's return value (a tensor, or a tuple whose first item it is)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def run_block(
+    block: nn.Module,
+    hiddens: list[torch.Tensor],
+    kwargs: list[dict],
+    device: torch.device | str,
+    offload_device: torch.device | str,
+    keep: bool,
+) -> list[torch.Tensor] | None:
+    """Run every batch through `block` with its own kwargs; return the outputs (offloaded) if `keep`."""
+    outputs = [] if keep else None
+    for hidden, block_kwargs in zip(hiddens, kwargs):
+        out = block_output(block(hidden.to(device), **to_device(block_kwargs, device)))
+        if keep:
+            outputs.append(out.detach().to(offload_device))
+    return outputs

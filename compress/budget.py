@@ -2,7 +2,7 @@
 
 A recipe's `allocation` section names the stage whose level (e.g. whitened_svd's `ratio`) is
 chosen per layer, the global ratio removed (of parameters or of true bytes), and the candidate
-levels. Profiling runs the *dense* model once (`SequentialPipeline.collect_stats`); each layer's
+levels. Profiling runs the *dense* model once (`DenseStatsPipeline.collect`); each layer's
 compressor measures its size and error at every level (`Compressor.profile`: one SVD for all
 ranks for the low-rank family); level 0 means "leave the layer dense". The solver
 (compress/allocation.py) picks one level per layer minimizing the summed cost under the budget.
@@ -23,7 +23,7 @@ from .allocation import Option, solve_dp, solve_lagrangian, total
 from .compressors import LayerStats, StageConfig
 from .compressors.base import LevelResult, flush_denormals
 from .errors import LlmpressError
-from .pipeline import SequentialPipeline
+from .pipelines import DenseStatsPipeline, FisherSums
 
 logger = logging.getLogger("compress")
 
@@ -33,7 +33,7 @@ DEFAULT_LEVELS = [round(0.05 * i, 2) for i in range(20)]  # 0 (dense), 0.05, ...
 class AllocationConfig(BaseModel):
     """The `allocation:` section of a recipe."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     strategy: Literal["knapsack", "uniform"] = "knapsack"
     stage: int = Field(default=0, ge=0, description="index of the stage whose level is allocated")
@@ -88,7 +88,7 @@ class AllocationPlan:
     layers: list[LayerChoice] = field(default_factory=list)
 
     def layer_configs(self, stage: StageConfig, level_field: str) -> dict[int, dict[str, StageConfig | None]]:
-        """Per-layer configs for `SequentialPipeline(layer_configs=...)`; level 0 leaves a layer dense."""
+        """Per-layer configs for a pipeline's `layer_configs`; level 0 leaves a layer dense."""
         configs: dict[str, StageConfig | None] = {}
         for choice in self.layers:
             configs[choice.name] = None if choice.level == 0 else stage.model_copy(update={level_field: choice.level})
@@ -105,7 +105,7 @@ def _dense_result(weight: torch.Tensor, bias: torch.Tensor | None) -> LevelResul
 
 
 def profile_block(
-    pipeline: SequentialPipeline, stage_index: int, index: int, stats: dict[str, LayerStats], levels: list[float]
+    pipeline: DenseStatsPipeline, stage_index: int, index: int, stats: dict[str, LayerStats], levels: list[float]
 ) -> dict[str, list[LevelResult]]:
     """Size and error of each of this block's target layers at every level (level 0: dense)."""
     stage = pipeline.stages[stage_index]
@@ -130,15 +130,17 @@ def profile_block(
 
 
 def profile_layers(
-    pipeline: SequentialPipeline,
+    pipeline: DenseStatsPipeline,
     input_ids: torch.Tensor,
     stage_index: int,
     levels: list[float],
+    fisher: FisherSums | None = None,
     keep_stats: dict[str, LayerStats] | None = None,
 ) -> dict[str, list[LevelResult]]:
     """Profile every target layer of a stage on the dense model (one calibration pass).
 
-    `keep_stats`: a dict to also receive the collected statistics, for reuse (`run(stats=...)`).
+    `fisher`: Fisher sums already collected (else collected here if the pipeline's `fisher_for`
+    asks); `keep_stats`: a dict to also receive the collected statistics, for reuse.
     """
     profiles: dict[str, list[LevelResult]] = {}
 
@@ -147,7 +149,7 @@ def profile_layers(
             keep_stats.update(stats)
         profiles.update(profile_block(pipeline, stage_index, index, stats, levels))
 
-    pipeline.collect_stats(input_ids, on_block, stage_indices=[stage_index])
+    pipeline.collect(input_ids, on_block, stage_indices=[stage_index], fisher=fisher)
     return profiles
 
 
@@ -200,17 +202,21 @@ def _dense_entry(results: list[LevelResult]) -> LevelResult:
     raise LlmpressError("allocation profiles must include level 0 (the dense layer) to define the budget")
 
 
-def plan_allocation(pipeline: SequentialPipeline, input_ids: torch.Tensor | None, config: AllocationConfig) -> AllocationPlan:
-    """Profile the dense model and solve; logs the chosen level per layer."""
-    if config.stage >= len(pipeline.stages):
-        raise LlmpressError(f"allocation.stage {config.stage} but the recipe has {len(pipeline.stages)} stages")
+def plan_allocation(
+    profiler: DenseStatsPipeline, input_ids: torch.Tensor | None, config: AllocationConfig, fisher: FisherSums | None = None
+) -> AllocationPlan:
+    """Profile the dense model and solve; logs the chosen level per layer.
+
+    `profiler` is a dense-statistics pipeline over the recipe's stages (with `fisher_for` holding
+    the allocated stage when the cost is `fisher`); `fisher`: sums already collected.
+    """
+    if config.stage >= len(profiler.stages):
+        raise LlmpressError(f"allocation.stage {config.stage} but the recipe has {len(profiler.stages)} stages")
     if input_ids is None:
         raise LlmpressError("knapsack allocation measures layer errors on calibration data: set calibration.num_samples >= 1")
     start = time.perf_counter()
     levels = sorted(set(config.levels) | {0.0})
-    if config.cost == "fisher":
-        pipeline.fisher_stages.add(config.stage)
-    profiles = profile_layers(pipeline, input_ids, config.stage, levels)
+    profiles = profile_layers(profiler, input_ids, config.stage, levels, fisher)
     plan = solve_allocation(profiles, config, seconds=time.perf_counter() - start)
     for choice in plan.layers:
         logger.info("allocation %-40s level %.2f  size %d/%d", choice.name, choice.level, choice.values, choice.dense_values)

@@ -24,7 +24,7 @@ def _add_compress(sub) -> None:
     p.add_argument("--num-samples", type=int, help="calibration windows (overrides the recipe)")
     p.add_argument("--seq-len", type=int, help="tokens per calibration window (overrides the recipe)")
     p.add_argument("--device", help="where blocks are computed (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (fp32 when --device is cpu, bf16 on a GPU)")
     p.add_argument("--output-dir", help="checkpoint directory (default: out/<model>-<recipe>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field by dotted path, e.g. stages.0.ratio=0.3 (repeatable)")
@@ -97,28 +97,20 @@ def cmd_compress(args) -> int:
 
     from .api import compress_model
     from .checkpoint import check_output_dir, save_compressed
-    from .model_loading import check_device, load_model, load_tokenizer, resolve_model_source
-    from .recipe import load_recipe
+    from .model_loading import check_device, load_model, load_tokenizer, resolve_dtype, resolve_model_source
+    from .recipe import load_recipe, with_calibration
     from .report import report_markdown
 
     recipe = load_recipe(args.recipe, args.overrides)
+    recipe = with_calibration(recipe, num_samples=args.num_samples, seq_len=args.seq_len, dataset=args.dataset)
     resolve_model_source(args.model)  # fail fast on a missing path or device
-    check_device(args.device)
+    device = check_device(args.device)
     output_dir = Path(args.output_dir) if args.output_dir else _default_output_dir(args.model, recipe.name)
     check_output_dir(output_dir, args.overwrite)
     tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, dtype=args.dtype, device="cpu")
+    model = load_model(args.model, dtype=resolve_dtype(args.dtype, device), device="cpu")
     with logging_redirect_tqdm():
-        model, report = compress_model(
-            model,
-            recipe,
-            dataset=args.dataset,
-            tokenizer=tokenizer,
-            num_samples=args.num_samples,
-            seq_len=args.seq_len,
-            device=args.device,
-            progress=not args.quiet,
-        )
+        model, report = compress_model(model, recipe, tokenizer=tokenizer, device=device, progress=not args.quiet)
     report["model"] = args.model
     save_compressed(model, output_dir, tokenizer=tokenizer, recipe=recipe, report=report, overwrite=args.overwrite)
     summary = report["summary"]

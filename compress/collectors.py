@@ -25,22 +25,29 @@ class Collector(ABC):
         self.num_tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
+        """Accumulate a batch. No host-device sync here: finiteness is checked once, in `result`."""
         x = x.reshape(-1, x.shape[-1])
-        if not torch.isfinite(x).all():
+        self.num_tokens += x.shape[0]
+        self.update(x)
+
+    def result(self) -> torch.Tensor:
+        """The accumulated statistic; non-finite activations (NaN/Inf) make it non-finite."""
+        value = self.value()
+        if not torch.isfinite(value).all():
             raise LlmpressError(
                 f"non-finite (NaN/Inf) activations enter {self.layer_name} during calibration. "
                 "The model overflows in this dtype or the calibration data is broken: try --dtype float32 "
                 "or bfloat16, and check the dataset"
             )
-        self.num_tokens += x.shape[0]
-        self.update(x)
+        return value
 
     @abstractmethod
     def update(self, x: torch.Tensor) -> None:
         """Accumulate one batch of inputs, shaped (tokens, in_features)."""
 
     @abstractmethod
-    def result(self) -> torch.Tensor: ...
+    def value(self) -> torch.Tensor:
+        """The running sum as it stands."""
 
 
 class GramCollector(Collector):
@@ -56,7 +63,7 @@ class GramCollector(Collector):
         x64 = x.to(torch.float64)
         self.gram.addmm_(x64.T, x64)
 
-    def result(self):
+    def value(self):
         return self.gram
 
 
@@ -72,7 +79,7 @@ class ChannelNormCollector(Collector):
     def update(self, x):
         self.sq += x.to(torch.float64).square().sum(0)
 
-    def result(self):
+    def value(self):
         return self.sq
 
 
@@ -87,26 +94,50 @@ def register_collector(cls: type[Collector]) -> type[Collector]:
 
 
 class LinearInputHooks:
-    """Forward hooks that feed each named Linear's input to its collectors; a context manager."""
+    """Forward hooks that feed each named Linear's input to its collectors; a context manager.
+
+    Layers that read the very same input tensor (q/k/v of an attention, gate/up of an MLP) share
+    one set of collectors: their Gram is accumulated once, and `shared_with` records who reads
+    whose. Collectors are created on a layer's first call, so a layer never called has none.
+    """
+
+    RECENT = 8  # inputs remembered to find layers that share one (they are called back to back)
 
     def __init__(self, linears: dict[str, torch.nn.Module], names: set[str]):
         unknown = names - set(COLLECTORS)
         if unknown:
             raise ValueError(f"unknown collectors {sorted(unknown)}; known: {sorted(COLLECTORS)}")
         self.collectors: dict[str, dict[str, Collector]] = {}
+        self.shared_with: dict[str, str] = {}  # layer -> the layer whose collectors it reads
         self._linears = linears
         self._names = sorted(names)
         self._handles = []
+        self._recent: list[tuple[torch.Tensor, str]] = []
+
+    def _feed(self, layer_name: str, linear: torch.nn.Module, x: torch.Tensor) -> None:
+        owner = next((name for seen, name in self._recent if seen is x), None)
+        if layer_name not in self.collectors:
+            if owner is not None:  # first call: this input was already fed under `owner`
+                self.shared_with[layer_name] = owner
+                self.collectors[layer_name] = self.collectors[owner]
+                return
+            self.collectors[layer_name] = {n: COLLECTORS[n](layer_name, linear.in_features, x.device) for n in self._names}
+        elif layer_name in self.shared_with:
+            if owner != self.shared_with[layer_name]:
+                raise LlmpressError(
+                    f"{layer_name} shared its input with {self.shared_with[layer_name]} on the first batch but not "
+                    "on a later one; calibration statistics would be wrong. Please report the model"
+                )
+            return
+        for collector in self.collectors[layer_name].values():
+            collector.add(x.detach())
+        self._recent = [(x, layer_name)] + self._recent[: self.RECENT - 1]
 
     def __enter__(self) -> "LinearInputHooks":
         for layer_name, linear in self._linears.items():
-            device = next(linear.parameters()).device
-            per_layer = {n: COLLECTORS[n](layer_name, linear.in_features, device) for n in self._names}
-            self.collectors[layer_name] = per_layer
 
-            def hook(module, args, _per_layer=per_layer):
-                for collector in _per_layer.values():
-                    collector.add(args[0].detach())
+            def hook(module, args, _name=layer_name):
+                self._feed(_name, module, args[0])
 
             self._handles.append(linear.register_forward_pre_hook(hook))
         return self
@@ -115,3 +146,4 @@ class LinearInputHooks:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._recent.clear()

@@ -6,11 +6,11 @@ decoder block is on the device at a time:
 
 1. forward the calibration sequences through the dense blocks (no autograd), keeping every
    block's input on the offload device (a chunk of sequences at a time, to bound memory);
-2. the tail (final norm, LM head, loss) runs through the model's own forward with the blocks
-   swapped for replay modules that return the last hidden state, so it works for any
-   architecture; its gradient w.r.t. that state starts the backward pass;
-3. walking the blocks backwards, each one recomputes its forward from its stored input with
-   autograd on, back-propagates the incoming gradient, and hands the gradient of its input to
+2. the tail (final norm, LM head, loss) runs through the model's own forward with every block's
+   forward replaced (`blocks_replaced`): the last one returns the stored final hidden state, so
+   it works for any architecture; its gradient w.r.t. that state starts the backward pass;
+3. walking the blocks backwards, each one recomputes its forward from its stored input (and its
+   own keyword arguments: masks and RoPE differ per layer type) with autograd on, back-propagates the incoming gradient, and hands the gradient of its input to
    the block before it. Squared weight gradients are summed per sequence (batch of one: the
    empirical Fisher is a sum over samples, not the square of a batch mean).
 
@@ -30,26 +30,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .pipeline import _move_outside_blocks, _to, capture_block_inputs
+from .blocks import blocks_replaced, capture_block_inputs, move_outside_blocks, split_hidden, to_device
 
 logger = logging.getLogger("compress")
 
 
-class _Replay(nn.Module):
-    """Stands in for a decoder block during the tail pass: passes hidden states through, the last
-    one returns the stored final hidden state (in the container type the real block returns)."""
-
-    def __init__(self, output: torch.Tensor | None, as_tuple: bool):
-        super().__init__()
-        self.output = output
-        self.as_tuple = as_tuple
-
-    def forward(self, hidden_states, *args, **kwargs):
-        out = hidden_states if self.output is None else self.output
-        return (out,) if self.as_tuple else out
-
-
 def _block_forward(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, bool]:
+    """(the block's output hidden state, whether the block returns it inside a tuple)."""
     out = block(hidden, **kwargs)
     if isinstance(out, (tuple, list)):
         return out[0], True
@@ -133,17 +120,18 @@ def collect_fisher(
 
 
 def _walk_chunk(model, blocks, chunk, by_weight, on_gradient, on_block_done, device, offload_device) -> None:
-    hiddens, kwargs_list = capture_block_inputs(model, blocks, chunk, 1, device, offload_device)
+    captured = capture_block_inputs(model, blocks, chunk, 1, device, offload_device)
     # 1. dense forward, keeping each block's inputs
     inputs: list[list[torch.Tensor]] = []
+    hiddens = captured.hiddens
     as_tuple = False
     with torch.no_grad():
-        for block in blocks:
+        for index, block in enumerate(blocks):
             block.to(device)
             inputs.append(hiddens)
             outs = []
-            for hidden, kwargs in zip(hiddens, kwargs_list):
-                out, as_tuple = _block_forward(block, hidden.to(device), _to(kwargs, device))
+            for hidden, kwargs in zip(hiddens, captured.kwargs[index]):
+                out, as_tuple = _block_forward(block, hidden.to(device), to_device(kwargs, device))
                 outs.append(out.to(offload_device))
             hiddens = outs
             block.to(offload_device)
@@ -157,10 +145,10 @@ def _walk_chunk(model, blocks, chunk, by_weight, on_gradient, on_block_done, dev
         for w in weights:
             w.requires_grad_(True)
         new_grads = []
-        for hidden, kwargs, grad in zip(inputs[index], kwargs_list, grads):
+        for hidden, kwargs, grad in zip(inputs[index], captured.kwargs[index], grads):
             x = hidden.to(device).requires_grad_(True)
             with torch.enable_grad():
-                out, _ = _block_forward(block, x, _to(kwargs, device))
+                out, _ = _block_forward(block, x, to_device(kwargs, device))
                 out.backward(grad.to(device))
             for w in weights:
                 on_gradient(by_weight[id(w)], w.grad.detach())
@@ -176,24 +164,26 @@ def _walk_chunk(model, blocks, chunk, by_weight, on_gradient, on_block_done, dev
 
 def _tail_gradients(model, blocks, chunk, last_hiddens, as_tuple, device, offload_device) -> list[torch.Tensor]:
     """∂loss/∂(last hidden state) for each sequence of the chunk, using the model's own norm, head
-    and loss. The blocks are swapped for replays and the rest of the model moved once per chunk."""
-    originals = list(blocks)
-    replay_last = _Replay(None, as_tuple)
+    and loss. No block is computed: each passes its input on and the last returns the stored state."""
+    last = len(blocks) - 1
+    state: dict[str, torch.Tensor] = {}
+
+    def stand_in(index: int, args: tuple, kwargs: dict):
+        hidden = state["last"] if index == last else split_hidden(args, kwargs)[0]
+        return (hidden,) if as_tuple else hidden
+
     grads = []
+    move_outside_blocks(model, blocks, device)
     try:
-        for i in range(len(blocks)):
-            blocks[i] = replay_last if i == len(blocks) - 1 else _Replay(None, as_tuple)
-        _move_outside_blocks(model, blocks, device)
-        for seq, last in zip(chunk, last_hiddens):
-            h = last.to(device).requires_grad_(True)
-            replay_last.output = h
-            with torch.enable_grad():
-                ids = seq[None].to(device)
-                loss: Any = model(input_ids=ids, labels=ids, use_cache=False).loss
-                loss.backward()
-            grads.append(h.grad.detach().to(offload_device))
+        with blocks_replaced(blocks, stand_in):
+            for seq, hidden in zip(chunk, last_hiddens):
+                h = state["last"] = hidden.to(device).requires_grad_(True)
+                with torch.enable_grad():
+                    ids = seq[None].to(device)
+                    loss: Any = model(input_ids=ids, labels=ids, use_cache=False).loss
+                    loss.backward()
+                grads.append(h.grad.detach().to(offload_device))
     finally:
-        for i, block in enumerate(originals):
-            blocks[i] = block
-        _move_outside_blocks(model, blocks, offload_device)
+        state.clear()
+        move_outside_blocks(model, blocks, offload_device)
     return grads

@@ -17,9 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
+import re
 from typing import Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from .budget import AllocationConfig
@@ -28,8 +29,30 @@ from .compressors import COMPRESSORS, StageConfig
 from .errors import LlmpressError
 
 
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without YAML 1.1's base-60 numbers: `pattern: 2:4` is the string
+    "2:4" (as in YAML 1.2), not the integer 124."""
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_INT = re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$")
+_FLOAT = re.compile(
+    r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9_]+(?:[eE][-+][0-9]+)?"
+    r"|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:int", _INT, list("-+0123456789"))
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=YamlLoader)
+
+
 class CalibrationConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     dataset: str | None = Field(default=None, description="file, HF dataset id, or None for the built-in corpus")
     num_samples: int = Field(default=32, ge=0, description="0 = data-free (no calibration pass)")
@@ -44,10 +67,17 @@ class CalibrationConfig(BaseModel):
         description="sequential: each block calibrated on the compressed model's outputs; dense: all "
         "statistics from the uncompressed model (faster, no error correction across blocks)",
     )
+    weighted_errors: bool = Field(
+        default=False,
+        description="collect every target's Gram to report calibration-weighted errors even for methods that need "
+        "no Gram; data-free recipes then calibrate only for that",
+    )
 
 
 class Recipe(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A validated, immutable recipe: overrides build a new one (`load_recipe(..., overrides)`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = "recipe"
     description: str = ""
@@ -141,13 +171,23 @@ def _stage_level_from_allocation(data: dict, errors: list[str]) -> None:
         )
 
 
+def with_calibration(recipe: Recipe, **changes: Any) -> Recipe:
+    """A new recipe whose calibration section has `changes` (None values ignored), validated."""
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if not changes:
+        return recipe
+    data = recipe.model_dump(mode="json")
+    data["calibration"] = {**data["calibration"], **changes}
+    return parse_recipe(data, "<recipe with calibration " + ", ".join(f"{k}={v}" for k, v in changes.items()) + ">")
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `key.path=value` strings (values parsed as YAML) to a recipe mapping."""
     for item in overrides:
         if "=" not in item:
             raise LlmpressError(f"--set expects key=value, got {item!r} (example: --set stages.0.ratio=0.3)")
         key, _, raw = item.partition("=")
-        value = yaml.safe_load(raw)
+        value = load_yaml(raw)
         node: Any = data
         parts = key.strip().split(".")
         for depth, part in enumerate(parts):
@@ -205,7 +245,7 @@ def load_recipe(path: str | Path | dict | Recipe, overrides: list[str] | None = 
     if not path.is_file():
         raise LlmpressError(f"recipe file {str(path)!r} not found; examples live in recipes/ (e.g. recipes/svd-20.yaml)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise LlmpressError(f"recipe {path} is not valid YAML: {exc}") from None
     return parse_recipe(data, str(path), overrides)

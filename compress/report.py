@@ -9,7 +9,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from .modules import CompressedLinear
-from .pipeline import LayerRecord
+from .metrics import LayerRecord
 
 
 def model_size(model: nn.Module) -> dict[str, int]:

@@ -30,12 +30,14 @@ from dataclasses import dataclass
 import torch
 
 from compress.api import compress_model
-from compress.budget import COSTS, AllocationConfig, profile_block, solve_allocation
+from compress.budget import COSTS, AllocationConfig, profile_block
 from compress.compressors import COMPRESSORS, StageConfig, rank_for_ratio
 from compress.data import calibration_windows
 from compress.model_loading import load_model, load_tokenizer
-from compress.pipeline import SequentialPipeline
+from compress.pipelines import DenseStatsPipeline
+from compress.recipe import CalibrationConfig, Recipe
 from compress.report import summarize
+from compress.runner import CompressionRunner
 from compress.targets import match_linears
 
 from .perplexity import perplexity
@@ -123,8 +125,8 @@ class Bench:
         methods = list(stages)
         start = time.perf_counter()
         stats: dict[str, Any] = {}
-        collector = SequentialPipeline(self.dense, [stages[m] for m in methods], progress=True)
-        collector.fisher_stages = {methods.index(r.method) for r in pending if r.allocation == "knapsack" and r.cost == "fisher"}
+        fisher_for = {methods.index(r.method) for r in pending if r.allocation == "knapsack" and r.cost == "fisher"}
+        collector = DenseStatsPipeline(self.dense, [stages[m] for m in methods], progress=True, fisher_for=fisher_for)
         profiles: dict[str, dict[str, Any]] = {m: {} for m in profiled}
 
         def on_block(index, block_stats):
@@ -132,24 +134,26 @@ class Bench:
             for m in profiled:
                 profiles[m].update(profile_block(collector, methods.index(m), index, block_stats, levels))
 
-        collector.collect_stats(self.calib_ids, on_block)
+        collector.collect(self.calib_ids, on_block)
         stats_seconds = time.perf_counter() - start
         print(f"dense statistics and profiles: {stats_seconds:.0f} s", flush=True)
+        calibration = CalibrationConfig(statistics="dense", weighted_errors=True)
         for row in pending:
             model = copy.deepcopy(self.dense)
             t0 = time.perf_counter()
-            layer_configs, cost, chosen, left_dense = None, None, None, []
+            allocation = None
             if row.allocation == "knapsack":
-                plan = solve_allocation(profiles[row.method], AllocationConfig(ratio=row.ratio, levels=levels, cost=row.cost))
-                layer_configs = plan.layer_configs(row.stage, "ratio")
-                cost, chosen = plan.total_cost, [c.level for c in plan.layers]
-                left_dense = [(c.dense_values, c.dense_bytes) for c in plan.layers if c.level == 0]
-            pipeline = SequentialPipeline(model, [row.stage], progress=False, layer_configs=layer_configs)
-            with torch.no_grad():
-                records = pipeline.run(None, stats=stats)
+                allocation = AllocationConfig(ratio=row.ratio, levels=levels, cost=row.cost)
+            recipe = Recipe(name=row.name, calibration=calibration, stages=[row.stage], allocation=allocation)
+            result = CompressionRunner(model, recipe, progress=False).run(None, stats=stats, profiles=profiles.get(row.method))
+            plan = result.plan
             seconds = time.perf_counter() - t0 + stats_seconds / len(pending)
-            extra = {"knapsack_cost": cost, "cost": row.cost if row.allocation == "knapsack" else None, "levels": chosen}
-            self.record_row(row, summarize(records, left_dense), seconds, model, **extra)
+            extra = {
+                "knapsack_cost": plan.total_cost if plan else None,
+                "cost": row.cost if plan else None,
+                "levels": [c.level for c in plan.layers] if plan else None,
+            }
+            self.record_row(row, summarize(result.records, result.left_dense()), seconds, model, **extra)
             del model
 
     def record_row(self, row: GridRow, summary: dict[str, Any], seconds: float, model, **extra: Any) -> None:
@@ -194,7 +198,7 @@ class Bench:
         if self.done(name):
             return
         args = self.args
-        calibration = {"num_samples": num_samples or args.num_samples, "seq_len": args.seq_len, "seed": args.seed}
+        calibration = {"num_samples": num_samples or args.num_samples, "seq_len": args.seq_len, "seed": args.seed, "weighted_errors": True}
         t0 = time.perf_counter()
         model, report = compress_model(
             copy.deepcopy(self.dense), {"calibration": calibration, "stages": stages}, dataset=args.calib,

@@ -21,7 +21,7 @@ import torch
 
 from compress.compressors import COMPRESSORS
 from compress.data import calibration_windows
-from compress.pipeline import SequentialPipeline, compress_from_gradients
+from compress.pipelines import SequentialPipeline, compress_from_gradients
 from compress.report import summarize
 
 from .bench_lowrank import Bench, GridRow, add_common_args, write_outputs

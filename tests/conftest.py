@@ -51,6 +51,57 @@ def tiny_model(kind: str = "llama", layers: int = 2, seed: int = 0):
     return model.eval()
 
 
+# Every family the README names, plus those that hand layers of different attention types their
+# own mask and RoPE (sliding windows shorter than the test sequences, which are 24+ tokens).
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "opt", "gpt_neox")
+
+
+def family_config(kind: str, layers: int = 3):
+    """A tiny random config of one architecture family."""
+    import transformers as tf
+
+    head = dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, vocab_size=VOCAB, **head)
+    special = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if kind in ("llama", "qwen2"):
+        return tiny_config(kind, layers)
+    if kind == "qwen3":
+        return tf.Qwen3Config(**common, **special, head_dim=16)
+    if kind == "mistral":
+        return tf.MistralConfig(**common, **special, sliding_window=8)
+    if kind == "gemma2":  # alternating sliding/full layers, soft-capping
+        return tf.Gemma2Config(**common, **special, head_dim=16, sliding_window=8, query_pre_attn_scalar=16)
+    if kind == "gemma3":  # mixed layer types with a RoPE base per type, as in the held-out model
+        return tf.Gemma3TextConfig(
+            **common, **special, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+            layer_types=(["sliding_attention", "sliding_attention", "full_attention"] * layers)[:layers],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+            },
+        )  # fmt: skip
+    if kind == "phi3":
+        return tf.Phi3Config(**common, **special)
+    if kind == "opt":
+        return tf.OPTConfig(
+            hidden_size=64, ffn_dim=128, num_hidden_layers=layers, num_attention_heads=4, vocab_size=VOCAB,
+            max_position_embeddings=256, word_embed_proj_dim=64, **special,
+        )  # fmt: skip
+    if kind == "gpt_neox":
+        return tf.GPTNeoXConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4, vocab_size=VOCAB,
+            max_position_embeddings=256, rotary_pct=0.5, **special,
+        )  # fmt: skip
+    raise ValueError(kind)
+
+
+def family_model(kind: str, layers: int = 3, seed: int = 0, dtype: torch.dtype = torch.float64):
+    """A tiny random model of one family, in float64 so that block-by-block runs can be compared
+    with a plain forward to near machine precision."""
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(family_config(kind, layers), dtype=dtype).eval()
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     backend = Tokenizer(models.BPE(unk_token="<unk>"))

@@ -10,7 +10,7 @@ from compress.modules import LowRankLinear, SparseLinear
 from conftest import tiny_model
 
 RECIPE = {
-    "calibration": {"num_samples": 4, "seq_len": 32},
+    "calibration": {"num_samples": 4, "seq_len": 32, "weighted_errors": True},
     "stages": [
         {"method": "svd", "ratio": 0.3, "targets": ["re:.*self_attn\\..*"]},
         {"method": "magnitude", "pattern": "2:4", "targets": ["re:.*mlp\\..*"]},
@@ -36,6 +36,13 @@ def test_compress_model_report(compressed):
     assert report["calibration"]["tokens"] == 4 * 32
     assert isinstance(model.model.layers[0].self_attn.q_proj, LowRankLinear)
     assert isinstance(model.model.layers[1].mlp.down_proj, SparseLinear)
+
+
+def test_data_free_recipe_skips_calibration_unless_weighted_errors_are_asked(tokenizer, calib_text):
+    recipe = {**RECIPE, "calibration": {"num_samples": 4, "seq_len": 32}}
+    _, report = compress.compress_model(tiny_model("llama"), recipe, dataset=str(calib_text), tokenizer=tokenizer, progress=False)
+    assert report["calibration"]["tokens"] == 0
+    assert all(r["rel_weighted_error"] is None for r in report["layers"]) and len(report["layers"]) == 14
 
 
 def test_save_load_round_trip_is_bit_exact(compressed, tmp_path, tokenizer):

@@ -15,7 +15,7 @@ def _recipe(tmp_path, body: str):
     return str(path)
 
 
-GOOD = "calibration: {num_samples: 4, seq_len: 32}\nstages:\n  - method: svd\n    ratio: 0.25\n"
+GOOD = "calibration: {num_samples: 4, seq_len: 32, weighted_errors: true}\nstages:\n  - method: svd\n    ratio: 0.25\n"
 
 
 def test_compress_eval_inspect(tiny_model_dir, tmp_path, calib_text, capsys):

@@ -17,7 +17,7 @@ from compress.compressors.sparse_coding import (
 from compress.compressors.whitened_svd import WhitenedSVDConfig
 from compress.errors import LlmpressError
 from compress.modules import DictLinear
-from compress.pipeline import relative_errors
+from compress.metrics import relative_errors
 
 
 def _layer(out_f=48, in_f=32, tokens=256, seed=0):

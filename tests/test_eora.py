@@ -5,7 +5,7 @@ import compress
 from compress.compressors import COMPRESSORS, EoRAConfig, LayerStats, MagnitudeConfig
 from compress.compressors.svd import truncated_svd
 from compress.modules import EoRALinear, LowRankLinear, SparseLinear
-from compress.pipeline import relative_errors
+from compress.metrics import relative_errors
 from conftest import tiny_model
 
 
@@ -41,7 +41,7 @@ def test_eora_needs_a_base():
 
 def test_eora_stage_in_pipeline_and_round_trip(tokenizer, calib_text, tmp_path):
     recipe = {
-        "calibration": {"num_samples": 4, "seq_len": 48},
+        "calibration": {"num_samples": 4, "seq_len": 48, "weighted_errors": True},
         "stages": [
             {"method": "svd", "ratio": 0.6, "targets": ["re:.*self_attn.*"]},
             {"method": "magnitude", "ratio": 0.6, "targets": ["re:.*mlp.*"]},

@@ -8,7 +8,7 @@ from compress.compressors import COMPRESSORS, GQSAConfig, LayerStats
 from compress.compressors.gqsa import gqsa_quantize
 from compress.modules import GQSALinear
 from compress.modules.gqsa import pack_int4, unpack_int4
-from compress.pipeline import relative_errors
+from compress.metrics import relative_errors
 from conftest import tiny_model
 
 

@@ -14,7 +14,8 @@ from compress.data import calibration_windows
 from compress.errors import LlmpressError
 from compress.fisher import collect_fisher
 from compress.modules import LowRankLinear
-from compress.pipeline import SequentialPipeline, relative_errors
+from compress.metrics import relative_errors
+from compress.pipelines import DenseStatsPipeline, SequentialPipeline, build_pipeline
 from compress.targets import match_linears
 from conftest import tiny_model
 
@@ -125,7 +126,7 @@ def test_knapsack_beats_uniform_on_the_profile(tokenizer, calib_text):
     model = tiny_model("llama")
     ids = calibration_windows(tokenizer, str(calib_text), 4, 48, 0)
     stage = WhitenedSVDConfig(ratio=0.4)
-    pipeline = SequentialPipeline(model, [stage], progress=False)
+    pipeline = DenseStatsPipeline(model, [stage], progress=False)
     levels = [0.0, 0.2, 0.4, 0.6, 0.8]
     profiles = profile_layers(pipeline, ids, 0, levels)
     config = AllocationConfig(ratio=0.4, levels=levels, cost="weighted_sq")
@@ -145,11 +146,11 @@ def test_fisher_cost_weighs_layers_by_their_fisher_energy(tokenizer, calib_text)
     itself does not need) and prices each option as its squared weighted error times it."""
     model = tiny_model("llama")
     ids = calibration_windows(tokenizer, str(calib_text), 3, 32, 0)
-    pipeline = SequentialPipeline(model, [WhitenedSVDConfig(ratio=0.4)], progress=False)
+    pipeline = DenseStatsPipeline(model, [WhitenedSVDConfig(ratio=0.4)], progress=False)
     levels = [0.0, 0.2, 0.4, 0.6]
     with pytest.raises(LlmpressError, match="needs Fisher"):
         solve_allocation(profile_layers(pipeline, ids, 0, levels), AllocationConfig(ratio=0.3, levels=levels, cost="fisher"))
-    pipeline.fisher_stages.add(0)
+    pipeline = DenseStatsPipeline(model, [WhitenedSVDConfig(ratio=0.4)], progress=False, fisher_for={0})
     profiles = profile_layers(pipeline, ids, 0, levels)
     energies = {name: results[0].sensitivity for name, results in profiles.items()}
     assert all(e is not None and e > 0 for e in energies.values())
@@ -170,11 +171,11 @@ def test_dense_statistics_mode_equals_reused_stats(tokenizer, calib_text):
     ids = calibration_windows(tokenizer, str(calib_text), 3, 32, 0)
     stages = [WhitenedSVDConfig(ratio=0.5)]
     first = tiny_model("llama")
-    records = SequentialPipeline(first, stages, progress=False, statistics="dense").run(ids)
+    records = build_pipeline(first, stages, "dense", progress=False).run(ids)
     stats = {}
     second = tiny_model("llama")
-    SequentialPipeline(second, stages, progress=False).collect_stats(ids, lambda i, s: stats.update(s))
-    reused = SequentialPipeline(second, stages, progress=False).run(None, stats=stats)
+    DenseStatsPipeline(second, stages, progress=False).collect(ids, lambda i, s: stats.update(s))
+    reused = DenseStatsPipeline(second, stages, progress=False).run(None, stats=stats)
     assert [r.rel_weighted_error for r in records] == pytest.approx([r.rel_weighted_error for r in reused])
     x = torch.randint(0, 300, (1, 12))
     torch.testing.assert_close(first(input_ids=x).logits, second(input_ids=x).logits)
@@ -183,4 +184,4 @@ def test_dense_statistics_mode_equals_reused_stats(tokenizer, calib_text):
     assert seq_records[0].rel_weighted_error == pytest.approx(records[0].rel_weighted_error)  # block 0: same inputs
     assert seq_records[-1].rel_weighted_error != pytest.approx(records[-1].rel_weighted_error)  # later blocks differ
     with pytest.raises(LlmpressError, match="statistics must be"):
-        SequentialPipeline(first, stages, statistics="bogus")
+        build_pipeline(first, stages, statistics="bogus")

@@ -12,7 +12,7 @@ from compress.compressors.mfac import MFACConfig
 from compress.compressors.sparsegpt import inverse_hessian_factor, sparsegpt_prune
 from compress.errors import LlmpressError
 from compress.modules import SparseLinear, TileSparseLinear
-from compress.pipeline import relative_errors
+from compress.metrics import relative_errors
 from conftest import tiny_model
 
 
@@ -179,7 +179,7 @@ def test_mfac_recipe_compresses_during_the_backward_walk(tokenizer, calib_text):
 
 def test_pipelines_sharing_a_gradient_walk_match_separate_walks(tokenizer, calib_text):
     """compress_from_gradients: two configs from one walk give what each gets from its own walk."""
-    from compress.pipeline import SequentialPipeline, compress_from_gradients
+    from compress.pipelines import SequentialPipeline, compress_from_gradients
 
     ids = torch.randint(0, 300, (3, 16), generator=torch.Generator().manual_seed(0))
     configs = [MFACConfig(ratio=0.5, block_size=32), MFACConfig(pattern="2:4", block_size=32)]
@@ -192,7 +192,7 @@ def test_pipelines_sharing_a_gradient_walk_match_separate_walks(tokenizer, calib
     compress_from_gradients([(p, 0) for p in shared], ids)
     for config, together in zip(configs, shared):
         alone = pipeline(config)
-        alone.run(ids)
+        compress_from_gradients([(alone, 0)], ids)
         for a, b in zip(alone.model.modules(), together.model.modules()):
             if hasattr(a, "to_dense"):
                 torch.testing.assert_close(a.to_dense(), b.to_dense())

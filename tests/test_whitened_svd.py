@@ -6,7 +6,7 @@ from compress.compressors.svd import split_factors
 from compress.compressors.whitened_svd import whitened_svd
 from compress.compressors.whitening import whiten
 from compress.errors import LlmpressError
-from compress.pipeline import relative_errors
+from compress.metrics import relative_errors
 
 
 def _correlated_inputs(n=400, d=32, seed=0):

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Iterator
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from ..metrics import relative_errors
 from ..modules import CompressedLinear
 
 
@@ -44,7 +45,7 @@ def flush_denormals() -> Iterator[None]:
 class StageConfig(BaseModel):
     """Keys every recipe stage has; each method subclasses it with its own keys."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     method: str
     targets: list[str] = ["Linear"]
@@ -53,10 +54,13 @@ class StageConfig(BaseModel):
 
 @dataclass
 class LayerStats:
-    """Calibration statistics of one Linear's input, by collector name (see collectors.py)."""
+    """What a compressor knows of one layer besides its weight: the calibration statistics of its
+    input by collector name (see collectors.py), and which layer it is (errors name it)."""
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     num_tokens: int = 0
+    name: str = "layer"
+    block: int | None = None
     # what a compressor derives from these statistics and may reuse when several configs are
     # compressed from the same statistics (M-FAC's Fisher inverse for several sparsities)
     derived: dict[Any, Any] = field(default_factory=dict, repr=False)
@@ -114,8 +118,6 @@ class Compressor(ABC):
         The default compresses once per level; methods with a cheaper way (one SVD for every
         rank) override it. Errors are the pipeline's: plain and calibration-weighted relative.
         """
-        from ..pipeline import relative_errors  # the one definition of the reported errors
-
         results = []
         for level in levels:
             module = self.compress(weight, bias, stats, config.model_copy(update={self.level_field: level}))

@@ -101,7 +101,7 @@ def learn_dictionary(a: torch.Tensor, atoms_w: torch.Tensor, values, support, co
     return best[1], best[2], best[3], errors
 
 
-def cospadi_factorize(weights: list[torch.Tensor], grams: list[torch.Tensor], config: CoSpaDiConfig):
+def cospadi_factorize(weights: list[torch.Tensor], grams: list[torch.Tensor], config: CoSpaDiConfig, name: str = "layer"):
     """Shared-dictionary factors for one or more same-shape layers (whitened by their mean Gram).
 
     Returns (factors per layer, errors per iteration).
@@ -114,15 +114,15 @@ def cospadi_factorize(weights: list[torch.Tensor], grams: list[torch.Tensor], co
     stacked = torch.cat([w.double() for w in weights])
     # dictionary stored once: k·in + g·out·s <= (1 - ratio)·g·out·in
     k, s = dictionary_shape(stacked.shape[0], in_f, config.ratio, config.ks, max_atoms=min(stacked.shape))
-    factors, errors = cospadi_dictionary(stacked, gram, k, s, config)
+    factors, errors = cospadi_dictionary(stacked, gram, k, s, config, name)
     parts = zip(factors.values.split(out_f), factors.support.split(out_f))
     return [DictionaryFactors(factors.atoms, v, i, config.ks, factors.rel_weighted_error) for v, i in parts], errors
 
 
 @flush_denormals()
-def cospadi_dictionary(weight: torch.Tensor, gram: torch.Tensor, k: int, s: int, config: CoSpaDiConfig):
+def cospadi_dictionary(weight: torch.Tensor, gram: torch.Tensor, k: int, s: int, config: CoSpaDiConfig, name: str = "layer"):
     """k atoms, s per row, for one (possibly stacked) weight: (factors, errors per iteration)."""
-    spectrum = WhitenedSpectrum.of(weight, gram, config.percdamp)
+    spectrum = WhitenedSpectrum.of(weight, gram, config.percdamp, name)
     atoms_w, values, support, _ = rocket_whitened(spectrum, k, s, config.alpha, config.ridge)
     atoms_w, values, support, errors = learn_dictionary(spectrum.a, atoms_w, values, support, config)
     return DictionaryFactors(atoms_w @ spectrum.white.s_inv, values, support, config.ks, min(errors)), errors
@@ -139,11 +139,11 @@ class CoSpaDiCompressor(Compressor):
         return config.group_size
 
     def compress(self, weight, bias, stats: LayerStats, config: CoSpaDiConfig, base=None) -> DictLinear:
-        return self.compress_group([weight], [bias], [stats], config, names=["layer"])[0]
+        return self.compress_group([weight], [bias], [stats], config, names=[stats.name])[0]
 
     def compress_group(self, weights, biases, stats: list[LayerStats], config: CoSpaDiConfig, names: list[str]):
         """One module per layer; the first stores the shared atoms, the others name it (`names[0]`)."""
-        factors, errors = cospadi_factorize(weights, [st["gram"] for st in stats], config)
+        factors, errors = cospadi_factorize(weights, [st["gram"] for st in stats], config, " + ".join(names))
         logger.debug("cospadi %s: whitened error by iteration %s", names[0], [round(e, 4) for e in errors])
         dtype = weights[0].dtype
         owner = factors[0].module(biases[0], dtype)

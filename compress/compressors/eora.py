@@ -59,5 +59,5 @@ class EoRACompressor(Compressor):
             raise ValueError("EoRA compensates a compressed module: run it as a stage after a compression stage")
         delta = weight.double() - base.to_dense().double()
         rank = config.rank_for(*weight.shape)
-        up, down = eora_factors(delta, stats["gram"], rank, config.percdamp)
+        up, down = eora_factors(delta, stats["gram"], rank, config.percdamp, stats.name)
         return EoRALinear.from_factors(base, up.to(weight.dtype), down.to(weight.dtype))

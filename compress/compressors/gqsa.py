@@ -179,5 +179,5 @@ class GQSACompressor(Compressor):
     level_field = "ratio"
 
     def compress(self, weight, bias, stats: LayerStats, config: GQSAConfig, base=None) -> GQSALinear:
-        codes, scales, zeros, index, _ = gqsa_quantize(weight, stats["gram"], config)
+        codes, scales, zeros, index, _ = gqsa_quantize(weight, stats["gram"], config, stats.name)
         return GQSALinear.from_codes(codes, scales.to(weight.dtype), zeros, index, weight.shape[1], bias)

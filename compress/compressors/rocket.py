@@ -142,12 +142,12 @@ class RocketCompressor(Compressor):
     level_field = "ratio"
 
     def compress(self, weight, bias, stats: LayerStats, config: RocketConfig, base=None) -> DictLinear:
-        spec = WhitenedSpectrum.of(weight, stats["gram"], config.percdamp)
+        spec = WhitenedSpectrum.of(weight, stats["gram"], config.percdamp, stats.name)
         return rocket_best(spec, config.ratio, config).module(bias, weight.dtype)
 
     def profile(self, weight, bias, stats: LayerStats, config: RocketConfig, levels: list[float]) -> list[LevelResult]:
         """One whitening and SVD per layer; per level the best ks (the one `compress` would keep)."""
-        spec = WhitenedSpectrum.of(weight, stats["gram"], config.percdamp)
+        spec = WhitenedSpectrum.of(weight, stats["gram"], config.percdamp, stats.name)
         w = weight.double()
         bias_values = bias.numel() if bias is not None else 0
         results = []

@@ -142,5 +142,5 @@ class SparseGPTCompressor(Compressor):
     level_field = "ratio"
 
     def compress(self, weight, bias, stats: LayerStats, config: SparseGPTConfig, base=None) -> CompressedLinear:
-        pruned, keep = sparsegpt_prune(weight, stats["gram"], config)
+        pruned, keep = sparsegpt_prune(weight, stats["gram"], config, stats.name)
         return pruned_module(pruned.to(weight.dtype), keep, bias, config)

@@ -36,4 +36,4 @@ class WhitenedSVDCompressor(LowRankCompressor):
     needs = ("gram",)
 
     def factorize(self, weight, stats: LayerStats, config: WhitenedSVDConfig):
-        return whitened_svd(weight, stats["gram"], config.percdamp)
+        return whitened_svd(weight, stats["gram"], config.percdamp, stats.name)

@@ -1,0 +1,289 @@
+"""What every pipeline mode shares: stages and their compressors, target selection, one block's
+calibration statistics, and compressing a layer in place with its record.
+
+A mode (sequential.py, dense.py, grouped.py, gradients.py) decides only *where the statistics
+come from* and in which order blocks are visited; everything else is here. Per-layer levels
+(the knapsack's plan) and the stages that also need Fisher sums are constructor arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..blocks import find_decoder_blocks, run_block
+from ..collectors import LinearInputHooks
+from ..compressors import COMPRESSORS, LayerStats, StageConfig
+from ..compressors.base import flush_denormals
+from ..errors import LlmpressError
+from ..metrics import LayerRecord, peak_memory_mb, relative_errors
+from ..modules import CompressedLinear
+from ..targets import match_linears, set_submodule
+
+logger = logging.getLogger("compress")
+
+# statistics that come from a backward pass (compress/fisher.py), not from input hooks
+GRADIENT_STATS = frozenset({"fisher", "grads"})
+
+# {stage index: {layer name: its config, or None to leave the layer dense}}
+LayerConfigs = dict[int, dict[str, StageConfig | None]]
+# Fisher sums of the dense model by layer name (compress/fisher.py collect_fisher)
+FisherSums = dict[str, dict[str, torch.Tensor]]
+
+
+class BlockPipeline:
+    """Compress a model's decoder-block Linears stage by stage, one block on the device at a time.
+
+    `layer_configs` overrides a stage's config per layer (the knapsack's levels); `fisher_for`
+    names stages whose targets get Fisher sums although their method needs none (the knapsack's
+    `fisher` cost); `weighted_errors` collects a Gram for every target so that even methods that
+    need none report calibration-weighted errors.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stages: list[StageConfig],
+        *,
+        device: str | torch.device = "cpu",
+        offload_device: str | torch.device = "cpu",
+        batch_size: int = 1,
+        progress: bool = True,
+        on_layer: Callable[[LayerRecord], None] | None = None,
+        layer_configs: LayerConfigs | None = None,
+        fisher_for: set[int] | frozenset[int] = frozenset(),
+        weighted_errors: bool = True,
+    ):
+        self.model = model
+        self.stages = list(stages)
+        self.device = torch.device(device)
+        self.offload_device = torch.device(offload_device)
+        self.batch_size = batch_size
+        self.progress = progress
+        self.on_layer = on_layer
+        self.layer_configs = layer_configs or {}
+        self.fisher_for = frozenset(fisher_for)
+        self.weighted_errors = weighted_errors
+        self.blocks_path, self.blocks = find_decoder_blocks(model)
+        self.compressors = [COMPRESSORS[stage.method]() for stage in self.stages]
+        self.block_log: list[dict[str, Any]] = []
+        # original (weight, bias) of the current block's layers, kept only for refining stages (EoRA)
+        self._keep_originals = any(c.wraps_compressed for c in self.compressors)
+        self._originals: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.check_targets()
+
+    # ---- targets ---------------------------------------------------------------------------
+    def check_targets(self) -> None:
+        all_linears = match_linears(self.model, ["Linear"], [])
+        for index, stage in enumerate(self.stages):
+            matched = match_linears(self.model, stage.targets, stage.ignore)
+            if not matched:
+                examples = ", ".join(list(all_linears)[:4])
+                raise LlmpressError(
+                    f"stage {index} ({stage.method}): targets {stage.targets} (ignore {stage.ignore}) match no "
+                    f"Linear module. Use class names (Linear), exact names, or 're:' regexes; "
+                    f"this model's Linears are named like: {examples}"
+                )
+            outside = [n for n in matched if not n.startswith(self.blocks_path + ".")]
+            if outside:
+                raise LlmpressError(
+                    f"stage {index} ({stage.method}) targets {outside[:3]}, outside the decoder blocks "
+                    f"({self.blocks_path}); only block Linears are compressed: add them to 'ignore'"
+                )
+
+    def prefix(self, index: int) -> str:
+        return f"{self.blocks_path}.{index}"
+
+    def stage_layers(self, block: nn.Module, index: int, stage_index: int) -> dict[str, nn.Module]:
+        """This block's layers for a stage: plain Linears, or compressed ones for refining stages."""
+        stage, compressor = self.stages[stage_index], self.compressors[stage_index]
+        kind = CompressedLinear if compressor.wraps_compressed else nn.Linear
+        return match_linears(block, stage.targets, stage.ignore, prefix=self.prefix(index), kind=kind)
+
+    def dense_targets(self, block: nn.Module, index: int, stage_indices: list[int]) -> dict[str, nn.Module]:
+        """Plain Linears any of the stages targets in this block (refining stages: the same names)."""
+        layers: dict[str, nn.Module] = {}
+        for i in stage_indices:
+            stage = self.stages[i]
+            layers.update(match_linears(block, stage.targets, stage.ignore, prefix=self.prefix(index), kind=nn.Linear))
+        return layers
+
+    def config_for(self, stage_index: int, name: str) -> StageConfig | None:
+        """The layer's config: the stage's, or the allocator's level for it (None: left dense)."""
+        return self.layer_configs.get(stage_index, {}).get(name, self.stages[stage_index])
+
+    def forward_stages(self) -> list[int]:
+        """Stages compressed from input statistics (all but the gradient-walk ones, gradients.py)."""
+        return [i for i, c in enumerate(self.compressors) if "grads" not in c.needs]
+
+    # ---- statistics ------------------------------------------------------------------------
+    def input_needs(self, stage_indices: list[int]) -> set[str]:
+        """Input-hook collectors the stages need (plus the Gram for weighted errors if asked)."""
+        needs = set().union(*(self.compressors[i].needs for i in stage_indices)) - GRADIENT_STATS
+        if self.weighted_errors or any(i in self.fisher_for for i in stage_indices):
+            needs.add("gram")
+        return needs
+
+    def needs_data(self, stage_indices: list[int]) -> bool:
+        return bool(self.input_needs(stage_indices)) or bool(self.fisher_stages(stage_indices)) or any(
+            "grads" in self.compressors[i].needs for i in stage_indices
+        )
+
+    def fisher_stages(self, stage_indices: list[int]) -> list[int]:
+        return [i for i in stage_indices if "fisher" in self.compressors[i].needs or i in self.fisher_for]
+
+    def collect_fisher(self, input_ids: torch.Tensor | None, stage_indices: list[int]) -> FisherSums:
+        """Fisher sums of the dense model for the targets of the stages that need them (one backward pass)."""
+        wanted = self.fisher_stages(stage_indices)
+        if not wanted:
+            return {}
+        if input_ids is None:
+            raise LlmpressError(f"methods {[self.stages[i].method for i in wanted]} need Fisher statistics: pass calibration data")
+        from ..fisher import collect_fisher
+
+        linears: dict[str, nn.Module] = {}
+        for i in wanted:
+            linears.update(match_linears(self.model, self.stages[i].targets, self.stages[i].ignore))
+        return collect_fisher(
+            self.model, self.blocks, linears, input_ids, self.device, self.offload_device, progress=self.progress
+        )
+
+    @torch.no_grad()
+    def collect_block(
+        self,
+        block: nn.Module,
+        index: int,
+        layers: dict[str, nn.Module],
+        needs: set[str],
+        hiddens: list[torch.Tensor],
+        kwargs: list[dict],
+        fisher: FisherSums,
+        keep: bool,
+    ) -> tuple[dict[str, LayerStats], list[torch.Tensor] | None]:
+        """Run the batches through `block` with collectors on `layers`: (stats by name, outputs if keep)."""
+        with LinearInputHooks(layers, needs) as hooks:
+            outputs = run_block(block, hiddens, kwargs, self.device, self.offload_device, keep=keep)
+        stats: dict[str, LayerStats] = {}
+        for name in layers:
+            collectors = hooks.collectors.get(name, {})
+            tokens = next(iter(collectors.values())).num_tokens if collectors else 0
+            if needs and tokens == 0:
+                raise LlmpressError(f"{name} received no calibration tokens (block {index} never calls it)")
+            tensors = {k: c.result() for k, c in collectors.items()}
+            stats[name] = LayerStats(tensors, tokens or sum(h.shape[:-1].numel() for h in hiddens), name=name, block=index)
+            stats[name].tensors.update(fisher.get(name, {}))
+        return stats, outputs
+
+    # ---- blocks and layers -----------------------------------------------------------------
+    @contextmanager
+    def on_device(self, index: int) -> Iterator[nn.Module]:
+        """Block `index` on the execution device for the duration; logs its time and peak memory."""
+        block = self.blocks[index]
+        start = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        block.to(self.device)
+        try:
+            yield block
+        finally:
+            block.to(self.offload_device)
+        prefix = self.prefix(index) + "."
+        for name in [n for n in self._originals if n.startswith(prefix)]:
+            del self._originals[name]  # this block's refining stages are done
+        seconds, memory = time.perf_counter() - start, peak_memory_mb(self.device)
+        self.block_log.append({"block": index, "seconds": round(seconds, 3), "peak_memory_mb": round(memory, 1)})
+
+    def compress_block(self, block: nn.Module, index: int, stage_indices: list[int], stats_for: Callable) -> list[LayerRecord]:
+        """Compress this block's targets of the given stages in order; `stats_for(stage_index, layers)`
+        gives each stage's statistics by layer name."""
+        records = []
+        for stage_index in stage_indices:
+            layers = self.stage_layers(block, index, stage_index)
+            if not layers:
+                continue
+            stage_stats = stats_for(stage_index, layers)
+            for name, linear in layers.items():
+                config = self.config_for(stage_index, name)
+                if config is None:  # the allocator left this layer dense
+                    continue
+                if self.compressors[stage_index].needs and name not in stage_stats:
+                    raise LlmpressError(f"no calibration statistics for {name}; collect them for every target")
+                records += self.compress_layer(name, linear, stage_stats, config, index, stage_index)
+        return records
+
+    @torch.no_grad()
+    def compress_layer(
+        self, name: str, linear: nn.Module, stats: dict[str, LayerStats], config: StageConfig, index: int, stage_index: int
+    ) -> list[LayerRecord]:
+        """Compress one layer in place (a mode may compress several at once: see grouped.py)."""
+        start = time.perf_counter()
+        base = None
+        if isinstance(linear, CompressedLinear):  # a refining stage: start from the original weight
+            base = linear
+            weight, bias = self._originals[name]
+        else:
+            weight = linear.weight.data
+            bias = linear.bias.data if linear.bias is not None else None
+            if self._keep_originals:
+                self._originals[name] = (weight, bias)
+        layer_stats = stats.get(name) or LayerStats(name=name, block=index)
+        with flush_denormals():
+            compressed = self.compressors[stage_index].compress(weight, bias, layer_stats, config, base=base)
+        seconds = time.perf_counter() - start
+        return [self.place(name, weight, bias, compressed, layer_stats, config, index, stage_index, seconds)]
+
+    def place(
+        self,
+        name: str,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        compressed: CompressedLinear,
+        stats: LayerStats | None,
+        config: StageConfig,
+        index: int,
+        stage_index: int,
+        seconds: float,
+    ) -> LayerRecord:
+        """Put `compressed` in place of `name` and measure it (errors, sizes) for the report."""
+        rel, weighted = relative_errors(weight, compressed.to_dense(), stats.get("gram") if stats else None)
+        set_submodule(self.blocks[index], name[len(self.prefix(index)) + 1 :], compressed)
+        spec = compressed.spec()
+        record = LayerRecord(
+            name=name,
+            block=index,
+            stage=stage_index,
+            method=config.method,
+            format=compressed.format,
+            in_features=weight.shape[1],
+            out_features=weight.shape[0],
+            params_before=weight.numel() + (bias.numel() if bias is not None else 0),
+            values_after=compressed.num_values(),
+            bytes_before=compressed.dense_num_bytes(),
+            bytes_after=compressed.num_bytes(),
+            rel_error=rel,
+            rel_weighted_error=weighted,
+            seconds=seconds,
+            detail={k: v for k, v in spec.items() if k not in ("format", "in_features", "out_features", "bias")},
+        )
+        logger.info(
+            "%-40s %-10s params %9d -> %9d  bytes %10d -> %10d  err %.4f  wtd %s  %.2fs",
+            name, config.method, record.params_before, record.values_after, record.bytes_before, record.bytes_after,
+            rel, f"{weighted:.4f}" if weighted is not None else "n/a", record.seconds,
+        )  # fmt: skip
+        if self.on_layer:
+            self.on_layer(record)
+        return record
+
+
+def check_finite(hiddens: list[torch.Tensor], index: int) -> None:
+    """Refuse to go on when a compressed block's outputs overflowed."""
+    if not all(torch.isfinite(h).all() for h in hiddens):
+        raise LlmpressError(
+            f"block {index} produces non-finite (NaN/Inf) outputs after compression; the model overflows in "
+            "this dtype or the compression is too aggressive: try --dtype float32 or a milder ratio"
+        )

@@ -1,0 +1,62 @@
+"""Gradient walk: stages that need per-sequence gradients (M-FAC) are compressed during one exact
+backward walk of the dense model, a block at a time (compress/fisher.py `backward_walk`).
+
+All sequences form one chunk, so when the walk finishes a block every gradient of its layers is
+known: each job compresses its own model's copy of those layers right there and the gradients
+are dropped, which keeps only one block's gradient windows in memory. The gradients are those of
+the dense model (a block's input gradient is computed before the block is replaced), so such
+stages run before the forward stages. Several jobs (pipelines over identical copies of one
+model, e.g. a benchmark's sparsity levels) share the walk: its cost is paid once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..compressors import LayerStats
+from ..errors import LlmpressError
+from ..metrics import LayerRecord
+from ..targets import match_linears
+from .base import BlockPipeline
+
+
+def gradient_stages(pipeline: BlockPipeline) -> list[int]:
+    return [i for i, c in enumerate(pipeline.compressors) if "grads" in c.needs]
+
+
+def compress_from_gradients(jobs: list[tuple[BlockPipeline, int]], input_ids: torch.Tensor) -> list[list[LayerRecord]]:
+    """Compress stage `stage_index` of each (pipeline, stage_index) job during one backward walk of
+    the first job's model; returns each job's records."""
+    from ..fisher import backward_walk
+
+    walker = jobs[0][0]
+    targets: list[dict[str, nn.Linear]] = []
+    for pipeline, stage_index in jobs:
+        stage, compressor = pipeline.stages[stage_index], pipeline.compressors[stage_index]
+        if compressor.wraps_compressed:
+            raise LlmpressError(f"method {stage.method!r} cannot refine another stage's result")
+        targets.append(match_linears(pipeline.model, stage.targets, stage.ignore))
+        if list(targets[-1]) != list(targets[0]):
+            raise LlmpressError("pipelines sharing a gradient walk must target the same layers of identical models")
+    grads: dict[str, list[torch.Tensor]] = {}
+    records: list[list[LayerRecord]] = [[] for _ in jobs]
+    tokens = int(input_ids.numel())
+
+    def keep(name: str, grad: torch.Tensor) -> None:
+        grads.setdefault(name, []).append(grad.reshape(-1).to(walker.offload_device, torch.float32))
+
+    def compress_block(index: int) -> None:
+        prefix = walker.prefix(index) + "."
+        for name in [n for n in targets[0] if n.startswith(prefix)]:
+            window = LayerStats({"grads": torch.stack(grads.pop(name))}, tokens, name=name, block=index)
+            for (pipeline, stage_index), linears, job_records in zip(jobs, targets, records):
+                config = pipeline.config_for(stage_index, name)
+                if config is not None:
+                    job_records += pipeline.compress_layer(name, linears[name], {name: window}, config, index, stage_index)
+
+    backward_walk(
+        walker.model, walker.blocks, targets[0], input_ids, walker.device, walker.offload_device, keep, compress_block,
+        chunk_size=len(input_ids), progress=walker.progress, desc=f"{walker.stages[jobs[0][1]].method} (gradients)",
+    )  # fmt: skip
+    return records

@@ -1,0 +1,52 @@
+"""Sequential statistics: each block is calibrated on the outputs of the already-compressed blocks
+before it, so later layers correct for earlier errors (GPTQ/SparseGPT-style).
+
+Per block: per stage, run the batches with hooks on the stage's layers and compress them (a
+refining stage such as EoRA therefore sees the inputs as compressed by the stages before it);
+then run the batches through the compressed block to produce the next block's inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ..blocks import capture_block_inputs, run_block
+from ..errors import LlmpressError
+from ..metrics import LayerRecord
+from .base import BlockPipeline, FisherSums, check_finite
+
+
+class SequentialPipeline(BlockPipeline):
+    def run(
+        self, input_ids: torch.Tensor | None, fisher: FisherSums | None = None, stage_indices: list[int] | None = None
+    ) -> list[LayerRecord]:
+        """Compress the given stages (default: all). `fisher`: sums already collected, else collected here."""
+        stage_indices = self.forward_stages() if stage_indices is None else stage_indices
+        if input_ids is None and self.needs_data(stage_indices):
+            needy = [self.stages[i].method for i in stage_indices if self.compressors[i].needs]
+            raise LlmpressError(f"methods {needy} need calibration data; set calibration.num_samples >= 1")
+        inputs = None
+        if input_ids is not None:
+            fisher = self.collect_fisher(input_ids, stage_indices) if fisher is None else fisher
+            inputs = capture_block_inputs(self.model, self.blocks, input_ids, self.batch_size, self.device, self.offload_device)
+        records: list[LayerRecord] = []
+        bar = tqdm(range(len(self.blocks)), desc="Compressing blocks", disable=not self.progress, unit="block")
+        for index in bar:
+            with self.on_device(index) as block:
+                if inputs is None:
+                    records += self.compress_block(block, index, stage_indices, lambda stage_index, layers: {})
+                    continue
+                kwargs = inputs.kwargs[index]
+
+                def stats_for(stage_index, layers):
+                    needs = self.input_needs([stage_index])
+                    stats, _ = self.collect_block(block, index, layers, needs, inputs.hiddens, kwargs, fisher or {}, keep=False)
+                    return stats
+
+                records += self.compress_block(block, index, stage_indices, stats_for)
+                with torch.no_grad():
+                    inputs.hiddens = run_block(block, inputs.hiddens, kwargs, self.device, self.offload_device, keep=True)
+                check_finite(inputs.hiddens, index)
+            bar.set_postfix(sec=f"{self.block_log[-1]['seconds']:.1f}", mem_mb=f"{self.block_log[-1]['peak_memory_mb']:.0f}")
+        return records

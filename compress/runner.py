@@ -1,0 +1,140 @@
+"""One compression run, built in one place: statistics → plan → compress.
+
+`CompressionRunner(model, recipe).run(input_ids)`:
+1. statistics: the Fisher sums every stage (or the knapsack's `fisher` cost) needs, from one
+   backward pass over the dense model, shared by profiling and compression;
+2. plan: with `allocation: knapsack`, profile the allocated stage on the dense model and solve
+   for one level per layer (compress/budget.py);
+3. compress: gradient stages (M-FAC) during one backward walk, then the forward stages in the
+   pipeline the recipe's statistics mode calls for (compress/pipelines/).
+
+`compress_model` (api.py) and the benchmarks (eval/bench_*.py) both run recipes through it; the
+benchmarks pass statistics and profiles collected once for many rows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .budget import AllocationPlan, plan_allocation
+from .compressors import LayerStats
+from .compressors.base import LevelResult
+from .errors import LlmpressError
+from .metrics import LayerRecord
+from .pipelines import DenseStatsPipeline, FisherSums, build_pipeline, compress_from_gradients, gradient_stages
+from .recipe import Recipe
+
+
+@dataclass
+class RunResult:
+    records: list[LayerRecord]
+    plan: AllocationPlan | None
+    block_log: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def left_dense(self) -> list[tuple[int, int]]:
+        """(values, bytes) of the targets the allocator kept dense (they count in the budget)."""
+        return [(c.dense_values, c.dense_bytes) for c in self.plan.layers if c.level == 0] if self.plan else []
+
+    def allocation_summary(self, recipe: Recipe) -> dict[str, Any] | None:
+        """The report's `allocation` section: the plan (knapsack) or the uniform level."""
+        if recipe.allocation is None:
+            return None
+        if self.plan is None:
+            return {"strategy": "uniform", "stage": recipe.allocation.stage, "ratio": recipe.allocation.ratio}
+        return self.plan.as_dict()
+
+
+class CompressionRunner:
+    def __init__(
+        self,
+        model: nn.Module,
+        recipe: Recipe,
+        *,
+        device: str | torch.device = "cpu",
+        offload_device: str | torch.device = "cpu",
+        progress: bool = True,
+        on_layer: Callable[[LayerRecord], None] | None = None,
+    ):
+        self.model = model
+        self.recipe = recipe
+        allocation = recipe.allocation
+        self.knapsack = allocation if allocation is not None and allocation.strategy == "knapsack" else None
+        self.options = dict(
+            device=device,
+            offload_device=offload_device,
+            batch_size=recipe.calibration.batch_size,
+            progress=progress,
+            on_layer=on_layer,
+            weighted_errors=recipe.calibration.weighted_errors,
+            fisher_for=frozenset({self.knapsack.stage}) if self.knapsack and self.knapsack.cost == "fisher" else frozenset(),
+        )
+        # checks the targets now, before any data is loaded
+        self.pipeline = build_pipeline(model, recipe.stages, recipe.calibration.statistics, **self.options)
+        self.gradient_stages = gradient_stages(self.pipeline)
+        self.forward_stages = [i for i in range(len(recipe.stages)) if i not in self.gradient_stages]
+
+    def needs_data(self) -> bool:
+        """Whether any step needs calibration data (data-free recipes skip calibration)."""
+        return self.knapsack is not None or self.pipeline.needs_data(list(range(len(self.recipe.stages))))
+
+    def profiler(self) -> DenseStatsPipeline:
+        """A dense-statistics pipeline over the recipe's stages, for profiling (Gram always: the
+        knapsack's costs are weighted errors)."""
+        options = {**self.options, "weighted_errors": not self.knapsack.cost.startswith("plain"), "on_layer": None}
+        return DenseStatsPipeline(self.model, self.recipe.stages, **options)
+
+    def fisher(self, input_ids: torch.Tensor | None) -> FisherSums:
+        """Step 1: Fisher sums for the forward stages and the knapsack cost, one backward pass."""
+        if input_ids is None:
+            return {}
+        return self.pipeline.collect_fisher(input_ids, self.forward_stages)
+
+    def plan(self, input_ids: torch.Tensor | None, fisher: FisherSums, profiles: dict[str, list[LevelResult]] | None) -> AllocationPlan | None:
+        """Step 2: the knapsack's level per layer (None: the recipe's levels apply)."""
+        if self.knapsack is None:
+            return None
+        if profiles is not None:
+            from .budget import solve_allocation
+
+            return solve_allocation(profiles, self.knapsack)
+        return plan_allocation(self.profiler(), input_ids, self.knapsack, fisher)
+
+    def run(
+        self,
+        input_ids: torch.Tensor | None,
+        *,
+        stats: dict[str, LayerStats] | None = None,
+        profiles: dict[str, list[LevelResult]] | None = None,
+        fisher: FisherSums | None = None,
+    ) -> RunResult:
+        """Statistics → plan → compress. `stats` (dense statistics, with Fisher sums merged) and
+        `profiles` (the allocated stage's) reuse what was collected for an earlier run."""
+        start = time.perf_counter()
+        if input_ids is None and stats is None and self.needs_data():
+            raise LlmpressError("this recipe needs calibration data; set calibration.num_samples >= 1")
+        if stats is not None and not isinstance(self.pipeline, DenseStatsPipeline):
+            raise LlmpressError("precomputed statistics are dense statistics: set calibration.statistics: dense")
+        if fisher is None:
+            fisher = self.fisher(input_ids) if stats is None else {}
+        plan = self.plan(input_ids, fisher, profiles)
+        pipeline = self.pipeline
+        if plan is not None:
+            layer_configs = plan.layer_configs(self.recipe.stages[plan.stage], pipeline.compressors[plan.stage].level_field)
+            pipeline = build_pipeline(self.model, self.recipe.stages, self.recipe.calibration.statistics, layer_configs=layer_configs, **self.options)
+        records: list[LayerRecord] = []
+        for stage_index in self.gradient_stages:
+            if input_ids is None:
+                raise LlmpressError(f"method {self.recipe.stages[stage_index].method!r} needs gradients: pass calibration data")
+            records += compress_from_gradients([(pipeline, stage_index)], input_ids)[0]
+        if self.forward_stages:
+            if isinstance(pipeline, DenseStatsPipeline):
+                records += pipeline.run(input_ids if stats is None else None, fisher, self.forward_stages, stats=stats)
+            else:
+                records += pipeline.run(input_ids, fisher, self.forward_stages)
+        return RunResult(records, plan, pipeline.block_log, time.perf_counter() - start)
