@@ -43,6 +43,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--baseline", help="also evaluate this (dense) model and show both")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--max-windows", type=int, help="perplexity on the first N windows only (quick runs)")
+    p.add_argument("--bos", choices=["auto", "yes", "no"], default="auto",
+                   help="start each perplexity window with BOS: auto = when the tokenizer adds one (Gemma, Llama-3); "
+                   "no = the GPTQ-style protocol")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="auto")
@@ -132,10 +135,11 @@ def _evaluate_one(args, source: str) -> dict:
         ppl = perplexity(
             model, tokenizer, Path(args.ppl) if Path(args.ppl).exists() else args.ppl,
             seq_len=args.seq_len, max_windows=args.max_windows, batch_size=args.batch_size, progress=not args.quiet,
+            bos={"auto": None, "yes": True, "no": False}[args.bos],
         )  # fmt: skip
         print(
             f"perplexity {ppl.perplexity:.4f}  ({ppl.windows} windows x {ppl.seq_len} tokens, "
-            f"{ppl.tokens} predicted tokens, {ppl.seconds:.1f}s)  model {source}  text {args.ppl}"
+            f"{ppl.tokens} predicted tokens, {'BOS first, ' if ppl.bos else ''}{ppl.seconds:.1f}s)  model {source}  text {args.ppl}"
         )
         result["perplexity"] = ppl.as_dict()
     if args.tasks:

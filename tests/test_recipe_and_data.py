@@ -106,3 +106,41 @@ def test_recipe_round_trips_through_yaml(tmp_path):
     path.write_text(recipe.to_yaml())
     again = load_recipe(path)
     assert again == recipe and again.stages[1].ratio == 0.3 and again.stages[0].pattern == "2:4"
+
+
+def test_nm_patterns_are_strings_without_quotes(tmp_path):
+    """YAML 1.1 reads 2:4 as the base-60 integer 124; recipes and --set read it as "2:4"."""
+    path = tmp_path / "r.yaml"
+    path.write_text("stages:\n  - method: magnitude\n    pattern: 2:4\n")
+    assert load_recipe(path).stages[0].pattern == "2:4"
+    recipe = load_recipe(path, ["stages.0.pattern=4:8", "calibration.seq_len=64"])
+    assert recipe.stages[0].pattern == "4:8" and recipe.calibration.seq_len == 64
+    sg = load_recipe({"stages": [{"method": "sparsegpt", "ratio": 0.5}]}, ["stages.0.percdamp=1e-3"])
+    assert sg.stages[0].percdamp == pytest.approx(1e-3)  # YAML 1.2 float (1.1 read the string "1e-3")
+
+
+def test_recipes_are_immutable_and_overrides_build_new_ones(tmp_path):
+    from pydantic import ValidationError
+
+    from compress.recipe import with_calibration
+
+    recipe = load_recipe({"stages": [{"method": "svd", "ratio": 0.2}]})
+    with pytest.raises(ValidationError):
+        recipe.calibration.num_samples = 3
+    with pytest.raises(ValidationError):
+        recipe.stages[0].ratio = 0.5
+    changed = with_calibration(recipe, num_samples=3, seq_len=None)
+    assert changed.calibration.num_samples == 3 and recipe.calibration.num_samples == 32
+    assert with_calibration(recipe) is recipe
+    with pytest.raises(LlmpressError, match="calibration.num_samples"):
+        with_calibration(recipe, num_samples=-1)
+
+
+def test_dtype_auto_follows_the_compute_device():
+    import torch
+
+    from compress.model_loading import resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert resolve_dtype("float16", "cpu") == torch.float16
