@@ -10,36 +10,40 @@ Importing this package registers the llmpress quantizer with transformers.
 """
 
 from . import hf_quantizer  # noqa: F401  (registers quant_method "llmpress" with transformers)
-from .api import compress_model
-from .checkpoint import export_dense, load, save_compressed
-from .compressors import COMPRESSORS
-from .errors import LlmpressError
-from .model_loading import load_model, load_tokenizer
-from .modules import FORMATS
-from .recipe import Recipe, load_recipe
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "COMPRESSORS",
-    "FORMATS",
-    "LlmpressError",
-    "Recipe",
-    "compress_model",
-    "export_dense",
-    "load",
-    "load_model",
-    "load_recipe",
-    "load_tokenizer",
-    "save_compressed",
-]
+# The public API, imported on first use (PEP 562): importing one submodule (a compressor, a
+# kernel) does not pull in the whole orchestration, and `compress.eval` / `compress.kernels`,
+# which live in the top-level folders eval/ and kernels/ (mapped by setuptools package-dir),
+# load only when asked for.
+_PUBLIC = {
+    "COMPRESSORS": "compressors",
+    "FORMATS": "modules",
+    "LlmpressError": "errors",
+    "Recipe": "recipe",
+    "compress_model": "api",
+    "export_dense": "checkpoint",
+    "load": "checkpoint",
+    "load_model": "model_loading",
+    "load_recipe": "recipe",
+    "load_tokenizer": "model_loading",
+    "save_compressed": "checkpoint",
+}
+__all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name):
-    # compress.eval and compress.kernels live in top-level folders eval/ and kernels/ of the repo
-    # (mapped by setuptools package-dir); import them lazily so `compress.eval.perplexity` works.
+def __getattr__(name: str):
+    import importlib
+
     if name in ("eval", "kernels"):
-        import importlib
-
         return importlib.import_module(f"compress.{name}")
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f"compress.{_PUBLIC[name]}"), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'compress' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC) | {"eval", "kernels"})

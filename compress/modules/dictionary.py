@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import kernels
+from ..kernels import dispatch, register_kernel
 from .base import CompressedLinear, register_format
 
 
@@ -110,7 +110,7 @@ class DictLinear(CompressedLinear):
         return self.dense_coefficients() @ self.dictionary()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.dispatch("dict", self, x)
+        return dispatch("dict", self, x)
 
     def spec(self) -> dict[str, Any]:
         spec = {**super().spec(), "num_atoms": self.num_atoms, "nnz_per_row": self.nnz_per_row}
@@ -143,4 +143,4 @@ def dict_forward_torch(module: DictLinear, x: torch.Tensor) -> torch.Tensor:
     return nn.functional.linear(nn.functional.linear(x, atoms), module.dense_coefficients(), module.bias)
 
 
-kernels.register_kernel("dict", "torch", dict_forward_torch, priority=0)
+register_kernel("dict", "torch", dict_forward_torch, priority=0)

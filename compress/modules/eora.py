@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import kernels
+from ..kernels import dispatch, register_kernel
 from .base import CompressedLinear, build_module, register_format
 
 
@@ -30,7 +30,7 @@ class EoRALinear(CompressedLinear):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.dispatch("eora", self, x)
+        return dispatch("eora", self, x)
 
     def to_dense(self) -> torch.Tensor:
         return self.base.to_dense() + self.up @ self.down
@@ -53,4 +53,4 @@ def eora_forward_torch(module: EoRALinear, x: torch.Tensor) -> torch.Tensor:
     return module.base(x) + nn.functional.linear(nn.functional.linear(x, module.down), module.up)
 
 
-kernels.register_kernel("eora", "torch", eora_forward_torch, priority=0)
+register_kernel("eora", "torch", eora_forward_torch, priority=0)

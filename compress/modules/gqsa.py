@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import kernels
+from ..kernels import dispatch, register_kernel
 from .base import CompressedLinear, register_format
 
 
@@ -79,7 +79,7 @@ class GQSALinear(CompressedLinear):
         return 1.0 - self.groups_per_row * self.group_size / self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.dispatch("gqsa", self, x)
+        return dispatch("gqsa", self, x)
 
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "group_size": self.group_size, "groups_per_row": self.groups_per_row}
@@ -98,4 +98,4 @@ def gqsa_forward_torch(module: GQSALinear, x: torch.Tensor) -> torch.Tensor:
     return nn.functional.linear(x, module.to_dense().to(x.dtype), module.bias)
 
 
-kernels.register_kernel("gqsa", "torch", gqsa_forward_torch, priority=0)
+register_kernel("gqsa", "torch", gqsa_forward_torch, priority=0)

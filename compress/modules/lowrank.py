@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import kernels
+from ..kernels import dispatch, register_kernel
 from .base import CompressedLinear, register_format
 
 
@@ -31,7 +31,7 @@ class LowRankLinear(CompressedLinear):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.dispatch("lowrank", self, x)
+        return dispatch("lowrank", self, x)
 
     def to_dense(self) -> torch.Tensor:
         return self.up @ self.down
@@ -51,4 +51,4 @@ def lowrank_forward_torch(module: LowRankLinear, x: torch.Tensor) -> torch.Tenso
     return nn.functional.linear(nn.functional.linear(x, module.down), module.up, module.bias)
 
 
-kernels.register_kernel("lowrank", "torch", lowrank_forward_torch, priority=0)
+register_kernel("lowrank", "torch", lowrank_forward_torch, priority=0)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import kernels
+from ..kernels import dispatch, register_kernel
 from .base import CompressedLinear, register_format
 
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
@@ -71,7 +71,7 @@ class SparseLinear(CompressedLinear):
         return 1.0 - self.nnz / (self.in_features * self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.dispatch("sparse_bitmap", self, x)
+        return dispatch("sparse_bitmap", self, x)
 
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "nnz": self.nnz, "pattern": self.pattern}
@@ -90,4 +90,4 @@ def sparse_forward_torch(module: SparseLinear, x: torch.Tensor) -> torch.Tensor:
     return nn.functional.linear(x, module.to_dense(), module.bias)
 
 
-kernels.register_kernel("sparse_bitmap", "torch", sparse_forward_torch, priority=0)
+register_kernel("sparse_bitmap", "torch", sparse_forward_torch, priority=0)

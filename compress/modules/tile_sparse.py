@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import kernels
+from ..kernels import dispatch, register_kernel
 from .base import CompressedLinear, register_format
 
 
@@ -70,7 +70,7 @@ class TileSparseLinear(CompressedLinear):
         return 1.0 - self.keep / self.tile_cols
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.dispatch("tile_sparse", self, x)
+        return dispatch("tile_sparse", self, x)
 
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "tile_rows": self.tile_rows, "tile_cols": self.tile_cols, "keep": self.keep}
@@ -92,4 +92,4 @@ def tile_sparse_forward_torch(module: TileSparseLinear, x: torch.Tensor) -> torc
     return nn.functional.linear(x, module.to_dense().to(x.dtype), module.bias)
 
 
-kernels.register_kernel("tile_sparse", "torch", tile_sparse_forward_torch, priority=0)
+register_kernel("tile_sparse", "torch", tile_sparse_forward_torch, priority=0)
