@@ -1,22 +1,32 @@
 """Kernel selection for compressed modules (installed as `compress.kernels`).
 
-Each format registers implementations with a priority and a `supports(module, x)` predicate
-(device, dtype, shape divisibility). A module's forward calls `dispatch(format, module, x)`,
-which runs the highest-priority implementation that supports the call. The PyTorch reference
-of every format is registered with priority 0 and supports everything, so a call always has a
-path. `LLMPRESS_KERNEL=torch` forces the references, `triton` insists on a Triton kernel (and
-raises if none fits, saying why), `auto` (default) picks the best that fits.
+Each format registers implementations: a PyTorch reference (priority 0, runs anywhere) and
+Triton kernels, each declaring what it can serve: `supports(module, x)` (device, dtype, shape
+divisibility; None = yes, else the reason) and `max_auto_tokens` (decode kernels leave longer
+inputs, prefill, to cuBLAS through the reference in `auto` mode). Each kernel file holds the
+kernel, its launcher and its reference together.
+
+The choice is made once per module and (device, dtype, token class, mode), then cached on the
+module (`dispatch`); moving the module (`.to()`) forgets it. The mode comes from
+`LLMPRESS_KERNEL` read once (`torch` forces the references, `triton` insists on a Triton kernel
+and raises if none fits, saying why, `auto`, the default, picks the best that fits) or from
+`set_kernel_mode`.
 """
 
 from __future__ import annotations
 
+import bisect
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 KERNEL_MODES = ("auto", "torch", "triton")
+# the Triton kernels are tuned for decode; in `auto`, longer inputs (prefill) go to the PyTorch
+# path, where cuBLAS runs compute-bound GEMMs better than these memory-bound designs
+MAX_AUTO_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -25,48 +35,90 @@ class Kernel:
     name: str
     fn: Callable
     priority: int
-    supports: Callable[[torch.nn.Module, torch.Tensor], str | None]  # None = ok, else why not
+    # None = ok, else why not; it may look at x's device, dtype and width, not at its token count
+    # (that is `max_auto_tokens`), since the choice is cached per token class
+    supports: Callable[[torch.nn.Module, torch.Tensor], str | None]
     backend: str  # "torch" or "triton"
+    max_auto_tokens: int | None = None  # tokens it serves in auto mode (None: any number)
 
 
 _REGISTRY: dict[str, list[Kernel]] = {}
+_TOKEN_LIMITS: dict[str, tuple[int, ...]] = {}  # per format: the max_auto_tokens its kernels declare
+_MODE: list[str] = []  # the mode, once read
 
 
 def _always(module, x) -> str | None:
     return None
 
 
-def register_kernel(fmt: str, name: str, fn: Callable, priority: int, supports=_always, backend: str = "torch") -> None:
+def register_kernel(
+    fmt: str, name: str, fn: Callable, priority: int, supports=_always, backend: str = "torch", max_auto_tokens: int | None = None
+) -> None:
     kernels = [k for k in _REGISTRY.get(fmt, []) if k.name != name]
-    kernels.append(Kernel(fmt, name, fn, priority, supports, backend))
+    kernels.append(Kernel(fmt, name, fn, priority, supports, backend, max_auto_tokens))
     _REGISTRY[fmt] = sorted(kernels, key=lambda k: -k.priority)
+    _TOKEN_LIMITS[fmt] = tuple(sorted({k.max_auto_tokens for k in kernels if k.max_auto_tokens is not None}))
+
+
+def _check_mode(mode: str, source: str) -> str:
+    mode = mode.lower()
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"{source}={mode!r} is not one of {KERNEL_MODES}")
+    return mode
 
 
 def kernel_mode() -> str:
-    mode = os.environ.get("LLMPRESS_KERNEL", "auto").lower()
-    if mode not in KERNEL_MODES:
-        raise ValueError(f"LLMPRESS_KERNEL={mode!r} is not one of {KERNEL_MODES}")
-    return mode
+    """auto, torch or triton: LLMPRESS_KERNEL when first asked, or what `set_kernel_mode` set."""
+    if not _MODE:
+        _MODE.append(_check_mode(os.environ.get("LLMPRESS_KERNEL", "auto"), "LLMPRESS_KERNEL"))
+    return _MODE[0]
+
+
+def set_kernel_mode(mode: str) -> None:
+    _MODE[:] = [_check_mode(mode, "kernel mode")]
+
+
+@contextmanager
+def use_kernel_mode(mode: str) -> Iterator[None]:
+    """Within the context, select kernels in `mode` (tests, benchmarks)."""
+    before = kernel_mode()
+    set_kernel_mode(mode)
+    try:
+        yield
+    finally:
+        set_kernel_mode(before)
 
 
 def available(fmt: str) -> list[Kernel]:
     return list(_REGISTRY.get(fmt, []))
 
 
+def _tokens(x: torch.Tensor) -> int:
+    return x.numel() // max(1, x.shape[-1])
+
+
+def refusal(kernel: Kernel, module: torch.nn.Module, x: torch.Tensor, mode: str) -> str | None:
+    """Why `kernel` may not serve this call in `mode` (None: it may)."""
+    if mode != "auto" and kernel.backend != mode:
+        return f"mode {mode} excludes {kernel.backend} kernels"
+    if mode == "auto" and kernel.max_auto_tokens is not None and _tokens(x) > kernel.max_auto_tokens:
+        return f"{_tokens(x)} tokens (prefill): it serves at most {kernel.max_auto_tokens} in auto mode; cuBLAS does better here"
+    return kernel.supports(module, x)
+
+
 def select(fmt: str, module: torch.nn.Module, x: torch.Tensor) -> Kernel:
-    """The kernel `dispatch` would run for this call, honouring LLMPRESS_KERNEL."""
+    """The kernel for this call: the highest-priority one that may serve it (not cached)."""
     mode = kernel_mode()
     kernels = _REGISTRY.get(fmt)
     if not kernels:
         raise KeyError(f"no kernel registered for format {fmt!r}")
     refusals = []
     for kernel in kernels:
-        if mode != "auto" and kernel.backend != mode:
-            continue
-        why = kernel.supports(module, x)
+        why = refusal(kernel, module, x, mode)
         if why is None:
             return kernel
-        refusals.append(f"{kernel.name}: {why}")
+        if mode == "auto" or kernel.backend == mode:
+            refusals.append(f"{kernel.name}: {why}")
     raise RuntimeError(
         f"LLMPRESS_KERNEL={mode}: no {mode} kernel for format {fmt!r} fits this call "
         f"(x {tuple(x.shape)} {x.dtype} on {x.device}); " + ("; ".join(refusals) or "none registered")
@@ -74,33 +126,47 @@ def select(fmt: str, module: torch.nn.Module, x: torch.Tensor) -> Kernel:
 
 
 def dispatch(fmt: str, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return select(fmt, module, x).fn(module, x)
+    """Run the module's kernel for x, chosen on the first call of each (device, dtype, token class,
+    mode) and remembered on the module. The token class is where x's token count falls among the
+    format's declared `max_auto_tokens`, the only way the count enters the choice."""
+    mode = kernel_mode()
+    key = (x.device, x.dtype, bisect.bisect_left(_TOKEN_LIMITS.get(fmt, ()), _tokens(x)), mode)
+    chosen = module.__dict__.setdefault("_kernel_choice", {})
+    kernel = chosen.get(key)
+    if kernel is None:
+        kernel = chosen[key] = select(fmt, module, x)
+    return kernel.fn(module, x)
 
 
-def _register_triton_kernels() -> None:
-    """The Triton kernel of each format, preferred to its PyTorch reference where it fits."""
-    from .bitmap_matmul import sparse_forward_triton, sparse_refusal
-    from .ell_matmul import dict_forward_triton, dict_refusal
-    from .gqsa_matmul import gqsa_forward_triton, gqsa_refusal
+def forget_kernel_choice(module: torch.nn.Module) -> None:
+    """Drop the cached choice (the module's storage moved: device, dtype)."""
+    module.__dict__.pop("_kernel_choice", None)
+
+
+def _register_kernels() -> None:
+    """Each format's PyTorch reference, and its Triton kernels, preferred where they fit."""
+    from .bitmap_matmul import sparse_forward_triton, sparse_reference, sparse_refusal
+    from .ell_matmul import dict_forward_triton, dict_reference, dict_refusal
+    from .gqsa_matmul import gqsa_forward_triton, gqsa_reference, gqsa_refusal
     from .int4_matmul import int4_forward_triton, int4_refusal
-    from .lowrank_matmul import (
-        eora_forward_triton,
-        lowrank_forward_triton,
-        lowrank_refusal,
-    )
-    from .tile_sparse_matmul import tile_sparse_forward_triton, tile_sparse_refusal
+    from .lowrank_matmul import eora_forward_triton, eora_reference, lowrank_forward_triton, lowrank_reference, lowrank_refusal
+    from .tile_sparse_matmul import tile_sparse_forward_triton, tile_sparse_reference, tile_sparse_refusal
 
-    for fmt, name, fn, supports in (
-        ("lowrank", "triton_lowrank", lowrank_forward_triton, lowrank_refusal),
-        ("eora", "triton_eora", eora_forward_triton, lowrank_refusal),
-        ("dict", "triton_dict", dict_forward_triton, dict_refusal),
-        ("gqsa", "triton_gqsa", gqsa_forward_triton, gqsa_refusal),
-        ("sparse_bitmap", "triton_bitmap", sparse_forward_triton, sparse_refusal),
-        ("tile_sparse", "triton_tile_sparse", tile_sparse_forward_triton, tile_sparse_refusal),
+    for fmt, reference, name, fn, supports in (
+        ("lowrank", lowrank_reference, "triton_lowrank", lowrank_forward_triton, lowrank_refusal),
+        ("eora", eora_reference, "triton_eora", eora_forward_triton, lowrank_refusal),
+        ("dict", dict_reference, "triton_dict", dict_forward_triton, dict_refusal),
+        ("gqsa", gqsa_reference, "triton_gqsa", gqsa_forward_triton, gqsa_refusal),
+        ("sparse_bitmap", sparse_reference, "triton_bitmap", sparse_forward_triton, sparse_refusal),
+        ("tile_sparse", tile_sparse_reference, "triton_tile_sparse", tile_sparse_forward_triton, tile_sparse_refusal),
     ):
-        register_kernel(fmt, name, fn, priority=10, supports=supports, backend="triton")
+        register_kernel(fmt, "torch", reference, priority=0)
+        register_kernel(fmt, name, fn, priority=10, supports=supports, backend="triton", max_auto_tokens=MAX_AUTO_TOKENS)
     # W4 with every group kept goes to tensor cores before the group-sparse gather kernel
-    register_kernel("gqsa", "triton_int4", int4_forward_triton, priority=20, supports=int4_refusal, backend="triton")
+    register_kernel(
+        "gqsa", "triton_int4", int4_forward_triton, priority=20, supports=int4_refusal, backend="triton",
+        max_auto_tokens=MAX_AUTO_TOKENS,
+    )  # fmt: skip
 
 
-_register_triton_kernels()
+_register_kernels()

@@ -146,3 +146,8 @@ def sparse_forward_triton(module, x: torch.Tensor) -> torch.Tensor:
     key = (per_split, *storage_key(module.bitmap))
     offsets = cached_on(module, "_split_offsets", key, lambda: split_offsets(module.bitmap, per_split))
     return bitmap_matmul(x, module.values, module.bitmap, module.out_features, module.bias, offsets=offsets)
+
+
+def sparse_reference(module, x: torch.Tensor) -> torch.Tensor:
+    """PyTorch reference: expand the bitmap and values to the dense weight and multiply."""
+    return torch.nn.functional.linear(x, module.to_dense().to(x.dtype), module.bias)

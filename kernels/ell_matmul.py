@@ -89,3 +89,9 @@ def dict_refusal(module, x: torch.Tensor) -> str | None:
 
 def dict_forward_triton(module, x: torch.Tensor) -> torch.Tensor:
     return dict_matmul(x, module.dictionary(), module.coef_values, module.coef_index, module.bias)
+
+
+def dict_reference(module, x: torch.Tensor) -> torch.Tensor:
+    """PyTorch reference: project on the atoms, then apply the dense coefficient matrix."""
+    atoms = module.dictionary().to(x.device)  # a group's owner may sit on another device (device_map)
+    return torch.nn.functional.linear(torch.nn.functional.linear(x, atoms), module.dense_coefficients(), module.bias)

@@ -43,3 +43,13 @@ def eora_forward_triton(module, x: torch.Tensor) -> torch.Tensor:
     if not y.is_contiguous():
         y = y.contiguous()
     return lowrank_matmul(x, module.down, module.up, out=y, accumulate=True)
+
+
+def lowrank_reference(module, x: torch.Tensor) -> torch.Tensor:
+    """PyTorch reference: shrink (x·Vᵀ), then expand (·Uᵀ)."""
+    return torch.nn.functional.linear(torch.nn.functional.linear(x, module.down), module.up, module.bias)
+
+
+def eora_reference(module, x: torch.Tensor) -> torch.Tensor:
+    """PyTorch reference: the base module plus the low-rank residual."""
+    return module.base(x) + torch.nn.functional.linear(torch.nn.functional.linear(x, module.down), module.up)

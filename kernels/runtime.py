@@ -23,9 +23,6 @@ except Exception as error:  # pragma: no cover - ImportError, or a broken instal
     _IMPORT_ERROR = f"triton is not importable ({error}); pip install triton"
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# the kernels are tuned for decode; in `auto`, longer inputs (prefill) go to the PyTorch path,
-# where cuBLAS runs compute-bound GEMMs better than these memory-bound designs
-MAX_AUTO_TOKENS = 64
 
 
 def interpreting() -> bool:
@@ -53,9 +50,6 @@ def launch_refusal(x: torch.Tensor, *tensors: torch.Tensor, dispatching: bool = 
         return f"input on {x.device}: Triton kernels need a CUDA device"
     if x.dtype not in FLOAT_DTYPES:
         return f"input dtype {x.dtype} is not one of float16, bfloat16, float32"
-    tokens = x.numel() // max(1, x.shape[-1])
-    if dispatching and tokens > MAX_AUTO_TOKENS and kernel_mode() == "auto":
-        return f"{tokens} tokens (prefill): the decode kernels serve at most {MAX_AUTO_TOKENS} in auto mode; cuBLAS does better here"
     return None
 
 

@@ -102,6 +102,16 @@ def family_model(kind: str, layers: int = 3, seed: int = 0, dtype: torch.dtype =
     return AutoModelForCausalLM.from_config(family_config(kind, layers), dtype=dtype).eval()
 
 
+@pytest.fixture(autouse=True)
+def _kernel_mode_restored():
+    """Tests may switch the kernel mode (kernels.set_kernel_mode); each starts from the default."""
+    from compress import kernels
+
+    before = kernels.kernel_mode()
+    yield
+    kernels.set_kernel_mode(before)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     backend = Tokenizer(models.BPE(unk_token="<unk>"))

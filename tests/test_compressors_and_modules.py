@@ -70,12 +70,19 @@ def test_bitmap_round_trip_and_honest_bytes():
 def test_kernel_modes(monkeypatch):
     module = LowRankLinear.from_factors(torch.randn(8, 2), torch.randn(2, 6), None)
     x = torch.randn(4, 6)
-    monkeypatch.setenv("LLMPRESS_KERNEL", "torch")
+    kernels.set_kernel_mode("torch")
     assert kernels.select("lowrank", module, x).backend == "torch"
-    monkeypatch.setenv("LLMPRESS_KERNEL", "bogus")
+    reference = module(x)
     with pytest.raises(ValueError, match="not one of"):
-        module(x)
-    monkeypatch.setenv("LLMPRESS_KERNEL", "triton")
-    if not any(k.backend == "triton" for k in kernels.available("lowrank")):
-        with pytest.raises(RuntimeError, match="no triton kernel for format 'lowrank'"):
-            module(x)
+        kernels.set_kernel_mode("bogus")
+    kernels.set_kernel_mode("triton")  # on CPU the tests run Triton's interpreter (conftest)
+    assert kernels.select("lowrank", module, x).backend == "triton"
+    torch.testing.assert_close(module(x), reference, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(kernels, "_MODE", [])  # the environment variable is read on first use
+    monkeypatch.setenv("LLMPRESS_KERNEL", "torch")
+    assert kernels.kernel_mode() == "torch"
+    monkeypatch.setattr(kernels, "_MODE", [])
+    monkeypatch.setenv("LLMPRESS_KERNEL", "bogus")
+    with pytest.raises(ValueError, match="LLMPRESS_KERNEL='bogus' is not one of"):
+        kernels.kernel_mode()
+    monkeypatch.setattr(kernels, "_MODE", ["auto"])

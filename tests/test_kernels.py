@@ -135,11 +135,11 @@ def _modules(dtype):
 def test_modules_match_between_torch_and_triton(monkeypatch, dtype, tokens):
     for name, module in _modules(dtype).items():
         x = torch.randn(tokens, module.in_features, device=DEVICE).to(dtype)
-        monkeypatch.setenv("LLMPRESS_KERNEL", "torch")
+        kernels.set_kernel_mode("torch")
         reference = module(x)
         bias = module.base.bias if isinstance(module, EoRALinear) else module.bias  # EoRA keeps the bias in its base
         dense = torch.nn.functional.linear(x.double(), module.to_dense().double(), None if bias is None else bias.double())
-        monkeypatch.setenv("LLMPRESS_KERNEL", "triton")
+        kernels.set_kernel_mode("triton")
         assert kernels.select(module.format, module, x).backend == "triton", name
         y = module(x)
         assert y.shape == reference.shape and y.dtype == dtype, name
@@ -158,10 +158,10 @@ def test_bitmap_split_k(split_k):
 def test_auto_never_picks_the_interpreter(monkeypatch):
     module = LowRankLinear.from_factors(torch.randn(16, 4), torch.randn(4, 16), None)
     x = torch.randn(2, 16)
-    monkeypatch.setenv("LLMPRESS_KERNEL", "auto")
+    kernels.set_kernel_mode("auto")
     assert kernels.select("lowrank", module, x).backend == "torch"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setenv("LLMPRESS_KERNEL", "triton")
+    kernels.set_kernel_mode("triton")
     with pytest.raises(RuntimeError, match="need a CUDA device"):
         module(x)
 
@@ -174,15 +174,46 @@ def test_tile_sparse_split_k(split_k):
     assert rel_err(y, torch.nn.functional.linear(x.double(), module.to_dense().double(), module.bias.double())) < 1e-5
 
 
-def test_auto_leaves_prefill_to_the_reference(monkeypatch):
-    from compress.kernels.runtime import launch_refusal
+def test_auto_leaves_prefill_to_the_reference():
+    """The token rule is a declared capability, checked before the device: it holds on CPU too."""
+    module = LowRankLinear.from_factors(torch.randn(16, 4), torch.randn(4, 16), None).to(DEVICE)
+    triton_kernel = next(k for k in kernels.available("lowrank") if k.backend == "triton")
+    prefill = kernels.refusal(triton_kernel, module, torch.randn(65, 16, device=DEVICE), "auto")
+    assert prefill is not None and "prefill" in prefill
+    decode = kernels.refusal(triton_kernel, module, torch.randn(64, 16, device=DEVICE), "auto")
+    assert decode is None if torch.cuda.is_available() else "prefill" not in decode
+    assert "prefill" not in (kernels.refusal(triton_kernel, module, torch.randn(65, 16, device=DEVICE), "triton") or "")
 
-    module = LowRankLinear.from_factors(torch.randn(16, 4), torch.randn(4, 16), None)
-    monkeypatch.setenv("LLMPRESS_KERNEL", "auto")
-    why = launch_refusal(torch.randn(65, 16, device="cuda" if torch.cuda.is_available() else "cpu"), module.up)
-    assert why is not None
-    if torch.cuda.is_available():
-        assert "prefill" in why and launch_refusal(torch.randn(64, 16, device="cuda"), module.up.cuda()) is None
+
+def test_dispatch_chooses_once_per_device_dtype_and_token_class():
+    """The choice is cached on the module: `supports` runs once per (device, dtype, decode/prefill,
+    mode), and moving the module forgets it."""
+    calls = []
+
+    def supports(module, x):
+        calls.append(x.shape[0])
+        return None
+
+    kernels.register_kernel("test_fmt", "ref", lambda m, x: x + 1, priority=0)
+    kernels.register_kernel("test_fmt", "fast", lambda m, x: x + 2, priority=5, supports=supports, max_auto_tokens=8)
+    module = torch.nn.Linear(3, 3)
+    try:
+        assert kernels.dispatch("test_fmt", module, torch.zeros(2, 3))[0, 0] == 2
+        assert kernels.dispatch("test_fmt", module, torch.zeros(5, 3))[0, 0] == 2
+        assert calls == [2]  # chosen on the first decode call only
+        assert kernels.dispatch("test_fmt", module, torch.zeros(20, 3))[0, 0] == 1  # prefill: the reference
+        assert kernels.dispatch("test_fmt", module, torch.zeros(2, 3, dtype=torch.float64))[0, 0] == 2
+        assert calls == [2, 2]
+        kernels.forget_kernel_choice(module)
+        kernels.dispatch("test_fmt", module, torch.zeros(2, 3))
+        assert calls == [2, 2, 2]
+        compressed = LowRankLinear.from_factors(torch.randn(16, 4), torch.randn(4, 16), None)
+        compressed(torch.randn(2, 16))
+        assert compressed.__dict__["_kernel_choice"]
+        compressed.double()
+        assert "_kernel_choice" not in compressed.__dict__
+    finally:
+        kernels._REGISTRY.pop("test_fmt")
 
 
 @pytest.mark.parametrize("split_k", [1, 3])
@@ -190,7 +221,7 @@ def test_int4_kernel_serves_plain_w4_and_split_k(monkeypatch, split_k):
     module = _random_gqsa(48, 192, 32, 6, torch.float32)  # every group kept, in order
     sparse = _random_gqsa(48, 192, 32, 3, torch.float32)
     x = torch.randn(5, 192, device=DEVICE)
-    monkeypatch.setenv("LLMPRESS_KERNEL", "triton")
+    kernels.set_kernel_mode("triton")
     assert kernels.select("gqsa", module, x).name == "triton_int4"
     assert kernels.select("gqsa", sparse, x).name == "triton_gqsa"
     y = int4_matmul(x, module.qweight, module.scales, module.zeros, module.bias, split_k=split_k)

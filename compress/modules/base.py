@@ -12,6 +12,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..kernels import forget_kernel_choice
+
 FORMATS: dict[str, type["CompressedLinear"]] = {}
 
 
@@ -35,6 +37,11 @@ class CompressedLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+
+    def _apply(self, fn, *args, **kwargs):
+        """Moving or casting the storage (.to, .cuda, .half) forgets the cached kernel choice."""
+        forget_kernel_choice(self)
+        return super()._apply(fn, *args, **kwargs)
 
     # --- what every format provides -------------------------------------------------------
     def to_dense(self) -> torch.Tensor:

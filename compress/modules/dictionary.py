@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..kernels import dispatch, register_kernel
+from ..kernels import dispatch
 from .base import CompressedLinear, register_format
 
 
@@ -136,11 +136,3 @@ def tie_shared_dictionaries(model: nn.Module) -> None:
         if isinstance(module, DictLinear) and module.atoms_from is not None:
             owner = model.get_submodule(module.atoms_from)
             module.tie(owner)
-
-
-def dict_forward_torch(module: DictLinear, x: torch.Tensor) -> torch.Tensor:
-    atoms = module.dictionary().to(x.device)  # a group's owner may sit on another device (device_map)
-    return nn.functional.linear(nn.functional.linear(x, atoms), module.dense_coefficients(), module.bias)
-
-
-register_kernel("dict", "torch", dict_forward_torch, priority=0)

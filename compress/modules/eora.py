@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..kernels import dispatch, register_kernel
+from ..kernels import dispatch
 from .base import CompressedLinear, build_module, register_format
 
 
@@ -47,10 +47,3 @@ class EoRALinear(CompressedLinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", rank={self.rank}"
-
-
-def eora_forward_torch(module: EoRALinear, x: torch.Tensor) -> torch.Tensor:
-    return module.base(x) + nn.functional.linear(nn.functional.linear(x, module.down), module.up)
-
-
-register_kernel("eora", "torch", eora_forward_torch, priority=0)

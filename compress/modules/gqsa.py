@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..kernels import dispatch, register_kernel
+from ..kernels import dispatch
 from .base import CompressedLinear, register_format
 
 
@@ -92,10 +92,3 @@ class GQSALinear(CompressedLinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}, group_sparsity={self.group_sparsity():.3f}, bits=4"
-
-
-def gqsa_forward_torch(module: GQSALinear, x: torch.Tensor) -> torch.Tensor:
-    return nn.functional.linear(x, module.to_dense().to(x.dtype), module.bias)
-
-
-register_kernel("gqsa", "torch", gqsa_forward_torch, priority=0)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..kernels import dispatch, register_kernel
+from ..kernels import dispatch
 from .base import CompressedLinear, register_format
 
 
@@ -45,10 +45,3 @@ class LowRankLinear(CompressedLinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", rank={self.rank}"
-
-
-def lowrank_forward_torch(module: LowRankLinear, x: torch.Tensor) -> torch.Tensor:
-    return nn.functional.linear(nn.functional.linear(x, module.down), module.up, module.bias)
-
-
-register_kernel("lowrank", "torch", lowrank_forward_torch, priority=0)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..kernels import dispatch, register_kernel
+from ..kernels import dispatch
 from .base import CompressedLinear, register_format
 
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
@@ -84,10 +84,3 @@ class SparseLinear(CompressedLinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", sparsity={self.sparsity():.3f}, pattern={self.pattern}"
-
-
-def sparse_forward_torch(module: SparseLinear, x: torch.Tensor) -> torch.Tensor:
-    return nn.functional.linear(x, module.to_dense(), module.bias)
-
-
-register_kernel("sparse_bitmap", "torch", sparse_forward_torch, priority=0)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..kernels import dispatch, register_kernel
+from ..kernels import dispatch
 from .base import CompressedLinear, register_format
 
 
@@ -84,12 +84,3 @@ class TileSparseLinear(CompressedLinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", tile={self.tile_rows}x{self.tile_cols}, keep={self.keep}, sparsity={self.sparsity():.3f}"
-
-
-def tile_sparse_forward_torch(module: TileSparseLinear, x: torch.Tensor) -> torch.Tensor:
-    """Reference: expand to the dense weight and multiply (one out × in buffer per call; the
-    kernel never forms it)."""
-    return nn.functional.linear(x, module.to_dense().to(x.dtype), module.bias)
-
-
-register_kernel("tile_sparse", "torch", tile_sparse_forward_torch, priority=0)
