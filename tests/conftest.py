@@ -149,3 +149,20 @@ def calib_text(tmp_path):
     path = tmp_path / "calib.txt"
     path.write_text(BUILTIN_CORPUS.read_text()[60_000:120_000])
     return path
+
+
+def check_bench_perplexities(rows: dict, names, model_dir, text_path, seq_len: int, windows: int) -> None:
+    """A benchmark's dense row equals a direct perplexity of the dense model; compressed rows are
+    finite and differ from it (the compression changed the model)."""
+    import math
+
+    from transformers import AutoTokenizer
+
+    from compress.eval import perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    direct = perplexity(model, AutoTokenizer.from_pretrained(model_dir), text_path, seq_len=seq_len, max_windows=windows, progress=False)
+    dense = rows["dense"]["perplexity"]
+    assert dense == pytest.approx(direct.perplexity, rel=1e-6)
+    for name in names:
+        assert math.isfinite(rows[name]["perplexity"]) and rows[name]["perplexity"] != pytest.approx(dense, rel=1e-6), name

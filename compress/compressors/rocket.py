@@ -25,6 +25,7 @@ from pydantic import Field, field_validator
 from ..errors import LlmpressError
 from ..modules import DictLinear
 from ..modules.dictionary import index_dtype
+from ..metrics import relative_errors
 from .base import (
     Compressor,
     LayerStats,
@@ -146,21 +147,21 @@ class RocketCompressor(Compressor):
         return rocket_best(spec, config.ratio, config).module(bias, weight.dtype)
 
     def profile(self, weight, bias, stats: LayerStats, config: RocketConfig, levels: list[float]) -> list[LevelResult]:
-        """One whitening and SVD per layer; per level the best ks (the one `compress` would keep)."""
+        """One whitening and SVD per layer; per level the best ks (the one `compress` would keep),
+        measured like the pipeline measures a compressed layer (undamped Gram, `relative_errors`)."""
         spec = WhitenedSpectrum.of(weight, stats["gram"], config.percdamp, stats.name)
-        w = weight.double()
         bias_values = bias.numel() if bias is not None else 0
         results = []
         for level in levels:
             factors = rocket_best(spec, level, config)
-            plain = float((w - factors.to_dense()).norm() / w.norm().clamp_min(1e-30))
+            plain, weighted = relative_errors(weight, factors.to_dense(), stats["gram"])
             results.append(
                 LevelResult(
                     level,
                     factors.num_values(bias_values),
                     factors.num_bytes(weight.element_size(), bias_values),
                     plain,
-                    factors.rel_weighted_error,
+                    weighted,
                 )
             )
         return results
