@@ -6,10 +6,13 @@
     model = compress.load("out/svd-20")            # or AutoModelForCausalLM.from_pretrained after import
     compress.eval.perplexity(model, tokenizer, "test.txt")
 
-Importing this package registers the llmpress quantizer with transformers.
+Importing this package registers the llmpress quantizer with transformers (as soon as
+transformers loads its quantizer registry: `import compress` itself stays fast).
 """
 
-from . import hf_quantizer  # noqa: F401  (registers quant_method "llmpress" with transformers)
+from . import _quantizer_hook
+
+_quantizer_hook.install()
 
 __version__ = "0.1.0"
 

@@ -51,7 +51,13 @@ class Collector(ABC):
 
 
 class GramCollector(Collector):
-    """XᵀX summed over calibration tokens, accumulated in float64."""
+    """XᵀX summed over calibration tokens into a float64 accumulator.
+
+    Each batch's product is computed in float32 (float64 inputs stay float64): its rounding error
+    is that of one batch's sum (GPTQ and llm-compressor keep the whole Hessian in float32), while
+    the float64 sum over batches keeps it from growing with the number of batches. On a CPU the
+    float32 product is about twice as fast, and the Gram is most of the calibration time.
+    """
 
     name = "gram"
 
@@ -60,8 +66,8 @@ class GramCollector(Collector):
         self.gram = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
 
     def update(self, x):
-        x64 = x.to(torch.float64)
-        self.gram.addmm_(x64.T, x64)
+        xc = x if x.dtype == torch.float64 else x.float()
+        self.gram += (xc.T @ xc).to(torch.float64)
 
     def value(self):
         return self.gram

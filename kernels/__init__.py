@@ -23,6 +23,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from .runtime import expanded_weights_cached  # noqa: F401  (re-exported for the pipelines)
+
 KERNEL_MODES = ("auto", "torch", "triton")
 # the Triton kernels are tuned for decode; in `auto`, longer inputs (prefill) go to the PyTorch
 # path, where cuBLAS runs compute-bound GEMMs better than these memory-bound designs

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .runtime import (
+    expanded_weight,
     SplitK,
     cached_on,
     check_launch,
@@ -150,4 +151,4 @@ def sparse_forward_triton(module, x: torch.Tensor) -> torch.Tensor:
 
 def sparse_reference(module, x: torch.Tensor) -> torch.Tensor:
     """PyTorch reference: expand the bitmap and values to the dense weight and multiply."""
-    return torch.nn.functional.linear(x, module.to_dense().to(x.dtype), module.bias)
+    return torch.nn.functional.linear(x, expanded_weight(module, x.dtype), module.bias)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .runtime import (
+    expanded_weight,
     check_launch,
     flat_tokens,
     interpreting,
@@ -119,4 +120,4 @@ def gqsa_forward_triton(module, x: torch.Tensor) -> torch.Tensor:
 
 def gqsa_reference(module, x: torch.Tensor) -> torch.Tensor:
     """PyTorch reference: dequantize to the dense weight and multiply (the kernels never form it)."""
-    return torch.nn.functional.linear(x, module.to_dense().to(x.dtype), module.bias)
+    return torch.nn.functional.linear(x, expanded_weight(module, x.dtype), module.bias)

@@ -9,7 +9,8 @@ the PyTorch path, so `auto` never picks it.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -107,6 +108,35 @@ def cached_on(module, name: str, key: tuple, compute: Callable[[], Any]) -> Any:
         slot = (key, compute())
         module.__dict__[name] = slot
     return slot[1]
+
+
+_EXPANDED: list[dict] = []  # active `expanded_weights_cached` scopes, innermost last
+
+
+@contextmanager
+def expanded_weights_cached() -> Iterator[None]:
+    """Within the context, the PyTorch references that expand a compressed weight to dense
+    (sparse, tile-sparse, GQSA) expand each module once and reuse it; the copies are dropped on
+    exit. For many calls on the same unchanged modules: a pipeline runs every calibration batch
+    through a compressed block (one dense copy per layer of one block at a time)."""
+    scope: dict = {}
+    _EXPANDED.append(scope)
+    try:
+        yield
+    finally:
+        _EXPANDED.remove(scope)
+        scope.clear()
+
+
+def expanded_weight(module, dtype: torch.dtype) -> torch.Tensor:
+    """`module.to_dense()` in `dtype`; computed once per module inside `expanded_weights_cached`."""
+    if not _EXPANDED:
+        return module.to_dense().to(dtype)
+    scope = _EXPANDED[-1]
+    hit = scope.get((id(module), dtype))
+    if hit is None or hit[0] is not module:
+        hit = scope[(id(module), dtype)] = (module, module.to_dense().to(dtype))
+    return hit[1]
 
 
 def storage_key(t: torch.Tensor) -> tuple:

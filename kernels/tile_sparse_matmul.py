@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .runtime import (
+    expanded_weight,
     SplitK,
     check_launch,
     dot_in_fp32,
@@ -116,4 +117,4 @@ def tile_sparse_forward_triton(module, x: torch.Tensor) -> torch.Tensor:
 def tile_sparse_reference(module, x: torch.Tensor) -> torch.Tensor:
     """PyTorch reference: expand to the dense weight and multiply (one out × in buffer per call;
     the kernel never forms it)."""
-    return torch.nn.functional.linear(x, module.to_dense().to(x.dtype), module.bias)
+    return torch.nn.functional.linear(x, expanded_weight(module, x.dtype), module.bias)

@@ -226,3 +226,21 @@ def test_int4_kernel_serves_plain_w4_and_split_k(monkeypatch, split_k):
     assert kernels.select("gqsa", sparse, x).name == "triton_gqsa"
     y = int4_matmul(x, module.qweight, module.scales, module.zeros, module.bias, split_k=split_k)
     assert rel_err(y, torch.nn.functional.linear(x.double(), module.to_dense().double(), module.bias.double())) < 1e-5
+
+
+def test_expanded_weights_are_cached_only_inside_the_scope(monkeypatch):
+    """Pipelines run every calibration batch through a compressed block: inside
+    `expanded_weights_cached` the dense-expanding references expand each module once."""
+    module = _random_sparse(16, 32, 0.5, torch.float32)
+    calls = []
+    original = type(module).to_dense
+    monkeypatch.setattr(type(module), "to_dense", lambda self: calls.append(1) or original(self))
+    kernels.set_kernel_mode("torch")
+    x = torch.randn(3, 32)
+    expected = torch.nn.functional.linear(x, original(module), module.bias)
+    with kernels.expanded_weights_cached():
+        for _ in range(4):
+            torch.testing.assert_close(module(x), expected, rtol=0, atol=0)
+    assert len(calls) == 1
+    module(x)
+    assert len(calls) == 2  # outside the scope: expanded per call, nothing kept

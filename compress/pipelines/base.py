@@ -21,6 +21,7 @@ from ..collectors import LinearInputHooks
 from ..compressors import COMPRESSORS, LayerStats, StageConfig
 from ..compressors.base import flush_denormals
 from ..errors import LlmpressError
+from ..kernels import expanded_weights_cached
 from ..metrics import LayerRecord, peak_memory_mb, relative_errors
 from ..modules import CompressedLinear
 from ..targets import match_linears, set_submodule
@@ -166,7 +167,7 @@ class BlockPipeline:
         keep: bool,
     ) -> tuple[dict[str, LayerStats], list[torch.Tensor] | None]:
         """Run the batches through `block` with collectors on `layers`: (stats by name, outputs if keep)."""
-        with LinearInputHooks(layers, needs) as hooks:
+        with LinearInputHooks(layers, needs) as hooks, expanded_weights_cached():
             outputs = run_block(block, hiddens, kwargs, self.device, self.offload_device, keep=keep)
         stats: dict[str, LayerStats] = {}
         for name in layers:

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..blocks import capture_block_inputs, run_block
 from ..errors import LlmpressError
+from ..kernels import expanded_weights_cached
 from ..metrics import LayerRecord
 from .base import BlockPipeline, FisherSums, check_finite
 
@@ -45,7 +46,7 @@ class SequentialPipeline(BlockPipeline):
                     return stats
 
                 records += self.compress_block(block, index, stage_indices, stats_for)
-                with torch.no_grad():
+                with torch.no_grad(), expanded_weights_cached():  # each compressed layer expanded once, not per batch
                     inputs.hiddens = run_block(block, inputs.hiddens, kwargs, self.device, self.offload_device, keep=True)
                 check_finite(inputs.hiddens, index)
             bar.set_postfix(sec=f"{self.block_log[-1]['seconds']:.1f}", mem_mb=f"{self.block_log[-1]['peak_memory_mb']:.0f}")
