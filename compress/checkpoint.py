@@ -14,6 +14,7 @@ so an interrupted save never leaves a half-written checkpoint under the requeste
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -28,14 +29,58 @@ from .errors import LlmpressError
 from .hf_quantizer import QUANT_METHOD, LlmpressConfig, LlmpressHfQuantizer
 from .report import compressed_modules, write_report
 
+logger = logging.getLogger("compress")
 
-def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
-    """Fail early (before hours of compression) if the output directory exists."""
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def remove_stale_temporaries(output_dir: Path) -> list[Path]:
+    """Delete `.NAME.tmp-*` / `.NAME.old-*` siblings left by a save that was killed (kill -9)."""
+    parent = output_dir.parent
+    if not parent.is_dir():
+        return []
+    stale = [p for p in parent.glob(f".{output_dir.name}.tmp-*")] + [p for p in parent.glob(f".{output_dir.name}.old-*")]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+        logger.warning("removed %s, left by an interrupted save", path)
+    return stale
+
+
+def check_output_dir(output_dir: str | Path, overwrite: bool, required_bytes: int | None = None) -> Path:
+    """Fail early (before hours of compression) on an output directory that cannot be written.
+
+    Refuses: an existing checkpoint without `overwrite`; an existing non-empty directory that is
+    not an llmpress checkpoint (even with `overwrite`, which replaces only checkpoints); a path
+    under a folder this process cannot write; less free space than `required_bytes`.
+    """
     output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise LlmpressError(f"output directory {str(output_dir)!r} already exists; choose another or pass --overwrite")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise LlmpressError(f"output path {str(output_dir)!r} exists and is not a directory")
+    if output_dir.exists():
+        if not output_dir.is_dir():
+            raise LlmpressError(f"output path {str(output_dir)!r} exists and is not a directory; choose another --output-dir")
+        contents = sorted(p.name for p in output_dir.iterdir())
+        if contents and not is_llmpress_checkpoint(output_dir):
+            shown = ", ".join(contents[:5]) + (", ..." if len(contents) > 5 else "")
+            raise LlmpressError(
+                f"output directory {str(output_dir)!r} is not empty and is not an llmpress checkpoint ({shown}); "
+                "--overwrite replaces only checkpoints: choose another --output-dir"
+            )
+        if contents and not overwrite:
+            raise LlmpressError(f"output directory {str(output_dir)!r} already exists; choose another or pass --overwrite")
+    ancestor = _existing_ancestor(output_dir.parent)
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise LlmpressError(f"cannot write under {str(ancestor)!r} (permission denied); choose another --output-dir")
+    if required_bytes is not None:
+        free = shutil.disk_usage(ancestor).free
+        if free < required_bytes:
+            raise LlmpressError(
+                f"not enough free space under {str(ancestor)!r}: {free / 2**30:.2f} GiB free, the checkpoint needs about "
+                f"{required_bytes / 2**30:.2f} GiB; free some space or choose another --output-dir"
+            )
     return output_dir
 
 
@@ -71,11 +116,18 @@ def save_compressed(
 
 @contextmanager
 def atomic_directory(output_dir: Path) -> Iterator[Path]:
-    """A temporary sibling directory to write into; renamed onto `output_dir` only on success."""
+    """A temporary sibling directory to write into; renamed onto `output_dir` only on success.
+
+    Stale temporaries of an earlier interrupted save to the same path are removed first. The
+    result gets the permissions of an ordinary `save_pretrained` (the umask's), not the private
+    0700 of a temporary directory.
+    """
     output_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(output_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
         yield tmp
+        _apply_umask(tmp)
         if output_dir.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
             os.replace(output_dir, trash / "old")
@@ -86,6 +138,17 @@ def atomic_directory(output_dir: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _apply_umask(directory: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(directory):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)
+    os.chmod(directory, 0o777 & ~umask)
 
 
 def export_dense(directory: str | Path, output_dir: str | Path, overwrite: bool = False) -> Path:

@@ -101,17 +101,21 @@ def cmd_compress(args) -> int:
     from .api import compress_model
     from .checkpoint import check_output_dir, save_compressed
     from .model_loading import check_device, load_model, load_tokenizer, resolve_dtype, resolve_model_source
+    from .data.calibration import local_dataset_path
     from .recipe import load_recipe, with_calibration
-    from .report import report_markdown
+    from .report import model_size, report_markdown
 
     recipe = load_recipe(args.recipe, args.overrides)
     recipe = with_calibration(recipe, num_samples=args.num_samples, seq_len=args.seq_len, dataset=args.dataset)
+    if recipe.calibration.dataset is not None:
+        local_dataset_path(recipe.calibration.dataset)  # a missing calibration file fails now
     resolve_model_source(args.model)  # fail fast on a missing path or device
     device = check_device(args.device)
     output_dir = Path(args.output_dir) if args.output_dir else _default_output_dir(args.model, recipe.name)
     check_output_dir(output_dir, args.overwrite)
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype=resolve_dtype(args.dtype, device), device="cpu")
+    check_output_dir(output_dir, args.overwrite, required_bytes=model_size(model)["bytes"])  # room for a checkpoint
     with logging_redirect_tqdm():
         model, report = compress_model(model, recipe, tokenizer=tokenizer, device=device, progress=not args.quiet)
     report["model"] = args.model

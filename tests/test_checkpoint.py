@@ -71,7 +71,8 @@ def test_save_load_round_trip_is_bit_exact(compressed, tmp_path, tokenizer):
 def test_output_dir_rules_and_atomic_write(compressed, tmp_path, tokenizer, monkeypatch):
     model, _ = compressed
     target = tmp_path / "ckpt"
-    target.mkdir()
+    target.mkdir()  # an empty directory may be written into
+    compress.save_compressed(model, target)
     with pytest.raises(LlmpressError, match="already exists.*--overwrite"):
         compress.save_compressed(model, target)
 

@@ -93,11 +93,54 @@ def test_bad_inputs_exit_2(tiny_model_dir, tmp_path, calib_text, capsys):
            capsys, "fewer than one window")
     _fails(["compress", model, "--recipe", good, "--dataset", str(tmp_path / "nodata.txt"), "--quiet",
             "--output-dir", str(tmp_path / "o4")], capsys, "calibration file")
-    exists = tmp_path / "exists"
-    exists.mkdir()
-    _fails(["compress", model, "--recipe", good, *base, "--output-dir", str(exists)], capsys, "--overwrite")
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "precious.txt").write_text("keep me")
+    for extra in ([], ["--overwrite"]):  # --overwrite replaces only llmpress checkpoints
+        _fails(["compress", model, "--recipe", good, *base, "--output-dir", str(precious), *extra], capsys, "not an llmpress checkpoint")
+    assert (precious / "precious.txt").read_text() == "keep me"
     _fails(["eval", str(tmp_path / "nope"), "--ppl", str(calib_text)], capsys, "not found")
     _fails(["inspect", model], capsys, "not an llmpress checkpoint")
+
+
+@pytest.mark.parametrize("model_kind", ["llama"])
+def test_output_directory_problems_fail_before_compressing(tiny_model_dir, tmp_path, calib_text, capsys, monkeypatch):
+    import os
+    import shutil
+    from collections import namedtuple
+
+    model, good = str(tiny_model_dir), _recipe(tmp_path, GOOD)
+    base = ["--dataset", str(calib_text), "--quiet"]
+    compressed = []
+    monkeypatch.setattr("compress.api.CompressionRunner.run", lambda *a, **k: compressed.append(1))
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        _fails(["compress", model, "--recipe", good, *base, "--output-dir", str(locked / "out")], capsys, "permission denied")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))  # a full disk
+    _fails(["compress", model, "--recipe", good, *base, "--output-dir", str(tmp_path / "full")], capsys, "not enough free space")
+    assert compressed == [] and not (tmp_path / "full").exists()
+
+
+@pytest.mark.parametrize("model_kind", ["llama"])
+def test_checkpoints_get_umask_permissions_and_stale_temporaries_are_removed(tiny_model_dir, tmp_path, calib_text, capsys):
+    import os
+    import stat
+
+    out = tmp_path / "ckpt"
+    stale = tmp_path / ".ckpt.tmp-abc123"  # what a save killed with -9 leaves behind
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    old_umask = os.umask(0o022)
+    try:
+        assert main(["compress", str(tiny_model_dir), "--recipe", _recipe(tmp_path, GOOD), "--dataset", str(calib_text),
+                     "--quiet", "--output-dir", str(out)]) == 0
+    finally:
+        os.umask(old_umask)
+    assert not stale.exists() and not list(tmp_path.glob(".ckpt.*"))
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
     assert not any(p.name.startswith("o") and p.is_dir() for p in tmp_path.iterdir())  # nothing half-written
 
 

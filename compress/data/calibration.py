@@ -74,12 +74,21 @@ def load_texts(
         if not all(isinstance(t, str) for t in dataset):
             raise LlmpressError("a calibration dataset given as a list must contain only strings")
         return list(dataset)
+    path = local_dataset_path(dataset)
+    if path is not None:
+        return _from_file(path, text_field)
+    return _from_hub(str(dataset), split, text_field)
+
+
+def local_dataset_path(dataset: str | Path) -> Path | None:
+    """The file a dataset argument names (None: a hub id); a missing file is an error, raised
+    before any model is loaded."""
     path = Path(dataset).expanduser()
     if path.is_file():
-        return _from_file(path, text_field)
+        return path
     if path.suffix or str(dataset).startswith((".", "/", "~")):
         raise LlmpressError(f"calibration file {str(dataset)!r} not found")
-    return _from_hub(str(dataset), split, text_field)
+    return None
 
 
 def tokenize_texts(tokenizer, texts: list[str], chat_template: bool = False) -> torch.Tensor:
