@@ -19,7 +19,8 @@ logger = logging.getLogger("compress")
 def _add_compress(sub) -> None:
     p = sub.add_parser("compress", help="compress a model following a recipe and save a checkpoint")
     p.add_argument("model", help="hub id, local HF directory, or .gguf file")
-    p.add_argument("--recipe", required=True, help="recipe YAML (see recipes/)")
+    p.add_argument("--recipe", help="recipe YAML (see recipes/); default: W4, INT4 groups of 16 with GPTQ-style "
+                   "error feedback (recipes/w4-g16.yaml)")
     p.add_argument("--dataset", help="calibration data: .txt/.jsonl/.parquet file or HF dataset id (default: built-in)")
     p.add_argument("--num-samples", type=int, help="calibration windows (overrides the recipe)")
     p.add_argument("--seq-len", type=int, help="tokens per calibration window (overrides the recipe)")
@@ -102,10 +103,10 @@ def cmd_compress(args) -> int:
     from .checkpoint import check_output_dir, save_compressed
     from .model_loading import check_device, load_model, load_tokenizer, resolve_dtype, resolve_model_source
     from .data.calibration import local_dataset_path
-    from .recipe import load_recipe, with_calibration
-    from .report import model_size, report_markdown
+    from .recipe import DEFAULT_RECIPE, load_recipe, with_calibration
+    from .report import high_error_layers, model_size, report_markdown
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe if args.recipe else DEFAULT_RECIPE, args.overrides)
     recipe = with_calibration(recipe, num_samples=args.num_samples, seq_len=args.seq_len, dataset=args.dataset)
     if recipe.calibration.dataset is not None:
         local_dataset_path(recipe.calibration.dataset)  # a missing calibration file fails now
@@ -122,7 +123,16 @@ def cmd_compress(args) -> int:
     save_compressed(model, output_dir, tokenizer=tokenizer, recipe=recipe, report=report, overwrite=args.overwrite)
     summary = report["summary"]
     print(report_markdown(report).split("\n| layer")[0].rstrip())
-    print(f"\nsaved {output_dir}  ({summary['layers']} layers; report: {output_dir / 'report.md'})")
+    for warning in high_error_layers(report):
+        print(f"llmpress: warning: {warning}", file=sys.stderr)
+    size = report["model_size"]
+    before, after = size["dense"]["bytes"], size["compressed"]["bytes"]
+    print(
+        f"\n{recipe.name}: {before / 2**20:,.1f} MiB -> {after / 2**20:,.1f} MiB as stored in {report['dtype']} "
+        f"({100 * (1 - after / before):.1f}% smaller, embeddings included); saved {output_dir} "
+        f"({summary['layers']} layers, report {output_dir / 'report.md'})\n"
+        f"next: llmpress eval {output_dir} --ppl TEXT_FILE   (perplexity; add --baseline {args.model} to compare)"
+    )
     return 0
 
 

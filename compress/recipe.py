@@ -237,6 +237,15 @@ def parse_recipe(data: dict | Recipe, source: str = "<recipe>", overrides: list[
     return recipe
 
 
+# `llmpress compress MODEL` with no --recipe: recipes/w4-g16.yaml (the test suite checks they agree)
+DEFAULT_RECIPE: dict[str, Any] = {
+    "name": "w4-g16",
+    "description": "W4 (GQSA with every group kept): INT4 groups of 16 with GPTQ-style error feedback and a scale refit",
+    "calibration": {"num_samples": 32, "seq_len": 512, "seed": 0},
+    "stages": [{"method": "gqsa", "ratio": 0.0, "group_size": 16, "refit_scales": True, "targets": ["Linear"], "ignore": ["lm_head"]}],
+}
+
+
 def load_recipe(path: str | Path | dict | Recipe, overrides: list[str] | None = None) -> Recipe:
     """A validated Recipe from a YAML file, a mapping or a Recipe, with `--set` overrides applied."""
     if isinstance(path, (dict, Recipe)):

@@ -66,6 +66,22 @@ def test_save_load_round_trip_is_bit_exact(compressed, tmp_path, tokenizer):
     # loaded model can be saved again
     compress.save_compressed(loaded, tmp_path / "again")
     assert torch.equal(compress.load(tmp_path / "again")(ids, use_cache=False).logits, expected)
+    # a fresh process: `import compress` before transformers registers the quantizer lazily
+    import subprocess
+    import sys
+
+    torch.save(ids, tmp_path / "ids.pt")
+    torch.save(expected, tmp_path / "expected.pt")
+    script = (
+        "import sys, torch, compress\n"
+        "assert 'transformers' not in sys.modules\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
+        f"ids, expected = torch.load({str(tmp_path / 'ids.pt')!r}), torch.load({str(tmp_path / 'expected.pt')!r})\n"
+        "assert torch.equal(m(ids, use_cache=False).logits, expected)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 def test_output_dir_rules_and_atomic_write(compressed, tmp_path, tokenizer, monkeypatch):

@@ -180,3 +180,36 @@ def test_knapsack_recipe_from_the_cli_round_trips(tiny_model_dir, tmp_path, cali
     ids = torch.randint(0, 300, (1, 12))
     assert torch.isfinite(model(input_ids=ids).logits).all()
     assert not torch.allclose(model(input_ids=ids).logits, original(input_ids=ids).logits)
+
+
+def test_default_recipe_is_the_shipped_w4_recipe():
+    from pathlib import Path
+
+    from compress.recipe import DEFAULT_RECIPE, load_recipe
+
+    shipped = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "w4-g16.yaml")
+    default = load_recipe(DEFAULT_RECIPE)
+    assert default.model_dump(exclude={"description"}) == shipped.model_dump(exclude={"description"})
+
+
+@pytest.mark.parametrize("model_kind", ["llama"])
+def test_compress_without_a_recipe_uses_w4_and_says_what_it_saved(tiny_model_dir, tmp_path, calib_text, capsys):
+    out = tmp_path / "w4"
+    assert main(["compress", str(tiny_model_dir), "--dataset", str(calib_text), "--num-samples", "2", "--seq-len", "32",
+                 "--output-dir", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "w4-g16:" in printed and "% smaller" in printed and f"llmpress eval {out}" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert {r["format"] for r in report["layers"]} == {"gqsa"} and report["recipe"]["name"] == "w4-g16"
+
+
+@pytest.mark.parametrize("model_kind", ["llama"])
+def test_layers_that_lose_their_output_are_warned_about(tiny_model_dir, tmp_path, calib_text, capsys):
+    harsh = "calibration: {num_samples: 2, seq_len: 32, weighted_errors: true}\nstages:\n  - method: svd\n    ratio: 0.95\n"
+    assert main(["compress", str(tiny_model_dir), "--recipe", _recipe(tmp_path, harsh), "--dataset", str(calib_text),
+                 "--output-dir", str(tmp_path / "harsh"), "--quiet"]) == 0
+    assert "will likely collapse" in capsys.readouterr().err
+    mild = "calibration: {num_samples: 2, seq_len: 32, weighted_errors: true}\nstages:\n  - method: magnitude\n    ratio: 0.05\n"
+    assert main(["compress", str(tiny_model_dir), "--recipe", _recipe(tmp_path, mild), "--dataset", str(calib_text),
+                 "--output-dir", str(tmp_path / "mild"), "--quiet"]) == 0
+    assert "will likely collapse" not in capsys.readouterr().err
