@@ -120,3 +120,32 @@ def test_pipeline_rejects_targets_matching_nothing():
         SequentialPipeline(model, [SVDConfig(ratio=0.2, targets=["re:.*nothing"])], progress=False)
     with pytest.raises(LlmpressError, match="outside the decoder blocks"):
         SequentialPipeline(model, [SVDConfig(ratio=0.2, targets=["lm_head"], ignore=[])], progress=False)
+
+
+def test_layers_reading_one_input_share_one_gram():
+    """q/k/v read the same hidden state, gate/up the same normed input: one Gram each."""
+    model = tiny_model("llama", layers=1)
+    _, blocks = find_decoder_blocks(model)
+    layers = {n: m for n, m in blocks[0].named_modules() if isinstance(m, torch.nn.Linear)}
+    with LinearInputHooks(layers, {"gram"}) as hooks:
+        model(torch.randint(0, 300, (2, 16)))
+        model(torch.randint(0, 300, (2, 16)))  # a second batch keeps the same sharing
+    assert hooks.shared_with == {
+        "self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj", "mlp.up_proj": "mlp.gate_proj",
+    }  # fmt: skip
+    assert hooks.collectors["self_attn.v_proj"] is hooks.collectors["self_attn.q_proj"]
+    assert hooks.collectors["self_attn.o_proj"] is not hooks.collectors["self_attn.q_proj"]
+    assert hooks.collectors["self_attn.q_proj"]["gram"].num_tokens == 2 * 2 * 16
+
+
+def test_default_knapsack_runs_the_fisher_backward_pass_once(tokenizer, calib_text, monkeypatch):
+    import compress
+    import compress.fisher as fisher
+
+    calls = []
+    original = fisher.collect_fisher
+    monkeypatch.setattr(fisher, "collect_fisher", lambda *a, **k: calls.append(1) or original(*a, **k))
+    recipe = {"calibration": {"num_samples": 2, "seq_len": 32}, "stages": [{"method": "fwsvd"}],
+              "allocation": {"ratio": 0.3, "levels": [0.0, 0.3, 0.6]}}  # fmt: skip  (cost: fisher, the default)
+    _, report = compress.compress_model(tiny_model("llama"), recipe, dataset=str(calib_text), tokenizer=tokenizer, progress=False)
+    assert report["allocation"]["cost"] == "fisher" and len(calls) == 1  # shared by profiling and FWSVD itself
