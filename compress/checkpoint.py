@@ -25,6 +25,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from .checkpoint_check import is_llmpress_checkpoint, validate_checkpoint
 from .errors import LlmpressError
 from .hf_quantizer import QUANT_METHOD, LlmpressConfig, LlmpressHfQuantizer
 from .report import compressed_modules, write_report
@@ -182,14 +183,6 @@ def export_dense(directory: str | Path, output_dir: str | Path, overwrite: bool 
     return output_dir
 
 
-def is_llmpress_checkpoint(path: str | Path) -> bool:
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    data = json.loads(config.read_text())
-    return (data.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
-
-
 def load(
     directory: str | Path,
     device_map: str | dict | None = None,
@@ -206,10 +199,7 @@ def load(
     from . import hf_quantizer  # noqa: F401
 
     directory = Path(directory)
-    if not directory.is_dir():
-        raise LlmpressError(f"checkpoint directory {str(directory)!r} not found")
-    if not is_llmpress_checkpoint(directory):
-        raise LlmpressError(f"{str(directory)!r} is not an llmpress checkpoint (config.json has no llmpress quantization_config)")
+    validate_checkpoint(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, device_map=device_map, dtype=dtype)
     model.eval()
     if not with_tokenizer:

@@ -17,11 +17,11 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .checkpoint_check import FORMAT_VERSION
 from .modules import build_module, tie_shared_dictionaries
 from .targets import set_submodule
 
 QUANT_METHOD = "llmpress"
-FORMAT_VERSION = 1
 
 
 class LlmpressConfig(QuantizationConfigMixin):

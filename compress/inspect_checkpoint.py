@@ -2,50 +2,22 @@
 
 from __future__ import annotations
 
-import json
+import re
 from pathlib import Path
 
-from safetensors import safe_open
-
-from .errors import LlmpressError
-
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
-def tensor_headers(directory: Path) -> dict[str, tuple[list[int], str]]:
-    """name -> (shape, dtype) for every tensor in the checkpoint's safetensors files."""
-    headers = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as handle:
-            for key in handle.keys():
-                piece = handle.get_slice(key)
-                headers[key] = (piece.get_shape(), piece.get_dtype())
-    return headers
-
-
-def _nbytes(shape: list[int], dtype: str) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count * _ITEMSIZE[dtype]
+from .checkpoint_check import ITEMSIZE, nbytes, validate_checkpoint
 
 
 def inspect_checkpoint(directory: str | Path) -> dict:
     """Per-module rows and totals; sizes come from the stored tensors, not from the specs."""
     directory = Path(directory)
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise LlmpressError(f"{str(directory)!r} is not a model directory (no config.json)")
-    qconfig = json.loads(config_path.read_text()).get("quantization_config") or {}
-    if qconfig.get("quant_method") != "llmpress":
-        raise LlmpressError(f"{str(directory)!r} is not an llmpress checkpoint (no llmpress quantization_config)")
-    headers = tensor_headers(directory)
+    qconfig, headers = validate_checkpoint(directory)
     rows = []
-    for name, spec in qconfig["modules"].items():
+    for name, spec in sorted(qconfig["modules"].items(), key=lambda item: _natural_key(item[0])):
         tensors = {k: v for k, v in headers.items() if k.startswith(name + ".")}
-        stored = sum(_nbytes(shape, dtype) for shape, dtype in tensors.values())
+        stored = sum(nbytes(shape, dtype) for shape, dtype in tensors.values())
         float_dtypes = [dtype for shape, dtype in tensors.values() if dtype in ("F32", "F16", "BF16", "F64")]
-        itemsize = _ITEMSIZE[float_dtypes[0]] if float_dtypes else 2
+        itemsize = ITEMSIZE[float_dtypes[0]] if float_dtypes else 2
         dense = (spec["in_features"] * spec["out_features"] + (spec["out_features"] if spec["bias"] else 0)) * itemsize
         detail = {k: v for k, v in spec.items() if k not in ("format", "in_features", "out_features", "bias")}
         rows.append(
@@ -59,7 +31,7 @@ def inspect_checkpoint(directory: str | Path) -> dict:
                 "ratio": stored / dense,
             }
         )
-    total_file = sum(_nbytes(shape, dtype) for shape, dtype in headers.values())
+    total_file = sum(nbytes(shape, dtype) for shape, dtype in headers.values())
     dense_sum = sum(r["dense_bytes"] for r in rows)
     stored_sum = sum(r["stored_bytes"] for r in rows)
     return {
@@ -72,6 +44,11 @@ def inspect_checkpoint(directory: str | Path) -> dict:
         "checkpoint_tensor_bytes": total_file,
         "dense_equivalent_bytes": total_file - stored_sum + dense_sum,
     }
+
+
+def _natural_key(name: str) -> list:
+    """model.layers.2.x before model.layers.10.x: digit runs compare as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def inspect_table(info: dict) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint_check import is_llmpress_checkpoint, validate_checkpoint
 from .errors import LlmpressError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -111,17 +112,21 @@ def load_model(
     from . import hf_quantizer  # noqa: F401  (registers the llmpress quantizer)
 
     source = resolve_model_source(name_or_path)
+    if source.kind == "dir" and is_llmpress_checkpoint(source.path):
+
+        validate_checkpoint(source.path)  # a damaged checkpoint fails here in one line, not deep in a load
     torch_dtype = resolve_dtype(dtype, device or default_device())
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source.path, dtype=torch_dtype, **source.from_pretrained_kwargs(), **kwargs
         )
     except (OSError, ValueError) as exc:
-        where = "the Hugging Face Hub" if source.kind == "hub" else str(source)
-        raise LlmpressError(
-            f"could not load model {str(name_or_path)!r} from {where}: {exc}. Check the path or hub id, "
-            "and your network when using a hub id (set HF_HUB_OFFLINE=1 to use only the local cache)"
-        ) from exc
+        if source.kind == "hub":
+            raise LlmpressError(
+                f"could not load model {str(name_or_path)!r} from the Hugging Face Hub: {exc}. Check the hub id and "
+                "your network (set HF_HUB_OFFLINE=1 to use only the local cache)"
+            ) from exc
+        raise LlmpressError(f"could not load model {str(name_or_path)!r} from {source}: {exc}") from exc
     model.eval()
     if device is not None:
         model.to(device)

@@ -213,3 +213,40 @@ def test_layers_that_lose_their_output_are_warned_about(tiny_model_dir, tmp_path
     assert main(["compress", str(tiny_model_dir), "--recipe", _recipe(tmp_path, mild), "--dataset", str(calib_text),
                  "--output-dir", str(tmp_path / "mild"), "--quiet"]) == 0
     assert "will likely collapse" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model_kind", ["llama"])
+def test_damaged_checkpoints_are_refused_by_every_command(tiny_model_dir, tmp_path, calib_text, capsys):
+    import shutil
+
+    good = tmp_path / "good"
+    assert main(["compress", str(tiny_model_dir), "--recipe", _recipe(tmp_path, GOOD), "--dataset", str(calib_text),
+                 "--output-dir", str(good), "--quiet"]) == 0
+    capsys.readouterr()
+
+    def damaged(name, change):
+        path = tmp_path / name
+        shutil.copytree(good, path)
+        change(path)
+        return path
+
+    weights = "model.safetensors"
+    truncated = damaged("truncated", lambda p: (p / weights).write_bytes((p / weights).read_bytes()[:-1000]))
+
+    def config_edit(edit):
+        def change(path):
+            config = json.loads((path / "config.json").read_text())
+            edit(config["quantization_config"])
+            (path / "config.json").write_text(json.dumps(config))
+        return change
+
+    future = damaged("future", config_edit(lambda q: q.update(format_version=99)))
+    bogus = damaged("bogus", config_edit(lambda q: q["modules"]["model.layers.0.self_attn.q_proj"].update(format="bogus")))
+    reshaped = damaged("reshaped", config_edit(lambda q: q["modules"]["model.layers.0.self_attn.q_proj"].update(rank=5)))
+    text = str(calib_text)
+    for path, why in [(truncated, "truncated"), (future, "format version 99"), (bogus, "unknown format 'bogus'"), (reshaped, "shape")]:
+        for command in (["inspect", str(path)], ["eval", str(path), "--ppl", text, "--seq-len", "32", "--max-windows", "1"],
+                        ["export", str(path), str(tmp_path / f"dense-{path.name}")]):
+            err = _fails(command, capsys, why)
+            assert "Traceback" not in err and "huggingface.co" not in err and "network" not in err, (command, err)
+    assert main(["inspect", str(good)]) == 0
