@@ -51,12 +51,12 @@ class Collector(ABC):
 
 
 class GramCollector(Collector):
-    """XᵀX summed over calibration tokens into a float64 accumulator.
+    """XᵀX summed over calibration tokens, accumulated in float64.
 
-    Each batch's product is computed in float32 (float64 inputs stay float64): its rounding error
-    is that of one batch's sum (GPTQ and llm-compressor keep the whole Hessian in float32), while
-    the float64 sum over batches keeps it from growing with the number of batches. On a CPU the
-    float32 product is about twice as fast, and the Gram is most of the calibration time.
+    The products are float64 too. float32 products per batch would be about twice as fast on a
+    CPU; measured on SmolLM2 with sparsegpt-50 they moved perplexity from 26.25 to 26.44 (mask
+    choices flip and compound over 30 blocks): within run-to-run noise, but the statistics stay
+    exact and the wall time is below llm-compressor's without it.
     """
 
     name = "gram"
@@ -66,8 +66,8 @@ class GramCollector(Collector):
         self.gram = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
 
     def update(self, x):
-        xc = x if x.dtype == torch.float64 else x.float()
-        self.gram += (xc.T @ xc).to(torch.float64)
+        x64 = x.to(torch.float64)
+        self.gram.addmm_(x64.T, x64)
 
     def value(self):
         return self.gram
