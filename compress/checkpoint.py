@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .checkpoint_check import is_llmpress_checkpoint, validate_checkpoint
+from .checkpoint_check import validate_checkpoint
 from .errors import LlmpressError
 from .hf_quantizer import QUANT_METHOD, LlmpressConfig, LlmpressHfQuantizer
 from .report import compressed_modules, write_report
@@ -56,18 +56,20 @@ def check_output_dir(output_dir: str | Path, overwrite: bool, required_bytes: in
     """Fail early (before hours of compression) on an output directory that cannot be written.
 
     Refuses: an existing checkpoint without `overwrite`; an existing non-empty directory that is
-    not an llmpress checkpoint (even with `overwrite`, which replaces only checkpoints); a path
-    under a folder this process cannot write; less free space than `required_bytes`.
+    not a model checkpoint (an llmpress or dense export: config.json and safetensors weights),
+    even with `overwrite`, which replaces only checkpoints; a path under a folder this process
+    cannot write; less free space than `required_bytes`.
     """
     output_dir = Path(output_dir)
     if output_dir.exists():
         if not output_dir.is_dir():
             raise LlmpressError(f"output path {str(output_dir)!r} exists and is not a directory; choose another --output-dir")
         contents = sorted(p.name for p in output_dir.iterdir())
-        if contents and not is_llmpress_checkpoint(output_dir):
+        is_checkpoint = (output_dir / "config.json").is_file() and any(output_dir.glob("*.safetensors"))
+        if contents and not is_checkpoint:
             shown = ", ".join(contents[:5]) + (", ..." if len(contents) > 5 else "")
             raise LlmpressError(
-                f"output directory {str(output_dir)!r} is not empty and is not an llmpress checkpoint ({shown}); "
+                f"output directory {str(output_dir)!r} is not empty and is not a model checkpoint ({shown}); "
                 "--overwrite replaces only checkpoints: choose another --output-dir"
             )
         if contents and not overwrite:

@@ -97,7 +97,7 @@ def test_bad_inputs_exit_2(tiny_model_dir, tmp_path, calib_text, capsys):
     precious.mkdir()
     (precious / "precious.txt").write_text("keep me")
     for extra in ([], ["--overwrite"]):  # --overwrite replaces only llmpress checkpoints
-        _fails(["compress", model, "--recipe", good, *base, "--output-dir", str(precious), *extra], capsys, "not an llmpress checkpoint")
+        _fails(["compress", model, "--recipe", good, *base, "--output-dir", str(precious), *extra], capsys, "not a model checkpoint")
     assert (precious / "precious.txt").read_text() == "keep me"
     _fails(["eval", str(tmp_path / "nope"), "--ppl", str(calib_text)], capsys, "not found")
     _fails(["inspect", model], capsys, "not an llmpress checkpoint")
