@@ -25,7 +25,6 @@ from pydantic import Field, field_validator
 from ..errors import LlmpressError
 from ..modules import DictLinear
 from ..modules.dictionary import index_dtype
-from ..metrics import relative_errors
 from .base import (
     Compressor,
     LayerStats,
@@ -151,17 +150,19 @@ class RocketCompressor(Compressor):
         measured like the pipeline measures a compressed layer (undamped Gram, `relative_errors`)."""
         spec = WhitenedSpectrum.of(weight, stats["gram"], config.percdamp, stats.name)
         bias_values = bias.numel() if bias is not None else 0
+        w = weight.double()
+        w_norm = float(w.norm())
         results = []
         for level in levels:
             factors = rocket_best(spec, level, config)
-            plain, weighted = relative_errors(weight, factors.to_dense(), stats["gram"])
+            plain = float((w - factors.to_dense()).norm()) / max(w_norm, 1e-30)
             results.append(
                 LevelResult(
                     level,
                     factors.num_values(bias_values),
                     factors.num_bytes(weight.element_size(), bias_values),
                     plain,
-                    weighted,
+                    spec.undamped_error(factors.rel_weighted_error, plain, w_norm),
                 )
             )
         return results

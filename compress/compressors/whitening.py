@@ -80,3 +80,13 @@ class WhitenedSpectrum:
         a = weight.double() @ white.s
         u, sigma, vh = torch.linalg.svd(a, full_matrices=False)
         return cls(a, white, u, sigma, vh)
+
+    def undamped_error(self, whitened_rel: float, plain_rel: float, weight_norm: float) -> float:
+        """‖ΔW Xᵀ‖/‖W Xᵀ‖ (the pipeline's weighted error, `metrics.relative_errors`) from the
+        error in this damped whitened space, without an (out × in × in) product per candidate:
+        S·Sᵀ = G + λI gives ‖ΔW·S‖² = tr(ΔW G ΔWᵀ) + λ‖ΔW‖² (exact on the Cholesky path; the
+        eigh fallback clamps tiny eigenvalues)."""
+        lam, a2, w2 = self.white.damping, float(self.a.square().sum()), weight_norm**2
+        num = whitened_rel**2 * a2 - lam * plain_rel**2 * w2
+        den = max(a2 - lam * w2, 1e-300)
+        return max(num, 0.0) ** 0.5 / den**0.5
