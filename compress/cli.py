@@ -1,6 +1,7 @@
 """The `llmpress` command line: compress, eval, report, inspect, export, fetch-demo.
 
-Errors the user can fix print one clear message and exit with status 2.
+Errors the user can fix print one clear message and exit with status 2. Nothing heavy (torch,
+transformers) is imported until a command runs, so help and argument errors are immediate.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ logger = logging.getLogger("compress")
 
 
 def _add_compress(sub) -> None:
-    p = sub.add_parser("compress", help="compress a model following a recipe and save a checkpoint")
+    p = sub.add_parser("compress", help="compress a model following a recipe and save a checkpoint", formatter_class=_Formatter)
     p.add_argument("model", help="hub id, local HF directory, or .gguf file")
     p.add_argument("--recipe", help="recipe YAML (see recipes/); default: W4, INT4 groups of 16 with GPTQ-style "
                    "error feedback (recipes/w4-g16.yaml)")
@@ -34,54 +35,94 @@ def _add_compress(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="perplexity and lm-eval tasks of a dense or compressed model")
+    p = sub.add_parser("eval", help="perplexity and lm-eval tasks of a dense or compressed model", formatter_class=_Formatter)
     p.add_argument("model", help="llmpress checkpoint, HF directory, .gguf file or hub id")
     p.add_argument("--ppl", help="text file (or 'wikitext2' when online) for token-level perplexity")
     p.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. local_arc_easy,local_piqa")
     p.add_argument("--include-path", action="append", default=[], help="folder of lm-eval task YAMLs (repeatable)")
     p.add_argument("--limit", type=float, help="examples per task (an int) or a fraction")
-    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples per lm-eval task (default: the task's own)")
     p.add_argument("--baseline", help="also evaluate this (dense) model and show both")
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per perplexity window")
     p.add_argument("--max-windows", type=int, help="perplexity on the first N windows only (quick runs)")
     p.add_argument("--bos", choices=["auto", "yes", "no"], default="auto",
                    help="start each perplexity window with BOS: auto = when the tokenizer adds one (Gemma, Llama-3); "
                    "no = the GPTQ-style protocol")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1, help="windows (perplexity) or requests (lm-eval) per forward")
     p.add_argument("--device", help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--json", help="write the results to this JSON file (llmpress report reads DIR/eval.json)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (fp32 on CPU, bf16 on a GPU)")
+    p.add_argument("--json", help="write the results to this JSON file (default for an llmpress checkpoint: DIR/eval.json, "
+                   "which llmpress report reads)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_report(sub) -> None:
-    p = sub.add_parser("report", help="one table and plots across several compressed checkpoints")
+    p = sub.add_parser("report", help="one table and plots across several compressed checkpoints", formatter_class=_Formatter)
     p.add_argument("runs", nargs="+", help="checkpoint directories (each with report.json, optionally eval.json)")
     p.add_argument("--output-dir", default="report", help="where report.md and the PNG plots go")
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="write a compressed checkpoint as an ordinary dense HF checkpoint")
+    p = sub.add_parser("export", help="write a compressed checkpoint as an ordinary dense HF checkpoint", formatter_class=_Formatter)
     p.add_argument("directory", help="llmpress checkpoint")
-    p.add_argument("output_dir")
+    p.add_argument("output_dir", help="where the dense HF checkpoint is written")
     p.add_argument("--format", choices=["dense"], default="dense", help="dense: reconstructed nn.Linear weights")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at output_dir")
 
 
 def _add_inspect(sub) -> None:
-    p = sub.add_parser("inspect", help="per-layer formats and true sizes of a compressed checkpoint")
-    p.add_argument("directory")
+    p = sub.add_parser("inspect", help="per-layer formats and true sizes of a compressed checkpoint", formatter_class=_Formatter)
+    p.add_argument("directory", help="llmpress checkpoint")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def _add_fetch(sub) -> None:
-    p = sub.add_parser("fetch-demo", help="download the offline demo model (SmolLM2-135M-Instruct GGUF)")
-    p.add_argument("directory", nargs="?", default="models")
+    p = sub.add_parser("fetch-demo", help="download the offline demo model (SmolLM2-135M-Instruct GGUF)", formatter_class=_Formatter)
+    p.add_argument("directory", nargs="?", default="models", help="where the .gguf file is put")
+
+
+# kept in step with compress.compressors.COMPRESSORS by the test suite (listing them here keeps
+# `llmpress --help` from importing torch)
+METHODS = ("cospadi", "eora", "fwsvd", "gqsa", "magnitude", "mfac", "rocket", "sparsegpt", "svd", "wanda", "whitened_svd")
+
+EXAMPLES = """examples:
+  llmpress fetch-demo models
+  llmpress compress models/SmolLM2-135M-Instruct.Q4_1.gguf --output-dir out/w4        # default recipe: W4
+  llmpress compress HuggingFaceTB/SmolLM2-135M --recipe recipes/sparsegpt-50.yaml --set stages.0.pattern=2:4
+  llmpress eval out/w4 --ppl test.txt --max-windows 8 --baseline models/SmolLM2-135M-Instruct.Q4_1.gguf
+  llmpress inspect out/w4
+
+methods: {methods}
+recipes: {recipes}
+"""
+
+
+def _shipped_recipes() -> str:
+    folder = Path(__file__).resolve().parents[1] / "recipes"
+    names = sorted(p.name for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    return f"{', '.join(names)} (in {folder})" if names else "see the project's recipes/ folder"
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Defaults shown where there is one (not None, False or an empty list); examples kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if default not in (None, False, [], argparse.SUPPRESS) and "default" not in text and action.option_strings:
+            text += f" (default: {default})"
+        return text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmpress", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="llmpress",
+        description="Compress Hugging Face causal LMs after training (low-rank, sparse dictionaries, pruning, "
+        "group quantization) and serve them with Triton kernels.",
+        epilog=EXAMPLES.format(methods=", ".join(METHODS), recipes=_shipped_recipes()),
+        formatter_class=_Formatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_compress(sub)
     _add_eval(sub)
     _add_report(sub)
@@ -177,9 +218,20 @@ def cmd_eval(args) -> int:
         results.append(_evaluate_one(args, args.baseline))
     if args.tasks:
         print(results_table([r for r in results if "tasks" in r]))
-    if args.json:
+    from .checkpoint_check import is_llmpress_checkpoint
+
+    target = args.json
+    if target is None and is_llmpress_checkpoint(args.model):  # `llmpress report DIR` finds it there
+        target = str(Path(args.model) / "eval.json")
+    if target:
         payload = results[0] if len(results) == 1 else {"model": results[0], "baseline": results[1]}
-        Path(args.json).write_text(json.dumps(payload, indent=2))
+        try:
+            Path(target).write_text(json.dumps(payload, indent=2))
+        except OSError as exc:
+            if args.json:
+                raise LlmpressError(f"cannot write {target}: {exc}") from None
+            return 0  # a read-only checkpoint: the results were printed
+        print(f"wrote {target}")
     return 0
 
 

@@ -201,6 +201,8 @@ def test_compress_without_a_recipe_uses_w4_and_says_what_it_saved(tiny_model_dir
     assert "w4-g16:" in printed and "% smaller" in printed and f"llmpress eval {out}" in printed
     report = json.loads((out / "report.json").read_text())
     assert {r["format"] for r in report["layers"]} == {"gqsa"} and report["recipe"]["name"] == "w4-g16"
+    assert main(["eval", str(out), "--ppl", str(calib_text), "--seq-len", "32", "--max-windows", "1", "--quiet"]) == 0
+    assert json.loads((out / "eval.json").read_text())["perplexity"]["windows"] == 1  # no --json: kept beside the report
 
 
 @pytest.mark.parametrize("model_kind", ["llama"])
@@ -250,3 +252,20 @@ def test_damaged_checkpoints_are_refused_by_every_command(tiny_model_dir, tmp_pa
             err = _fails(command, capsys, why)
             assert "Traceback" not in err and "huggingface.co" not in err and "network" not in err, (command, err)
     assert main(["inspect", str(good)]) == 0
+
+
+def test_help_lists_every_method_without_importing_torch():
+    import subprocess
+    import sys
+
+    from compress.cli import METHODS
+    from compress.compressors import COMPRESSORS
+
+    assert sorted(METHODS) == sorted(COMPRESSORS)
+    run = subprocess.run(
+        [sys.executable, "-c", "import sys; from compress.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\n"
+         "print('torch' in sys.modules, 'transformers' in sys.modules)"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.stdout.strip().endswith("False False"), run.stdout[-500:] + run.stderr[-500:]
+    assert "methods: cospadi" in run.stdout and "w4-g16.yaml" in run.stdout
