@@ -240,7 +240,8 @@ def cmd_report(args) -> int:
 
     path = write_runs_report(args.runs, args.output_dir)
     print(path.read_text())
-    print(f"wrote {path} and plots in {path.parent}")
+    plots = sorted(p.name for p in path.parent.glob("*.png"))
+    print(f"wrote {path}" + (f" and plots {', '.join(plots)} in {path.parent}" if plots else " (no plots: nothing evaluated)"))
     return 0
 
 

@@ -149,7 +149,11 @@ def write_runs_report(run_dirs: Sequence[str | Path], output_dir: str | Path) ->
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots = _plots(runs, out)
-    text = "# llmpress runs\n\n" + runs_table(runs) + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots)
+    if plots:
+        figures = "".join(f"![{p.stem}]({p.name})\n" for p in plots)
+    else:  # say so, rather than link plots that were not drawn
+        figures = "No plots: no run has perplexity or task results yet (`llmpress eval DIR --ppl TEXT` writes DIR/eval.json).\n"
+    text = "# llmpress runs\n\n" + runs_table(runs) + "\n" + figures
     path = out / "report.md"
     path.write_text(text)
     return path

@@ -201,8 +201,13 @@ def test_compress_without_a_recipe_uses_w4_and_says_what_it_saved(tiny_model_dir
     assert "w4-g16:" in printed and "% smaller" in printed and f"llmpress eval {out}" in printed
     report = json.loads((out / "report.json").read_text())
     assert {r["format"] for r in report["layers"]} == {"gqsa"} and report["recipe"]["name"] == "w4-g16"
+    capsys.readouterr()
+    assert main(["report", str(out), "--output-dir", str(tmp_path / "r0")]) == 0
+    assert "no plots" in capsys.readouterr().out and not list((tmp_path / "r0").glob("*.png"))  # nothing evaluated yet
     assert main(["eval", str(out), "--ppl", str(calib_text), "--seq-len", "32", "--max-windows", "1", "--quiet"]) == 0
     assert json.loads((out / "eval.json").read_text())["perplexity"]["windows"] == 1  # no --json: kept beside the report
+    assert main(["report", str(out), "--output-dir", str(tmp_path / "r1")]) == 0
+    assert (tmp_path / "r1" / "ppl_vs_ratio.png").is_file()
 
 
 @pytest.mark.parametrize("model_kind", ["llama"])
