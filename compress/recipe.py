@@ -233,8 +233,18 @@ def parse_recipe(data: dict | Recipe, source: str = "<recipe>", overrides: list[
             )
             errors.extend(_format_errors(ValidationError.from_exception_data(exc.title, [item]), (), keys))
     if errors:
-        raise LlmpressError(f"invalid recipe {source}:\n" + "\n".join(errors))
+        raise LlmpressError(f"invalid recipe {source}:\n" + "\n".join(_blame_overrides(errors, overrides or [])))
     return recipe
+
+
+def _blame_overrides(errors: list[str], overrides: list[str]) -> list[str]:
+    """Errors located at a key that a --set override wrote name that override, not the file."""
+    blamed = []
+    for line in errors:
+        loc = line.strip().split(":", 1)[0]
+        culprit = next((o for o in overrides if loc == o.partition("=")[0].strip() or loc.startswith(o.partition("=")[0].strip() + ".")), None)
+        blamed.append(f"{line} (from --set {culprit})" if culprit else line)
+    return blamed
 
 
 # `llmpress compress MODEL` with no --recipe: recipes/w4-g16.yaml (the test suite checks they agree)

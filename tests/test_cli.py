@@ -80,7 +80,7 @@ def test_bad_inputs_exit_2(tiny_model_dir, tmp_path, calib_text, capsys):
         _fails(["compress", model, "--recipe", good, "--device", "cuda", *base], capsys, "no CUDA GPU")
     _fails(["compress", model, "--recipe", good, "--set", "stages.0.ratoi=0.3", *base], capsys, "unknown key")
     _fails(["compress", model, "--recipe", good, "--set", "stages.0.method=foo", *base], capsys, "unknown method 'foo'")
-    _fails(["compress", model, "--recipe", good, "--set", "stages.0.ratio=1.2", *base], capsys, "stages.0.ratio")
+    _fails(["compress", model, "--recipe", good, "--set", "stages.0.ratio=1.2", *base], capsys, "(from --set stages.0.ratio=1.2)")
     _fails(["compress", model, "--recipe", good, "--set", "stages.0.targets=[Conv1d]", *base,
             "--output-dir", str(tmp_path / "o1")], capsys, "match no Linear")
     empty = tmp_path / "empty.txt"
