@@ -27,64 +27,11 @@ from torch import nn
 
 from .checkpoint_check import validate_checkpoint
 from .errors import LlmpressError
+from .paths import check_output_dir, remove_stale_temporaries
 from .hf_quantizer import QUANT_METHOD, LlmpressConfig, LlmpressHfQuantizer
 from .report import compressed_modules, write_report
 
 logger = logging.getLogger("compress")
-
-
-def _existing_ancestor(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists():
-        path = path.parent
-    return path
-
-
-def remove_stale_temporaries(output_dir: Path) -> list[Path]:
-    """Delete `.NAME.tmp-*` / `.NAME.old-*` siblings left by a save that was killed (kill -9)."""
-    parent = output_dir.parent
-    if not parent.is_dir():
-        return []
-    stale = [p for p in parent.glob(f".{output_dir.name}.tmp-*")] + [p for p in parent.glob(f".{output_dir.name}.old-*")]
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
-        logger.warning("removed %s, left by an interrupted save", path)
-    return stale
-
-
-def check_output_dir(output_dir: str | Path, overwrite: bool, required_bytes: int | None = None) -> Path:
-    """Fail early (before hours of compression) on an output directory that cannot be written.
-
-    Refuses: an existing checkpoint without `overwrite`; an existing non-empty directory that is
-    not a model checkpoint (an llmpress or dense export: config.json and safetensors weights),
-    even with `overwrite`, which replaces only checkpoints; a path under a folder this process
-    cannot write; less free space than `required_bytes`.
-    """
-    output_dir = Path(output_dir)
-    if output_dir.exists():
-        if not output_dir.is_dir():
-            raise LlmpressError(f"output path {str(output_dir)!r} exists and is not a directory; choose another --output-dir")
-        contents = sorted(p.name for p in output_dir.iterdir())
-        is_checkpoint = (output_dir / "config.json").is_file() and any(output_dir.glob("*.safetensors"))
-        if contents and not is_checkpoint:
-            shown = ", ".join(contents[:5]) + (", ..." if len(contents) > 5 else "")
-            raise LlmpressError(
-                f"output directory {str(output_dir)!r} is not empty and is not a model checkpoint ({shown}); "
-                "--overwrite replaces only checkpoints: choose another --output-dir"
-            )
-        if contents and not overwrite:
-            raise LlmpressError(f"output directory {str(output_dir)!r} already exists; choose another or pass --overwrite")
-    ancestor = _existing_ancestor(output_dir.parent)
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise LlmpressError(f"cannot write under {str(ancestor)!r} (permission denied); choose another --output-dir")
-    if required_bytes is not None:
-        free = shutil.disk_usage(ancestor).free
-        if free < required_bytes:
-            raise LlmpressError(
-                f"not enough free space under {str(ancestor)!r}: {free / 2**30:.2f} GiB free, the checkpoint needs about "
-                f"{required_bytes / 2**30:.2f} GiB; free some space or choose another --output-dir"
-            )
-    return output_dir
 
 
 def save_compressed(

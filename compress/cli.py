@@ -138,20 +138,29 @@ def _default_output_dir(model: str, recipe_name: str) -> Path:
 
 
 def cmd_compress(args) -> int:
+    from .paths import check_output_dir, local_dataset_path, resolve_model_source
+
+    # what needs no torch is checked first: a missing file fails in well under a second
+    if args.recipe and not Path(args.recipe).is_file():
+        raise LlmpressError(f"recipe file {args.recipe!r} not found; examples live in recipes/ (e.g. recipes/w4-g16.yaml)")
+    resolve_model_source(args.model)
+    if args.dataset:
+        local_dataset_path(args.dataset)
+    if args.output_dir:
+        check_output_dir(Path(args.output_dir), args.overwrite)
+
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from .api import compress_model
-    from .checkpoint import check_output_dir, save_compressed
-    from .model_loading import check_device, load_model, load_tokenizer, resolve_dtype, resolve_model_source
-    from .data.calibration import local_dataset_path
+    from .checkpoint import save_compressed
+    from .model_loading import check_device, load_model, load_tokenizer, resolve_dtype
     from .recipe import DEFAULT_RECIPE, load_recipe, with_calibration
     from .report import high_error_layers, model_size, report_markdown
 
     recipe = load_recipe(args.recipe if args.recipe else DEFAULT_RECIPE, args.overrides)
     recipe = with_calibration(recipe, num_samples=args.num_samples, seq_len=args.seq_len, dataset=args.dataset)
     if recipe.calibration.dataset is not None:
-        local_dataset_path(recipe.calibration.dataset)  # a missing calibration file fails now
-    resolve_model_source(args.model)  # fail fast on a missing path or device
+        local_dataset_path(recipe.calibration.dataset)  # a missing calibration file named by the recipe
     device = check_device(args.device)
     output_dir = Path(args.output_dir) if args.output_dir else _default_output_dir(args.model, recipe.name)
     check_output_dir(output_dir, args.overwrite)
@@ -209,14 +218,21 @@ def _evaluate_one(args, source: str) -> dict:
 
 
 def cmd_eval(args) -> int:
-    from compress.eval import results_table
+
+    from .paths import resolve_model_source
 
     if not args.ppl and not args.tasks:
         raise LlmpressError("nothing to evaluate: pass --ppl TEXT and/or --tasks a,b,...")
+    for source in filter(None, (args.model, args.baseline)):
+        resolve_model_source(source)  # before the heavy imports
+    if args.ppl and args.ppl not in ("wikitext2", "wikitext-2") and not Path(args.ppl).is_file():
+        raise LlmpressError(f"perplexity text {args.ppl!r} not found: pass a text file or 'wikitext2'")
     results = [_evaluate_one(args, args.model)]
     if args.baseline:
         results.append(_evaluate_one(args, args.baseline))
     if args.tasks:
+        from compress.eval import results_table
+
         print(results_table([r for r in results if "tasks" in r]))
     from .checkpoint_check import is_llmpress_checkpoint
 

@@ -7,8 +7,6 @@ load through the transformers quantizer that `import compress` registers.
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,8 +14,8 @@ from torch import nn
 
 from .checkpoint_check import is_llmpress_checkpoint, validate_checkpoint
 from .errors import LlmpressError
+from .paths import ModelSource, resolve_model_source  # noqa: F401  (re-exported: the loaders' entry point)
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 DTYPES = {
     "float32": torch.float32,
@@ -27,47 +25,6 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model comes from: `kind` is "gguf", "dir" or "hub"."""
-
-    kind: str
-    path: str  # directory (gguf/dir) or hub id
-    gguf_file: str | None = None
-
-    def from_pretrained_kwargs(self) -> dict:
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
-
-    def __str__(self) -> str:
-        return os.path.join(self.path, self.gguf_file) if self.gguf_file else self.path
-
-
-def resolve_model_source(name_or_path: str | os.PathLike) -> ModelSource:
-    """Decide whether `name_or_path` is a GGUF file, a local directory or a hub id."""
-    text = str(name_or_path)
-    path = Path(text).expanduser()
-    if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise LlmpressError(
-                f"model path {text!r} is a file but not a .gguf file; pass a .gguf file, "
-                "a directory with config.json, or a Hugging Face hub id like 'HuggingFaceTB/SmolLM2-135M'"
-            )
-        return ModelSource("gguf", str(path.parent.resolve()), path.name)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            ggufs = sorted(p.name for p in path.glob("*.gguf"))
-            hint = f" (it holds {ggufs[0]!r}: pass that file's path)" if ggufs else ""
-            raise LlmpressError(f"model directory {text!r} has no config.json{hint}")
-        return ModelSource("dir", str(path.resolve()))
-    looks_local = text.startswith((".", "/", "~")) or text.endswith(".gguf") or text.count("/") > 1
-    if looks_local or not _HUB_ID.match(text):
-        raise LlmpressError(
-            f"model {text!r} not found: no such file or directory. Pass an existing local path "
-            "(a HF model directory or a .gguf file) or a hub id like 'HuggingFaceTB/SmolLM2-135M'"
-        )
-    return ModelSource("hub", text)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:

@@ -274,3 +274,16 @@ def test_help_lists_every_method_without_importing_torch():
     )  # fmt: skip
     assert run.stdout.strip().endswith("False False"), run.stdout[-500:] + run.stderr[-500:]
     assert "methods: cospadi" in run.stdout and "w4-g16.yaml" in run.stdout
+
+
+def test_bench_cli_cases_exit_as_expected(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from compress.eval.bench_cli import main as bench
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    bench(["--out", str(tmp_path), "--repeats", "1"])
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {name: row["exit_code"] for name, row in rows.items()} == {
+        name: 0 if "help" in name else 2 for name in rows
+    }  # fmt: skip

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from ..errors import LlmpressError
+from ..paths import local_dataset_path
 
 BUILTIN_CORPUS = Path(__file__).with_name("wikitext2_valid_excerpt.txt")
 
@@ -78,17 +79,6 @@ def load_texts(
     if path is not None:
         return _from_file(path, text_field)
     return _from_hub(str(dataset), split, text_field)
-
-
-def local_dataset_path(dataset: str | Path) -> Path | None:
-    """The file a dataset argument names (None: a hub id); a missing file is an error, raised
-    before any model is loaded."""
-    path = Path(dataset).expanduser()
-    if path.is_file():
-        return path
-    if path.suffix or str(dataset).startswith((".", "/", "~")):
-        raise LlmpressError(f"calibration file {str(dataset)!r} not found")
-    return None
 
 
 def tokenize_texts(tokenizer, texts: list[str], chat_template: bool = False) -> torch.Tensor:
