@@ -1,9 +1,9 @@
 """llmpress: post-training compression of Hugging Face causal LMs, served by Triton kernels.
 
     import compress
-    model, report = compress.compress_model("HuggingFaceTB/SmolLM2-135M", "recipes/svd-20.yaml")
-    compress.save_compressed(model, "out/svd-20", tokenizer=tokenizer, report=report)
-    model = compress.load("out/svd-20")            # or AutoModelForCausalLM.from_pretrained after import
+    model, report = compress.compress_model("HuggingFaceTB/SmolLM2-135M", "recipes/w4-g16.yaml")
+    compress.save_compressed(model, "out/w4", tokenizer=tokenizer, report=report)
+    model = compress.load("out/w4")                # or AutoModelForCausalLM.from_pretrained after import
     compress.eval.perplexity(model, tokenizer, "test.txt")
 
 Importing this package registers the llmpress quantizer with transformers (as soon as
