@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .data import calibration_windows
+from .paths import check_output_dir
 from .model_loading import check_device, load_model, load_tokenizer, resolve_dtype
 from .recipe import Recipe, load_recipe, with_calibration
 from .report import build_report, model_size
@@ -35,6 +36,8 @@ def compress_model(
     dtype: str | torch.dtype | None = None,
     overrides: list[str] | None = None,
     progress: bool = True,
+    output_dir: str | Path | None = None,
+    overwrite: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Compress a model in place following `recipe`; returns the model and a report dict.
 
@@ -43,8 +46,11 @@ def compress_model(
     WikiText-2 excerpt). `device` is where each block is computed (default: cuda if available);
     the model itself stays where it is. The recipe is not modified: `num_samples`, `seq_len`,
     `dataset` and `overrides` make a new one, which the report records as what ran.
+    `output_dir`: also save the checkpoint there; the directory is checked before compressing.
     """
     start = time.perf_counter()
+    if output_dir is not None:
+        check_output_dir(output_dir, overwrite)
     device = check_device(device)
     recipe = load_recipe(recipe, overrides)
     texts = dataset if isinstance(dataset, (list, tuple)) else None
@@ -95,4 +101,8 @@ def compress_model(
     report["allocation"] = result.allocation_summary(recipe)
     report["device"] = str(device)
     report["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    if output_dir is not None:
+        from .checkpoint import save_compressed
+
+        save_compressed(model, output_dir, tokenizer=tokenizer, recipe=recipe, report=report, overwrite=overwrite)
     return model, report

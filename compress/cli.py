@@ -7,6 +7,7 @@ transformers) is imported until a command runs, so help and argument errors are 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -187,14 +188,28 @@ def cmd_compress(args) -> int:
 
 
 def _evaluate_one(args, source: str) -> dict:
-    from compress.eval import evaluate, perplexity
-
+    """Evaluate one model. On CPU, compressed layers whose PyTorch path expands the weight (sparse,
+    tile-sparse, GQSA) expand it once and keep it for the evaluation (memory as the dense model;
+    recorded in the results) instead of once per forward call."""
     from .model_loading import check_device, load_model, load_tokenizer
 
     device = check_device(args.device)
     tokenizer = load_tokenizer(source)
     model = load_model(source, dtype=args.dtype, device=device)
     result: dict = {"model": source}
+    with contextlib.ExitStack() as stack:
+        if device == "cpu":  # the PyTorch references would expand sparse/INT4 weights on every call
+            from .kernels import expanded_weights_cached
+
+            stack.enter_context(expanded_weights_cached())
+            result["cpu_expanded_weights_cached"] = True
+        _evaluate_loaded(args, source, model, tokenizer, result)
+    return result
+
+
+def _evaluate_loaded(args, source: str, model, tokenizer, result: dict) -> None:
+    from compress.eval import evaluate, perplexity
+
     if args.ppl:
         ppl = perplexity(
             model, tokenizer, Path(args.ppl) if Path(args.ppl).exists() else args.ppl,
@@ -214,7 +229,6 @@ def _evaluate_one(args, source: str) -> dict:
             batch_size=args.batch_size, num_fewshot=args.num_fewshot,
         )  # fmt: skip
         result.update({k: v for k, v in harness.items() if k != "model"})
-    return result
 
 
 def cmd_eval(args) -> int:

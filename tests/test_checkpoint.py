@@ -111,3 +111,19 @@ def test_load_rejects_non_checkpoints(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path / "dense")
     with pytest.raises(LlmpressError, match="not an llmpress checkpoint"):
         compress.load(tmp_path / "dense")
+
+
+def test_api_checks_the_output_directory_before_compressing(tokenizer, calib_text, tmp_path, monkeypatch):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep")
+    ran = []
+    monkeypatch.setattr("compress.api.CompressionRunner.run", lambda *a, **k: ran.append(1))
+    with pytest.raises(LlmpressError, match="not a model checkpoint"):
+        compress.compress_model(tiny_model("llama"), RECIPE, dataset=str(calib_text), tokenizer=tokenizer,
+                                output_dir=precious, overwrite=True, progress=False)  # fmt: skip
+    assert ran == [] and (precious / "notes.txt").read_text() == "keep"
+    monkeypatch.undo()
+    model, _ = compress.compress_model(tiny_model("llama"), RECIPE, dataset=str(calib_text), tokenizer=tokenizer,
+                                       output_dir=tmp_path / "saved", progress=False)  # fmt: skip
+    assert (tmp_path / "saved" / "recipe.yaml").is_file() and compress.load(tmp_path / "saved") is not None
