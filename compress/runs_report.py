@@ -29,9 +29,10 @@ def load_run(directory: str | Path) -> dict[str, Any]:
         )
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
     evaluation = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
+    baseline = None
     if "baseline" in evaluation:  # written with --baseline: the first entry is this model
-        evaluation = evaluation["model"]
-    run: dict[str, Any] = {"name": directory.name, "eval": evaluation}
+        evaluation, baseline = evaluation["model"], evaluation["baseline"]
+    run: dict[str, Any] = {"name": directory.name, "eval": evaluation, "baseline": baseline}
     if report is None:
         run.update(method="dense", nominal=0.0, storage=0.0, allocation=None)
     else:
@@ -89,15 +90,26 @@ def _plots(runs: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         return r["eval"].get("perplexity", {}).get("perplexity")
 
     if any(ppl(r) is not None for r in runs):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for method, points in series(ppl):
-            ax.plot([100 * x for x, _ in points], [y for _, y in points], marker="o", label=method)
-        for r in dense:
-            if ppl(r) is not None:
-                ax.axhline(ppl(r), color="gray", linestyle="--", label=f"{r['name']} (dense)")
-        ax.set_yscale("log")
-        ax.set(xlabel="parameters removed (%)", ylabel="perplexity (log)", title="Perplexity vs compression")
-        ax.legend(fontsize=8)
+        # the dense reference: a dense run, else the --baseline an evaluation was written with
+        references = [(r["name"], ppl(r)) for r in dense if ppl(r) is not None]
+        references += [
+            (r["baseline"].get("model", "baseline"), r["baseline"]["perplexity"]["perplexity"])
+            for r in runs
+            if r.get("baseline") and "perplexity" in r["baseline"]
+        ]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+        for ax, key, label in zip(axes, ("nominal", "storage"), ("parameters removed (%)", "bytes removed (%, as stored)")):
+            for method in methods:
+                points = sorted((r[key], ppl(r)) for r in runs if r["method"] == method and ppl(r) is not None)
+                if points:
+                    ax.plot([100 * x for x, _ in points], [y for _, y in points], marker="o", label=method)
+            for name, value in dict(references).items():
+                ax.axhline(value, color="gray", linestyle="--", label=f"{Path(str(name)).name} (dense)")
+            ax.set_xlim(0, 100)  # a sensible axis even for one or two runs
+            ax.set_yscale("log")
+            ax.set(xlabel=label, title=f"Perplexity vs {label.split(' (')[0]}")
+        axes[0].set_ylabel("perplexity (log)")
+        axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
         fig.tight_layout()
         fig.savefig(out / "ppl_vs_ratio.png", dpi=120)
         plt.close(fig)
