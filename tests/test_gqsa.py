@@ -104,3 +104,16 @@ def test_refit_scales_solves_the_least_squares_problem():
     loss = torch.einsum("ri,ij,rj->", diff, gram, diff)
     (grad,) = torch.autograd.grad(loss, s)
     assert float(grad.abs().max()) < 1e-6 * float(loss.detach())
+
+
+def test_refit_scales_memory_cap_chunks_rows_without_changing_the_result():
+    """The (rows, groups, g, groups) temporary is capped (13 GB at 14336 inputs otherwise):
+    one row at a time gives the same scales as all rows at once."""
+    from compress.compressors.gqsa import refit_scales
+
+    W, gram = _problem(seed=3, inp=64)
+    codes, scales, zeros, index, _ = gqsa_quantize(W, gram, GQSAConfig(ratio=0.5, group_size=8, blocksize=32, refit_scales=False))
+    together = refit_scales(W, gram, codes, zeros, index, scales)
+    row_bytes = 64 * 8 * 8  # cols × groups × float64
+    one_by_one = refit_scales(W, gram, codes, zeros, index, scales, max_bytes=row_bytes)
+    torch.testing.assert_close(one_by_one, together, rtol=1e-10, atol=1e-12)

@@ -85,17 +85,22 @@ def conditional_group_saliency(block: torch.Tensor, u_block: torch.Tensor, group
 
 def refit_scales(
     weight: torch.Tensor, gram: torch.Tensor, codes: torch.Tensor, zeros: torch.Tensor, index: torch.Tensor, scales: torch.Tensor,
-    damp: float = 1e-4, chunk: int = 128,
+    damp: float = 1e-4, chunk: int = 128, max_bytes: int = 2**30,
 ) -> torch.Tensor:  # fmt: skip
     """Scales (out, k) minimizing ‖(W − Ŵ)Xᵀ‖² with Ŵ[r, G_a] = (q − z)_{r,a}·s_{r,a}, codes fixed.
 
     Per row r with v_a = (q − z)_{r,a} (a g-vector): M_ab = v_aᵀ H[G_a, G_b] v_b and
     c_a = v_aᵀ (H w_r)[G_a]; solve (M + λD)s = c + λD·s0 with D = diag(M), λ = `damp`, which
     pulls ill-determined scales towards the sweep's s0 and never does worse than s0.
+
+    Rows go in chunks whose largest temporary, (rows, groups, g, groups) in float64, stays under
+    `max_bytes`: at in_features = 14336 and g = 16 a row needs 103 MB, so 128 rows at once would
+    need 13 GB.
     """
     rows, k, g = codes.shape
     cols = gram.shape[0]
     groups = cols // g
+    chunk = max(1, min(chunk, max_bytes // (cols * groups * 8)))
     h = gram.double().to(weight.device)
     h4 = h.reshape(groups, g, groups, g)
     hw = weight.double() @ h  # (rows, in): H w_r per row (H symmetric)
