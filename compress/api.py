@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .blocks import weight_stacks
 from .data import calibration_windows
 from .paths import check_output_dir
 from .model_loading import check_device, load_model, load_tokenizer, resolve_dtype
@@ -22,6 +23,18 @@ from .report import build_report, model_size
 from .runner import CompressionRunner
 
 logger = logging.getLogger("compress")
+
+
+def uncompressed_weight_stacks(pipeline) -> dict[str, Any] | None:
+    """What of the decoder blocks no method touched because it is not an nn.Linear: the fused
+    expert stacks of MoE models (None when there are none)."""
+    stacks = weight_stacks(pipeline.blocks)
+    if not stacks:
+        return None
+    block_params = sum(p.numel() for p in pipeline.blocks.parameters())
+    total = sum(stacks.values())
+    names = sorted({name.split(".", 1)[1] for name in stacks})
+    return {"parameters": total, "share_of_block_parameters": total / block_params, "names": names}
 
 
 def compress_model(
@@ -99,6 +112,7 @@ def compress_model(
         left_dense=result.left_dense(),
     )
     report["allocation"] = result.allocation_summary(recipe)
+    report["not_compressed"] = uncompressed_weight_stacks(runner.pipeline)
     report["device"] = str(device)
     report["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     if output_dir is not None:

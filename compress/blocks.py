@@ -79,6 +79,18 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     )
 
 
+def weight_stacks(blocks: nn.ModuleList) -> dict[str, int]:
+    """Parameters of 3 or more dimensions inside the blocks (fused expert stacks of MoE models,
+    e.g. `mlp.experts.gate_up_proj` of shape (experts, 2·inter, hidden)), by name: weights that
+    are not nn.Linear modules and that no llmpress method compresses yet."""
+    return {
+        f"{index}.{name}": param.numel()
+        for index, block in enumerate(blocks)
+        for name, param in block.named_parameters()
+        if param.dim() >= 3
+    }
+
+
 def to_device(obj: Any, device: torch.device | str) -> Any:
     """Move tensors inside nested tuples/lists/dicts (block kwargs) to `device`."""
     if isinstance(obj, torch.Tensor):

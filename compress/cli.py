@@ -176,6 +176,14 @@ def cmd_compress(args) -> int:
     print(report_markdown(report).split("\n| layer")[0].rstrip())
     for warning in high_error_layers(report):
         print(f"llmpress: warning: {warning}", file=sys.stderr)
+    left = report.get("not_compressed")
+    if left:
+        print(
+            f"llmpress: warning: {left['parameters']:,} parameters ({100 * left['share_of_block_parameters']:.0f}% of the "
+            f"decoder blocks) are fused expert stacks ({', '.join(left['names'])}), which llmpress does not compress yet: "
+            "only the model's nn.Linear layers were compressed",
+            file=sys.stderr,
+        )
     size = report["model_size"]
     before, after = size["dense"]["bytes"], size["compressed"]["bytes"]
     print(

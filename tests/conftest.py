@@ -95,10 +95,33 @@ def family_config(kind: str, layers: int = 3):
     raise ValueError(kind)
 
 
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
+
+
+def moe_config(kind: str, layers: int = 3):
+    """A tiny random mixture-of-experts config (experts as fused 3-D parameters, transformers v5)."""
+    import transformers as tf
+
+    common = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, vocab_size=VOCAB, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    if kind == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**common, head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+    if kind == "mixtral":
+        return tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, sliding_window=8)
+    if kind == "gpt_oss":  # alternating sliding/full attention plus experts
+        types = (["sliding_attention", "full_attention"] * layers)[:layers]
+        return tf.GptOssConfig(**common, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=8, layer_types=types)
+    raise ValueError(kind)
+
+
 def family_model(kind: str, layers: int = 3, seed: int = 0, dtype: torch.dtype = torch.float64):
     """A tiny random model of one family, in float64 so that block-by-block runs can be compared
     with a plain forward to near machine precision."""
     torch.manual_seed(seed)
+    if kind in MOE_FAMILIES:  # their expert kernels (grouped GEMMs) take float32 at most
+        return AutoModelForCausalLM.from_config(moe_config(kind, layers), dtype=torch.float32).eval()
     return AutoModelForCausalLM.from_config(family_config(kind, layers), dtype=dtype).eval()
 
 

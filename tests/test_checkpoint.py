@@ -34,6 +34,7 @@ def test_compress_model_report(compressed):
     s = report["summary"]
     assert 0 < s["storage_ratio_removed"] < s["nominal_ratio_removed"] < 1  # bitmap bytes are counted
     assert report["calibration"]["tokens"] == 4 * 32
+    assert report["not_compressed"] is None  # a dense model: no expert stacks left behind
     assert isinstance(model.model.layers[0].self_attn.q_proj, LowRankLinear)
     assert isinstance(model.model.layers[1].mlp.down_proj, SparseLinear)
 

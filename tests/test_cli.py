@@ -287,3 +287,20 @@ def test_bench_cli_cases_exit_as_expected(tmp_path, monkeypatch):
     assert {name: row["exit_code"] for name, row in rows.items()} == {
         name: 0 if "help" in name else 2 for name in rows
     }  # fmt: skip
+
+
+def test_moe_experts_left_uncompressed_are_reported(tmp_path, tokenizer, calib_text, capsys):
+    """Until expert stacks are compressed, a user must not believe an MoE model was compressed whole."""
+    from conftest import family_model
+
+    directory = tmp_path / "tiny-moe"
+    family_model("qwen3_moe", layers=2).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    recipe = "calibration: {num_samples: 2, seq_len: 32}\nstages:\n  - method: sparsegpt\n    ratio: 0.5\n"
+    out = tmp_path / "moe-out"
+    assert main(["compress", str(directory), "--recipe", _recipe(tmp_path, recipe), "--dataset", str(calib_text),
+                 "--output-dir", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "fused expert stacks (mlp.experts.down_proj, mlp.experts.gate_up_proj)" in err
+    left = json.loads((out / "report.json").read_text())["not_compressed"]
+    assert left["parameters"] == 2 * 4 * (64 * 64 + 64 * 32) and 0.5 < left["share_of_block_parameters"] < 1
