@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .budget import AllocationPlan, plan_allocation
+from .budget import AllocationPlan, plan_allocation, solve_allocation
 from .compressors import LayerStats
 from .compressors.base import LevelResult
 from .errors import LlmpressError
@@ -100,8 +100,6 @@ class CompressionRunner:
         if self.knapsack is None:
             return None
         if profiles is not None:
-            from .budget import solve_allocation
-
             return solve_allocation(profiles, self.knapsack)
         return plan_allocation(self.profiler(), input_ids, self.knapsack, fisher)
 
