@@ -26,9 +26,8 @@ import torch
 from torch import nn
 
 from .checkpoint_check import validate_checkpoint
-from .errors import LlmpressError
 from .paths import check_output_dir, remove_stale_temporaries
-from .hf_quantizer import QUANT_METHOD, LlmpressConfig, LlmpressHfQuantizer
+from .hf_quantizer import LlmpressConfig, LlmpressHfQuantizer
 from .report import compressed_modules, write_report
 
 logger = logging.getLogger("compress")

@@ -7,7 +7,6 @@ load through the transformers quantizer that `import compress` registers.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from torch import nn

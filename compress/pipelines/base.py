@@ -33,6 +33,8 @@ GRADIENT_STATS = frozenset({"fisher", "grads"})
 
 # {stage index: {layer name: its config, or None to leave the layer dense}}
 LayerConfigs = dict[int, dict[str, StageConfig | None]]
+_NO_COLLECTORS: dict = {}  # what a layer without collectors (a data-free stage) has
+
 # Fisher sums of the dense model by layer name (compress/fisher.py collect_fisher)
 FisherSums = dict[str, dict[str, torch.Tensor]]
 
@@ -170,12 +172,15 @@ class BlockPipeline:
         with LinearInputHooks(layers, needs) as hooks, expanded_weights_cached():
             outputs = run_block(block, hiddens, kwargs, self.device, self.offload_device, keep=keep)
         stats: dict[str, LayerStats] = {}
+        results: dict[int, dict[str, torch.Tensor]] = {}  # layers sharing collectors share their results
         for name in layers:
-            collectors = hooks.collectors.get(name, {})
+            collectors = hooks.collectors.get(name, _NO_COLLECTORS)
             tokens = next(iter(collectors.values())).num_tokens if collectors else 0
             if needs and tokens == 0:
                 raise LlmpressError(f"{name} received no calibration tokens (block {index} never calls it)")
-            tensors = {k: c.result() for k, c in collectors.items()}
+            if id(collectors) not in results:
+                results[id(collectors)] = {k: c.result() for k, c in collectors.items()}
+            tensors = dict(results[id(collectors)])
             stats[name] = LayerStats(tensors, tokens or sum(h.shape[:-1].numel() for h in hiddens), name=name, block=index)
             stats[name].tensors.update(fisher.get(name, {}))
         return stats, outputs

@@ -13,7 +13,6 @@ import time
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..compressors import LayerStats, StageConfig
 from ..compressors.base import flush_denormals
@@ -35,6 +34,7 @@ class GroupedPipeline(DenseStatsPipeline):
         stage_indices: list[int] | None = None,
         stats: BlockStats | None = None,
     ) -> list[LayerRecord]:
+        """Every block's dense statistics first (a group spans blocks), then compress from them."""
         stage_indices = self.forward_stages() if stage_indices is None else stage_indices
         grouped = [i for i in self.grouped_stages() if i in stage_indices]
         if any(i in self.layer_configs for i in grouped):
@@ -42,11 +42,7 @@ class GroupedPipeline(DenseStatsPipeline):
             raise LlmpressError(f"stages {names} with group_size > 1 cannot take per-layer allocation levels")
         if stats is None:
             stats = self.all_stats(input_ids, stage_indices, fisher)
-        records: list[LayerRecord] = []
-        for index in tqdm(range(len(self.blocks)), desc="Compressing blocks", disable=not self.progress, unit="block"):
-            with self.on_device(index) as block:
-                records += self.compress_block(block, index, stage_indices, lambda i, layers: stats)
-        return records
+        return super().run(None, fisher, stage_indices, stats=stats)
 
     def compress_layer(
         self, name: str, linear: nn.Module, stats: dict[str, LayerStats], config: StageConfig, index: int, stage_index: int
