@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from .blocks import weight_stacks
+from .experts import expert_linear_names, is_fused_experts, per_expert_stacks
+from .metrics import LayerRecord
 from .data import calibration_windows
 from .paths import check_output_dir
 from .model_loading import check_device, load_model, load_tokenizer, resolve_dtype
@@ -26,15 +28,43 @@ logger = logging.getLogger("compress")
 
 
 def uncompressed_weight_stacks(pipeline) -> dict[str, Any] | None:
-    """What of the decoder blocks no method touched because it is not an nn.Linear: the fused
-    expert stacks of MoE models (None when there are none)."""
-    stacks = weight_stacks(pipeline.blocks)
+    """What of the decoder blocks no method can compress because it is not an nn.Linear: 3-D
+    weights outside the experts modules llmpress turns into per-expert Linears (an MoE layout it
+    does not know). None when there are none."""
+    known = {
+        f"{index}.{name}."
+        for index, block in enumerate(pipeline.blocks)
+        for name, module in block.named_modules()
+        if is_fused_experts(module)
+    }
+    stacks = {name: n for name, n in weight_stacks(pipeline.blocks).items() if not any(name.startswith(k) for k in known)}
     if not stacks:
         return None
     block_params = sum(p.numel() for p in pipeline.blocks.parameters())
     total = sum(stacks.values())
     names = sorted({name.split(".", 1)[1] for name in stacks})
     return {"parameters": total, "share_of_block_parameters": total / block_params, "names": names}
+
+
+def experts_summary(model: nn.Module, records: list[LayerRecord], calibration: str) -> dict[str, Any] | None:
+    """The report's `experts` section: how many experts modules hold compressed experts and how
+    many calibration tokens each expert layer saw (rare experts get shrunk or data-free statistics)."""
+    experts = expert_linear_names(model)
+    if not experts:
+        return None
+    tokens = [r.tokens for r in records if r.name in experts and r.tokens is not None]
+    widths = {r.name: r.in_features for r in records}
+    return {
+        "stacks": len(per_expert_stacks(model)),
+        "expert_layers": len(experts),
+        "compressed_expert_layers": sum(1 for r in records if r.name in experts),
+        "calibration": calibration,
+        "layers_without_tokens": sorted(r.name for r in records if r.name in experts and r.tokens == 0),
+        "layers_with_fewer_tokens_than_inputs": sum(
+            1 for r in records if r.name in experts and r.tokens is not None and r.tokens < widths[r.name]
+        ),
+        "tokens_min_median_max": [min(tokens), sorted(tokens)[len(tokens) // 2], max(tokens)] if tokens else None,
+    }
 
 
 def compress_model(
@@ -113,6 +143,7 @@ def compress_model(
     )
     report["allocation"] = result.allocation_summary(recipe)
     report["not_compressed"] = uncompressed_weight_stacks(runner.pipeline)
+    report["experts"] = experts_summary(model, result.records, calib.moe)
     report["device"] = str(device)
     report["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     if output_dir is not None:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .checkpoint_check import validate_checkpoint
+from .experts import fuse_untouched_stacks, per_expert_stacks
 from .paths import check_output_dir, remove_stale_temporaries
 from .hf_quantizer import LlmpressConfig, LlmpressHfQuantizer
 from .report import compressed_modules, write_report
@@ -46,13 +47,14 @@ def save_compressed(
     output_dir = check_output_dir(output_dir, overwrite)
     modules = {name: module.spec() for name, module in compressed_modules(model).items()}
     recipe_name = getattr(recipe, "name", None)
-    config = LlmpressConfig(modules=modules, recipe=recipe_name)
+    config = LlmpressConfig(modules=modules, recipe=recipe_name, expert_stacks=list(per_expert_stacks(model)))
     model.config.quantization_config = config
     # The model is now an llmpress model, whatever it was loaded from: a GGUF-loaded model still
     # carries transformers' (non-serializable) GGUF quantizer although its weights were dequantized.
     model.hf_quantizer = LlmpressHfQuantizer(config)
     with atomic_directory(output_dir) as tmp:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        # the model's own parameter names: transformers' MoE conversions would rename per-expert modules
+        model.save_pretrained(tmp, max_shard_size=max_shard_size, save_original_format=False)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if recipe is not None:
@@ -101,8 +103,8 @@ def _apply_umask(directory: Path) -> None:
 
 
 def export_dense(directory: str | Path, output_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write an ordinary HF checkpoint (every compressed Linear reconstructed as nn.Linear) for
-    tools that know nothing of llmpress. The file is as big as the dense model: only the
+    """Write an ordinary HF checkpoint (every compressed Linear reconstructed as nn.Linear, MoE
+    experts fused back into their 3-D stacks) for tools that know nothing of llmpress. The file is as big as the dense model: only the
     quality of the compression carries over, not its savings."""
     from transformers import AutoTokenizer
 
@@ -118,6 +120,8 @@ def export_dense(directory: str | Path, output_dir: str | Path, overwrite: bool 
             if module.bias is not None:
                 dense.bias.copy_(module.bias)
         set_submodule(model, name, dense)
+    fuse_untouched_stacks(model)  # every expert is an nn.Linear again: the model's own fused stacks
+    model._weight_conversions = None  # saved in the original layout, as transformers writes it
     model.config.quantization_config = None
     del model.config.quantization_config
     model.hf_quantizer = None

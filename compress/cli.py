@@ -180,8 +180,17 @@ def cmd_compress(args) -> int:
     if left:
         print(
             f"llmpress: warning: {left['parameters']:,} parameters ({100 * left['share_of_block_parameters']:.0f}% of the "
-            f"decoder blocks) are fused expert stacks ({', '.join(left['names'])}), which llmpress does not compress yet: "
-            "only the model's nn.Linear layers were compressed",
+            f"decoder blocks) are 3-D weights in a layout llmpress does not know ({', '.join(left['names'])}): they were "
+            "left as they are; only nn.Linear layers and transformers' experts modules are compressed",
+            file=sys.stderr,
+        )
+    experts = report.get("experts")
+    if experts and experts["layers_with_fewer_tokens_than_inputs"]:
+        print(
+            f"llmpress: note: {experts['layers_with_fewer_tokens_than_inputs']} of {experts['compressed_expert_layers']} "
+            f"expert layers saw fewer calibration tokens than their input width ({len(experts['layers_without_tokens'])} "
+            "saw none); their statistics were shrunk towards the identity. More samples, or --set calibration.moe=all, "
+            "calibrate them on real data",
             file=sys.stderr,
         )
     size = report["model_size"]

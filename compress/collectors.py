@@ -92,6 +92,42 @@ class ChannelNormCollector(Collector):
 COLLECTORS: dict[str, type[Collector]] = {cls.name: cls for cls in (GramCollector, ChannelNormCollector)}
 
 
+def shrink_sparse_statistics(tensors: dict[str, torch.Tensor], tokens: int, in_features: int) -> dict[str, torch.Tensor]:
+    """Statistics of a layer that saw fewer tokens than it has inputs (a rarely routed expert).
+
+    Its Gram has rank <= tokens: every direction it never saw would look free to discard, although
+    the expert meets other tokens at inference. Shrink towards the identity in proportion to the
+    shortfall, G + (1 − t/n)·(tr G / n)·I (the channel norms likewise); with no token at all the
+    statistics are the identity, and a calibration-based method acts as its data-free version
+    (SparseGPT as magnitude pruning with OBS updates, whitened SVD as plain SVD).
+    """
+    shortfall = 1.0 - min(tokens, in_features) / in_features
+    shrunk = {}
+    for name, value in tensors.items():
+        if name == "gram":
+            scale = float(value.diagonal().mean()) if tokens else 1.0
+            eye = torch.eye(in_features, dtype=value.dtype, device=value.device)
+            shrunk[name] = value + (shortfall * scale) * eye if tokens else eye
+        elif name == "channel_norm_sq":
+            scale = float(value.mean()) if tokens else 1.0
+            shrunk[name] = value + shortfall * scale if tokens else torch.ones_like(value)
+        else:
+            shrunk[name] = value
+    return shrunk
+
+
+def identity_statistics(names: set[str], in_features: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """What `shrink_sparse_statistics` gives a layer that saw no token (it has no collectors)."""
+    zeros = {
+        "gram": torch.zeros(in_features, in_features, dtype=torch.float64, device=device),
+        "channel_norm_sq": torch.zeros(in_features, dtype=torch.float64, device=device),
+    }
+    unknown = names - set(zeros)
+    if unknown:
+        raise LlmpressError(f"no data-free fallback for statistics {sorted(unknown)} of a layer that saw no token")
+    return shrink_sparse_statistics({n: zeros[n] for n in names}, 0, in_features)
+
+
 def register_collector(cls: type[Collector]) -> type[Collector]:
     if cls.name in COLLECTORS:
         raise ValueError(f"collector {cls.name!r} registered twice")
@@ -102,9 +138,10 @@ def register_collector(cls: type[Collector]) -> type[Collector]:
 class LinearInputHooks:
     """Forward hooks that feed each named Linear's input to its collectors; a context manager.
 
-    Layers that read the very same input tensor (q/k/v of an attention, gate/up of an MLP) share
-    one set of collectors: their Gram is accumulated once, and `shared_with` records who reads
-    whose. Collectors are created on a layer's first call, so a layer never called has none.
+    Layers that read the very same input tensor (q/k/v of an attention, gate/up of an MLP, every
+    expert's up projection when all experts see all tokens) share one set of collectors: their
+    Gram is accumulated once, and `shared_with` records who reads whose. Collectors are created
+    on a layer's first call, so a layer never called has none.
     """
 
     RECENT = 8  # inputs remembered to find layers that share one (they are called back to back)
@@ -122,6 +159,8 @@ class LinearInputHooks:
 
     def _feed(self, layer_name: str, linear: torch.nn.Module, x: torch.Tensor) -> None:
         owner = next((name for seen, name in self._recent if seen is x), None)
+        if owner is not None:  # a shared input stays remembered however many layers read it
+            self._recent = [(x, owner)] + [(seen, name) for seen, name in self._recent if seen is not x]
         if layer_name not in self.collectors:
             if owner is not None:  # first call: this input was already fed under `owner`
                 self.shared_with[layer_name] = owner

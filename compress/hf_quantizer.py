@@ -1,9 +1,14 @@
 """transformers integration: `AutoModelForCausalLM.from_pretrained(dir)` for llmpress checkpoints.
 
 A checkpoint's config.json carries `quantization_config = {"quant_method": "llmpress",
-"format_version": 1, "modules": {name: spec}}`. On load, the quantizer replaces each listed
-nn.Linear of the freshly built (meta-device) model by an empty module of the spec's format;
-transformers then fills in the stored factors by name like any other weights.
+"format_version": 2, "modules": {name: spec}, "expert_stacks": [names]}`. On load, the quantizer
+turns each listed MoE experts module of the freshly built (meta-device) model into per-expert
+Linears (compress/experts.py), then replaces each listed nn.Linear by an empty module of the
+spec's format; transformers fills in the stored factors by name like any other weights.
+
+Since version 2 the tensors are stored under the model's own parameter names
+(`save_pretrained(save_original_format=False)`), so transformers' checkpoint conversions (which
+fuse per-expert weights of original MoE checkpoints into 3-D stacks) must not run on them.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .checkpoint_check import FORMAT_VERSION
+from .experts import linearize_experts
 from .modules import build_module, tie_shared_dictionaries
 from .targets import set_submodule
 
@@ -32,12 +38,14 @@ class LlmpressConfig(QuantizationConfigMixin):
         modules: dict[str, dict[str, Any]] | None = None,
         format_version: int = FORMAT_VERSION,
         recipe: str | None = None,
+        expert_stacks: list[str] | None = None,
         **kwargs,
     ):
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.recipe = recipe
         self.modules = dict(modules or {})
+        self.expert_stacks = list(expert_stacks or [])
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -45,6 +53,7 @@ class LlmpressConfig(QuantizationConfigMixin):
             "format_version": self.format_version,
             "recipe": self.recipe,
             "modules": self.modules,
+            "expert_stacks": self.expert_stacks,
         }
 
     def to_diff_dict(self) -> dict[str, Any]:
@@ -68,9 +77,16 @@ class LlmpressHfQuantizer(HfQuantizer):
         import torch
 
         dtype = dtype if isinstance(dtype, torch.dtype) else model.dtype
+        linearize_experts(model, self.quantization_config.expert_stacks)
         for name, spec in self.quantization_config.modules.items():
             set_submodule(model, name, build_module(spec, dtype=dtype, device="meta"))
         return model
+
+    def update_weight_conversions(self, weight_conversions, model):
+        """No conversion for version-2 checkpoints: they hold the model's own parameter names."""
+        if self.quantization_config.format_version >= 2:
+            return []
+        return super().update_weight_conversions(weight_conversions, model)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         tie_shared_dictionaries(model)  # layers sharing one stored dictionary (CoSpaDi groups)

@@ -46,6 +46,7 @@ class LayerRecord:
     rel_weighted_error: float | None
     seconds: float
     detail: dict[str, Any]
+    tokens: int | None = None  # calibration tokens the layer saw (None: compressed without statistics)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -67,6 +67,11 @@ class CalibrationConfig(BaseModel):
         description="sequential: each block calibrated on the compressed model's outputs; dense: all "
         "statistics from the uncompressed model (faster, no error correction across blocks)",
     )
+    moe: Literal["routed", "all"] = Field(
+        default="routed",
+        description="mixture-of-experts models: each expert's statistics from the tokens routed to it (routed), or "
+        "from every calibration token (all: rare experts get real statistics; costs one expert pass per token)",
+    )
     weighted_errors: bool = Field(
         default=False,
         description="collect every target's Gram to report calibration-weighted errors even for methods that need "

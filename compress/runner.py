@@ -6,7 +6,8 @@
 2. plan: with `allocation: knapsack`, profile the allocated stage on the dense model and solve
    for one level per layer (compress/budget.py);
 3. compress: gradient stages (M-FAC) during one backward walk, then the forward stages in the
-   pipeline the recipe's statistics mode calls for (compress/pipelines/).
+   pipeline the recipe's statistics mode calls for (compress/pipelines/). MoE experts are
+   per-expert Linears meanwhile; stacks nothing compressed are fused back at the end.
 
 `compress_model` (api.py) and the benchmarks (eval/bench_*.py) both run recipes through it; the
 benchmarks pass statistics and profiles collected once for many rows.
@@ -25,6 +26,7 @@ from .budget import AllocationPlan, plan_allocation, solve_allocation
 from .compressors import LayerStats
 from .compressors.base import LevelResult
 from .errors import LlmpressError
+from .experts import fuse_untouched_stacks
 from .metrics import LayerRecord
 from .pipelines import DenseStatsPipeline, FisherSums, build_pipeline, compress_from_gradients, gradient_stages
 from .recipe import Recipe
@@ -72,6 +74,7 @@ class CompressionRunner:
             progress=progress,
             on_layer=on_layer,
             weighted_errors=recipe.calibration.weighted_errors,
+            moe_calibration=recipe.calibration.moe,
             fisher_for=frozenset({self.knapsack.stage}) if self.knapsack and self.knapsack.cost == "fisher" else frozenset(),
         )
         # checks the targets now, before any data is loaded
@@ -135,4 +138,5 @@ class CompressionRunner:
                 records += pipeline.run(input_ids if stats is None else None, fisher, self.forward_stages, stats=stats)
             else:
                 records += pipeline.run(input_ids, fisher, self.forward_stages)
+        fuse_untouched_stacks(self.model)  # experts nothing compressed: back to the model's own fused weights
         return RunResult(records, plan, pipeline.block_log, time.perf_counter() - start)

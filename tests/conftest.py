@@ -95,7 +95,7 @@ def family_config(kind: str, layers: int = 3):
     raise ValueError(kind)
 
 
-MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3", "qwen2_moe")
 
 
 def moe_config(kind: str, layers: int = 3):
@@ -113,6 +113,16 @@ def moe_config(kind: str, layers: int = 3):
     if kind == "gpt_oss":  # alternating sliding/full attention plus experts
         types = (["sliding_attention", "full_attention"] * layers)[:layers]
         return tf.GptOssConfig(**common, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=8, layer_types=types)
+    if kind == "deepseek_v3":  # multi-head latent attention, a dense first block, shared experts, grouped routing
+        return tf.DeepseekV3Config(
+            **common, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+            first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+            v_head_dim=16, n_group=2, topk_group=1,
+        )  # fmt: skip
+    if kind == "qwen2_moe":  # a shared expert whose gate is an nn.Linear (a router)
+        return tf.Qwen2MoeConfig(
+            **common, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2
+        )
     raise ValueError(kind)
 
 

@@ -144,7 +144,7 @@ def test_moe_blocks_and_statistics_equal_a_plain_forward(kind, recording_copy):
     ids = _ids()
     ins, outs, reference = _plain_forward_records(model, ids)
     _check_blocks_one_at_a_time(model, ids, ins, outs, tol=1e-5)
-    targets = ["re:.*self_attn.*"]  # the experts are fused 3-D parameters, not Linears (issue: MoE)
+    targets = ["re:.*self_attn.*"]  # the experts: tests/test_experts.py
     pipeline = build_pipeline(model, [_RecordingCopyConfig(targets=targets)], "sequential", batch_size=2, progress=False)
     pipeline.run(ids)
     attention = {n: g for n, g in reference.items() if "self_attn" in n}

@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from ..blocks import find_decoder_blocks, run_block
-from ..collectors import LinearInputHooks
+from ..collectors import LinearInputHooks, identity_statistics, shrink_sparse_statistics
 from ..compressors import COMPRESSORS, LayerStats, StageConfig
 from ..compressors.base import flush_denormals
 from ..errors import LlmpressError
+from ..experts import all_experts_calibrated, expert_linear_names, linearize_experts
 from ..kernels import expanded_weights_cached
 from ..metrics import LayerRecord, peak_memory_mb, relative_errors
 from ..modules import CompressedLinear
@@ -45,7 +46,9 @@ class BlockPipeline:
     `layer_configs` overrides a stage's config per layer (the knapsack's levels); `fisher_for`
     names stages whose targets get Fisher sums although their method needs none (the knapsack's
     `fisher` cost); `weighted_errors` collects a Gram for every target so that even methods that
-    need none report calibration-weighted errors.
+    need none report calibration-weighted errors. Experts of MoE models become per-expert Linears
+    here (compress/experts.py); `moe_calibration="all"` runs every expert on every calibration
+    token while statistics are collected (the model's outputs stay the routed ones).
     """
 
     def __init__(
@@ -61,8 +64,14 @@ class BlockPipeline:
         layer_configs: LayerConfigs | None = None,
         fisher_for: set[int] | frozenset[int] = frozenset(),
         weighted_errors: bool = True,
+        moe_calibration: str = "routed",
     ):
+        if moe_calibration not in ("routed", "all"):
+            raise LlmpressError(f"calibration.moe must be 'routed' or 'all', not {moe_calibration!r}")
         self.model = model
+        self.moe_calibration = moe_calibration
+        linearize_experts(model)
+        self.expert_names = frozenset(expert_linear_names(model))
         self.stages = list(stages)
         self.device = torch.device(device)
         self.offload_device = torch.device(offload_device)
@@ -85,6 +94,11 @@ class BlockPipeline:
         all_linears = match_linears(self.model, ["Linear"], [])
         for index, stage in enumerate(self.stages):
             matched = match_linears(self.model, stage.targets, stage.ignore)
+            if not matched and any(t.lower() == "experts" for t in stage.targets) and not self.expert_names:
+                raise LlmpressError(
+                    f"stage {index} ({stage.method}) targets 'experts', but {type(self.model).__name__} has no "
+                    "mixture-of-experts layers; target 'Linear' (or named layers) for a dense model"
+                )
             if not matched:
                 examples = ", ".join(list(all_linears)[:4])
                 raise LlmpressError(
@@ -168,21 +182,44 @@ class BlockPipeline:
         fisher: FisherSums,
         keep: bool,
     ) -> tuple[dict[str, LayerStats], list[torch.Tensor] | None]:
-        """Run the batches through `block` with collectors on `layers`: (stats by name, outputs if keep)."""
-        with LinearInputHooks(layers, needs) as hooks, expanded_weights_cached():
+        """Run the batches through `block` with collectors on `layers`: (stats by name, outputs if keep).
+
+        An expert that saw fewer calibration tokens than its input width gets statistics shrunk
+        towards the identity (collectors.shrink_sparse_statistics) instead of failing the run."""
+        all_experts = self.moe_calibration == "all"
+        with LinearInputHooks(layers, needs) as hooks, expanded_weights_cached(), all_experts_calibrated(block, all_experts):
             outputs = run_block(block, hiddens, kwargs, self.device, self.offload_device, keep=keep)
         stats: dict[str, LayerStats] = {}
         results: dict[int, dict[str, torch.Tensor]] = {}  # layers sharing collectors share their results
-        for name in layers:
+        starved: list[tuple[str, int]] = []
+        for name, layer in layers.items():
             collectors = hooks.collectors.get(name, _NO_COLLECTORS)
             tokens = next(iter(collectors.values())).num_tokens if collectors else 0
-            if needs and tokens == 0:
+            expert = name in self.expert_names
+            if needs and tokens == 0 and not expert:
                 raise LlmpressError(f"{name} received no calibration tokens (block {index} never calls it)")
             if id(collectors) not in results:
                 results[id(collectors)] = {k: c.result() for k, c in collectors.items()}
             tensors = dict(results[id(collectors)])
-            stats[name] = LayerStats(tensors, tokens or sum(h.shape[:-1].numel() for h in hiddens), name=name, block=index)
+            if needs and expert and tokens < layer.in_features:
+                starved.append((name, tokens))
+                tensors = (
+                    shrink_sparse_statistics(tensors, tokens, layer.in_features)
+                    if tokens
+                    else identity_statistics(needs, layer.in_features, self.device)
+                )
+            if not expert and not tokens:
+                tokens = sum(h.shape[:-1].numel() for h in hiddens)  # a data-free stage: the block's tokens
+            stats[name] = LayerStats(tensors, tokens, name=name, block=index)
             stats[name].tensors.update(fisher.get(name, {}))
+        if starved:
+            none = sum(1 for _, tokens in starved if tokens == 0)
+            logger.info(
+                "block %d: %d expert layers saw fewer calibration tokens than their input width (%d saw none); their "
+                "statistics are shrunk towards the identity (none: data-free). More samples or calibration.moe: all "
+                "give them real statistics",
+                index, len(starved), none,
+            )  # fmt: skip
         return stats, outputs
 
     # ---- blocks and layers -----------------------------------------------------------------
@@ -274,6 +311,7 @@ class BlockPipeline:
             rel_error=rel,
             rel_weighted_error=weighted,
             seconds=seconds,
+            tokens=stats.num_tokens if stats is not None and stats.tensors else None,
             detail={k: v for k, v in spec.items() if k not in ("format", "in_features", "out_features", "bias")},
         )
         logger.info(
