@@ -72,6 +72,12 @@ class CalibrationConfig(BaseModel):
         description="mixture-of-experts models: each expert's statistics from the tokens routed to it (routed), or "
         "from every calibration token (all: rare experts get real statistics; costs one expert pass per token)",
     )
+    max_statistics_gib: float | None = Field(
+        default=32.0,
+        gt=0,
+        description="most GiB of calibration statistics (float64 Grams) held at once on the device; a block whose "
+        "layers need more (hundreds of per-expert Grams of an MoE block) is calibrated in several passes. null: no limit",
+    )
     weighted_errors: bool = Field(
         default=False,
         description="collect every target's Gram to report calibration-weighted errors even for methods that need "

@@ -75,6 +75,7 @@ class CompressionRunner:
             on_layer=on_layer,
             weighted_errors=recipe.calibration.weighted_errors,
             moe_calibration=recipe.calibration.moe,
+            max_statistics_gib=recipe.calibration.max_statistics_gib,
             fisher_for=frozenset({self.knapsack.stage}) if self.knapsack and self.knapsack.cost == "fisher" else frozenset(),
         )
         # checks the targets now, before any data is loaded

@@ -233,3 +233,52 @@ def test_targeting_experts_on_a_dense_model_is_an_error(recording_copy):  # noqa
     model = family_model("llama", layers=2)
     with pytest.raises(LlmpressError, match="no mixture-of-experts layers"):
         build_pipeline(model, [_RecordingCopyConfig(targets=["experts"])], "sequential", progress=False)
+
+
+def test_the_knapsack_allocates_over_experts_like_any_layer():
+    """Experts are layers for the knapsack: each expert gets its own level (with the Fisher cost,
+    an expert's price includes how much loss energy its routed tokens carry) within the budget."""
+    from compress.recipe import load_recipe
+    from compress.runner import CompressionRunner
+
+    model = family_model("qwen3_moe", layers=2)
+    recipe = load_recipe({
+        "calibration": {"num_samples": 4, "seq_len": SEQ},
+        "stages": [{"method": "whitened_svd", "targets": ["experts"]}],
+        "allocation": {"strategy": "knapsack", "ratio": 0.4, "unit": "params", "cost": "fisher"},
+    })  # fmt: skip
+    result = CompressionRunner(model, recipe, progress=False).run(_ids(4))
+    levels = {c.name: c.level for c in result.plan.layers}
+    assert set(levels) == set(expert_linear_names(model)) and len(set(levels.values())) > 1
+    kept = sum(c.values for c in result.plan.layers)
+    dense = sum(c.dense_values for c in result.plan.layers)
+    assert kept <= 0.6 * dense + 1
+
+
+def test_statistics_beyond_the_limit_are_collected_in_several_passes(recording_copy, caplog):  # noqa: F811
+    """A block whose Grams exceed max_statistics_gib is calibrated in groups of layers, one pass
+    each, with the very same statistics."""
+    ids = _ids()
+    grams = {}
+    for limit in (None, 3 * 64 * 64 * 8 / 2**30):  # at most three 64-wide Grams at once
+        model = family_model("qwen3_moe", layers=2)
+        pipeline = build_pipeline(
+            model, [_RecordingCopyConfig()], "sequential", batch_size=2, progress=False, max_statistics_gib=limit
+        )
+        with caplog.at_level("INFO", logger="compress"):
+            pipeline.run(ids)
+        grams[limit] = dict(recording_copy.grams)
+    assert "statistics of 12 layers collected in 3 passes" in caplog.text  # 4 attention + 2 x 4 expert layers
+    unlimited, limited = grams.values()
+    assert set(unlimited) == set(limited) and len(unlimited) == 2 * (4 + 2 * 4)
+    for name in unlimited:
+        torch.testing.assert_close(limited[name], unlimited[name], rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_statistics_groups_respect_the_limit():
+    from compress.pipelines.base import statistics_groups
+
+    layers = {f"l{i}": torch.nn.Linear(16, 4) for i in range(10)}
+    groups = statistics_groups(layers, {"gram"}, 3 * 16 * 16 * 8)
+    assert [len(g) for g in groups] == [3, 3, 3, 1] and [n for g in groups for n in g] == list(layers)
+    assert statistics_groups(layers, {"gram"}, None) == [layers] and statistics_groups(layers, set(), 1) == [layers]

@@ -49,6 +49,8 @@ class BlockPipeline:
     need none report calibration-weighted errors. Experts of MoE models become per-expert Linears
     here (compress/experts.py); `moe_calibration="all"` runs every expert on every calibration
     token while statistics are collected (the model's outputs stay the routed ones).
+    `max_statistics_gib` bounds the statistics held at once: a block's layers are then collected
+    in groups, one pass each.
     """
 
     def __init__(
@@ -65,11 +67,13 @@ class BlockPipeline:
         fisher_for: set[int] | frozenset[int] = frozenset(),
         weighted_errors: bool = True,
         moe_calibration: str = "routed",
+        max_statistics_gib: float | None = None,
     ):
         if moe_calibration not in ("routed", "all"):
             raise LlmpressError(f"calibration.moe must be 'routed' or 'all', not {moe_calibration!r}")
         self.model = model
         self.moe_calibration = moe_calibration
+        self.max_statistics_bytes = max_statistics_gib * 2**30 if max_statistics_gib else None
         linearize_experts(model)
         self.expert_names = frozenset(expert_linear_names(model))
         self.stages = list(stages)
@@ -183,6 +187,31 @@ class BlockPipeline:
         keep: bool,
     ) -> tuple[dict[str, LayerStats], list[torch.Tensor] | None]:
         """Run the batches through `block` with collectors on `layers`: (stats by name, outputs if keep).
+
+        When the layers' statistics would exceed `max_statistics_bytes` (an MoE block's hundreds
+        of per-expert Grams), they are collected in groups, one pass over the batches per group."""
+        groups = statistics_groups(layers, needs, self.max_statistics_bytes, self.shared_input)
+        stats: dict[str, LayerStats] = {}
+        outputs = None
+        for number, group in enumerate(groups):
+            last = number == len(groups) - 1
+            group_stats, outputs = self._collect_group(block, index, group, needs, hiddens, kwargs, fisher, keep and last)
+            stats.update(group_stats)
+        if len(groups) > 1:
+            logger.info("block %d: statistics of %d layers collected in %d passes", index, len(layers), len(groups))
+        return stats, outputs
+
+    def shared_input(self, name: str) -> str:
+        """A key equal for layers known to read one input: with calibration.moe 'all', every
+        expert's up projection of an experts module reads the block's tokens."""
+        if self.moe_calibration == "all" and name in self.expert_names:
+            stack, projection, _ = name.rsplit(".", 2)
+            if projection != "down_proj":
+                return f"{stack}.{projection}"
+        return name
+
+    def _collect_group(self, block, index, layers, needs, hiddens, kwargs, fisher, keep):
+        """One pass of the batches through `block` with collectors on `layers`.
 
         An expert that saw fewer calibration tokens than its input width gets statistics shrunk
         towards the identity (collectors.shrink_sparse_statistics) instead of failing the run."""
@@ -322,6 +351,32 @@ class BlockPipeline:
         if self.on_layer:
             self.on_layer(record)
         return record
+
+
+def statistics_groups(
+    layers: dict[str, nn.Module], needs: set[str], max_bytes: float | None, shared: Callable[[str], str] = str
+) -> list[dict[str, nn.Module]]:
+    """`layers` in module order, cut into groups whose float64 statistics (a Gram: in², else a
+    vector: in) stay under `max_bytes` each. Layers with the same `shared(name)` are known to
+    read one input and count once per group; any other sharing is found only while collecting, so
+    the estimate is an upper bound. One group when there is no limit, no statistic, or all fits."""
+    if not needs or max_bytes is None or not layers:
+        return [layers]
+
+    def size(layer: nn.Module) -> float:
+        return 8.0 * len(needs) * (layer.in_features**2 if "gram" in needs else layer.in_features)
+
+    groups: list[dict[str, nn.Module]] = [{}]
+    used, counted = 0.0, set()
+    for name, layer in layers.items():
+        extra = 0.0 if shared(name) in counted else size(layer)
+        if groups[-1] and used + extra > max_bytes:
+            groups.append({})
+            used, counted, extra = 0.0, set(), size(layer)
+        groups[-1][name] = layer
+        counted.add(shared(name))
+        used += extra
+    return groups
 
 
 def check_finite(hiddens: list[torch.Tensor], index: int) -> None:
