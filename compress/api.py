@@ -16,7 +16,7 @@ from torch import nn
 
 from .blocks import weight_stacks
 from .experts import expert_linear_names, is_fused_experts, per_expert_stacks
-from .metrics import LayerRecord
+from .metrics import LayerRecord, serving_dtype
 from .data import calibration_windows
 from .paths import check_output_dir
 from .model_loading import check_device, load_model, load_tokenizer, resolve_dtype
@@ -108,7 +108,8 @@ def compress_model(
     if isinstance(model, (str, Path)):
         tokenizer = tokenizer or load_tokenizer(model)
         model = load_model(model, dtype=resolve_dtype(dtype, device), device="cpu")
-    dense_size = model_size(model)
+    with serving_dtype(recipe.serve_dtype):
+        dense_size = model_size(model)
 
     runner = CompressionRunner(model, recipe, device=device, progress=progress)
     input_ids = None
@@ -130,22 +131,25 @@ def compress_model(
         "tokens": int(input_ids.numel()) if input_ids is not None else 0,
         "statistics": calib.statistics,
     }
-    report = build_report(
-        result.records,
-        recipe=recipe.model_dump(mode="json"),
-        model_source=source,
-        model=model,
-        dense_size=dense_size,
-        calibration=calibration_info,
-        block_log=result.block_log,
-        seconds=time.perf_counter() - start,
-        left_dense=result.left_dense(),
-    )
+    with serving_dtype(recipe.serve_dtype):
+        report = build_report(
+            result.records,
+            recipe=recipe.model_dump(mode="json"),
+            model_source=source,
+            model=model,
+            dense_size=dense_size,
+            calibration=calibration_info,
+            block_log=result.block_log,
+            seconds=time.perf_counter() - start,
+            left_dense=result.left_dense(),
+        )
     report["allocation"] = result.allocation_summary(recipe)
     report["not_compressed"] = uncompressed_weight_stacks(runner.pipeline)
     report["experts"] = experts_summary(model, result.records, calib.moe)
     report["device"] = str(device)
     report["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    report["serve_dtype"] = recipe.serve_dtype
+    report["model_size"]["stored"] = model_size(model)  # the checkpoint's tensors, in the dtype they are kept in
     if output_dir is not None:
         from .checkpoint import save_compressed
 

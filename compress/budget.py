@@ -23,6 +23,7 @@ from .allocation import Option, solve_dp, solve_lagrangian, total
 from .compressors import LayerStats, StageConfig
 from .compressors.base import LevelResult, flush_denormals
 from .errors import LlmpressError
+from .metrics import tensor_bytes
 from .pipelines import DenseStatsPipeline, FisherSums
 
 logger = logging.getLogger("compress")
@@ -100,7 +101,7 @@ class AllocationPlan:
 
 def _dense_result(weight: torch.Tensor, bias: torch.Tensor | None) -> LevelResult:
     values = weight.numel() + (bias.numel() if bias is not None else 0)
-    nbytes = weight.numel() * weight.element_size() + (bias.numel() * bias.element_size() if bias is not None else 0)
+    nbytes = tensor_bytes(weight) + (tensor_bytes(bias) if bias is not None else 0)
     return LevelResult(0.0, values, nbytes, 0.0, 0.0)
 
 

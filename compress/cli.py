@@ -196,9 +196,9 @@ def cmd_compress(args) -> int:
     size = report["model_size"]
     before, after = size["dense"]["bytes"], size["compressed"]["bytes"]
     print(
-        f"\n{recipe.name}: {before / 2**20:,.1f} MiB -> {after / 2**20:,.1f} MiB as stored in {report['dtype']} "
-        f"({100 * (1 - after / before):.1f}% smaller, embeddings included); saved {output_dir} "
-        f"({summary['layers']} layers, report {output_dir / 'report.md'})\n"
+        f"\n{recipe.name}: {before / 2**20:,.1f} MiB -> {after / 2**20:,.1f} MiB as served in {report['serve_dtype']} "
+        f"({100 * (1 - after / before):.1f}% smaller, embeddings included; checkpoint {size['stored']['bytes'] / 2**20:,.1f} "
+        f"MiB in {report['dtype']}); saved {output_dir} ({summary['layers']} layers, report {output_dir / 'report.md'})\n"
         f"next: llmpress eval {output_dir} --ppl TEXT_FILE   (perplexity; add --baseline {args.model} to compare)"
     )
     return 0

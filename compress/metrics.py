@@ -7,11 +7,41 @@ pipelines both import this module, so it depends on nothing but torch.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import psutil
 import torch
+
+
+# The dtype float tensors are served in (a recipe's `serve_dtype`): sizes are counted at its width
+# whatever dtype the model was compressed in. None: as stored.
+_SERVE_DTYPE: ContextVar[torch.dtype | None] = ContextVar("serve_dtype", default=None)
+
+
+@contextmanager
+def serving_dtype(dtype: torch.dtype | str | None) -> Iterator[None]:
+    """Within: floating tensors count at `dtype`'s width in every size (bytes as served)."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    token = _SERVE_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _SERVE_DTYPE.reset(token)
+
+
+def served_itemsize(dtype: torch.dtype) -> int:
+    """Bytes per element as served: the serving dtype's for floating dtypes, else the stored one."""
+    serve = _SERVE_DTYPE.get()
+    return serve.itemsize if serve is not None and dtype.is_floating_point else dtype.itemsize
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of `tensor` as served: values at the serving dtype's width, indices/codes as stored."""
+    return tensor.numel() * served_itemsize(tensor.dtype)
 
 
 def relative_errors(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor | None) -> tuple[float, float | None]:

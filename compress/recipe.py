@@ -92,6 +92,11 @@ class Recipe(BaseModel):
 
     name: str = "recipe"
     description: str = ""
+    serve_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        default="bfloat16",
+        description="the dtype the compressed model is served in: every size (reports, budgets) counts floating "
+        "values at its width, indices and codes as stored",
+    )
     calibration: CalibrationConfig = CalibrationConfig()
     stages: list[SerializeAsAny[StageConfig]] = Field(min_length=1)
     allocation: AllocationConfig | None = Field(default=None, description="global budget split across layers")

@@ -9,17 +9,18 @@ from typing import Any, Sequence
 from torch import nn
 
 from .modules import CompressedLinear
-from .metrics import LayerRecord
+from .metrics import LayerRecord, tensor_bytes
 
 
 def model_size(model: nn.Module) -> dict[str, int]:
-    """Stored values and bytes of the whole model, counting tied tensors once."""
+    """Stored values and bytes of the whole model (as served within metrics.serving_dtype),
+    counting tied tensors once."""
     seen, values, nbytes = set(), 0, 0
     for tensor in list(model.parameters()) + list(model.buffers()):
         if tensor.data_ptr() in seen and tensor.device.type != "meta":
             continue
         seen.add(tensor.data_ptr())
-        nbytes += tensor.numel() * tensor.element_size()
+        nbytes += tensor_bytes(tensor)
         if tensor.is_floating_point():
             values += tensor.numel()
     return {"values": values, "bytes": nbytes}
@@ -109,6 +110,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     """A human-readable table of a compression run."""
     s = report["summary"]
     size = report["model_size"]
+    serve = report.get("serve_dtype", "the stored dtype")
     lines = [
         f"# llmpress compression report: {report['recipe'].get('name', '')}",
         "",
@@ -119,8 +121,10 @@ def report_markdown(report: dict[str, Any]) -> str:
         + (f" (+{s['layers_left_dense']} targets left dense by the allocation, counted as kept)" if s.get("layers_left_dense") else "")
         + f", values {s['params_before']:,} -> {s['values_after']:,} "
         f"({100 * s['nominal_ratio_removed']:.1f}% removed), bytes {s['bytes_before']:,} -> {s['bytes_after']:,} "
-        f"({100 * s['storage_ratio_removed']:.1f}% removed, true storage)",
-        f"- whole model bytes: {size['dense']['bytes']:,} -> {size['compressed']['bytes']:,}",
+        f"({100 * s['storage_ratio_removed']:.1f}% removed, as served in {serve}: every index, mask and scale counted)",
+        f"- whole model bytes as served in {serve}: {size['dense']['bytes']:,} -> {size['compressed']['bytes']:,} "
+        f"({100 * (1 - size['compressed']['bytes'] / max(size['dense']['bytes'], 1)):.1f}% removed, embeddings and head included)"
+        + (f"; checkpoint tensors as stored: {size['stored']['bytes']:,}" if "stored" in size else ""),
         f"- mean relative error {_fmt_err(s['mean_rel_error'])}, calibration-weighted {_fmt_err(s['mean_rel_weighted_error'])}",
         "",
         "| layer | method | format | shape | detail | values before | values after | bytes after/before | rel err | weighted err | s |",

@@ -27,7 +27,7 @@ from .compressors import LayerStats
 from .compressors.base import LevelResult
 from .errors import LlmpressError
 from .experts import fuse_untouched_stacks
-from .metrics import LayerRecord
+from .metrics import LayerRecord, serving_dtype
 from .pipelines import DenseStatsPipeline, FisherSums, build_pipeline, compress_from_gradients, gradient_stages
 from .recipe import Recipe
 
@@ -116,7 +116,12 @@ class CompressionRunner:
         fisher: FisherSums | None = None,
     ) -> RunResult:
         """Statistics → plan → compress. `stats` (dense statistics, with Fisher sums merged) and
-        `profiles` (the allocated stage's) reuse what was collected for an earlier run."""
+        `profiles` (the allocated stage's) reuse what was collected for an earlier run. Sizes
+        (records, budgets) are bytes as served in the recipe's `serve_dtype`."""
+        with serving_dtype(self.recipe.serve_dtype):
+            return self._run(input_ids, stats=stats, profiles=profiles, fisher=fisher)
+
+    def _run(self, input_ids, *, stats, profiles, fisher) -> RunResult:
         start = time.perf_counter()
         if input_ids is None and stats is None and self.needs_data():
             raise LlmpressError("this recipe needs calibration data; set calibration.num_samples >= 1")

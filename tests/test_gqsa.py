@@ -68,7 +68,8 @@ def test_gqsa_config_errors():
 def test_gqsa_recipe_saves_and_loads(tokenizer, calib_text, tmp_path):
     recipe = {"calibration": {"num_samples": 3, "seq_len": 32}, "stages": [{"method": "gqsa", "ratio": 0.5, "group_size": 16}]}
     model, report = compress.compress_model(tiny_model("qwen2"), recipe, dataset=str(calib_text), tokenizer=tokenizer, progress=False)
-    assert report["summary"]["storage_ratio_removed"] > 0.8  # fp32 dense vs half the groups at ~4.4 bits
+    # as served in bf16: half the groups, each 13 bytes per 16 weights (codes, int16 index, zero, bf16 scale) vs 32
+    assert report["summary"]["storage_ratio_removed"] > 0.78
     out = compress.save_compressed(model, tmp_path / "gqsa", tokenizer=tokenizer, report=report)
     ids = torch.randint(0, 300, (1, 10))
     assert torch.equal(compress.load(out)(input_ids=ids).logits, model(input_ids=ids).logits)

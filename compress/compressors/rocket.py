@@ -25,6 +25,7 @@ from pydantic import Field, field_validator
 from ..errors import LlmpressError
 from ..modules import DictLinear
 from ..modules.dictionary import index_dtype
+from ..metrics import served_itemsize
 from .base import (
     Compressor,
     LayerStats,
@@ -160,7 +161,7 @@ class RocketCompressor(Compressor):
                 LevelResult(
                     level,
                     factors.num_values(bias_values),
-                    factors.num_bytes(weight.element_size(), bias_values),
+                    factors.num_bytes(served_itemsize(weight.dtype), bias_values),
                     plain,
                     spec.undamped_error(factors.rel_weighted_error, plain, w_norm),
                 )

@@ -18,6 +18,7 @@ import torch
 from pydantic import Field
 
 from ..modules import LowRankLinear
+from ..metrics import served_itemsize
 from .base import Compressor, LayerStats, LevelResult, StageConfig, rank_for_ratio, register_compressor
 
 
@@ -91,7 +92,7 @@ class LowRankCompressor(Compressor):
         plain, weighted = truncation_errors(weight, u, sigma, vh, stats.get("gram"))
         out_f, in_f = weight.shape
         bias_values = bias.numel() if bias is not None else 0
-        size = weight.element_size()
+        size = served_itemsize(weight.dtype)
         results = []
         for level in levels:
             rank = rank_for_ratio(out_f, in_f, level)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..kernels import forget_kernel_choice
+from ..metrics import served_itemsize, tensor_bytes
 
 FORMATS: dict[str, type["CompressedLinear"]] = {}
 
@@ -67,16 +68,17 @@ class CompressedLinear(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def num_bytes(self) -> int:
-        """Every stored byte: values, indices, masks, scales, bias."""
+        """Every byte as served: values, indices, masks, scales, bias (floating tensors at the
+        serving dtype's width, metrics.serving_dtype; as stored outside one)."""
         tensors = list(self.parameters()) + list(self.buffers())
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(tensor_bytes(t) for t in tensors)
 
     def dense_num_params(self) -> int:
         return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
 
     def dense_num_bytes(self) -> int:
-        """Bytes of the nn.Linear this replaces, in the same dtype as the stored values."""
-        return self.dense_num_params() * self.value_dtype().itemsize
+        """Bytes of the nn.Linear this replaces, at the width `num_bytes` gives the values."""
+        return self.dense_num_params() * served_itemsize(self.value_dtype())
 
     def value_dtype(self) -> torch.dtype:
         floats = [p.dtype for p in self.parameters() if p.is_floating_point()]
