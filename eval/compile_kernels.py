@@ -68,13 +68,13 @@ def builds(dtype: str = "fp16") -> list[Build]:
         {"HAS_BIAS": False, "DOT_FP32": False, "BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 64}, {"num_warps": 4, "num_stages": 3},
         aligned=("M", "K", "K_PER_SPLIT", "BYTES_PER_ROW", "stride_xn", "stride_yn", "stride_ys"),
     ))  # fmt: skip
-    for group, block_m in ((128, 16), (16, 64)):
+    for group, block_m, all_groups in ((128, 16, False), (16, 64, False), (16, 64, True)):
         out.append(Build(
-            f"gqsa g{group} BM{block_m}", "gqsa_matmul:_gqsa_kernel",
-            {"x_ptr": p, "q_ptr": "*u8", "s_ptr": p, "z_ptr": "*u8", "g_ptr": "*i16", "b_ptr": p, "y_ptr": p,
-             **_ints("M", "N", "KEPT", "stride_xn", "stride_yn")},
-            {"HAS_BIAS": False, "GROUP": group, "BLOCK_M": block_m, "BLOCK_N": 4}, {"num_warps": 4},
-            aligned=("M", "stride_xn", "stride_yn"),
+            f"gqsa g{group} BM{block_m}" + (" (W4, no index)" if all_groups else ""), "gqsa_matmul:_gqsa_kernel",
+            {"x_ptr": p, "q_ptr": "*u8", "s_ptr": p, "z_ptr": "*u8", "g_ptr": p if all_groups else "*i16", "b_ptr": p,
+             "y_ptr": p, **_ints("M", "N", "KEPT", "stride_xn", "stride_yn")},
+            {"HAS_BIAS": False, "ALL_GROUPS": all_groups, "GROUP": group, "BLOCK_M": block_m, "BLOCK_N": 4},
+            {"num_warps": 4}, aligned=("M", "stride_xn", "stride_yn"),
         ))  # fmt: skip
     out.append(Build(
         "int4 (W4, all groups) g128 BM64 BN16", "int4_matmul:_int4_kernel",

@@ -33,7 +33,8 @@ if triton is not None:
     def _gqsa_kernel(
         x_ptr, q_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr,
         M, N, KEPT, stride_xn, stride_yn,
-        HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_BIAS: tl.constexpr, ALL_GROUPS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         HALF: tl.constexpr = GROUP // 2
         pid_m = tl.program_id(0)
@@ -46,7 +47,10 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for j in range(0, KEPT):
             slot = rm * KEPT + j
-            group = tl.load(g_ptr + slot, mask=m_ok, other=0).to(tl.int32)
+            if ALL_GROUPS:  # every group kept in column order: no index stored
+                group = tl.zeros((BLOCK_M,), dtype=tl.int32) + j
+            else:
+                group = tl.load(g_ptr + slot, mask=m_ok, other=0).to(tl.int32)
             scale = tl.load(s_ptr + slot, mask=m_ok, other=0.0).to(tl.float32)
             zero = tl.load(z_ptr + slot, mask=m_ok, other=0).to(tl.float32)
             packed = tl.load(q_ptr + slot[:, None] * HALF + half[None, :], mask=m_ok[:, None], other=0)
@@ -70,16 +74,21 @@ def gqsa_matmul(
     qweight: torch.Tensor,
     scales: torch.Tensor,
     zeros: torch.Tensor,
-    group_index: torch.Tensor,
+    group_index: torch.Tensor | None,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x·Ŵᵀ + bias for GQSALinear's storage: qweight (M, kept, g/2) uint8, scales (M, kept),
-    zeros (M, kept) uint8, group_index (M, kept) integer; x (..., K) -> (..., M)."""
+    zeros (M, kept) uint8, group_index (M, kept) integer, or None when every group is kept in
+    column order; x (..., K) -> (..., M)."""
+    all_groups = group_index is None
+    group_index = scales if all_groups else group_index  # an unread pointer when there is no index
     check_launch(x, qweight, scales, zeros, group_index)
     m, kept, half = qweight.shape
     group = 2 * half
     if group & (group - 1) or group < 2:
         raise ValueError(f"the kernel needs a power-of-two group size, got {group}")
+    if all_groups and kept * 2 * half != x.shape[-1]:
+        raise ValueError(f"without a group index every group must be kept: {kept} groups of {2 * half} != {x.shape[-1]}")
     if scales.shape != (m, kept) or zeros.shape != (m, kept) or group_index.shape != (m, kept):
         raise ValueError("scales, zeros and group_index must all be (out_features, groups_per_row)")
     if qweight.dtype != torch.uint8 or zeros.dtype != torch.uint8:
@@ -102,7 +111,7 @@ def gqsa_matmul(
     _gqsa_kernel[grid](
         x2, qweight, scales, zeros, group_index, bias if bias is not None else scales, out,
         m, n, kept, x2.stride(0), m,
-        HAS_BIAS=bias is not None, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        HAS_BIAS=bias is not None, ALL_GROUPS=all_groups, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
     )  # fmt: skip
     return out
 

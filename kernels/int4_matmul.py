@@ -5,8 +5,8 @@ When every row keeps all K/g groups in order, a row's packed codes are contiguou
 one group is the same for all rows, so the tile can go through `tl.dot`: each program loads a
 (BLOCK_M × g/2) byte tile, splits it into the low nibbles (even columns) and high nibbles (odd
 columns), dequantizes both halves with the rows' scale and zero point of this group, and multiplies
-them by the even and odd columns of the activations. Bytes read per weight: 0.5 + (scale + zero +
-2-byte index)/g, about 0.54 at g = 128 with fp16 scales, against 2 for dense fp16 (limit ~3.7x).
+them by the even and odd columns of the activations. Bytes read per weight: 0.5 + (scale + zero)/g,
+about 0.52 at g = 128 with fp16 scales, against 2 for dense fp16 (limit ~3.8x).
 """
 
 from __future__ import annotations
@@ -116,6 +116,9 @@ def int4_matmul(
 
 def _all_groups_in_order(module) -> bool:
     """Whether a GQSALinear keeps every group in order (plain W4); cached on the module."""
+
+    if module.group_index is None:  # every group kept, stored in column order
+        return True
 
     def check() -> bool:
         index = module.group_index

@@ -50,7 +50,8 @@ def test_gqsa_module_is_exact_and_beats_naive(ratio, group_size):
     torch.testing.assert_close(module.to_dense(), dequantized, rtol=0, atol=1e-6)
     k = module.groups_per_row
     assert k == round((1 - ratio) * 64 / group_size)
-    assert module.num_bytes() == 24 * k * (group_size // 2 + 2 + 1 + 4)  # codes, int16 index, zero, fp32 scale
+    index = 0 if ratio == 0 else 2  # int16 group index, not stored when every group is kept
+    assert module.num_bytes() == 24 * k * (group_size // 2 + index + 1 + 4)  # codes, index, zero, fp32 scale
     x = torch.randn(5, 64)
     torch.testing.assert_close(module(x), x @ module.to_dense().T, rtol=1e-5, atol=1e-5)
     _, ours = relative_errors(W, module.to_dense(), gram)
@@ -118,3 +119,25 @@ def test_refit_scales_memory_cap_chunks_rows_without_changing_the_result():
     row_bytes = 64 * 8 * 8  # cols × groups × float64
     one_by_one = refit_scales(W, gram, codes, zeros, index, scales, max_bytes=row_bytes)
     torch.testing.assert_close(one_by_one, together, rtol=1e-10, atol=1e-12)
+
+
+def test_plain_w4_stores_no_group_index():
+    """Every group kept: groups in column order, no index; the bytes are codes, zero points and
+    scales only (bf16 served: g/2 + 1 + 2 bytes per group)."""
+    from compress.metrics import serving_dtype
+    from compress.modules import GQSALinear
+
+    out_f, in_f, g = 8, 64, 16
+    codes = torch.randint(0, 16, (out_f, in_f // g, g))
+    order = torch.stack([torch.randperm(in_f // g) for _ in range(out_f)])  # given out of order: stored sorted
+    scales, zeros = torch.rand(out_f, in_f // g), torch.randint(0, 16, (out_f, in_f // g))
+    module = GQSALinear.from_codes(codes, scales, zeros, order, in_f, None)
+    assert module.group_index is None and "group_index" not in module.state_dict()
+    reference = torch.zeros(out_f, in_f // g, g)
+    reference.scatter_(1, order[..., None].expand(-1, -1, g), (codes - zeros[..., None]) * scales[..., None])
+    torch.testing.assert_close(module.to_dense(), reference.reshape(out_f, in_f))
+    with serving_dtype(torch.bfloat16):
+        assert module.num_bytes() == out_f * (in_f // g) * (g // 2 + 1 + 2)
+    twin = GQSALinear.from_spec(module.spec(), torch.float32)
+    twin.load_state_dict(module.state_dict())
+    torch.testing.assert_close(twin.to_dense(), module.to_dense())

@@ -43,17 +43,27 @@ class GQSALinear(CompressedLinear):
         self.scales = nn.Parameter(torch.empty(out_features, k, dtype=dtype, device=device), requires_grad=False)
         self.register_buffer("qweight", torch.empty(out_features, k, group_size // 2, dtype=torch.uint8, device=device))
         self.register_buffer("zeros", torch.empty(out_features, k, dtype=torch.uint8, device=device))
-        self.register_buffer("group_index", torch.empty(out_features, k, dtype=torch.int16, device=device))
+        index = None if self.all_groups else torch.empty(out_features, k, dtype=torch.int16, device=device)
+        self.register_buffer("group_index", index)  # None: every group kept, in column order
+
+    @property
+    def all_groups(self) -> bool:
+        """Every group of every row kept (plain W4): no group index is stored."""
+        return self.groups_per_row * self.group_size == self.in_features
 
     @classmethod
     def from_codes(cls, codes, scales, zeros, group_index, in_features: int, bias: torch.Tensor | None) -> "GQSALinear":
         """codes (out, k, g) in [0, 15]; scales (out, k); zeros (out, k) in [0, 15]; group_index (out, k)."""
         out_features, k, g = codes.shape
         module = cls(in_features, out_features, g, k, bias is not None, scales.dtype, scales.device)
+        if module.all_groups:  # stored in column order, without an index
+            order = group_index.long().argsort(dim=1)
+            codes, scales, zeros = codes.gather(1, order[..., None].expand_as(codes)), scales.gather(1, order), zeros.gather(1, order)
+        else:
+            module.group_index.copy_(group_index.to(torch.int16))
         module.qweight.copy_(pack_int4(codes))
         module.scales.data.copy_(scales)
         module.zeros.copy_(zeros.to(torch.uint8))
-        module.group_index.copy_(group_index.to(torch.int16))
         if bias is not None:
             module.bias.data.copy_(bias)
         return module
@@ -64,6 +74,8 @@ class GQSALinear(CompressedLinear):
         return (codes - self.zeros.to(self.scales.dtype)[..., None]) * self.scales[..., None]
 
     def to_dense(self) -> torch.Tensor:
+        if self.all_groups:
+            return self.dequantized_groups().reshape(self.out_features, self.in_features)
         groups = self.in_features // self.group_size
         dense = torch.zeros(self.out_features, groups, self.group_size, dtype=self.scales.dtype, device=self.scales.device)
         index = self.group_index.long()[..., None].expand(-1, -1, self.group_size)
