@@ -1,23 +1,28 @@
-"""One global budget split across layers: profile every (layer, level), then solve the knapsack.
+"""One global budget split across layers: profile every (layer, option), then solve the knapsack.
 
 A recipe's `allocation` section names the stage whose level (e.g. whitened_svd's `ratio`) is
-chosen per layer, the global ratio removed (of parameters or of true bytes), and the candidate
-levels. Profiling runs the *dense* model once (`DenseStatsPipeline.collect`); each layer's
-compressor measures its size and error at every level (`Compressor.profile`: one SVD for all
-ranks for the low-rank family); level 0 means "leave the layer dense". The solver
-(compress/allocation.py) picks one level per layer minimizing the summed cost under the budget.
-The chosen levels are then applied by the normal (sequential) compression run.
+chosen per layer, the global ratio removed (of parameters or of bytes as served), and the
+candidate levels; level 0 means "leave the layer dense". With `candidates` it names several
+stages instead, each with its levels: the stages are then alternatives (one knapsack across
+methods) and every layer gets one (method, level) of them or stays dense; a level is then the
+method's own (gqsa at 0 is plain W4).
+
+Profiling runs the *dense* model once (`DenseStatsPipeline.collect`); each layer's compressor
+measures its size and error at every level (`Compressor.profile`: one SVD for all ranks for the
+low-rank family). The solver (compress/allocation.py) picks one option per layer minimizing the
+summed cost under the budget; the normal (sequential) compression run then applies the choices.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .allocation import Option, solve_dp, solve_lagrangian, total
 from .compressors import LayerStats, StageConfig
@@ -38,7 +43,14 @@ class AllocationConfig(BaseModel):
 
     strategy: Literal["knapsack", "uniform"] = "knapsack"
     stage: int = Field(default=0, ge=0, description="index of the stage whose level is allocated")
-    ratio: float = Field(gt=0.0, lt=1.0, description="fraction of the stage's target size removed, globally")
+    ratio: float | None = Field(
+        default=None, gt=0.0, lt=1.0, description="fraction of the targets' size removed, globally (or max_size)"
+    )
+    max_size: int | str | None = Field(
+        default=None,
+        description="instead of ratio: the whole model's size as served ('8GB', '7.5GiB', bytes); the targets get "
+        "what the parts no method compresses (embeddings, head, norms) leave. Needs unit: bytes",
+    )
     unit: Literal["params", "bytes"] = "params"
     levels: list[float] = Field(default_factory=lambda: list(DEFAULT_LEVELS), description="candidate levels; 0 = dense")
     # fisher is the default: on SmolLM2 it beat weighted_sq in all 6 measured (method, ratio) pairs
@@ -49,6 +61,11 @@ class AllocationConfig(BaseModel):
         "‖ΔW Xᵀ‖/‖W Xᵀ‖ (weighted) or the relative Frobenius error ‖ΔW‖/‖W‖ (plain), squared or not; "
         "fisher: the squared weighted error times the layer's Fisher energy Σ F_ij·W_ij², an estimate of "
         "the loss increase that compares layers (needs a backward pass over the calibration data)",
+    )
+    candidates: dict[int, list[float]] | None = Field(
+        default=None,
+        description="one knapsack across methods: stage index -> its candidate levels (the method's own level "
+        "field, 0 included: gqsa at 0 is W4); each layer gets one (stage, level) or stays dense. Replaces stage/levels",
     )
     solver: Literal["dp", "lagrangian"] = "dp"
     resolution: int = Field(default=65536, ge=16, description="budget slots of the DP (sizes are rounded up)")
@@ -61,6 +78,51 @@ class AllocationConfig(BaseModel):
             raise ValueError(f"levels must be a non-empty list of values in [0, 1) (0 = leave dense); got {bad or levels}")
         return sorted(set(levels))
 
+    @field_validator("candidates")
+    @classmethod
+    def _check_candidates(cls, candidates: dict[int, list[float]] | None) -> dict[int, list[float]] | None:
+        if candidates is None:
+            return None
+        if not candidates:
+            raise ValueError("candidates must name at least one stage: {stage index: [levels]}")
+        for stage, levels in candidates.items():
+            bad = [v for v in levels if not 0.0 <= v < 1.0]
+            if bad or not levels:
+                raise ValueError(f"candidates[{stage}]: levels must be a non-empty list in [0, 1); got {bad or levels}")
+        return {stage: sorted(set(levels)) for stage, levels in sorted(candidates.items())}
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "AllocationConfig":
+        if self.candidates is not None and self.strategy != "knapsack":
+            raise ValueError("candidates (one knapsack across methods) need strategy: knapsack")
+        if (self.ratio is None) == (self.max_size is None):
+            raise ValueError("give exactly one budget: ratio (fraction removed) or max_size (e.g. '8GB')")
+        if self.max_size is not None:
+            parse_size(self.max_size)
+            if self.unit != "bytes" or self.strategy != "knapsack":
+                raise ValueError("max_size is a size in bytes: it needs strategy: knapsack and unit: bytes")
+        return self
+
+    def stage_levels(self) -> dict[int, list[float]]:
+        """Stage -> levels to profile: the candidates, or the one allocated stage's levels."""
+        if self.candidates is not None:
+            return dict(self.candidates)
+        return {self.stage: sorted(set(self.levels) | {0.0})}
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes of '8GB' (10^9), '7.5GiB' (2^30), '500MB' or a plain number of bytes."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(size))
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise ValueError(f"size {size!r} not understood; write e.g. 8GB, 7.5GiB, 500MB or a number of bytes")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
 
 @dataclass
 class LayerChoice:
@@ -72,6 +134,8 @@ class LayerChoice:
     dense_bytes: int
     rel_error: float
     rel_weighted_error: float | None
+    stage: int | None = None  # the stage (method) chosen; None: left dense
+    method: str | None = None
 
 
 @dataclass
@@ -79,7 +143,7 @@ class AllocationPlan:
     strategy: str
     stage: int
     unit: str
-    ratio: float
+    ratio: float | None
     budget: int  # allowed total size of the stage's targets, in `unit`
     dense_total: int
     chosen_total: int
@@ -87,28 +151,44 @@ class AllocationPlan:
     cost: str  # the AllocationConfig.cost that priced the options
     seconds: float
     layers: list[LayerChoice] = field(default_factory=list)
+    stages: list[int] = field(default_factory=list)  # the candidate stages (one with a single allocated stage)
 
-    def layer_configs(self, stage: StageConfig, level_field: str) -> dict[int, dict[str, StageConfig | None]]:
-        """Per-layer configs for a pipeline's `layer_configs`; level 0 leaves a layer dense."""
-        configs: dict[str, StageConfig | None] = {}
+    def layer_configs(self, stages: list[StageConfig], level_fields: list[str | None]) -> dict[int, dict[str, StageConfig | None]]:
+        """Per-layer configs for a pipeline's `layer_configs`: each layer's chosen stage gets its
+        level; every other candidate stage leaves the layer alone (None); dense: None everywhere."""
+        configs: dict[int, dict[str, StageConfig | None]] = {stage: {} for stage in self.stages}
         for choice in self.layers:
-            configs[choice.name] = None if choice.level == 0 else stage.model_copy(update={level_field: choice.level})
-        return {self.stage: configs}
+            for stage in self.stages:
+                chosen = choice.stage == stage
+                configs[stage][choice.name] = (
+                    stages[stage].model_copy(update={level_fields[stage]: choice.level}) if chosen else None
+                )
+        return configs
+
+    def left_dense(self) -> list[LayerChoice]:
+        return [c for c in self.layers if c.stage is None]
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def _dense_result(weight: torch.Tensor, bias: torch.Tensor | None) -> LevelResult:
+    """The option of leaving the layer dense (stage None, level 0), at its bytes as served."""
     values = weight.numel() + (bias.numel() if bias is not None else 0)
     nbytes = tensor_bytes(weight) + (tensor_bytes(bias) if bias is not None else 0)
     return LevelResult(0.0, values, nbytes, 0.0, 0.0)
 
 
 def profile_block(
-    pipeline: DenseStatsPipeline, stage_index: int, index: int, stats: dict[str, LayerStats], levels: list[float]
+    pipeline: DenseStatsPipeline,
+    stage_index: int,
+    index: int,
+    stats: dict[str, LayerStats],
+    levels: list[float],
+    level_zero_is_dense: bool = True,
 ) -> dict[str, list[LevelResult]]:
-    """Size and error of each of this block's target layers at every level (level 0: dense)."""
+    """Size and error of each of this block's target layers at every level. Level 0 is the dense
+    layer (`level_zero_is_dense`, one allocated stage) or the method's own level 0 (candidates)."""
     stage = pipeline.stages[stage_index]
     compressor = pipeline.compressors[stage_index]
     if compressor.level_field is None:
@@ -119,10 +199,11 @@ def profile_block(
         weight = linear.weight.data
         bias = linear.bias.data if linear.bias is not None else None
         layer_stats = stats.get(name, LayerStats())
-        compressed_levels = [lv for lv in levels if lv > 0]
+        compressed_levels = [lv for lv in levels if lv > 0 or not level_zero_is_dense]
         with flush_denormals():
             results = compressor.profile(weight, bias, layer_stats, stage, compressed_levels) if compressed_levels else []
-        results = ([_dense_result(weight, bias)] if 0.0 in levels else []) + results
+        results = [replace(r, stage=stage_index) for r in results]
+        results = ([_dense_result(weight, bias)] if 0.0 in levels and level_zero_is_dense else []) + results
         energy = layer_stats.get("fisher_energy")
         if energy is not None:
             results = [replace(r, sensitivity=float(energy)) for r in results]
@@ -133,24 +214,37 @@ def profile_block(
 def profile_layers(
     pipeline: DenseStatsPipeline,
     input_ids: torch.Tensor,
-    stage_index: int,
-    levels: list[float],
+    stage_index: int | dict[int, list[float]],
+    levels: list[float] | None = None,
     fisher: FisherSums | None = None,
     keep_stats: dict[str, LayerStats] | None = None,
 ) -> dict[str, list[LevelResult]]:
-    """Profile every target layer of a stage on the dense model (one calibration pass).
+    """Profile every target layer on the dense model (one calibration pass for all stages).
 
-    `fisher`: Fisher sums already collected (else collected here if the pipeline's `fisher_for`
-    asks); `keep_stats`: a dict to also receive the collected statistics, for reuse.
+    `stage_index` with `levels`: one allocated stage (level 0 = dense). A {stage: levels} dict:
+    candidate stages, each layer's options from all of them plus the dense layer. `fisher`:
+    Fisher sums already collected (else collected here if the pipeline's `fisher_for` asks);
+    `keep_stats`: a dict to also receive the collected statistics, for reuse.
     """
+    candidates = isinstance(stage_index, dict)
+    stage_levels = stage_index if candidates else {stage_index: levels}
     profiles: dict[str, list[LevelResult]] = {}
 
     def on_block(index: int, stats: dict[str, LayerStats]) -> None:
         if keep_stats is not None:
             keep_stats.update(stats)
-        profiles.update(profile_block(pipeline, stage_index, index, stats, levels))
+        block = pipeline.blocks[index]
+        for stage, stage_levels_ in stage_levels.items():
+            for name, results in profile_block(pipeline, stage, index, stats, stage_levels_, not candidates).items():
+                if name not in profiles and candidates:
+                    linear = pipeline.dense_targets(block, index, [stage])[name]
+                    profiles[name] = [_dense_result(linear.weight.data, linear.bias.data if linear.bias is not None else None)]
+                    energy = stats.get(name, LayerStats()).get("fisher_energy")
+                    if energy is not None:
+                        profiles[name] = [replace(profiles[name][0], sensitivity=float(energy))]
+                profiles.setdefault(name, []).extend(results)
 
-    pipeline.collect(input_ids, on_block, stage_indices=[stage_index], fisher=fisher)
+    pipeline.collect(input_ids, on_block, stage_indices=list(stage_levels), fisher=fisher)
     return profiles
 
 
@@ -171,16 +265,32 @@ def _cost(result: LevelResult, kind: str) -> float:
     return error**2 if kind.endswith("_sq") else error
 
 
-def solve_allocation(profiles: dict[str, list[LevelResult]], config: AllocationConfig, seconds: float = 0.0) -> AllocationPlan:
-    """Pick one level per layer: minimum summed cost with total size <= (1 - ratio) × dense size."""
+def solve_allocation(
+    profiles: dict[str, list[LevelResult]],
+    config: AllocationConfig,
+    seconds: float = 0.0,
+    methods: dict[int, str] | None = None,
+    fixed_bytes: int = 0,
+) -> AllocationPlan:
+    """Pick one option per layer: minimum summed cost with total size <= (1 - ratio) × dense size,
+    or <= max_size − `fixed_bytes` (the model's bytes outside the targets, as served).
+    `methods`: stage index -> method name, recorded in the plan."""
     names = list(profiles)
     if not names:
         raise LlmpressError("allocation: the stage targets no layer")
     size_of = (lambda r: r.values) if config.unit == "params" else (lambda r: r.bytes)
     dense = {n: _dense_entry(profiles[n]) for n in names}
     dense_total = sum(size_of(dense[n]) for n in names)
-    budget = int((1.0 - config.ratio) * dense_total)
-    options = [[Option(f"{r.level:g}", _cost(r, config.cost), size_of(r)) for r in profiles[n]] for n in names]
+    if config.max_size is not None:
+        budget = parse_size(config.max_size) - fixed_bytes
+        if budget <= 0:
+            raise LlmpressError(
+                f"max_size {config.max_size} is not even the {fixed_bytes:,} bytes of what no method compresses "
+                "(embeddings, head, norms): give a larger size"
+            )
+    else:
+        budget = int((1.0 - config.ratio) * dense_total)
+    options = [[Option(_label(r), _cost(r, config.cost), size_of(r)) for r in profiles[n]] for n in names]
     if config.solver == "dp":
         choice = solve_dp(options, budget, config.resolution)
     else:
@@ -191,16 +301,38 @@ def solve_allocation(profiles: dict[str, list[LevelResult]], config: AllocationC
     layers = []
     for n, i in zip(names, choice):
         r = profiles[n][i]
-        layers.append(LayerChoice(n, r.level, r.values, r.bytes, dense[n].values, dense[n].bytes, r.rel_error, r.rel_weighted_error))
-    return AllocationPlan("knapsack", config.stage, config.unit, config.ratio, budget, dense_total, size, cost, config.cost, seconds, layers)
+        stage = None if _is_dense(r) else (r.stage if r.stage is not None else config.stage)
+        method = methods.get(stage) if methods and stage is not None else None
+        layers.append(
+            LayerChoice(n, r.level, r.values, r.bytes, dense[n].values, dense[n].bytes, r.rel_error, r.rel_weighted_error, stage, method)
+        )
+    stages = list(config.stage_levels())
+    return AllocationPlan(
+        "knapsack", stages[0], config.unit, config.ratio, budget, dense_total, size, cost, config.cost, seconds, layers, stages
+    )
+
+
+def _is_dense(result: LevelResult) -> bool:
+    return result.stage is None and result.level == 0.0
+
+
+def _label(result: LevelResult) -> str:
+    return "dense" if _is_dense(result) else f"{result.stage}:{result.level:g}"
 
 
 def _dense_entry(results: list[LevelResult]) -> LevelResult:
-    """The level-0 profile entry: the layer left dense, which defines the budget."""
+    """The dense option of a layer (stage None, level 0), which defines the budget."""
     for result in results:
-        if result.level == 0.0:
+        if _is_dense(result):
             return result
-    raise LlmpressError("allocation profiles must include level 0 (the dense layer) to define the budget")
+    raise LlmpressError("allocation profiles must include the dense layer (level 0) to define the budget")
+
+
+def fixed_bytes(model: torch.nn.Module, profiles: dict[str, list[LevelResult]]) -> int:
+    """The model's bytes as served outside the profiled targets: what any plan keeps as it is."""
+    from .report import model_size
+
+    return model_size(model)["bytes"] - sum(_dense_entry(results).bytes for results in profiles.values())
 
 
 def plan_allocation(
@@ -211,16 +343,25 @@ def plan_allocation(
     `profiler` is a dense-statistics pipeline over the recipe's stages (with `fisher_for` holding
     the allocated stage when the cost is `fisher`); `fisher`: sums already collected.
     """
-    if config.stage >= len(profiler.stages):
-        raise LlmpressError(f"allocation.stage {config.stage} but the recipe has {len(profiler.stages)} stages")
+    stage_levels = config.stage_levels()
+    for stage in stage_levels:
+        if stage >= len(profiler.stages):
+            raise LlmpressError(f"allocation names stage {stage} but the recipe has {len(profiler.stages)} stages")
     if input_ids is None:
         raise LlmpressError("knapsack allocation measures layer errors on calibration data: set calibration.num_samples >= 1")
     start = time.perf_counter()
-    levels = sorted(set(config.levels) | {0.0})
-    profiles = profile_layers(profiler, input_ids, config.stage, levels, fisher)
-    plan = solve_allocation(profiles, config, seconds=time.perf_counter() - start)
+    if config.candidates is not None:
+        profiles = profile_layers(profiler, input_ids, stage_levels, fisher=fisher)
+    else:
+        profiles = profile_layers(profiler, input_ids, config.stage, stage_levels[config.stage], fisher)
+    methods = {i: stage.method for i, stage in enumerate(profiler.stages)}
+    fixed = fixed_bytes(profiler.model, profiles) if config.max_size is not None else 0
+    plan = solve_allocation(profiles, config, seconds=time.perf_counter() - start, methods=methods, fixed_bytes=fixed)
     for choice in plan.layers:
-        logger.info("allocation %-40s level %.2f  size %d/%d", choice.name, choice.level, choice.values, choice.dense_values)
+        logger.info(
+            "allocation %-40s %-12s level %.2f  size %d/%d",
+            choice.name, choice.method or "dense", choice.level, choice.values, choice.dense_values,
+        )  # fmt: skip
     logger.info(
         "allocation: %s %d of %d allowed (dense %d), total cost %.4f, %.1f s",
         config.unit,

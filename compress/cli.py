@@ -23,6 +23,8 @@ def _add_compress(sub) -> None:
     p.add_argument("model", help="hub id, local HF directory, or .gguf file")
     p.add_argument("--recipe", help="recipe YAML (see recipes/); default: W4, INT4 groups of 16 with GPTQ-style "
                    "error feedback (recipes/w4-g16.yaml)")
+    p.add_argument("--max-size", metavar="SIZE", help="compress to this whole-model size as served (e.g. 8GB, 250MB, "
+                   "7.5GiB): one knapsack across methods, the auto recipe unless --recipe has a knapsack allocation")
     p.add_argument("--dataset", help="calibration data: .txt/.jsonl/.parquet file or HF dataset id (default: built-in)")
     p.add_argument("--num-samples", type=int, help="calibration windows (overrides the recipe)")
     p.add_argument("--seq-len", type=int, help="tokens per calibration window (overrides the recipe)")
@@ -89,6 +91,7 @@ METHODS = ("cospadi", "eora", "fwsvd", "gqsa", "magnitude", "mfac", "rocket", "s
 EXAMPLES = """examples:
   llmpress fetch-demo models
   llmpress compress models/SmolLM2-135M-Instruct.Q4_1.gguf --output-dir out/w4        # default recipe: W4
+  llmpress compress models/SmolLM2-135M-Instruct.Q4_1.gguf --max-size 120MB --output-dir out/120mb
   llmpress compress HuggingFaceTB/SmolLM2-135M --recipe recipes/sparsegpt-50.yaml --set stages.0.pattern=2:4
   llmpress eval out/w4 --ppl test.txt --max-windows 8 --baseline models/SmolLM2-135M-Instruct.Q4_1.gguf
   llmpress inspect out/w4
@@ -155,10 +158,13 @@ def cmd_compress(args) -> int:
     from .api import compress_model
     from .checkpoint import save_compressed
     from .model_loading import check_device, load_model, load_tokenizer, resolve_dtype
-    from .recipe import DEFAULT_RECIPE, load_recipe, with_calibration
+    from .recipe import DEFAULT_RECIPE, auto_recipe, load_recipe, with_calibration, with_max_size
     from .report import high_error_layers, model_size, report_markdown
 
-    recipe = load_recipe(args.recipe if args.recipe else DEFAULT_RECIPE, args.overrides)
+    if args.max_size:
+        recipe = with_max_size(load_recipe(args.recipe if args.recipe else auto_recipe(0.5), args.overrides), args.max_size)
+    else:
+        recipe = load_recipe(args.recipe if args.recipe else DEFAULT_RECIPE, args.overrides)
     recipe = with_calibration(recipe, num_samples=args.num_samples, seq_len=args.seq_len, dataset=args.dataset)
     if recipe.calibration.dataset is not None:
         local_dataset_path(recipe.calibration.dataset)  # a missing calibration file named by the recipe

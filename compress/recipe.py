@@ -121,6 +121,8 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _allocated_stage_exists(self):
+        if self.allocation is not None and self.allocation.candidates is not None:
+            return self  # checked with the candidates' placeholder levels (_candidate_levels)
         if self.allocation is not None:
             if self.allocation.stage >= len(self.stages):
                 raise ValueError(f"allocation.stage is {self.allocation.stage} but the recipe has {len(self.stages)} stages")
@@ -170,8 +172,16 @@ def _stage_level_from_allocation(data: dict, errors: list[str]) -> None:
     """The allocated stage's level (e.g. `ratio`) comes from `allocation.ratio`: fill it in, or
     report a conflicting value (a stage ratio that the allocation would silently override)."""
     allocation, stages = data.get("allocation"), data.get("stages")
-    if not isinstance(allocation, dict) or not isinstance(stages, list) or "ratio" not in allocation:
+    if not isinstance(allocation, dict) or not isinstance(stages, list):
         return
+    if isinstance(allocation.get("candidates"), dict):
+        _candidate_levels(allocation["candidates"], stages, errors)
+        return
+    if allocation.get("ratio") is None:
+        if allocation.get("max_size") is not None:  # the knapsack sets each layer's level: a placeholder for validation
+            allocation = {**allocation, "ratio": 0.5}
+        else:
+            return
     index = allocation.get("stage", 0)
     if not isinstance(index, int) or not 0 <= index < len(stages) or not isinstance(stages[index], dict):
         return
@@ -180,11 +190,35 @@ def _stage_level_from_allocation(data: dict, errors: list[str]) -> None:
         return
     stage = stages[index] = dict(stages[index])
     given = stage.setdefault(method.level_field, allocation["ratio"])
-    if given != allocation["ratio"]:
+    if given != allocation["ratio"] and allocation.get("max_size") is None:
         errors.append(
             f"  stages.{index}.{method.level_field}: {given} conflicts with allocation.ratio {allocation['ratio']}; "
             "the allocation sets each layer's level, drop one of them"
         )
+
+
+def _candidate_levels(candidates: dict, stages: list, errors: list[str]) -> None:
+    """Candidate stages of a knapsack across methods get a placeholder level (their first
+    candidate; the knapsack sets each layer's); a level written in the stage would be ignored."""
+    for index, levels in candidates.items():
+        index = int(index) if isinstance(index, str) and index.isdigit() else index  # JSON keys are strings
+        if not isinstance(index, int) or not 0 <= index < len(stages) or not isinstance(stages[index], dict):
+            errors.append(f"  allocation.candidates: {index!r} is not a stage index (the recipe has {len(stages)} stages)")
+            continue
+        method = COMPRESSORS.get(stages[index].get("method"))
+        if method is None or not isinstance(levels, list) or not levels:
+            continue
+        if method.level_field is None:
+            levelled = sorted(m for m, c in COMPRESSORS.items() if c.level_field)
+            errors.append(f"  allocation.candidates.{index}: method {method.method!r} has no level to allocate; methods that do: {levelled}")
+            continue
+        placeholder = next((v for v in levels if isinstance(v, (int, float)) and v > 0), levels[0])
+        if stages[index].get(method.level_field, placeholder) != placeholder:  # (a dumped recipe has the placeholder)
+            errors.append(
+                f"  stages.{index}.{method.level_field}: set by the allocation per layer (allocation.candidates.{index}); drop it"
+            )
+            continue
+        stages[index] = {**stages[index], method.level_field: placeholder}
 
 
 def with_calibration(recipe: Recipe, **changes: Any) -> Recipe:
@@ -284,3 +318,42 @@ def load_recipe(path: str | Path | dict | Recipe, overrides: list[str] | None = 
     except yaml.YAMLError as exc:
         raise LlmpressError(f"recipe {path} is not valid YAML: {exc}") from None
     return parse_recipe(data, str(path), overrides)
+
+
+def auto_recipe(ratio: float | None = None, max_size: str | int | None = None) -> dict[str, Any]:
+    """The recommended recipe for a size: one knapsack across W4 (groups of 16 or 32, with 0–75%
+    of the groups removed) and whitened SVD, priced by the Fisher cost, in bytes as served
+    (bf16). recipes/auto-*.yaml are this at 30, 50, 70 and 80% removed; `--max-size` uses it."""
+    budget = {"ratio": ratio} if max_size is None else {"max_size": max_size}
+    return {
+        "name": f"auto-{round(100 * ratio)}" if max_size is None else f"auto-{max_size}",
+        "description": "The best model for a size: every decoder Linear gets W4 (g16; g32 with 0/25/50/75% of its "
+        "groups removed), whitened SVD at a rank, or stays dense, chosen by one knapsack over bf16 bytes as served "
+        "that minimizes the summed Fisher-weighted error (eval/results/budget).",
+        "serve_dtype": "bfloat16",
+        "calibration": {"num_samples": 32, "seq_len": 512, "seed": 0},
+        "stages": [
+            {"method": "gqsa", "group_size": 16, "targets": ["Linear"], "ignore": ["lm_head"]},
+            {"method": "gqsa", "group_size": 32, "targets": ["Linear"], "ignore": ["lm_head"]},
+            {"method": "whitened_svd", "targets": ["Linear"], "ignore": ["lm_head"]},
+        ],
+        "allocation": {
+            "strategy": "knapsack",
+            "unit": "bytes",
+            **budget,
+            "cost": "fisher",
+            "candidates": {0: [0.0], 1: [0.0, 0.25, 0.5, 0.75], 2: [round(0.1 * i, 1) for i in range(1, 10)]},
+        },
+    }
+
+
+def with_max_size(recipe: Recipe, size: str) -> Recipe:
+    """`recipe` with its knapsack's budget replaced by a whole-model size as served (`--max-size`)."""
+    if recipe.allocation is None or recipe.allocation.strategy != "knapsack":
+        raise LlmpressError(
+            f"--max-size needs a recipe with a knapsack allocation, and {recipe.name!r} has none: leave --recipe out "
+            "(the auto recipe: W4 and whitened SVD across layers) or add allocation: {strategy: knapsack, unit: bytes}"
+        )
+    data = recipe.model_dump(mode="json")
+    data["allocation"].update({"ratio": None, "max_size": size, "unit": "bytes"})
+    return parse_recipe(data, f"<{recipe.name} with --max-size {size}>")

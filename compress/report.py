@@ -141,14 +141,20 @@ def report_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def allocation_grid(allocation: dict[str, Any]) -> tuple[dict[int, dict[str, float]], list[str]]:
-    """({block index: {layer within block: level}}, layer columns in order) of a knapsack plan."""
-    grid: dict[int, dict[str, float]] = {}
+def allocation_grid(allocation: dict[str, Any], field: str = "level") -> tuple[dict[int, dict[str, Any]], list[str]]:
+    """({block index: {layer within block: the choice's `field`}}, layer columns in order) of a
+    knapsack plan; `field` "method" gives the chosen method (None: left dense)."""
+    grid: dict[int, dict[str, Any]] = {}
     for layer in allocation["layers"]:
         parts = layer["name"].split(".")
         at = next((i for i, part in enumerate(parts) if part.isdigit()), len(parts) - 1)  # the block index
-        grid.setdefault(int(parts[at]) if parts[at].isdigit() else -1, {})[".".join(parts[at + 1 :])] = layer["level"]
+        grid.setdefault(int(parts[at]) if parts[at].isdigit() else -1, {})[".".join(parts[at + 1 :])] = layer.get(field)
     return grid, list(dict.fromkeys(c for row in grid.values() for c in row))
+
+
+def across_methods(allocation: dict[str, Any]) -> bool:
+    """Whether a plan chose among several methods (allocation.candidates)."""
+    return len(allocation.get("stages") or []) > 1
 
 
 def _allocation_lines(allocation: dict[str, Any] | None) -> list[str]:
@@ -157,17 +163,31 @@ def _allocation_lines(allocation: dict[str, Any] | None) -> list[str]:
         return []
     if allocation["strategy"] == "uniform":
         return [f"Allocation: uniform, ratio {allocation['ratio']} for every layer of stage {allocation['stage']}.", ""]
+    budget = f"ratio {allocation['ratio']}" if allocation.get("ratio") is not None else f"max size {allocation.get('max_size')}"
+    methods = across_methods(allocation)
     lines = [
-        f"Allocation: knapsack over {len(allocation['layers'])} layers, {allocation['unit']} "
-        f"{allocation['chosen_total']:,} of {allocation['budget']:,} allowed (dense {allocation['dense_total']:,}; "
-        f"ratio {allocation['ratio']}), total cost {allocation['total_cost']:.4f}"
-        f"{' (' + allocation['cost'] + ')' if allocation.get('cost') else ''}, profiled in {allocation['seconds']:.1f} s.",
+        f"Allocation: knapsack over {len(allocation['layers'])} layers"
+        + (f" and {len(allocation['stages'])} methods" if methods else "")
+        + f", {allocation['unit']} {allocation['chosen_total']:,} of {allocation['budget']:,} allowed (dense "
+        f"{allocation['dense_total']:,}; {budget}), total cost {allocation['total_cost']:.4f}"
+        f"{' (' + allocation['cost'] + ')' if allocation.get('cost') else ''}, profiled in {allocation['seconds']:.1f} s."
+        + (" Cells: the chosen method and its level." if methods else " Cells: the chosen level (0 = dense)."),
         "",
     ]
     grid, columns = allocation_grid(allocation)
+    chosen, _ = allocation_grid(allocation, "method")
+
+    def cell(block: int, column: str) -> str:
+        if column not in grid[block]:
+            return ""
+        if not methods:
+            return f"{grid[block][column]:.2f}"
+        method = chosen[block][column]
+        return f"{method} {grid[block][column]:g}" if method else "dense"
+
     lines += ["| block | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    for block, row in grid.items():
-        lines.append(f"| {block} | " + " | ".join(f"{row[c]:.2f}" if c in row else "" for c in columns) + " |")
+    for block in grid:
+        lines.append(f"| {block} | " + " | ".join(cell(block, c) for c in columns) + " |")
     return lines + [""]
 
 

@@ -3,8 +3,8 @@
 `CompressionRunner(model, recipe).run(input_ids)`:
 1. statistics: the Fisher sums every stage (or the knapsack's `fisher` cost) needs, from one
    backward pass over the dense model, shared by profiling and compression;
-2. plan: with `allocation: knapsack`, profile the allocated stage on the dense model and solve
-   for one level per layer (compress/budget.py);
+2. plan: with `allocation: knapsack`, profile the allocated stage (or the candidate stages, one
+   knapsack across methods) on the dense model and solve for one option per layer (compress/budget.py);
 3. compress: gradient stages (M-FAC) during one backward walk, then the forward stages in the
    pipeline the recipe's statistics mode calls for (compress/pipelines/). MoE experts are
    per-expert Linears meanwhile; stacks nothing compressed are fused back at the end.
@@ -41,7 +41,7 @@ class RunResult:
 
     def left_dense(self) -> list[tuple[int, int]]:
         """(values, bytes) of the targets the allocator kept dense (they count in the budget)."""
-        return [(c.dense_values, c.dense_bytes) for c in self.plan.layers if c.level == 0] if self.plan else []
+        return [(c.dense_values, c.dense_bytes) for c in self.plan.left_dense()] if self.plan else []
 
     def allocation_summary(self, recipe: Recipe) -> dict[str, Any] | None:
         """The report's `allocation` section: the plan (knapsack) or the uniform level."""
@@ -76,7 +76,7 @@ class CompressionRunner:
             weighted_errors=recipe.calibration.weighted_errors,
             moe_calibration=recipe.calibration.moe,
             max_statistics_gib=recipe.calibration.max_statistics_gib,
-            fisher_for=frozenset({self.knapsack.stage}) if self.knapsack and self.knapsack.cost == "fisher" else frozenset(),
+            fisher_for=frozenset(self.knapsack.stage_levels()) if self.knapsack and self.knapsack.cost == "fisher" else frozenset(),
         )
         # checks the targets now, before any data is loaded
         self.pipeline = build_pipeline(model, recipe.stages, recipe.calibration.statistics, **self.options)
@@ -104,7 +104,7 @@ class CompressionRunner:
         if self.knapsack is None:
             return None
         if profiles is not None:
-            return solve_allocation(profiles, self.knapsack)
+            return solve_allocation(profiles, self.knapsack, methods={i: s.method for i, s in enumerate(self.recipe.stages)})
         return plan_allocation(self.profiler(), input_ids, self.knapsack, fisher)
 
     def run(
@@ -132,7 +132,7 @@ class CompressionRunner:
         plan = self.plan(input_ids, fisher, profiles)
         pipeline = self.pipeline
         if plan is not None:
-            layer_configs = plan.layer_configs(self.recipe.stages[plan.stage], pipeline.compressors[plan.stage].level_field)
+            layer_configs = plan.layer_configs(self.recipe.stages, [c.level_field for c in pipeline.compressors])
             pipeline = build_pipeline(self.model, self.recipe.stages, self.recipe.calibration.statistics, layer_configs=layer_configs, **self.options)
         records: list[LayerRecord] = []
         for stage_index in self.gradient_stages:

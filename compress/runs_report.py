@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import LlmpressError
-from .report import allocation_grid
+from .report import across_methods, allocation_grid
 
 ACC_METRICS = ("acc_norm", "acc")  # preferred accuracy metric per task, first found
 
@@ -140,13 +140,28 @@ def _plots(runs: Sequence[dict[str, Any]], out: Path) -> list[Path]:
             continue
         grid, columns = allocation_grid(allocation)
         blocks = sorted(grid)
-        data = [[grid[b].get(c, float("nan")) for c in columns] for b in blocks]
         fig, ax = plt.subplots(figsize=(1.2 * len(columns) + 2, 0.25 * len(blocks) + 1.5))
-        image = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        if across_methods(allocation):  # colour: the chosen method; text: its level
+            chosen, _ = allocation_grid(allocation, "method")
+            names = ["dense"] + sorted({m for row in chosen.values() for m in row.values() if m})
+            data = [[names.index(chosen[b].get(c) or "dense") if c in chosen[b] else float("nan") for c in columns] for b in blocks]
+            image = ax.imshow(data, aspect="auto", cmap="tab10", vmin=-0.5, vmax=9.5)
+            for y, b in enumerate(blocks):
+                for x, c in enumerate(columns):
+                    if chosen[b].get(c):
+                        ax.text(x, y, f"{grid[b][c]:g}", ha="center", va="center", fontsize=5, color="white")
+            bar = fig.colorbar(image, ax=ax, ticks=range(len(names)))
+            bar.ax.set_yticklabels(names, fontsize=7)
+            bar.ax.set_ylim(-0.5, len(names) - 0.5)
+            title = f"{r['name']}: method (colour) and level per layer"
+        else:
+            data = [[grid[b].get(c, float("nan")) for c in columns] for b in blocks]
+            image = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+            fig.colorbar(image, ax=ax)
+            title = f"{r['name']}: fraction removed per layer"
         ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(len(blocks)), blocks, fontsize=7)
-        ax.set(ylabel="block", title=f"{r['name']}: fraction removed per layer")
-        fig.colorbar(image, ax=ax)
+        ax.set(ylabel="block", title=title)
         fig.tight_layout()
         path = out / f"allocation_{r['name']}.png"
         fig.savefig(path, dpi=120)

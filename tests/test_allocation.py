@@ -1,6 +1,9 @@
 import random
 
 import pytest
+import torch
+
+import compress.report
 
 from compress.allocation import Option, pareto_indices, solve_brute_force, solve_dp, solve_lagrangian, total
 from compress.errors import LlmpressError
@@ -52,3 +55,83 @@ def test_infeasible_budget_is_a_clear_error():
     for solver in (solve_dp, solve_lagrangian):
         with pytest.raises(LlmpressError, match="infeasible budget.*totals 30"):
             solver(options, 29)
+
+
+def _across_methods_recipe(**allocation):
+    return {
+        "calibration": {"num_samples": 4, "seq_len": 32},
+        "stages": [{"method": "gqsa", "group_size": 16}, {"method": "whitened_svd"}, {"method": "magnitude"}],
+        "allocation": {"strategy": "knapsack", "unit": "bytes", "cost": "fisher",
+                       "candidates": {0: [0.0, 0.5], 1: [0.2, 0.4, 0.6, 0.8], 2: [0.5]}, **allocation},
+    }  # fmt: skip
+
+
+def test_one_knapsack_across_methods_applies_each_layers_choice(tokenizer, calib_text):
+    """Each layer gets one (method, level) of the candidates or stays dense; the compressed model
+    has exactly those modules, the sizes (bf16 as served) respect the budget, and no option larger
+    than the dense layer is ever chosen."""
+    from compress.api import compress_model
+    from compress.modules import GQSALinear, LowRankLinear, SparseLinear
+    from conftest import tiny_model
+
+    model, report = compress_model(
+        tiny_model("llama"), _across_methods_recipe(ratio=0.75), dataset=str(calib_text), tokenizer=tokenizer, progress=False
+    )
+    plan = report["allocation"]
+    assert plan["stages"] == [0, 1, 2] and plan["chosen_total"] <= plan["budget"]
+    assert plan["budget"] == int(0.25 * plan["dense_total"])
+    kinds = {"gqsa": GQSALinear, "whitened_svd": LowRankLinear, "magnitude": SparseLinear}
+    for choice in plan["layers"]:
+        module = model.get_submodule(choice["name"])
+        if choice["method"] is None:
+            assert type(module) is torch.nn.Linear
+        else:
+            assert isinstance(module, kinds[choice["method"]]) and choice["bytes"] < choice["dense_bytes"]
+    records = {r["name"]: r for r in report["layers"]}
+    assert {c["name"] for c in plan["layers"] if c["method"]} == set(records)
+    for choice in plan["layers"]:
+        if choice["method"]:
+            assert records[choice["name"]]["method"] == choice["method"] and records[choice["name"]]["bytes_after"] == choice["bytes"]
+    assert "and 3 methods" in compress.report.report_markdown(report)
+
+
+def test_max_size_is_a_whole_model_budget(tokenizer, calib_text):
+    from compress.api import compress_model
+    from compress.metrics import serving_dtype
+    from compress.report import model_size
+    from conftest import tiny_model
+
+    with serving_dtype(torch.bfloat16):
+        dense = model_size(tiny_model("llama"))["bytes"]
+    limit = int(0.5 * dense)
+    model, report = compress_model(
+        tiny_model("llama"), _across_methods_recipe(max_size=limit), dataset=str(calib_text), tokenizer=tokenizer, progress=False
+    )
+    assert report["model_size"]["compressed"]["bytes"] <= limit
+    assert report["model_size"]["dense"]["bytes"] == dense
+    with pytest.raises(LlmpressError, match="not even the"):
+        compress_model(tiny_model("llama"), _across_methods_recipe(max_size=1000), dataset=str(calib_text), tokenizer=tokenizer, progress=False)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"stages": [{"method": "gqsa", "ratio": 0.25}, {"method": "whitened_svd"}, {"method": "magnitude"}]}, "set by the allocation"),
+        ({"allocation": {"strategy": "knapsack", "unit": "bytes", "ratio": 0.5, "candidates": {5: [0.1]}}}, "not a stage index"),
+        ({"allocation": {"strategy": "uniform", "ratio": 0.5, "candidates": {0: [0.0]}}}, "need strategy: knapsack"),
+        ({"allocation": {"strategy": "knapsack", "unit": "params", "max_size": "1GB", "candidates": {0: [0.0]}}}, "unit: bytes"),
+        ({"allocation": {"strategy": "knapsack", "unit": "bytes", "max_size": "8 parsecs", "candidates": {0: [0.0]}}}, "not understood"),
+        ({"allocation": {"strategy": "knapsack", "unit": "bytes", "ratio": 0.5, "max_size": "1GB", "candidates": {0: [0.0]}}}, "exactly one budget"),
+    ],
+)
+def test_bad_cross_method_allocations_are_clear_errors(change, message):
+    from compress.recipe import load_recipe
+
+    with pytest.raises(LlmpressError, match=message):
+        load_recipe({**_across_methods_recipe(ratio=0.5), **change})
+
+
+def test_parse_size():
+    from compress.budget import parse_size
+
+    assert parse_size("8GB") == 8 * 10**9 and parse_size("1.5GiB") == int(1.5 * 2**30) and parse_size(42) == 42

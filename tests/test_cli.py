@@ -325,3 +325,20 @@ def test_targeting_experts_of_a_dense_model_exits_2(tiny_model_dir, tmp_path, ca
     recipe = "stages:\n  - method: magnitude\n    ratio: 0.5\n    targets: [experts]\n"
     _fails(["compress", str(tiny_model_dir), "--recipe", _recipe(tmp_path, recipe), "--output-dir", str(tmp_path / "o")],
            capsys, "has no mixture-of-experts layers")  # fmt: skip
+
+
+def test_max_size_compresses_to_a_size_across_methods(tiny_model_dir, tmp_path, calib_text, capsys):
+    from compress.metrics import serving_dtype
+    from compress.report import model_size
+
+    with serving_dtype(torch.bfloat16):
+        dense = model_size(AutoModelForCausalLM.from_pretrained(tiny_model_dir))["bytes"]
+    out = tmp_path / "sized"
+    limit = int(0.45 * dense)
+    assert main(["compress", str(tiny_model_dir), "--max-size", str(limit), "--dataset", str(calib_text),
+                 "--num-samples", "4", "--seq-len", "32", "--output-dir", str(out), "--quiet"]) == 0  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert report["model_size"]["compressed"]["bytes"] <= limit and report["allocation"]["stages"] == [0, 1, 2]
+    assert "as served in bfloat16" in capsys.readouterr().out
+    _fails(["compress", str(tiny_model_dir), "--max-size", "1MB", "--recipe", _recipe(tmp_path, GOOD),
+            "--output-dir", str(tmp_path / "x")], capsys, "needs a recipe with a knapsack allocation")  # fmt: skip

@@ -138,6 +138,8 @@ class LevelResult:
     # the layer's Fisher energy Σ F_ij·W_ij² when Fisher statistics were collected (same for every
     # level of a layer): scales the relative error into loss units for the knapsack's `fisher` cost
     sensitivity: float | None = None
+    # the recipe stage (method) this option compresses with; None with level 0: the layer left dense
+    stage: int | None = None
 
 
 COMPRESSORS: dict[str, type[Compressor]] = {}

@@ -276,7 +276,8 @@ class BlockPipeline:
         records = []
         for stage_index in stage_indices:
             layers = self.stage_layers(block, index, stage_index)
-            if not layers:
+            layers = {n: m for n, m in layers.items() if self.config_for(stage_index, n) is not None}
+            if not layers:  # nothing here for this stage (the allocator chose other stages or dense)
                 continue
             stage_stats = stats_for(stage_index, layers)
             for name, linear in layers.items():

@@ -1,0 +1,227 @@
+"""The best model for a size: perplexity against bytes removed (as served in bf16) for each
+method alone and for one knapsack across methods.
+
+    python -m compress.eval.bench_budget --model models/SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --calib ../shared/data/wikitext2/valid.txt --eval ../shared/data/wikitext2/test.txt \\
+        --out eval/results/budget
+
+One calibration pass on the dense model collects every statistic (Grams, Fisher sums) and every
+candidate's profile (size as served, error, Fisher cost at each level). Each row then solves the
+knapsack over a subset of the candidates at one budget (a fraction of the decoder Linears' bf16
+bytes removed) and compresses a fresh copy of the model from those dense statistics: a single
+method at its best levels per layer ("gqsa" = W4 at g16/g32 with 0–75% of groups removed), or
+every candidate at once. Rows already in OUT/results.json are skipped (an interrupted run resumes).
+Prints a table; writes results.json, results.md and ppl_vs_bytes.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress.budget import profile_layers
+from compress.compressors import COMPRESSORS
+from compress.data import calibration_windows
+from compress.metrics import serving_dtype
+from compress.model_loading import load_model, load_tokenizer
+from compress.pipelines import DenseStatsPipeline
+from compress.recipe import load_recipe
+from compress.report import model_size
+from compress.runner import CompressionRunner
+
+from .perplexity import perplexity
+
+# every candidate (stage config, levels) profiled once; rows pick subsets
+CANDIDATES: dict[str, tuple[dict[str, Any], list[float]]] = {
+    "w4-g16": ({"method": "gqsa", "group_size": 16}, [0.0]),
+    "gqsa-g32": ({"method": "gqsa", "group_size": 32}, [0.0, 0.25, 0.5, 0.75]),
+    "whitened_svd": ({"method": "whitened_svd"}, [round(0.1 * i, 1) for i in range(1, 10)]),
+    "sparsegpt": ({"method": "sparsegpt"}, [0.3, 0.5, 0.7]),
+}
+ROWS = {
+    "gqsa (W4, W4 + group sparsity)": ["w4-g16", "gqsa-g32"],
+    "whitened_svd": ["whitened_svd"],
+    "sparsegpt": ["sparsegpt"],
+    "knapsack across methods": list(CANDIDATES),
+}
+BUDGETS = [0.3, 0.5, 0.7, 0.8]
+
+
+def recipe_for(keys: list[str], budget: float, calib: dict[str, Any]) -> dict[str, Any]:
+    stages = [dict(CANDIDATES[k][0]) for k in keys]
+    candidates = {i: CANDIDATES[k][1] for i, k in enumerate(keys)}
+    return {
+        "name": "budget",
+        "serve_dtype": "bfloat16",
+        "calibration": {**calib, "statistics": "dense"},
+        "stages": stages,
+        "allocation": {"strategy": "knapsack", "unit": "bytes", "ratio": budget, "cost": "fisher", "candidates": candidates},
+    }
+
+
+def profile_all(model, input_ids, calib: dict[str, Any]):
+    """(statistics by layer, profiles by candidate key and layer, seconds per phase)."""
+    keys = list(CANDIDATES)
+    recipe = load_recipe(recipe_for(keys, 0.5, calib))
+    pipeline = DenseStatsPipeline(model, list(recipe.stages), progress=True, fisher_for=frozenset(range(len(keys))))
+    start = time.perf_counter()
+    fisher = pipeline.collect_fisher(input_ids, list(range(len(keys))))
+    fisher_seconds = time.perf_counter() - start
+    stats: dict = {}
+    seconds: dict[str, float] = {}
+    profiles: dict[str, dict] = {}
+    with serving_dtype(torch.bfloat16):
+        for i, key in enumerate(keys):  # one profile pass per candidate, to time each
+            start = time.perf_counter()
+            found = profile_layers(pipeline, input_ids, {i: CANDIDATES[key][1]}, fisher=fisher, keep_stats=stats)
+            seconds[key] = time.perf_counter() - start
+            profiles[key] = found
+    return stats, profiles, {"fisher": fisher_seconds, **seconds}
+
+
+def row_profiles(profiles: dict[str, dict], keys: list[str]) -> dict[str, list]:
+    """The dense option plus each chosen candidate's options, stages renumbered for the row's recipe."""
+    merged: dict[str, list] = {}
+    for position, key in enumerate(keys):
+        for name, results in profiles[key].items():
+            if name not in merged:
+                merged[name] = [r for r in results if r.stage is None]  # the dense layer
+            merged[name] += [replace(r, stage=position) for r in results if r.stage is not None]
+    return merged
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--calib", required=True)
+    parser.add_argument("--eval", required=True)
+    parser.add_argument("--out", default="eval/results/budget")
+    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--budgets", type=float, nargs="*", default=BUDGETS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"rows": {}}
+
+    tokenizer = load_tokenizer(args.model)
+    pristine = load_model(args.model, dtype=torch.float32, device="cpu")
+    calib = {"num_samples": args.num_samples, "seq_len": args.seq_len}
+    input_ids = calibration_windows(tokenizer, args.calib, args.num_samples, args.seq_len, 0)
+    if "dense" not in results["rows"]:
+        ppl = perplexity(pristine, tokenizer, args.eval, seq_len=2048, max_windows=args.eval_windows, progress=False)
+        with serving_dtype(torch.bfloat16):
+            size = model_size(pristine)["bytes"]
+        results["rows"]["dense"] = {"perplexity": ppl.perplexity, "model_bytes": size}
+        results_path.write_text(json.dumps(results, indent=2))
+    work = copy.deepcopy(pristine)
+    stats, profiles, seconds = profile_all(work, input_ids, calib)
+    del work
+    results["profile_seconds"] = seconds
+    print("profiling seconds:", {k: round(v, 1) for k, v in seconds.items()})
+    for label, keys in ROWS.items():
+        for budget in args.budgets:
+            name = f"{label} @ {budget:.0%}"
+            if name in results["rows"]:
+                continue
+            model = copy.deepcopy(pristine)
+            recipe = load_recipe(recipe_for(keys, budget, calib))
+            runner = CompressionRunner(model, recipe, progress=False)
+            start = time.perf_counter()
+            try:
+                run = runner.run(None, stats=stats, profiles=row_profiles(profiles, keys))
+            except Exception as exc:  # an infeasible budget for this method set: recorded as such
+                results["rows"][name] = {"method": label, "budget": budget, "infeasible": str(exc).splitlines()[0]}
+                results_path.write_text(json.dumps(results, indent=2))
+                print(f"{name}: {str(exc).splitlines()[0]}")
+                continue
+            seconds = time.perf_counter() - start
+            plan = run.plan
+            ppl = perplexity(model, tokenizer, args.eval, seq_len=2048, max_windows=args.eval_windows, progress=False)
+            with serving_dtype(torch.bfloat16):
+                size = model_size(model)["bytes"]
+            chosen: dict[str, int] = {}
+            for c in plan.layers:
+                label_ = f"{c.method} {c.level:g}" if c.method else "dense"
+                chosen[label_] = chosen.get(label_, 0) + 1
+            results["rows"][name] = {
+                "method": label,
+                "budget": budget,
+                "perplexity": ppl.perplexity,
+                "target_bytes_removed": 1 - plan.chosen_total / plan.dense_total,
+                "model_bytes": size,
+                "model_bytes_removed": 1 - size / results["rows"]["dense"]["model_bytes"],
+                "compress_seconds": round(seconds, 1),
+                "choices": dict(sorted(chosen.items(), key=lambda kv: -kv[1])),
+            }
+            results_path.write_text(json.dumps(results, indent=2))
+            print(f"{name}: ppl {ppl.perplexity:.2f}, {results['rows'][name]['target_bytes_removed']:.1%} of bf16 target bytes removed")
+    write_tables(results, out)
+
+
+def write_tables(results: dict[str, Any], out: Path) -> None:
+    rows = results["rows"]
+    dense = rows["dense"]
+    lines = [
+        "# Perplexity against bytes as served (bf16), SmolLM2-135M-Instruct",
+        "",
+        f"Dense: perplexity {dense['perplexity']:.2f}, {dense['model_bytes']:,} bytes in bf16. Budgets are fractions of the "
+        "decoder Linears' bf16 bytes removed (every index, mask, scale and zero point counted); whole-model bytes include "
+        "embeddings and norms, which no method compresses.",
+        "",
+        "| method | budget | perplexity | Linear bytes removed | model bytes removed | compress s | choices |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, r in rows.items():
+        if name == "dense":
+            continue
+        if "infeasible" in r:
+            lines.append(f"| {r['method']} | {r['budget']:.0%} | infeasible | | | | {r['infeasible'][:60]} |")
+            continue
+        top = ", ".join(f"{k}: {v}" for k, v in list(r["choices"].items())[:4])
+        lines.append(
+            f"| {r['method']} | {r['budget']:.0%} | {r['perplexity']:.2f} | {r['target_bytes_removed']:.1%} | "
+            f"{r['model_bytes_removed']:.1%} | {r['compress_seconds']} | {top} |"
+        )
+    if "profile_seconds" in results:
+        lines += ["", "Profiling seconds (one calibration pass each): "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in results["profile_seconds"].items())]  # fmt: skip
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    methods = list(dict.fromkeys(r["method"] for n, r in rows.items() if n != "dense"))
+    for method in methods:
+        points = sorted(
+            (100 * r["target_bytes_removed"], r["perplexity"]) for n, r in rows.items()
+            if n != "dense" and r["method"] == method and "perplexity" in r
+        )  # fmt: skip
+        if points:
+            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=method)
+    ax.axhline(dense["perplexity"], color="gray", linestyle="--", label="dense")
+    ax.set(xlabel="decoder Linear bytes removed (%, bf16 as served)", ylabel="perplexity (WikiText-2 test)", yscale="log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "ppl_vs_bytes.png", dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
