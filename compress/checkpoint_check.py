@@ -93,8 +93,10 @@ def validate_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[str
             raise LlmpressError(f"module {name} has unknown format {spec.get('format')!r}; known: {sorted(FORMATS)} (upgrade llmpress?)")
         try:
             expected = build_module(spec, dtype=_float_dtype(), device="meta").state_dict()
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError) as exc:
             raise LlmpressError(f"module {name} has an invalid spec in config.json ({exc}); the checkpoint is damaged") from None
+        except ValueError as exc:  # a layout this install does not read (it says why)
+            raise LlmpressError(f"module {name}: {exc}") from None
         for key, tensor in expected.items():
             stored = headers.get(f"{name}.{key}")
             if stored is None:

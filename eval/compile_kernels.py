@@ -84,9 +84,10 @@ def builds(dtype: str = "fp16") -> list[Build]:
         aligned=("M", "GROUPS", "stride_xn", "stride_yn", "stride_ys"),
     ))  # fmt: skip
     out.append(Build(
-        "ell (dict coefficients) BS16", "ell_matmul:_ell_kernel",
-        {"h_ptr": p, "v_ptr": p, "i_ptr": "*i16", "b_ptr": p, "y_ptr": p, **_ints("M", "N", "S", "stride_hn", "stride_yn")},
-        {"HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 4, "BLOCK_S": 16}, {"num_warps": 4},
+        "ell (dict coefficients, 10-bit indices) BS16", "ell_matmul:_ell_kernel",
+        {"h_ptr": p, "v_ptr": p, "i_ptr": "*u8", "b_ptr": p, "y_ptr": p,
+         **_ints("M", "N", "S", "ROW_BYTES", "stride_hn", "stride_yn")},
+        {"HAS_BIAS": False, "BITS": 10, "BLOCK_M": 64, "BLOCK_N": 4, "BLOCK_S": 16}, {"num_warps": 4},
         aligned=("M", "S", "stride_hn", "stride_yn"),
     ))  # fmt: skip
     return out

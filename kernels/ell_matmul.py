@@ -3,8 +3,10 @@
 Two launches: the dense dictionary product h = x·Dᵀ (k atoms, a skinny GEMM with split-K), then
 the ELL product y[n, r] = Σ_j C_val[r, j]·h[n, C_idx[r, j]]: every output row has the same
 number s of coefficients, so a tile of rows does equal work; each row gathers its s entries of the
-(tokens × k) activation h, which is small and stays in L1/L2. Bytes read: k·in dictionary values
-plus out·s (value + index), against out·in for the dense weight.
+(tokens × k) activation h, which is small and stays in L1/L2. Indices are bit-packed, b bits each
+(DictLinear): index j of a row is bits j·b.. of the row's bytes, read as three bytes (b ≤ 16 spans
+at most three), shifted and masked on chip. Bytes read: k·in dictionary values plus out·s·(value +
+b/8), against out·in for the dense weight.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ if triton is not None:
     @triton.jit
     def _ell_kernel(
         h_ptr, v_ptr, i_ptr, b_ptr, y_ptr,
-        M, N, S, stride_hn, stride_yn,
-        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+        M, N, S, ROW_BYTES, stride_hn, stride_yn,
+        HAS_BIAS: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_S: tl.constexpr,
     ):  # fmt: skip
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -42,7 +45,13 @@ if triton is not None:
             rs = s0 + tl.arange(0, BLOCK_S)
             ok = m_ok[:, None] & (rs[None, :] < S)
             slot = rm[:, None] * S + rs[None, :]
-            atom = tl.load(i_ptr + slot, mask=ok, other=0).to(tl.int32)
+            bit = rs[None, :] * BITS  # where index j starts in its row's bit stream
+            in_row = bit >> 3  # the byte within the row
+            byte = rm[:, None] * ROW_BYTES + in_row
+            b0 = tl.load(i_ptr + byte, mask=ok, other=0).to(tl.int32)
+            b1 = tl.load(i_ptr + byte + 1, mask=ok & (in_row + 1 < ROW_BYTES), other=0).to(tl.int32)
+            b2 = tl.load(i_ptr + byte + 2, mask=ok & (in_row + 2 < ROW_BYTES), other=0).to(tl.int32)
+            atom = ((b0 | (b1 << 8) | (b2 << 16)) >> (bit & 7)) & ((1 << BITS) - 1)
             value = tl.load(v_ptr + slot, mask=ok, other=0.0).to(tl.float32)
             h = tl.load(h_ptr + rn[None, None, :] * stride_hn + atom[:, :, None], mask=ok[:, :, None] & n_ok[None, None, :], other=0.0)
             acc += tl.sum(value[:, :, None] * h.to(tl.float32), axis=1)
@@ -51,16 +60,21 @@ if triton is not None:
         tl.store(y_ptr + rn[None, :] * stride_yn + rm[:, None], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def ell_matmul(h: torch.Tensor, values: torch.Tensor, index: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y[..., r] = Σ_j values[r, j]·h[..., index[r, j]] + bias; h (..., k), values/index (M, s)."""
-    check_launch(h, values, index)
-    if values.shape != index.shape or values.dim() != 2:
-        raise ValueError(f"values {tuple(values.shape)} and index {tuple(index.shape)} must be the same (out, s) shape")
-    if not (values.is_contiguous() and index.is_contiguous()):
+def ell_matmul(
+    h: torch.Tensor, values: torch.Tensor, packed_index: torch.Tensor, bits: int, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y[..., r] = Σ_j values[r, j]·h[..., index[r, j]] + bias; h (..., k), values (M, s), and the
+    indices bit-packed `bits` each into packed_index (M, ceil(s·bits/8)) uint8."""
+    check_launch(h, values, packed_index)
+    m, s = values.shape if values.dim() == 2 else (None, None)
+    if m is None or packed_index.dim() != 2 or packed_index.shape[0] != m:
+        raise ValueError(f"values {tuple(values.shape)} must be (out, s) and the packed index (out, bytes)")
+    if not 1 <= bits <= 16 or packed_index.shape[1] != (s * bits + 7) // 8:
+        raise ValueError(f"packed index of {packed_index.shape[1]} bytes per row does not hold {s} indices of {bits} bits")
+    if not (values.is_contiguous() and packed_index.is_contiguous()):
         raise ValueError("values and index must be contiguous")
-    if index.dtype.is_floating_point:
-        raise ValueError(f"index must be an integer tensor, got {index.dtype}")
-    m, s = values.shape
+    if packed_index.dtype != torch.uint8:
+        raise ValueError(f"the packed index must be uint8, got {packed_index.dtype}")
     h2 = flat_tokens(h)
     n = h2.shape[0]
     out = output_like(h, m)
@@ -72,15 +86,16 @@ def ell_matmul(h: torch.Tensor, values: torch.Tensor, index: torch.Tensor, bias:
     block_m = 16 if interpreting() else max(16, min(64, 8192 // (block_s * block_n)))
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _ell_kernel[grid](
-        h2, values, index, bias if bias is not None else values, out, m, n, s, h2.stride(0), m,
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=block_s, num_warps=4,
+        h2, values, packed_index, bias if bias is not None else values, out, m, n, s, packed_index.shape[1], h2.stride(0), m,
+        HAS_BIAS=bias is not None, BITS=bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=block_s, num_warps=4,
     )  # fmt: skip
     return out
 
 
-def dict_matmul(x, atoms, values, index, bias=None) -> torch.Tensor:
-    """y = x·(C·D)ᵀ + bias with D = atoms (k × in) and C given as ELL values/index (out × s)."""
-    return ell_matmul(skinny_matmul(x, atoms), values, index, bias)
+def dict_matmul(x, atoms, values, packed_index, bits, bias=None) -> torch.Tensor:
+    """y = x·(C·D)ᵀ + bias with D = atoms (k × in) and C given as ELL values (out × s) and
+    bit-packed atom indices."""
+    return ell_matmul(skinny_matmul(x, atoms), values, packed_index, bits, bias)
 
 
 def dict_refusal(module, x: torch.Tensor) -> str | None:
@@ -88,7 +103,7 @@ def dict_refusal(module, x: torch.Tensor) -> str | None:
 
 
 def dict_forward_triton(module, x: torch.Tensor) -> torch.Tensor:
-    return dict_matmul(x, module.dictionary(), module.coef_values, module.coef_index, module.bias)
+    return dict_matmul(x, module.dictionary(), module.coef_values, module.coef_index, module.index_bits, module.bias)
 
 
 def dict_reference(module, x: torch.Tensor) -> torch.Tensor:

@@ -114,9 +114,9 @@ def test_dict_linear_forward_sizes_and_errors():
     torch.testing.assert_close(module.to_dense(), dense)
     x = torch.randn(3, 7, 32)
     torch.testing.assert_close(module(x), x @ dense.T + bias, rtol=1e-5, atol=1e-5)
-    assert module.coef_index.dtype == torch.uint8  # 20 atoms: one byte per index
+    assert module.index_bits == 5 and module.coef_index.shape == (48, 4)  # 20 atoms: 5 bits, 5 indices in 4 bytes
     assert module.num_values() == 20 * 32 + 48 * 5 + 48
-    assert module.num_bytes() == 4 * (20 * 32 + 48 * 5 + 48) + 48 * 5  # values + uint8 indices
+    assert module.num_bytes() == 4 * (20 * 32 + 48 * 5 + 48) + 48 * 4  # values, then the packed indices
     with pytest.raises(RuntimeError, match="never tied"):
         DictLinear(32, 48, 20, 5, False, atoms_from="model.layers.0.x").dictionary()
 
@@ -144,3 +144,20 @@ def test_grouped_stage_needs_dense_statistics(tokenizer, calib_text):
     recipe = {"calibration": {"num_samples": 2, "seq_len": 32}, "stages": [{"method": "cospadi", "ratio": 0.3, "group_size": 2}]}
     with pytest.raises(LlmpressError, match="statistics: dense"):
         compress.compress_model(tiny_model(), recipe, dataset=str(calib_text), tokenizer=tokenizer, progress=False)
+
+
+
+@pytest.mark.parametrize("bits", [1, 3, 8, 10, 13, 16])
+def test_index_packing_round_trips(bits):
+    from compress.modules.dictionary import pack_bits, packed_row_bytes, unpack_bits
+
+    index = torch.randint(0, 2**bits, (7, 11))
+    packed = pack_bits(index, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (7, packed_row_bytes(11, bits))
+    assert torch.equal(unpack_bits(packed, bits, 11), index)
+
+
+def test_unpacked_dict_checkpoints_are_refused_clearly():
+    spec = {"format": "dict", "in_features": 8, "out_features": 4, "bias": False, "num_atoms": 300, "nnz_per_row": 2}
+    with pytest.raises(ValueError, match="compress the model again"):
+        DictLinear.from_spec(spec, torch.float32)

@@ -59,8 +59,8 @@ def test_launchers_explain_bad_input():
         skinny_matmul(x.to(torch.int32), torch.randn(8, 16, device=DEVICE))
     with pytest.raises(ValueError, match="bitmap"):
         bitmap_matmul(x, torch.randn(10, device=DEVICE), torch.zeros(8, 3, dtype=torch.uint8, device=DEVICE), 8)
-    with pytest.raises(ValueError, match="same"):
-        ell_matmul(x, torch.randn(8, 3, device=DEVICE), torch.zeros(8, 2, dtype=torch.uint8, device=DEVICE))
+    with pytest.raises(ValueError, match="does not hold"):
+        ell_matmul(x, torch.randn(8, 3, device=DEVICE), torch.zeros(8, 2, dtype=torch.uint8, device=DEVICE), 10)
     q = torch.zeros(8, 2, 4, dtype=torch.uint8, device=DEVICE)
     z = torch.zeros(8, 2, dtype=torch.uint8, device=DEVICE)
     with pytest.raises(ValueError, match="multiple of the group size"):

@@ -24,7 +24,7 @@ from pydantic import Field, field_validator
 
 from ..errors import LlmpressError
 from ..modules import DictLinear
-from ..modules.dictionary import index_dtype
+from ..modules.dictionary import index_bytes
 from ..metrics import served_itemsize
 from .base import (
     Compressor,
@@ -84,8 +84,8 @@ class DictionaryFactors:
         return self.atoms.numel() + self.values.numel() + bias_values
 
     def num_bytes(self, element_size: int, bias_values: int = 0) -> int:
-        index_bytes = self.support.numel() * index_dtype(self.num_atoms).itemsize
-        return self.num_values(bias_values) * element_size + index_bytes
+        rows, per_row = self.support.shape
+        return self.num_values(bias_values) * element_size + index_bytes(rows, per_row, self.num_atoms)
 
     def module(self, bias: torch.Tensor | None, dtype: torch.dtype) -> DictLinear:
         return DictLinear.from_factors(self.atoms.to(dtype), self.values.to(dtype), self.support, bias)

@@ -1,9 +1,12 @@
 """DictLinear: Ŵ = C·D, a dense dictionary D of k atoms and a row-sparse coefficient matrix C.
 
 Stored as `atoms` (k × in) and, per output row, exactly s coefficients: `coef_values` (out × s)
-and their atom indices `coef_index` (out × s; uint8 when k ≤ 256, else int16): an ELL layout,
-what a kernel reads row by row. The forward never forms Ŵ (out × in): y = (x·Dᵀ)·Cᵀ, where C is
-scattered to its dense (out × k) form, k < in, on the PyTorch path.
+and their atom indices packed to b = ceil(log2 k) bits each, `coef_index` (out × ceil(s·b/8)
+bytes, little-endian bit order: index j occupies bits j·b .. j·b+b−1 of its row): an ELL layout,
+what a kernel reads row by row, unpacking on chip. With k = 640 atoms an index costs 10 bits, not
+the 16 of an int16, which in bf16 would cost as much as the coefficient itself. The forward never
+forms Ŵ (out × in): y = (x·Dᵀ)·Cᵀ, where C is scattered to its dense (out × k) form, k < in, on
+the PyTorch path.
 
 Several layers may share one dictionary (CoSpaDi's group mode). Only the first layer of a group
 (the owner) stores the atoms; the others name it in their spec (`atoms_from`) and read its
@@ -21,13 +24,39 @@ from ..kernels import dispatch
 from .base import CompressedLinear, register_format
 
 
-def index_dtype(num_atoms: int) -> torch.dtype:
-    """The narrowest integer type that holds atom indices 0..num_atoms-1."""
-    if num_atoms <= 256:
-        return torch.uint8
-    if num_atoms <= 32768:
-        return torch.int16
-    return torch.int32
+def index_bits(num_atoms: int) -> int:
+    """Bits per atom index: the fewest that hold 0..num_atoms-1 (at least 1, at most 16)."""
+    bits = max(1, (num_atoms - 1).bit_length())
+    if bits > 16:
+        raise ValueError(f"{num_atoms} atoms: indices wider than 16 bits are not supported")
+    return bits
+
+
+def packed_row_bytes(nnz_per_row: int, bits: int) -> int:
+    return (nnz_per_row * bits + 7) // 8
+
+
+def pack_bits(index: torch.Tensor, bits: int) -> torch.Tensor:
+    """(rows, s) integers < 2**bits -> (rows, ceil(s·bits/8)) uint8, index j at bits j·b.. of its row."""
+    rows, count = index.shape
+    shifts = torch.arange(bits, device=index.device)
+    stream = ((index.long()[..., None] >> shifts) & 1).reshape(rows, count * bits)  # bit j·b+t of the row
+    stream = torch.nn.functional.pad(stream, (0, packed_row_bytes(count, bits) * 8 - count * bits))
+    weights = 2 ** torch.arange(8, device=index.device)
+    return (stream.reshape(rows, -1, 8) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of pack_bits: (rows, bytes) uint8 -> (rows, count) int64."""
+    rows = packed.shape[0]
+    stream = ((packed.long()[..., None] >> torch.arange(8, device=packed.device)) & 1).reshape(rows, -1)
+    stream = stream[:, : count * bits].reshape(rows, count, bits)
+    return (stream << torch.arange(bits, device=packed.device)).sum(-1)
+
+
+def index_bytes(out_features: int, nnz_per_row: int, num_atoms: int) -> int:
+    """Stored bytes of a layer's packed atom indices."""
+    return out_features * packed_row_bytes(nnz_per_row, index_bits(num_atoms))
 
 
 @register_format
@@ -55,9 +84,9 @@ class DictLinear(CompressedLinear):
         self.coef_values = nn.Parameter(
             torch.empty(out_features, nnz_per_row, dtype=dtype, device=device), requires_grad=False
         )
-        self.register_buffer(
-            "coef_index", torch.empty(out_features, nnz_per_row, dtype=index_dtype(num_atoms), device=device)
-        )
+        self.index_bits = index_bits(num_atoms)
+        row_bytes = packed_row_bytes(nnz_per_row, self.index_bits)
+        self.register_buffer("coef_index", torch.empty(out_features, row_bytes, dtype=torch.uint8, device=device))
 
     @classmethod
     def from_factors(
@@ -80,7 +109,9 @@ class DictLinear(CompressedLinear):
         else:
             module.tie(owner)
         module.coef_values.data.copy_(values)
-        module.coef_index.copy_(index.to(module.coef_index.dtype))
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= num_atoms):
+            raise ValueError(f"atom indices must lie in [0, {num_atoms})")
+        module.coef_index.copy_(pack_bits(index, module.index_bits))
         if bias is not None:
             module.bias.data.copy_(bias)
         return module
@@ -101,10 +132,14 @@ class DictLinear(CompressedLinear):
             )
         return self._owner[0].atoms
 
+    def atom_index(self) -> torch.Tensor:
+        """The (out × s) atom indices, unpacked."""
+        return unpack_bits(self.coef_index, self.index_bits, self.nnz_per_row)
+
     def dense_coefficients(self) -> torch.Tensor:
         """C as a dense (out × k) matrix: k·out numbers, far fewer than the dense weight's in·out."""
         dense = torch.zeros(self.out_features, self.num_atoms, dtype=self.coef_values.dtype, device=self.coef_values.device)
-        return dense.scatter_(1, self.coef_index.long(), self.coef_values)
+        return dense.scatter_(1, self.atom_index(), self.coef_values)
 
     def to_dense(self) -> torch.Tensor:
         return self.dense_coefficients() @ self.dictionary()
@@ -113,13 +148,18 @@ class DictLinear(CompressedLinear):
         return dispatch("dict", self, x)
 
     def spec(self) -> dict[str, Any]:
-        spec = {**super().spec(), "num_atoms": self.num_atoms, "nnz_per_row": self.nnz_per_row}
+        spec = {**super().spec(), "num_atoms": self.num_atoms, "nnz_per_row": self.nnz_per_row, "index_bits": self.index_bits}
         if self.atoms_from is not None:
             spec["atoms_from"] = self.atoms_from
         return spec
 
     @classmethod
     def from_spec(cls, spec, dtype, device=None):
+        if spec.get("index_bits") != index_bits(spec["num_atoms"]):
+            raise ValueError(
+                "this dict layer stores its atom indices unpacked (uint8/int16), the layout of llmpress checkpoints "
+                "written before indices were bit-packed; compress the model again"
+            )
         return cls(
             spec["in_features"], spec["out_features"], spec["num_atoms"], spec["nnz_per_row"], spec["bias"],
             dtype, device, atoms_from=spec.get("atoms_from"),
