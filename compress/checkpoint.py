@@ -6,6 +6,7 @@ Layout of a checkpoint directory:
     tokenizer files      when a tokenizer is given
     recipe.yaml          the recipe that produced it
     report.json/.md      per-layer sizes, errors and times
+    allocation.png       with a knapsack allocation: the method and level chosen per layer
 
 Everything is written into a temporary sibling directory that is renamed into place at the end,
 so an interrupted save never leaves a half-written checkpoint under the requested name.
@@ -62,6 +63,11 @@ def save_compressed(
             (tmp / "recipe.yaml").write_text(text)
         if report is not None:
             write_report(report, tmp)
+            allocation = report.get("allocation")
+            if allocation and allocation.get("strategy") == "knapsack":
+                from .runs_report import plot_allocation
+
+                plot_allocation(allocation, output_dir.name, tmp / "allocation.png")
     return output_dir
 
 

@@ -136,38 +136,47 @@ def _plots(runs: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         written.append(out / "acc_vs_ratio.png")
     for r in runs:
         allocation = r.get("allocation")
-        if not allocation or allocation.get("strategy") != "knapsack":
-            continue
-        grid, columns = allocation_grid(allocation)
-        blocks = sorted(grid)
-        fig, ax = plt.subplots(figsize=(1.2 * len(columns) + 2, 0.25 * len(blocks) + 1.5))
-        if across_methods(allocation):  # colour: the chosen method; text: its level
-            chosen, _ = allocation_grid(allocation, "method")
-            names = ["dense"] + sorted({m for row in chosen.values() for m in row.values() if m})
-            data = [[names.index(chosen[b].get(c) or "dense") if c in chosen[b] else float("nan") for c in columns] for b in blocks]
-            image = ax.imshow(data, aspect="auto", cmap="tab10", vmin=-0.5, vmax=9.5)
-            for y, b in enumerate(blocks):
-                for x, c in enumerate(columns):
-                    if chosen[b].get(c):
-                        ax.text(x, y, f"{grid[b][c]:g}", ha="center", va="center", fontsize=5, color="white")
-            bar = fig.colorbar(image, ax=ax, ticks=range(len(names)))
-            bar.ax.set_yticklabels(names, fontsize=7)
-            bar.ax.set_ylim(-0.5, len(names) - 0.5)
-            title = f"{r['name']}: method (colour) and level per layer"
-        else:
-            data = [[grid[b].get(c, float("nan")) for c in columns] for b in blocks]
-            image = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=1)
-            fig.colorbar(image, ax=ax)
-            title = f"{r['name']}: fraction removed per layer"
-        ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(len(blocks)), blocks, fontsize=7)
-        ax.set(ylabel="block", title=title)
-        fig.tight_layout()
-        path = out / f"allocation_{r['name']}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        if allocation and allocation.get("strategy") == "knapsack":
+            written.append(plot_allocation(allocation, r["name"], out / f"allocation_{r['name']}.png"))
     return written
+
+
+def plot_allocation(allocation: dict[str, Any], name: str, path: Path) -> Path:
+    """The knapsack's choices as a block × layer image: the level removed, or, across methods,
+    the method (colour) and its level (text)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid, columns = allocation_grid(allocation)
+    blocks = sorted(grid)
+    fig, ax = plt.subplots(figsize=(1.2 * len(columns) + 2, 0.25 * len(blocks) + 1.5))
+    if across_methods(allocation):  # colour: the chosen method; text: its level
+        chosen, _ = allocation_grid(allocation, "method")
+        names = ["dense"] + sorted({m for row in chosen.values() for m in row.values() if m})
+        data = [[names.index(chosen[b].get(c) or "dense") if c in chosen[b] else float("nan") for c in columns] for b in blocks]
+        image = ax.imshow(data, aspect="auto", cmap="tab10", vmin=-0.5, vmax=9.5)
+        for y, b in enumerate(blocks):
+            for x, c in enumerate(columns):
+                if chosen[b].get(c):
+                    ax.text(x, y, f"{grid[b][c]:g}", ha="center", va="center", fontsize=5, color="white")
+        bar = fig.colorbar(image, ax=ax, ticks=range(len(names)))
+        bar.ax.set_yticklabels(names, fontsize=7)
+        bar.ax.set_ylim(-0.5, len(names) - 0.5)
+        title = f"{name}: method (colour) and level per layer"
+    else:
+        data = [[grid[b].get(c, float("nan")) for c in columns] for b in blocks]
+        image = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        fig.colorbar(image, ax=ax)
+        title = f"{name}: fraction removed per layer"
+    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(blocks)), blocks, fontsize=7)
+    ax.set(ylabel="block", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def write_runs_report(run_dirs: Sequence[str | Path], output_dir: str | Path) -> Path:

@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--budgets", type=float, nargs="*", default=BUDGETS)
+    parser.add_argument("--cache", help="file to keep the statistics and profiles in (a rerun skips profiling)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
@@ -125,14 +126,25 @@ def main(argv: list[str] | None = None) -> None:
             size = model_size(pristine)["bytes"]
         results["rows"]["dense"] = {"perplexity": ppl.perplexity, "model_bytes": size}
         results_path.write_text(json.dumps(results, indent=2))
-    work = copy.deepcopy(pristine)
-    stats, profiles, seconds = profile_all(work, input_ids, calib)
-    del work
+    if args.cache and Path(args.cache).exists():
+        stats, profiles, seconds = torch.load(args.cache, weights_only=False)
+    else:
+        work = copy.deepcopy(pristine)
+        stats, profiles, seconds = profile_all(work, input_ids, calib)
+        del work
+        if args.cache:
+            torch.save((stats, profiles, seconds), args.cache)
     results["profile_seconds"] = seconds
     print("profiling seconds:", {k: round(v, 1) for k, v in seconds.items()})
-    for label, keys in ROWS.items():
-        for budget in args.budgets:
-            name = f"{label} @ {budget:.0%}"
+    # W4 g16 alone sets a size; the knapsack across methods gets exactly that size
+    w4_bytes = sum(r.bytes for results in profiles["w4-g16"].values() for r in results if r.stage is not None)
+    dense_bytes = sum(r.bytes for results in profiles["w4-g16"].values() for r in results if r.stage is None)
+    w4_budget = 1 - w4_bytes / dense_bytes - 1e-9  # (1 - ratio) · dense rounds down to exactly W4's bytes
+    plan_rows = [(label, keys, budget) for label, keys in ROWS.items() for budget in args.budgets]
+    plan_rows += [("W4 g16 alone", ["w4-g16"], w4_budget), ("knapsack across methods", list(CANDIDATES), w4_budget)]
+    for label, keys, budget in plan_rows:
+        if True:
+            name = f"{label} @ {budget:.1%}" if budget == w4_budget else f"{label} @ {budget:.0%}"
             if name in results["rows"]:
                 continue
             model = copy.deepcopy(pristine)

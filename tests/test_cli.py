@@ -339,6 +339,7 @@ def test_max_size_compresses_to_a_size_across_methods(tiny_model_dir, tmp_path, 
                  "--num-samples", "4", "--seq-len", "32", "--output-dir", str(out), "--quiet"]) == 0  # fmt: skip
     report = json.loads((out / "report.json").read_text())
     assert report["model_size"]["compressed"]["bytes"] <= limit and report["allocation"]["stages"] == [0, 1, 2]
+    assert (out / "allocation.png").stat().st_size > 1000 and "and 3 methods" in (out / "report.md").read_text()
     assert "as served in bfloat16" in capsys.readouterr().out
     _fails(["compress", str(tiny_model_dir), "--max-size", "1MB", "--recipe", _recipe(tmp_path, GOOD),
             "--output-dir", str(tmp_path / "x")], capsys, "needs a recipe with a knapsack allocation")  # fmt: skip

@@ -144,3 +144,14 @@ def test_dtype_auto_follows_the_compute_device():
     assert resolve_dtype("auto", "cpu") == torch.float32
     assert resolve_dtype("auto", "cuda") == torch.bfloat16
     assert resolve_dtype("float16", "cpu") == torch.float16
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.7, 0.8])
+def test_auto_recipes_are_the_auto_recipe(ratio):
+    """recipes/auto-*.yaml and `--max-size` (compress.recipe.auto_recipe) describe one recipe."""
+    from pathlib import Path
+
+    from compress.recipe import auto_recipe
+
+    path = Path(__file__).parents[1] / "recipes" / f"auto-{round(100 * ratio)}.yaml"
+    assert load_recipe(path).model_dump() == load_recipe(auto_recipe(ratio)).model_dump()
