@@ -18,7 +18,9 @@ from .blocks import weight_stacks
 from .experts import expert_linear_names, is_fused_experts, per_expert_stacks
 from .metrics import LayerRecord, serving_dtype
 from .data import calibration_windows
+from .errors import LlmpressError
 from .paths import check_output_dir
+from .progress import RunProgress, fingerprint, progress_dir
 from .model_loading import check_device, load_model, load_tokenizer, resolve_dtype
 from .recipe import Recipe, load_recipe, with_calibration
 from .report import build_report, model_size
@@ -81,6 +83,8 @@ def compress_model(
     progress: bool = True,
     output_dir: str | Path | None = None,
     overwrite: bool = False,
+    progress_to: str | Path | None = None,
+    resume: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Compress a model in place following `recipe`; returns the model and a report dict.
 
@@ -90,6 +94,8 @@ def compress_model(
     the model itself stays where it is. The recipe is not modified: `num_samples`, `seq_len`,
     `dataset` and `overrides` make a new one, which the report records as what ran.
     `output_dir`: also save the checkpoint there; the directory is checked before compressing.
+    A sequential run writes its progress after every block (`progress_to`, by default beside
+    `output_dir`); `resume=True` continues a killed run from its last finished block.
     """
     start = time.perf_counter()
     if output_dir is not None:
@@ -120,6 +126,15 @@ def compress_model(
             tokenizer, texts or calib.dataset, calib.num_samples, calib.seq_len, calib.seed, calib.chat_template,
             calib.split, calib.text_field,
         )  # fmt: skip
+    if progress_to is None and output_dir is not None:
+        progress_to = progress_dir(output_dir)
+    if resume and (progress_to is None or calib.statistics != "sequential"):
+        raise LlmpressError("resume continues a sequential run that saves a checkpoint: give output_dir and statistics: sequential")
+    run_progress = None
+    if progress_to is not None and calib.statistics == "sequential":
+        dtype = next(model.parameters()).dtype
+        run_progress = RunProgress(progress_to, fingerprint(recipe.model_dump_json(), source, dtype, input_ids), resume)
+        runner.save_progress(run_progress)
     with torch.no_grad():
         result = runner.run(input_ids)
     calibration_info = {
@@ -154,4 +169,6 @@ def compress_model(
         from .checkpoint import save_compressed
 
         save_compressed(model, output_dir, tokenizer=tokenizer, recipe=recipe, report=report, overwrite=overwrite)
+        if run_progress is not None:
+            run_progress.finish()
     return model, report

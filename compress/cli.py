@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -34,6 +35,8 @@ def _add_compress(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field by dotted path, e.g. stages.0.ratio=0.3 (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--resume", action="store_true", help="continue a killed run of the same command from its last "
+                   "finished block (progress is kept beside the output directory)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-layer log")
 
 
@@ -158,6 +161,7 @@ def cmd_compress(args) -> int:
     from .api import compress_model
     from .checkpoint import save_compressed
     from .model_loading import check_device, load_model, load_tokenizer, resolve_dtype
+    from .progress import progress_dir
     from .recipe import DEFAULT_RECIPE, auto_recipe, load_recipe, with_calibration, with_max_size
     from .report import high_error_layers, model_size, report_markdown
 
@@ -175,9 +179,13 @@ def cmd_compress(args) -> int:
     model = load_model(args.model, dtype=resolve_dtype(args.dtype, device), device="cpu")
     check_output_dir(output_dir, args.overwrite, required_bytes=model_size(model)["bytes"])  # room for a checkpoint
     with logging_redirect_tqdm():
-        model, report = compress_model(model, recipe, tokenizer=tokenizer, device=device, progress=not args.quiet)
+        model, report = compress_model(
+            model, recipe, tokenizer=tokenizer, device=device, progress=not args.quiet,
+            progress_to=progress_dir(output_dir), resume=args.resume,
+        )  # fmt: skip
     report["model"] = args.model
     save_compressed(model, output_dir, tokenizer=tokenizer, recipe=recipe, report=report, overwrite=args.overwrite)
+    shutil.rmtree(progress_dir(output_dir), ignore_errors=True)  # complete: nothing to resume
     summary = report["summary"]
     print(report_markdown(report).split("\n| layer")[0].rstrip())
     for warning in high_error_layers(report):

@@ -83,6 +83,11 @@ class CompressionRunner:
         self.gradient_stages = gradient_stages(self.pipeline)
         self.forward_stages = [i for i in range(len(recipe.stages)) if i not in self.gradient_stages]
 
+    def save_progress(self, run_progress) -> None:
+        """Make the run resumable: the sequential pipeline commits each finished block to `run_progress`."""
+        self.options["run_progress"] = run_progress
+        self.pipeline.run_progress = run_progress
+
     def needs_data(self) -> bool:
         """Whether any step needs calibration data (data-free recipes skip calibration)."""
         return self.knapsack is not None or self.pipeline.needs_data(list(range(len(self.recipe.stages))))

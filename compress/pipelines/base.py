@@ -68,12 +68,14 @@ class BlockPipeline:
         weighted_errors: bool = True,
         moe_calibration: str = "routed",
         max_statistics_gib: float | None = None,
+        run_progress: Any = None,
     ):
         if moe_calibration not in ("routed", "all"):
             raise LlmpressError(f"calibration.moe must be 'routed' or 'all', not {moe_calibration!r}")
         self.model = model
         self.moe_calibration = moe_calibration
         self.max_statistics_bytes = max_statistics_gib * 2**30 if max_statistics_gib else None
+        self.run_progress = run_progress  # progress.RunProgress: resumable after each block (sequential mode)
         linearize_experts(model)
         self.expert_names = frozenset(expert_linear_names(model))
         self.stages = list(stages)

@@ -32,22 +32,36 @@ class SequentialPipeline(BlockPipeline):
             fisher = self.collect_fisher(input_ids, stage_indices) if fisher is None else fisher
             inputs = capture_block_inputs(self.model, self.blocks, input_ids, self.batch_size, self.device, self.offload_device)
         records: list[LayerRecord] = []
-        bar = tqdm(range(len(self.blocks)), desc="Compressing blocks", disable=not self.progress, unit="block")
+        start = 0
+        if self.run_progress is not None:  # a resumed run: the finished blocks come back as they were
+            dtype = next(self.model.parameters()).dtype
+            start, hiddens, records, self.block_log = self.run_progress.restore(self.blocks, dtype)
+            if start and inputs is not None:
+                inputs.hiddens = hiddens
+        bar = tqdm(range(start, len(self.blocks)), desc="Compressing blocks", disable=not self.progress, unit="block")
         for index in bar:
             with self.on_device(index) as block:
-                if inputs is None:
+                if inputs is None:  # data-free stages: nothing to calibrate or propagate
                     records += self.compress_block(block, index, stage_indices, lambda stage_index, layers: {})
-                    continue
-                kwargs = inputs.kwargs[index]
-
-                def stats_for(stage_index, layers):
-                    needs = self.input_needs([stage_index])
-                    stats, _ = self.collect_block(block, index, layers, needs, inputs.hiddens, kwargs, fisher or {}, keep=False)
-                    return stats
-
-                records += self.compress_block(block, index, stage_indices, stats_for)
-                with torch.no_grad(), expanded_weights_cached():  # each compressed layer expanded once, not per batch
-                    inputs.hiddens = run_block(block, inputs.hiddens, kwargs, self.device, self.offload_device, keep=True)
-                check_finite(inputs.hiddens, index)
+                else:
+                    records += self._compress_calibrated(block, index, stage_indices, inputs, fisher or {})
+            if self.run_progress is not None:
+                self.run_progress.save_block(index, self.blocks[index], inputs.hiddens if inputs else None, records, self.block_log)
             bar.set_postfix(sec=f"{self.block_log[-1]['seconds']:.1f}", mem_mb=f"{self.block_log[-1]['peak_memory_mb']:.0f}")
+        return records
+
+    def _compress_calibrated(self, block, index: int, stage_indices: list[int], inputs, fisher: FisherSums) -> list[LayerRecord]:
+        """Each stage calibrated on this block's inputs as compressed so far, then the block's
+        outputs (the next block's inputs) from the compressed block."""
+        kwargs = inputs.kwargs[index]
+
+        def stats_for(stage_index, layers):
+            needs = self.input_needs([stage_index])
+            stats, _ = self.collect_block(block, index, layers, needs, inputs.hiddens, kwargs, fisher, keep=False)
+            return stats
+
+        records = self.compress_block(block, index, stage_indices, stats_for)
+        with torch.no_grad(), expanded_weights_cached():  # each compressed layer expanded once, not per batch
+            inputs.hiddens = run_block(block, inputs.hiddens, kwargs, self.device, self.offload_device, keep=True)
+        check_finite(inputs.hiddens, index)
         return records
