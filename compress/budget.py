@@ -328,6 +328,17 @@ def _dense_entry(results: list[LevelResult]) -> LevelResult:
     raise LlmpressError("allocation profiles must include the dense layer (level 0) to define the budget")
 
 
+def stage_label(stage: StageConfig) -> str:
+    """How a plan names a candidate stage: its method, and what tells apart two stages of one
+    method (gqsa g16 and gqsa g32; an N:M pattern)."""
+    label = stage.method
+    if getattr(stage, "group_size", None) and stage.method == "gqsa":
+        label += f" g{stage.group_size}"
+    if getattr(stage, "pattern", "unstructured") not in ("unstructured", None):
+        label += f" {stage.pattern}"
+    return label
+
+
 def fixed_bytes(model: torch.nn.Module, profiles: dict[str, list[LevelResult]]) -> int:
     """The model's bytes as served outside the profiled targets: what any plan keeps as it is."""
     from .report import model_size
@@ -354,7 +365,7 @@ def plan_allocation(
         profiles = profile_layers(profiler, input_ids, stage_levels, fisher=fisher)
     else:
         profiles = profile_layers(profiler, input_ids, config.stage, stage_levels[config.stage], fisher)
-    methods = {i: stage.method for i, stage in enumerate(profiler.stages)}
+    methods = {i: stage_label(stage) for i, stage in enumerate(profiler.stages)}
     fixed = fixed_bytes(profiler.model, profiles) if config.max_size is not None else 0
     plan = solve_allocation(profiles, config, seconds=time.perf_counter() - start, methods=methods, fixed_bytes=fixed)
     for choice in plan.layers:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .budget import AllocationPlan, plan_allocation, solve_allocation
+from .budget import AllocationPlan, plan_allocation, solve_allocation, stage_label
 from .compressors import LayerStats
 from .compressors.base import LevelResult
 from .errors import LlmpressError
@@ -109,7 +109,7 @@ class CompressionRunner:
         if self.knapsack is None:
             return None
         if profiles is not None:
-            return solve_allocation(profiles, self.knapsack, methods={i: s.method for i, s in enumerate(self.recipe.stages)})
+            return solve_allocation(profiles, self.knapsack, methods={i: stage_label(s) for i, s in enumerate(self.recipe.stages)})
         return plan_allocation(self.profiler(), input_ids, self.knapsack, fisher)
 
     def run(

@@ -148,11 +148,16 @@ def main(argv: list[str] | None = None) -> None:
             if name in results["rows"]:
                 continue
             model = copy.deepcopy(pristine)
-            recipe = load_recipe(recipe_for(keys, budget, calib))
+            data = recipe_for(keys, budget, calib)
+            uniform = label == "W4 g16 alone"  # every layer W4: no allocation at all
+            if uniform:
+                data.pop("allocation")
+                data["stages"][0]["ratio"] = 0.0
+            recipe = load_recipe(data)
             runner = CompressionRunner(model, recipe, progress=False)
             start = time.perf_counter()
             try:
-                run = runner.run(None, stats=stats, profiles=row_profiles(profiles, keys))
+                run = runner.run(None, stats=stats, profiles=None if uniform else row_profiles(profiles, keys))
             except Exception as exc:  # an infeasible budget for this method set: recorded as such
                 results["rows"][name] = {"method": label, "budget": budget, "infeasible": str(exc).splitlines()[0]}
                 results_path.write_text(json.dumps(results, indent=2))
@@ -160,18 +165,24 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             seconds = time.perf_counter() - start
             plan = run.plan
+            if plan is None:  # uniform: sizes from the records (bytes as served, counted in the run)
+                before = sum(r.bytes_before for r in run.records)
+                after = sum(r.bytes_after for r in run.records)
+                chosen_total, dense_total, layers = after, before, []
+            else:
+                chosen_total, dense_total, layers = plan.chosen_total, plan.dense_total, plan.layers
             ppl = perplexity(model, tokenizer, args.eval, seq_len=2048, max_windows=args.eval_windows, progress=False)
             with serving_dtype(torch.bfloat16):
                 size = model_size(model)["bytes"]
-            chosen: dict[str, int] = {}
-            for c in plan.layers:
-                label_ = f"{c.method} {c.level:g}" if c.method else "dense"
+            chosen: dict[str, int] = {"w4-g16 0": len(run.records)} if plan is None else {}
+            for c in layers:
+                label_ = f"{keys[c.stage]} {c.level:g}" if c.stage is not None else "dense"
                 chosen[label_] = chosen.get(label_, 0) + 1
             results["rows"][name] = {
                 "method": label,
                 "budget": budget,
                 "perplexity": ppl.perplexity,
-                "target_bytes_removed": 1 - plan.chosen_total / plan.dense_total,
+                "target_bytes_removed": 1 - chosen_total / dense_total,
                 "model_bytes": size,
                 "model_bytes_removed": 1 - size / results["rows"]["dense"]["model_bytes"],
                 "compress_seconds": round(seconds, 1),
