@@ -67,6 +67,12 @@ class AllocationConfig(BaseModel):
         description="one knapsack across methods: stage index -> its candidate levels (the method's own level "
         "field, 0 included: gqsa at 0 is W4); each layer gets one (stage, level) or stays dense. Replaces stage/levels",
     )
+    fisher_samples: int | None = Field(
+        default=None,
+        ge=1,
+        description="calibration sequences of the Fisher backward pass when only the knapsack's cost needs it (each "
+        "layer's Fisher energy is one number: a few sequences rank layers); null: all",
+    )
     solver: Literal["dp", "lagrangian"] = "dp"
     resolution: int = Field(default=65536, ge=16, description="budget slots of the DP (sizes are rounded up)")
 
@@ -301,7 +307,9 @@ def solve_allocation(
     layers = []
     for n, i in zip(names, choice):
         r = profiles[n][i]
-        stage = None if _is_dense(r) else (r.stage if r.stage is not None else config.stage)
+        # one allocated stage: every compressed option is that stage's (profiles may come from a
+        # pipeline that numbered its stages differently, as the benchmarks' shared profiles do)
+        stage = None if _is_dense(r) else (r.stage if config.candidates is not None else config.stage)
         method = methods.get(stage) if methods and stage is not None else None
         layers.append(
             LayerChoice(n, r.level, r.values, r.bytes, dense[n].values, dense[n].bytes, r.rel_error, r.rel_weighted_error, stage, method)

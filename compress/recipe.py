@@ -342,6 +342,7 @@ def auto_recipe(ratio: float | None = None, max_size: str | int | None = None) -
             "unit": "bytes",
             **budget,
             "cost": "fisher",
+            "fisher_samples": 8,
             "candidates": {0: [0.0], 1: [0.0, 0.25, 0.5, 0.75], 2: [round(0.1 * i, 1) for i in range(1, 10)]},
         },
     }

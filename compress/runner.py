@@ -102,6 +102,10 @@ class CompressionRunner:
         """Step 1: Fisher sums for the forward stages and the knapsack cost, one backward pass."""
         if input_ids is None:
             return {}
+        methods_need_it = any("fisher" in self.pipeline.compressors[i].needs for i in self.forward_stages)
+        samples = self.knapsack.fisher_samples if self.knapsack is not None else None
+        if samples and not methods_need_it:  # only the knapsack's per-layer energies: a subset suffices
+            input_ids = input_ids[:samples]
         return self.pipeline.collect_fisher(input_ids, self.forward_stages)
 
     def plan(self, input_ids: torch.Tensor | None, fisher: FisherSums, profiles: dict[str, list[LevelResult]] | None) -> AllocationPlan | None:
