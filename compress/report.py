@@ -120,7 +120,12 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"- compressed Linears: {s['layers']}"
         + (f" (+{s['layers_left_dense']} targets left dense by the allocation, counted as kept)" if s.get("layers_left_dense") else "")
         + f", values {s['params_before']:,} -> {s['values_after']:,} "
-        f"({100 * s['nominal_ratio_removed']:.1f}% removed), bytes {s['bytes_before']:,} -> {s['bytes_after']:,} "
+        + (
+            f"({100 * s['nominal_ratio_removed']:.1f}% removed)"
+            if s["nominal_ratio_removed"] >= 0
+            else "(quantized: every 4-bit code, scale and zero point counts as a value; the bytes tell the size)"
+        )
+        + f", bytes {s['bytes_before']:,} -> {s['bytes_after']:,} "
         f"({100 * s['storage_ratio_removed']:.1f}% removed, as served in {serve}: every index, mask and scale counted)",
         f"- whole model bytes as served in {serve}: {size['dense']['bytes']:,} -> {size['compressed']['bytes']:,} "
         f"({100 * (1 - size['compressed']['bytes'] / max(size['dense']['bytes'], 1)):.1f}% removed, embeddings and head included)"
