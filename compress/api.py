@@ -54,17 +54,15 @@ def experts_summary(model: nn.Module, records: list[LayerRecord], calibration: s
     experts = expert_linear_names(model)
     if not experts:
         return None
-    tokens = [r.tokens for r in records if r.name in experts and r.tokens is not None]
-    widths = {r.name: r.in_features for r in records}
+    calibrated = [r for r in records if r.name in experts and r.tokens is not None]
+    tokens = [r.tokens for r in calibrated]
     return {
         "stacks": len(per_expert_stacks(model)),
         "expert_layers": len(experts),
         "compressed_expert_layers": sum(1 for r in records if r.name in experts),
         "calibration": calibration,
-        "layers_without_tokens": sorted(r.name for r in records if r.name in experts and r.tokens == 0),
-        "layers_with_fewer_tokens_than_inputs": sum(
-            1 for r in records if r.name in experts and r.tokens is not None and r.tokens < widths[r.name]
-        ),
+        "layers_without_tokens": sorted(r.name for r in calibrated if r.tokens == 0),
+        "layers_with_fewer_tokens_than_inputs": sum(1 for r in calibrated if r.tokens < r.in_features),
         "tokens_min_median_max": [min(tokens), sorted(tokens)[len(tokens) // 2], max(tokens)] if tokens else None,
     }
 

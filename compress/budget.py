@@ -158,6 +158,7 @@ class AllocationPlan:
     seconds: float
     layers: list[LayerChoice] = field(default_factory=list)
     stages: list[int] = field(default_factory=list)  # the candidate stages (one with a single allocated stage)
+    max_size: int | str | None = None  # the whole-model budget, when given instead of ratio
 
     def layer_configs(self, stages: list[StageConfig], level_fields: list[str | None]) -> dict[int, dict[str, StageConfig | None]]:
         """Per-layer configs for a pipeline's `layer_configs`: each layer's chosen stage gets its
@@ -176,6 +177,12 @@ class AllocationPlan:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _with_sensitivity(results: list[LevelResult], stats: LayerStats) -> list[LevelResult]:
+    """The layer's Fisher energy on each of its options, when it was collected."""
+    energy = stats.get("fisher_energy")
+    return results if energy is None else [replace(r, sensitivity=float(energy)) for r in results]
 
 
 def _dense_result(weight: torch.Tensor, bias: torch.Tensor | None) -> LevelResult:
@@ -210,10 +217,7 @@ def profile_block(
             results = compressor.profile(weight, bias, layer_stats, stage, compressed_levels) if compressed_levels else []
         results = [replace(r, stage=stage_index) for r in results]
         results = ([_dense_result(weight, bias)] if 0.0 in levels and level_zero_is_dense else []) + results
-        energy = layer_stats.get("fisher_energy")
-        if energy is not None:
-            results = [replace(r, sensitivity=float(energy)) for r in results]
-        profiles[name] = results
+        profiles[name] = _with_sensitivity(results, layer_stats)
     return profiles
 
 
@@ -239,15 +243,13 @@ def profile_layers(
     def on_block(index: int, stats: dict[str, LayerStats]) -> None:
         if keep_stats is not None:
             keep_stats.update(stats)
-        block = pipeline.blocks[index]
+        if candidates:  # the dense layer: one option per layer, whichever stages target it
+            targets = pipeline.dense_targets(pipeline.blocks[index], index, list(stage_levels))
+            for name, linear in targets.items():
+                bias = linear.bias.data if linear.bias is not None else None
+                profiles[name] = _with_sensitivity([_dense_result(linear.weight.data, bias)], stats.get(name, LayerStats()))
         for stage, stage_levels_ in stage_levels.items():
             for name, results in profile_block(pipeline, stage, index, stats, stage_levels_, not candidates).items():
-                if name not in profiles and candidates:
-                    linear = pipeline.dense_targets(block, index, [stage])[name]
-                    profiles[name] = [_dense_result(linear.weight.data, linear.bias.data if linear.bias is not None else None)]
-                    energy = stats.get(name, LayerStats()).get("fisher_energy")
-                    if energy is not None:
-                        profiles[name] = [replace(profiles[name][0], sensitivity=float(energy))]
                 profiles.setdefault(name, []).extend(results)
 
     pipeline.collect(input_ids, on_block, stage_indices=list(stage_levels), fisher=fisher)
@@ -316,8 +318,9 @@ def solve_allocation(
         )
     stages = list(config.stage_levels())
     return AllocationPlan(
-        "knapsack", stages[0], config.unit, config.ratio, budget, dense_total, size, cost, config.cost, seconds, layers, stages
-    )
+        "knapsack", stages[0], config.unit, config.ratio, budget, dense_total, size, cost, config.cost, seconds, layers, stages,
+        config.max_size,
+    )  # fmt: skip
 
 
 def _is_dense(result: LevelResult) -> bool:

@@ -118,14 +118,14 @@ def shrink_sparse_statistics(tensors: dict[str, torch.Tensor], tokens: int, in_f
 
 def identity_statistics(names: set[str], in_features: int, device: torch.device) -> dict[str, torch.Tensor]:
     """What `shrink_sparse_statistics` gives a layer that saw no token (it has no collectors)."""
-    zeros = {
-        "gram": torch.zeros(in_features, in_features, dtype=torch.float64, device=device),
-        "channel_norm_sq": torch.zeros(in_features, dtype=torch.float64, device=device),
+    identity = {
+        "gram": lambda: torch.eye(in_features, dtype=torch.float64, device=device),
+        "channel_norm_sq": lambda: torch.ones(in_features, dtype=torch.float64, device=device),
     }
-    unknown = names - set(zeros)
+    unknown = names - set(identity)
     if unknown:
         raise LlmpressError(f"no data-free fallback for statistics {sorted(unknown)} of a layer that saw no token")
-    return shrink_sparse_statistics({n: zeros[n] for n in names}, 0, in_features)
+    return {name: identity[name]() for name in names}
 
 
 def register_collector(cls: type[Collector]) -> type[Collector]:

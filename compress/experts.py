@@ -14,7 +14,7 @@ untouched, and so are the experts module's activation and gate function (`_apply
 gpt-oss's clamped SwiGLU): only where the weights live changes. The forward computes only the
 experts that received tokens; during calibration with `calibration.moe: all` every expert also
 runs on every token (its statistics then see the whole calibration set) while the output stays
-the routed one. `fuse_experts` restores the fused parameters of a stack nothing compressed.
+the routed one. `fuse_untouched_stacks` restores the fused parameters of stacks nothing compressed.
 """
 
 from __future__ import annotations
@@ -30,12 +30,17 @@ from torch import nn
 EXPERTS_TARGET = "experts"
 
 
+def _up_name(module: nn.Module) -> str:
+    """The experts' first projection: fused gate and up, or up alone (`has_gate` false)."""
+    return "gate_up_proj" if module.has_gate else "up_proj"
+
+
 def is_fused_experts(module: nn.Module) -> bool:
     """A transformers v5 experts module with its fused 3-D weights (declared through
     `use_experts_implementation`, which sets the layout flags read here)."""
     if isinstance(module, PerExpertLinears) or not hasattr(module, "is_transposed") or not hasattr(module, "has_gate"):
         return False
-    up = getattr(module, "gate_up_proj" if module.has_gate else "up_proj", None)
+    up = getattr(module, _up_name(module), None)
     down = getattr(module, "down_proj", None)
     return isinstance(up, torch.Tensor) and isinstance(down, torch.Tensor) and up.dim() == 3 and down.dim() == 3
 
@@ -48,7 +53,7 @@ class PerExpertLinears:
 
     @property
     def up_name(self) -> str:
-        return "gate_up_proj" if self.has_gate else "up_proj"
+        return _up_name(self)
 
     @property
     def expert_count(self) -> int:
@@ -104,7 +109,8 @@ def _per_expert_class(fused: type) -> type:
 
 
 def _projection_linears(module: nn.Module, name: str) -> nn.ModuleList:
-    """One Linear per expert whose weight is a view of the fused (experts, ...) parameter."""
+    """One Linear per expert whose weight is a view of the fused (experts, ...) parameter (a copy
+    for transposed layouts)."""
     fused = getattr(module, name)
     requires_grad = fused.requires_grad
     fused = fused.detach()
@@ -123,7 +129,7 @@ def _projection_linears(module: nn.Module, name: str) -> nn.ModuleList:
 
 def linearize(module: nn.Module) -> nn.Module:
     """Turn one fused experts module into its per-expert form, in place."""
-    for name in ("gate_up_proj" if module.has_gate else "up_proj", "down_proj"):
+    for name in (_up_name(module), "down_proj"):
         linears = _projection_linears(module, name)
         delattr(module, name)
         if module.has_bias:
