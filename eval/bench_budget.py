@@ -28,7 +28,6 @@ from typing import Any
 import torch
 
 from compress.budget import profile_layers
-from compress.compressors import COMPRESSORS
 from compress.data import calibration_windows
 from compress.metrics import serving_dtype
 from compress.model_loading import load_model, load_tokenizer
