@@ -7,7 +7,6 @@ transformers) is imported until a command runs, so help and argument errors are 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import shutil
@@ -160,6 +159,7 @@ def cmd_compress(args) -> int:
 
     from .api import compress_model
     from .checkpoint import save_compressed
+    from .distributed import init_from_env, shutdown
     from .model_loading import check_device, load_model, load_tokenizer, resolve_dtype
     from .progress import progress_dir
     from .recipe import DEFAULT_RECIPE, auto_recipe, load_recipe, with_calibration, with_max_size
@@ -175,17 +175,31 @@ def cmd_compress(args) -> int:
     device = check_device(args.device)
     output_dir = Path(args.output_dir) if args.output_dir else _default_output_dir(args.model, recipe.name)
     check_output_dir(output_dir, args.overwrite)
+    # under torchrun: join the ranks (distributed.py); rank 0 alone logs, saves and prints
+    parallel, device = init_from_env(device)
+    if not parallel.is_main:
+        logging.getLogger("compress").setLevel(logging.WARNING)
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype=resolve_dtype(args.dtype, device), device="cpu")
     check_output_dir(output_dir, args.overwrite, required_bytes=model_size(model)["bytes"])  # room for a checkpoint
-    with logging_redirect_tqdm():
-        model, report = compress_model(
-            model, recipe, tokenizer=tokenizer, device=device, progress=not args.quiet,
-            progress_to=progress_dir(output_dir), resume=args.resume,
-        )  # fmt: skip
-    report["model"] = args.model
-    save_compressed(model, output_dir, tokenizer=tokenizer, recipe=recipe, report=report, overwrite=args.overwrite)
-    shutil.rmtree(progress_dir(output_dir), ignore_errors=True)  # complete: nothing to resume
+    try:
+        with logging_redirect_tqdm():
+            model, report = compress_model(
+                model, recipe, tokenizer=tokenizer, device=device, progress=not args.quiet,
+                progress_to=progress_dir(output_dir), resume=args.resume,
+            )  # fmt: skip
+        report["model"] = args.model
+        if parallel.is_main:
+            save_compressed(model, output_dir, tokenizer=tokenizer, recipe=recipe, report=report, overwrite=args.overwrite)
+        parallel.barrier()  # every rank's progress stays until the checkpoint is complete
+        shutil.rmtree(progress_dir(output_dir) / f"rank{parallel.rank}" if parallel.active else progress_dir(output_dir), ignore_errors=True)
+        parallel.barrier()
+        if parallel.is_main:
+            shutil.rmtree(progress_dir(output_dir), ignore_errors=True)  # complete: nothing to resume
+    finally:
+        shutdown()
+    if not parallel.is_main:
+        return 0
     summary = report["summary"]
     print(report_markdown(report).split("\n| layer")[0].rstrip())
     for warning in high_error_layers(report):
@@ -220,21 +234,19 @@ def cmd_compress(args) -> int:
 
 def _evaluate_one(args, source: str) -> dict:
     """Evaluate one model. On CPU, compressed layers whose PyTorch path expands the weight (sparse,
-    tile-sparse, GQSA) expand it once and keep it for the evaluation (memory as the dense model;
-    recorded in the results) instead of once per forward call."""
+    tile-sparse, GQSA, dictionary coefficients) keep the expansion in the bounded CPU cache
+    (`LLMPRESS_CPU_WEIGHT_CACHE`) instead of rebuilding it per call; the bytes it held are recorded
+    in the results (memory beyond the compressed model's own)."""
+    from .kernels import cpu_cache_bytes, cpu_cache_limit
     from .model_loading import check_device, load_model, load_tokenizer
 
     device = check_device(args.device)
     tokenizer = load_tokenizer(source)
     model = load_model(source, dtype=args.dtype, device=device)
     result: dict = {"model": source}
-    with contextlib.ExitStack() as stack:
-        if device == "cpu":  # the PyTorch references would expand sparse/INT4 weights on every call
-            from .kernels import expanded_weights_cached
-
-            stack.enter_context(expanded_weights_cached())
-            result["cpu_expanded_weights_cached"] = True
-        _evaluate_loaded(args, source, model, tokenizer, result)
+    _evaluate_loaded(args, source, model, tokenizer, result)
+    if device == "cpu":
+        result["cpu_expanded_weight_cache"] = {"bytes": cpu_cache_bytes(model), "limit_bytes": cpu_cache_limit()}
     return result
 
 

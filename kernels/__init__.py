@@ -23,7 +23,13 @@ from typing import Callable, Iterator
 
 import torch
 
-from .runtime import expanded_weights_cached  # noqa: F401  (re-exported for the pipelines)
+from .runtime import (  # noqa: F401  (re-exported for the pipelines, modules and reports)
+    cpu_cache_bytes,
+    cpu_cache_limit,
+    expanded_weights_cached,
+    forget_cpu_cache,
+    set_cpu_cache_limit,
+)
 
 KERNEL_MODES = ("auto", "torch", "triton")
 # the Triton kernels are tuned for decode; in `auto`, longer inputs (prefill) go to the PyTorch

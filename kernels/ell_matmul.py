@@ -15,6 +15,7 @@ import torch
 
 from .runtime import (
     check_launch,
+    expanded_weight,
     flat_tokens,
     interpreting,
     launch_refusal,
@@ -109,4 +110,5 @@ def dict_forward_triton(module, x: torch.Tensor) -> torch.Tensor:
 def dict_reference(module, x: torch.Tensor) -> torch.Tensor:
     """PyTorch reference: project on the atoms, then apply the dense coefficient matrix."""
     atoms = module.dictionary().to(x.device)  # a group's owner may sit on another device (device_map)
-    return torch.nn.functional.linear(torch.nn.functional.linear(x, atoms), module.dense_coefficients(), module.bias)
+    coefficients = expanded_weight(module, module.coef_values.dtype, "coefficients", module.dense_coefficients)
+    return torch.nn.functional.linear(torch.nn.functional.linear(x, atoms), coefficients, module.bias)

@@ -228,19 +228,67 @@ def test_int4_kernel_serves_plain_w4_and_split_k(monkeypatch, split_k):
     assert rel_err(y, torch.nn.functional.linear(x.double(), module.to_dense().double(), module.bias.double())) < 1e-5
 
 
-def test_expanded_weights_are_cached_only_inside_the_scope(monkeypatch):
-    """Pipelines run every calibration batch through a compressed block: inside
-    `expanded_weights_cached` the dense-expanding references expand each module once."""
-    module = _random_sparse(16, 32, 0.5, torch.float32)
-    calls = []
+@pytest.fixture
+def cpu_cache(monkeypatch):
+    """The CPU cache of expanded weights, emptied and bounded at 1 MiB for the test, restored after."""
+    before = kernels.cpu_cache_limit()
+    kernels.set_cpu_cache_limit(0)  # drops what earlier tests left
+    kernels.set_cpu_cache_limit(2**20)
+    yield
+    kernels.set_cpu_cache_limit(0)
+    kernels.set_cpu_cache_limit(before)
+
+
+def _counting_to_dense(monkeypatch, module) -> tuple[list, object]:
+    calls: list = []
     original = type(module).to_dense
     monkeypatch.setattr(type(module), "to_dense", lambda self: calls.append(1) or original(self))
+    return calls, original
+
+
+def test_expanded_weights_are_cached_inside_the_scope(monkeypatch, cpu_cache):
+    """Pipelines run every calibration batch through a compressed block: inside
+    `expanded_weights_cached` the dense-expanding references expand each module once, and the copy
+    goes with the scope (the process-wide cache is not filled)."""
+    module = _random_sparse(16, 32, 0.5, torch.float32)
+    calls, original = _counting_to_dense(monkeypatch, module)
     kernels.set_kernel_mode("torch")
     x = torch.randn(3, 32)
     expected = torch.nn.functional.linear(x, original(module), module.bias)
     with kernels.expanded_weights_cached():
         for _ in range(4):
             torch.testing.assert_close(module(x), expected, rtol=0, atol=0)
+    assert len(calls) == 1 and kernels.cpu_cache_bytes() == 0
+    kernels.set_cpu_cache_limit("off")
+    module(x), module(x)
+    assert len(calls) == 3  # cache off: expanded per call, nothing kept
+
+
+def test_cpu_cache_keeps_one_expansion_per_module_until_its_storage_changes(monkeypatch, cpu_cache):
+    """Outside a scope, evaluation and generate on the CPU expand each module once (26x the dense
+    time per token otherwise); an in-place change, a move or a gradient-carrying storage expands
+    again, and the cache never holds more than its bound."""
+    module = _random_sparse(16, 32, 0.5, torch.float32)
+    calls, original = _counting_to_dense(monkeypatch, module)
+    kernels.set_kernel_mode("torch")
+    x = torch.randn(3, 32)
+    for _ in range(3):
+        torch.testing.assert_close(module(x), torch.nn.functional.linear(x, original(module), module.bias))
     assert len(calls) == 1
-    module(x)
-    assert len(calls) == 2  # outside the scope: expanded per call, nothing kept
+    assert kernels.cpu_cache_bytes(module) == 16 * 32 * 4 == kernels.cpu_cache_bytes()
+    with torch.no_grad():
+        module.values.mul_(2)  # storage changed in place: the old expansion is stale
+    torch.testing.assert_close(module(x), torch.nn.functional.linear(x, original(module), module.bias))
+    assert len(calls) == 2
+    module.to(torch.float64)  # moved or cast: dropped
+    assert kernels.cpu_cache_bytes() == 0
+    module.to(torch.float32)
+    module.values.requires_grad_(True)  # training the values (E2E tuning): never cached
+    module(x), module(x)
+    assert len(calls) == 4 and kernels.cpu_cache_bytes() == 0
+    module.values.requires_grad_(False)
+    kernels.set_cpu_cache_limit(16 * 32 * 4 - 1)  # one expansion does not fit: per call again
+    module(x), module(x)
+    assert len(calls) == 6 and kernels.cpu_cache_bytes() == 0
+    with pytest.raises(ValueError, match="LLMPRESS_CPU_WEIGHT_CACHE.*not a size"):
+        kernels.set_cpu_cache_limit("lots")

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..kernels import forget_kernel_choice
+from ..kernels import forget_cpu_cache, forget_kernel_choice
 from ..metrics import served_itemsize, tensor_bytes
 
 FORMATS: dict[str, type["CompressedLinear"]] = {}
@@ -40,8 +40,10 @@ class CompressedLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def _apply(self, fn, *args, **kwargs):
-        """Moving or casting the storage (.to, .cuda, .half) forgets the cached kernel choice."""
+        """Moving or casting the storage (.to, .cuda, .half) forgets the cached kernel choice and
+        any expanded weight kept in the CPU cache."""
         forget_kernel_choice(self)
+        forget_cpu_cache(self)
         return super()._apply(fn, *args, **kwargs)
 
     # --- what every format provides -------------------------------------------------------
