@@ -18,6 +18,7 @@ from .blocks import weight_stacks
 from .experts import expert_linear_names, is_fused_experts, per_expert_stacks
 from .metrics import LayerRecord, serving_dtype
 from .data import calibration_windows
+from .distributed import current
 from .errors import LlmpressError
 from .paths import check_output_dir
 from .progress import RunProgress, fingerprint, progress_dir
@@ -115,6 +116,8 @@ def compress_model(
     with serving_dtype(recipe.serve_dtype):
         dense_size = model_size(model)
 
+    parallel = current()  # several ranks (torchrun): rank 0 alone shows progress and saves
+    progress = progress and parallel.is_main
     runner = CompressionRunner(model, recipe, device=device, progress=progress)
     input_ids = None
     if calib.num_samples > 0 and runner.needs_data():
@@ -126,6 +129,8 @@ def compress_model(
         )  # fmt: skip
     if progress_to is None and output_dir is not None:
         progress_to = progress_dir(output_dir)
+    if progress_to is not None and parallel.active:  # each rank resumes its own share of the sequences
+        progress_to = Path(progress_to) / f"rank{parallel.rank}"
     if resume and (progress_to is None or calib.statistics != "sequential"):
         raise LlmpressError("resume continues a sequential run that saves a checkpoint: give output_dir and statistics: sequential")
     run_progress = None
@@ -163,10 +168,13 @@ def compress_model(
     report["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     report["serve_dtype"] = recipe.serve_dtype
     report["model_size"]["stored"] = model_size(model)  # the checkpoint's tensors, in the dtype they are kept in
+    report["ranks"] = parallel.world_size
     if output_dir is not None:
         from .checkpoint import save_compressed
 
-        save_compressed(model, output_dir, tokenizer=tokenizer, recipe=recipe, report=report, overwrite=overwrite)
+        if parallel.is_main:
+            save_compressed(model, output_dir, tokenizer=tokenizer, recipe=recipe, report=report, overwrite=overwrite)
+        parallel.barrier()
         if run_progress is not None:
             run_progress.finish()
     return model, report

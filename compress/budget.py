@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .allocation import Option, solve_dp, solve_lagrangian, total
 from .compressors import LayerStats, StageConfig
 from .compressors.base import LevelResult, flush_denormals
+from .distributed import linear_cost
 from .errors import LlmpressError
 from .metrics import tensor_bytes
 from .pipelines import DenseStatsPipeline, FisherSums
@@ -207,18 +208,20 @@ def profile_block(
     if compressor.level_field is None:
         raise LlmpressError(f"method {stage.method!r} has no level to allocate; allocation needs e.g. a 'ratio' method")
     block = pipeline.blocks[index]
-    profiles = {}
-    for name, linear in pipeline.dense_targets(block, index, [stage_index]).items():
+    compressed_levels = [lv for lv in levels if lv > 0 or not level_zero_is_dense]
+
+    def profile(name: str, linear: torch.nn.Module) -> list[LevelResult]:
         weight = linear.weight.data
         bias = linear.bias.data if linear.bias is not None else None
         layer_stats = stats.get(name, LayerStats())
-        compressed_levels = [lv for lv in levels if lv > 0 or not level_zero_is_dense]
         with flush_denormals():
             results = compressor.profile(weight, bias, layer_stats, stage, compressed_levels) if compressed_levels else []
         results = [replace(r, stage=stage_index) for r in results]
         results = ([_dense_result(weight, bias)] if 0.0 in levels and level_zero_is_dense else []) + results
-        profiles[name] = _with_sensitivity(results, layer_stats)
-    return profiles
+        return _with_sensitivity(results, layer_stats)
+
+    # several ranks: each profiles its share of the layers (bin-packed by cost), all get every profile
+    return pipeline.parallel.split_work(pipeline.dense_targets(block, index, [stage_index]), linear_cost, profile)
 
 
 def profile_layers(

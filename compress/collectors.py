@@ -7,6 +7,7 @@ compressors ask for statistics by name through `Compressor.needs`.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -40,6 +41,11 @@ class Collector(ABC):
                 "or bfloat16, and check the dataset"
             )
         return value
+
+    def all_reduce(self, parallel) -> None:
+        """Sum the running statistic and the token count over the ranks (distributed.py)."""
+        parallel.all_reduce_([self.value()])
+        self.num_tokens = parallel.all_reduce_count(self.num_tokens)
 
     @abstractmethod
     def update(self, x: torch.Tensor) -> None:
@@ -186,6 +192,27 @@ class LinearInputHooks:
 
             self._handles.append(linear.register_forward_pre_hook(hook))
         return self
+
+    def all_reduce(self, parallel) -> None:
+        """Make every rank's collectors hold the sums over all ranks' calibration sequences.
+
+        A layer a rank never called (a rarely routed expert) gets zero collectors there first.
+        Ranks that found the same input sharing reduce each shared set once; otherwise every
+        layer gets its own copy of its collectors before the reduction, so nothing is summed twice."""
+        if not parallel.active:
+            return
+        if any(shared != self.shared_with for shared in parallel.all_gather_objects(self.shared_with)):
+            for name, owner in self.shared_with.items():
+                self.collectors[name] = copy.deepcopy(self.collectors[owner])
+            self.shared_with = {}
+        for name, linear in self._linears.items():
+            if name in self.shared_with:
+                continue
+            if name not in self.collectors:
+                device = next(linear.parameters()).device
+                self.collectors[name] = {n: COLLECTORS[n](name, linear.in_features, device) for n in self._names}
+            for collector in self.collectors[name].values():
+                collector.all_reduce(parallel)
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:

@@ -20,6 +20,7 @@ from ..blocks import find_decoder_blocks, run_block
 from ..collectors import LinearInputHooks, identity_statistics, shrink_sparse_statistics
 from ..compressors import COMPRESSORS, LayerStats, StageConfig
 from ..compressors.base import flush_denormals
+from ..distributed import current, linear_cost
 from ..errors import LlmpressError
 from ..experts import all_experts_calibrated, expert_linear_names, linearize_experts
 from ..kernels import expanded_weights_cached
@@ -90,6 +91,7 @@ class BlockPipeline:
         self.blocks_path, self.blocks = find_decoder_blocks(model)
         self.compressors = [COMPRESSORS[stage.method]() for stage in self.stages]
         self.block_log: list[dict[str, Any]] = []
+        self.parallel = current()  # ranks of a torchrun launch (compress/distributed.py), or one
         # original (weight, bias) of the current block's layers, kept only for refining stages (EoRA)
         self._keep_originals = any(c.wraps_compressed for c in self.compressors)
         self._originals: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -172,9 +174,12 @@ class BlockPipeline:
         linears: dict[str, nn.Module] = {}
         for i in wanted:
             linears.update(match_linears(self.model, self.stages[i].targets, self.stages[i].ignore))
-        return collect_fisher(
-            self.model, self.blocks, linears, input_ids, self.device, self.offload_device, progress=self.progress
-        )
+        sums = collect_fisher(
+            self.model, self.blocks, linears, self.parallel.share(input_ids), self.device, self.offload_device,
+            progress=self.progress and self.parallel.is_main,
+        )  # fmt: skip
+        self.parallel.all_reduce_(t for layer_sums in sums.values() for t in layer_sums.values())
+        return sums
 
     @torch.no_grad()
     def collect_block(
@@ -220,6 +225,7 @@ class BlockPipeline:
         all_experts = self.moe_calibration == "all"
         with LinearInputHooks(layers, needs) as hooks, expanded_weights_cached(), all_experts_calibrated(block, all_experts):
             outputs = run_block(block, hiddens, kwargs, self.device, self.offload_device, keep=keep)
+        hooks.all_reduce(self.parallel)  # several ranks: the sums over every rank's sequences
         stats: dict[str, LayerStats] = {}
         results: dict[int, dict[str, torch.Tensor]] = {}  # layers sharing collectors share their results
         starved: list[tuple[str, int]] = []
@@ -239,8 +245,8 @@ class BlockPipeline:
                     if tokens
                     else identity_statistics(needs, layer.in_features, self.device)
                 )
-            if not expert and not tokens:
-                tokens = sum(h.shape[:-1].numel() for h in hiddens)  # a data-free stage: the block's tokens
+            if not expert and not tokens:  # a data-free stage: the block's tokens
+                tokens = self.parallel.all_reduce_count(sum(h.shape[:-1].numel() for h in hiddens))
             stats[name] = LayerStats(tensors, tokens, name=name, block=index)
             stats[name].tensors.update(fisher.get(name, {}))
         if starved:
@@ -282,13 +288,50 @@ class BlockPipeline:
             if not layers:  # nothing here for this stage (the allocator chose other stages or dense)
                 continue
             stage_stats = stats_for(stage_index, layers)
-            for name, linear in layers.items():
-                config = self.config_for(stage_index, name)
-                if config is None:  # the allocator left this layer dense
-                    continue
+            for name in layers:
                 if self.compressors[stage_index].needs and name not in stage_stats:
                     raise LlmpressError(f"no calibration statistics for {name}; collect them for every target")
-                records += self.compress_layer(name, linear, stage_stats, config, index, stage_index)
+            configured = {name: (linear, self.config_for(stage_index, name)) for name, linear in layers.items()}
+            records += self.compress_layers(configured, stage_stats, index, stage_index)
+        return records
+
+    # several ranks split a block's layers between them (GroupedPipeline does not: a group spans blocks)
+    weight_parallel = True
+
+    def compress_layers(
+        self, layers: dict[str, tuple[nn.Module, StageConfig]], stats: dict[str, LayerStats], index: int, stage_index: int
+    ) -> list[LayerRecord]:
+        """Compress each (layer, config) in place; the records in the layers' order.
+
+        With several ranks each compresses its share, bin-packed by estimated cost, and the
+        compressed modules are broadcast from their owners: every rank ends with the same block."""
+        if not self.parallel.active or not self.weight_parallel:
+            return [r for name, (linear, config) in layers.items() for r in self.compress_layer(name, linear, stats, config, index, stage_index)]
+        rank = self.parallel.rank
+        owners = self.parallel.assign({name: linear_cost(linear) for name, (linear, _) in layers.items()})
+        mine = {
+            name: self.compress_layer(name, linear, stats, config, index, stage_index)
+            for name, (linear, config) in layers.items()
+            if owners[name] == rank
+        }
+        records: list[LayerRecord] = []
+        block = self.blocks[index]
+        for name, (linear, _) in layers.items():
+            local = name[len(self.prefix(index)) + 1 :]
+            payload = None
+            if owners[name] == rank:
+                payload = (block.get_submodule(local).to("cpu"), mine[name])
+            module, layer_records = self.parallel.broadcast_object(payload, owners[name])
+            module.to(self.device)
+            if owners[name] != rank:
+                if self._keep_originals and not isinstance(linear, CompressedLinear):
+                    self._originals[name] = (linear.weight.data, linear.bias.data if linear.bias is not None else None)
+                set_submodule(block, local, module)
+                for record in layer_records:
+                    log_record(record)
+                    if self.on_layer:
+                        self.on_layer(record)
+            records += layer_records
         return records
 
     @torch.no_grad()
@@ -346,14 +389,20 @@ class BlockPipeline:
             tokens=stats.num_tokens if stats is not None and stats.tensors else None,
             detail={k: v for k, v in spec.items() if k not in ("format", "in_features", "out_features", "bias")},
         )
-        logger.info(
-            "%-40s %-10s params %9d -> %9d  bytes %10d -> %10d  err %.4f  wtd %s  %.2fs",
-            name, config.method, record.params_before, record.values_after, record.bytes_before, record.bytes_after,
-            rel, f"{weighted:.4f}" if weighted is not None else "n/a", record.seconds,
-        )  # fmt: skip
+        log_record(record)
         if self.on_layer:
             self.on_layer(record)
         return record
+
+
+def log_record(record: LayerRecord) -> None:
+    """One line per compressed layer: sizes, errors, seconds."""
+    weighted = record.rel_weighted_error
+    logger.info(
+        "%-40s %-10s params %9d -> %9d  bytes %10d -> %10d  err %.4f  wtd %s  %.2fs",
+        record.name, record.method, record.params_before, record.values_after, record.bytes_before, record.bytes_after,
+        record.rel_error, f"{weighted:.4f}" if weighted is not None else "n/a", record.seconds,
+    )  # fmt: skip
 
 
 def statistics_groups(

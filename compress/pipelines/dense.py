@@ -43,7 +43,7 @@ class DenseStatsPipeline(BlockPipeline):
         if input_ids is None:
             raise LlmpressError("dense statistics need calibration data; set calibration.num_samples >= 1")
         fisher = self.collect_fisher(input_ids, stage_indices) if fisher is None else fisher
-        inputs = capture_block_inputs(self.model, self.blocks, input_ids, self.batch_size, self.device, self.offload_device)
+        inputs = capture_block_inputs(self.model, self.blocks, self.parallel.share(input_ids), self.batch_size, self.device, self.offload_device)
         needs = self.input_needs(stage_indices)
         bar = tqdm(range(len(self.blocks)), desc="Collecting statistics", disable=not self.progress, unit="block")
         for index in bar:

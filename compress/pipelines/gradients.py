@@ -42,21 +42,27 @@ def compress_from_gradients(jobs: list[tuple[BlockPipeline, int]], input_ids: to
     grads: dict[str, list[torch.Tensor]] = {}
     records: list[list[LayerRecord]] = [[] for _ in jobs]
     tokens = int(input_ids.numel())
+    parallel = walker.parallel
 
     def keep(name: str, grad: torch.Tensor) -> None:
         grads.setdefault(name, []).append(grad.reshape(-1).to(walker.offload_device, torch.float32))
 
     def compress_block(index: int) -> None:
         prefix = walker.prefix(index) + "."
-        for name in [n for n in targets[0] if n.startswith(prefix)]:
-            window = LayerStats({"grads": torch.stack(grads.pop(name))}, tokens, name=name, block=index)
-            for (pipeline, stage_index), linears, job_records in zip(jobs, targets, records):
-                config = pipeline.config_for(stage_index, name)
-                if config is not None:
-                    job_records += pipeline.compress_layer(name, linears[name], {name: window}, config, index, stage_index)
+        names = [n for n in targets[0] if n.startswith(prefix)]
+        # several ranks: each walked its own sequences; the window holds every rank's, in sample order
+        windows = {
+            name: LayerStats({"grads": parallel.all_gather_rows(torch.stack(grads.pop(name)))}, tokens, name=name, block=index)
+            for name in names
+        }
+        for (pipeline, stage_index), linears, job_records in zip(jobs, targets, records):
+            configured = {name: (linears[name], pipeline.config_for(stage_index, name)) for name in names}
+            configured = {name: pair for name, pair in configured.items() if pair[1] is not None}
+            job_records += pipeline.compress_layers(configured, windows, index, stage_index)
 
     backward_walk(
-        walker.model, walker.blocks, targets[0], input_ids, walker.device, walker.offload_device, keep, compress_block,
-        chunk_size=len(input_ids), progress=walker.progress, desc=f"{walker.stages[jobs[0][1]].method} (gradients)",
+        walker.model, walker.blocks, targets[0], parallel.share(input_ids), walker.device, walker.offload_device, keep,
+        compress_block, chunk_size=len(parallel.share(input_ids)), progress=walker.progress and parallel.is_main,
+        desc=f"{walker.stages[jobs[0][1]].method} (gradients)",
     )  # fmt: skip
     return records

@@ -24,6 +24,8 @@ from .dense import BlockStats, DenseStatsPipeline
 
 
 class GroupedPipeline(DenseStatsPipeline):
+    weight_parallel = False  # a shared dictionary spans blocks: every rank compresses every group
+
     def grouped_stages(self) -> list[int]:
         return [i for i, (stage, c) in enumerate(zip(self.stages, self.compressors)) if c.group_size(stage) > 1]
 

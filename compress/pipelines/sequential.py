@@ -30,7 +30,7 @@ class SequentialPipeline(BlockPipeline):
         inputs = None
         if input_ids is not None:
             fisher = self.collect_fisher(input_ids, stage_indices) if fisher is None else fisher
-            inputs = capture_block_inputs(self.model, self.blocks, input_ids, self.batch_size, self.device, self.offload_device)
+            inputs = capture_block_inputs(self.model, self.blocks, self.parallel.share(input_ids), self.batch_size, self.device, self.offload_device)
         records: list[LayerRecord] = []
         start = 0
         if self.run_progress is not None:  # a resumed run: the finished blocks come back as they were
