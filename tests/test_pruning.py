@@ -199,3 +199,22 @@ def test_pipelines_sharing_a_gradient_walk_match_separate_walks(tokenizer, calib
     mismatched = SequentialPipeline(copy.deepcopy(base), [MFACConfig(ratio=0.5, targets=["re:.*mlp.*"])], progress=False)
     with pytest.raises(LlmpressError, match="same layers"):
         compress_from_gradients([(shared[0], 0), (mismatched, 0)], ids)
+
+
+def test_mfac_float32_factor_matches_float64():
+    """precision: float32 keeps Z in half the memory (what a 70B layer needs to fit one GPU);
+    the factorization is still float64, so the inverse and the pruning barely move."""
+    from compress.compressors.mfac import BlockFisherInverse, MFACConfig, mfac_prune
+
+    g = torch.Generator().manual_seed(0)
+    grads = torch.randn(32, 512, generator=g) @ torch.diag(torch.logspace(0, -2, 512))
+    exact, half = (BlockFisherInverse(grads, 64, 0.1, dtype=dtype) for dtype in (torch.float64, torch.float32))
+    assert half.z.dtype == torch.float32 and half.z.element_size() * 2 == exact.z.element_size()
+    torch.testing.assert_close(half.diag(), exact.diag(), rtol=1e-5, atol=0)
+    v = torch.randn(512, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(half.mul(v), exact.mul(v), rtol=1e-5, atol=1e-6 * float(exact.mul(v).abs().max()))
+    W = torch.randn(8, 64, generator=g)
+    a, keep_a = mfac_prune(W, grads, MFACConfig(ratio=0.5, block_size=64))
+    b, keep_b = mfac_prune(W, grads, MFACConfig(ratio=0.5, block_size=64, precision="float32"))
+    assert torch.equal(keep_a, keep_b)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

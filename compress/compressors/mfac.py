@@ -22,16 +22,20 @@ The m per-sequence gradients of every weight are too many to hold for a whole mo
 pipeline compresses each block during one backward walk (`pipeline.compress_from_gradients`).
 Calibration `num_samples` is m.
 
-Memory: the walk holds one block's gradient windows, m·d_block fp32 values, and pruning a layer
-adds Z = L⁻¹G in fp64, m·d_layer·8 bytes. SmolLM2-135M (3.5 M weights per block, 0.9 M in its
-largest layer) with m = 128: 1.7 GiB + 0.8 GiB. A Llama-3-8B block holds 0.22 G weights, its MLP
-layers 58.7 M each: at m = 128 that is 104 GiB of gradients plus 56 GiB for one MLP layer, so an
-8B model needs a large host, a smaller m (m = 16: 13 + 7 GiB), or gradients streamed per layer.
+Memory: the walk holds one block's gradient windows, m·d_block fp32 values, in host memory (the
+pipeline's offload device); pruning a layer streams its gradients to the compute device a chunk
+of blocks at a time and keeps only Z = L⁻¹G there, m·d_layer values in `precision` (fp64 by
+default). SmolLM2-135M (3.5 M weights per block, 0.9 M in its largest layer) with m = 128: 1.7 GiB
+of host memory + 0.8 GiB. A Llama-3-8B block holds 0.22 G weights, its MLP layers 58.7 M each: at
+m = 128, 104 GiB of host memory and 56 GiB on the GPU; Llama-3-70B (0.86 G weights per block,
+235 M per MLP layer): 410 GiB of host memory and 224 GiB of Z in fp64, 112 GiB in fp32, the
+precision that fits one 141 GB GPU (or m = 64 in fp64).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -50,6 +54,11 @@ class MFACConfig(PruningConfig):
     # OBS update explodes (SmolLM2, m = 128: perplexity 4.4e7 at 50%). 0.1 measured safe and best.
     damp: float = Field(default=0.1, gt=0.0, description="λ relative to the mean squared gradient")
     steps: int = Field(default=4, ge=1, le=64, description="pruning steps towards the target sparsity")
+    precision: Literal["float64", "float32"] = Field(
+        default="float64",
+        description="dtype of the kept factor Z (m·d values per layer): float32 halves M-FAC's memory "
+        "(a 70B MLP layer at m = 128: 120 instead of 240 GB); each chunk is still factorized in float64",
+    )
 
 
 class BlockFisherInverse:
@@ -61,32 +70,45 @@ class BlockFisherInverse:
 
     CHUNK = 128  # blocks per batched factorization (small chunks stay in cache)
 
-    def __init__(self, grads: torch.Tensor, block_size: int, damp: float):
+    def __init__(
+        self, grads: torch.Tensor, block_size: int, damp: float, device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float64,
+    ):  # fmt: skip
+        """`grads` (m, d) may stay where the pipeline keeps them (host memory): a chunk of blocks
+        at a time is moved to `device` (default: the gradients' own), factorized in float64 there,
+        and its Z stored in `dtype`. Memory on the device: Z, m·d values."""
         m, d = grads.shape
         if d % block_size:
             raise ValueError(f"block_size {block_size} must divide the number of weights {d}")
+        device = torch.device(device) if device is not None else grads.device
         blocks = d // block_size
         g32 = grads.reshape(m, blocks, block_size)
-        mean_square = float(torch.linalg.vector_norm(grads)) ** 2 / grads.numel()
+        mean_square = float(torch.linalg.vector_norm(grads.float())) ** 2 / grads.numel()
         if not math.isfinite(mean_square):
             raise LlmpressError("gradients contain NaN/Inf: the calibration loss overflowed; try float32")
         self.lam = damp * mean_square or damp
-        self.z = torch.empty(blocks, m, block_size, dtype=torch.float64, device=grads.device)
-        damping = torch.eye(m, dtype=torch.float64, device=grads.device).mul_(m * self.lam)
-        for start in range(0, blocks, self.CHUNK):  # fp64 G a chunk at a time: memory m·d·8 for Z only
-            g = g32[:, start : start + self.CHUNK].double().transpose(0, 1).contiguous()  # (chunk, m, B)
+        self.z = torch.empty(blocks, m, block_size, dtype=dtype, device=device)
+        damping = torch.eye(m, dtype=torch.float64, device=device).mul_(m * self.lam)
+        for start in range(0, blocks, self.CHUNK):  # fp64 G a chunk at a time: memory m·d for Z only
+            g = g32[:, start : start + self.CHUNK].to(device, torch.float64).transpose(0, 1).contiguous()  # (chunk, m, B)
             k = torch.baddbmm(damping.expand(len(g), m, m), g, g.transpose(1, 2))  # positive definite
-            torch.linalg.solve_triangular(torch.linalg.cholesky(k), g, upper=False, out=self.z[start : start + self.CHUNK])
+            z = torch.linalg.solve_triangular(torch.linalg.cholesky(k), g, upper=False)
+            self.z[start : start + self.CHUNK] = z
 
     def diag(self) -> torch.Tensor:
-        """[F⁻¹]_qq = (1 − ‖z_q‖²)/λ for every weight, flattened (d,)."""
-        return ((1.0 - self.z.square().sum(1)) / self.lam).reshape(-1)
+        """[F⁻¹]_qq = (1 − ‖z_q‖²)/λ for every weight, flattened (d,), in float64."""
+        norms = torch.cat([z.double().square().sum(1) for z in self.z.split(self.CHUNK)])
+        return ((1.0 - norms) / self.lam).reshape(-1)
 
     def mul(self, v: torch.Tensor) -> torch.Tensor:
-        """F⁻¹·v = (v − Zᵀ(Z·v))/λ for a flattened (d,) vector."""
-        vb = v.double().reshape(self.z.shape[0], -1)  # (blocks, B)
-        zv = torch.einsum("kmb,kb->km", self.z, vb)
-        return ((vb - torch.einsum("kmb,km->kb", self.z, zv)) / self.lam).reshape(-1)
+        """F⁻¹·v = (v − Zᵀ(Z·v))/λ for a flattened (d,) vector, in float64 (Z upcast a chunk at a time)."""
+        vb = v.double().reshape(self.z.shape[0], -1).to(self.z.device)  # (blocks, B)
+        out = torch.empty_like(vb)
+        for start in range(0, len(vb), self.CHUNK):
+            z = self.z[start : start + self.CHUNK].double()
+            part = vb[start : start + self.CHUNK]
+            out[start : start + self.CHUNK] = part - torch.einsum("kmb,km->kb", z, torch.einsum("kmb,kb->km", z, part))
+        return (out / self.lam).reshape(-1).to(v.device)
 
 
 def mfac_prune(
@@ -100,8 +122,8 @@ def mfac_prune(
     if config.pattern == "tile":
         raise ValueError("mfac does not choose tile-structured masks; use sparsegpt, wanda or magnitude for pattern 'tile'")
     if inverse is None:
-        inverse = BlockFisherInverse(grads, config.block_size, config.damp)
-    diag = inverse.diag().clamp_min(1e-30)
+        inverse = BlockFisherInverse(grads, config.block_size, config.damp, weight.device, getattr(torch, config.precision))
+    diag = inverse.diag().clamp_min(1e-30).to(weight.device)
     w = weight.double().reshape(-1).clone()
     keep = torch.ones_like(w, dtype=torch.bool)
     for step in range(1, config.steps + 1):
@@ -132,8 +154,10 @@ class MFACCompressor(Compressor):
 
     def compress(self, weight, bias, stats: LayerStats, config: MFACConfig, base=None) -> SparseLinear:
         # several sparsities pruned from one gradient window (a benchmark's rows) share the inverse
-        key = ("mfac_inverse", config.block_size, config.damp)
+        key = ("mfac_inverse", config.block_size, config.damp, config.precision, str(weight.device))
         if key not in stats.derived:
-            stats.derived[key] = BlockFisherInverse(stats["grads"], config.block_size, config.damp)
+            stats.derived[key] = BlockFisherInverse(
+                stats["grads"], config.block_size, config.damp, weight.device, getattr(torch, config.precision)
+            )
         pruned, keep = mfac_prune(weight, stats["grads"], config, stats.derived[key])
         return SparseLinear.from_dense(pruned, keep, bias, pattern=config.pattern)
