@@ -65,13 +65,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--dataset", default=None, help="calibration text (default: the recipe's)")
     parser.add_argument("--out", default="runs/bench-ranks")
+    parser.add_argument("--work", default="runs/bench-ranks-checkpoints", help="where the checkpoints are written")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     extra = ["--dataset", args.dataset] if args.dataset else []
     rows = []
     for ranks in args.ranks:
-        checkpoint = out / f"checkpoint-{ranks}-ranks"
+        checkpoint = Path(args.work) / f"{ranks}-ranks-{args.threads}-threads"
         seconds = compress_with_ranks(ranks, args.threads, args.model, args.recipe, checkpoint, extra)
         report = json.loads((checkpoint / "report.json").read_text())
         ppl = perplexity_of(checkpoint, args.text, args.windows)
