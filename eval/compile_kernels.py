@@ -68,12 +68,15 @@ def builds(dtype: str = "fp16") -> list[Build]:
         {"HAS_BIAS": False, "DOT_FP32": False, "BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 64}, {"num_warps": 4, "num_stages": 3},
         aligned=("M", "K", "K_PER_SPLIT", "BYTES_PER_ROW", "stride_xn", "stride_yn", "stride_ys"),
     ))  # fmt: skip
-    for group, block_m, all_groups in ((128, 16, False), (16, 64, False), (16, 64, True)):
+    from compress.kernels.gqsa_matmul import gqsa_tiles
+
+    for group, tokens, all_groups in ((128, 1, False), (128, 16, False), (16, 1, False), (16, 4, False), (16, 16, False), (16, 4, True)):
+        block_n, block_m = gqsa_tiles(tokens, group // 2)  # the launcher's own tiles for this many tokens
         out.append(Build(
-            f"gqsa g{group} BM{block_m}" + (" (W4, no index)" if all_groups else ""), "gqsa_matmul:_gqsa_kernel",
+            f"gqsa g{group} N{tokens} BM{block_m} BN{block_n}" + (" (W4, no index)" if all_groups else ""), "gqsa_matmul:_gqsa_kernel",
             {"x_ptr": p, "q_ptr": "*u8", "s_ptr": p, "z_ptr": "*u8", "g_ptr": p if all_groups else "*i16", "b_ptr": p,
              "y_ptr": p, **_ints("M", "N", "KEPT", "stride_xn", "stride_yn")},
-            {"HAS_BIAS": False, "ALL_GROUPS": all_groups, "GROUP": group, "BLOCK_M": block_m, "BLOCK_N": 4},
+            {"HAS_BIAS": False, "ALL_GROUPS": all_groups, "GROUP": group, "BLOCK_M": block_m, "BLOCK_N": block_n},
             {"num_warps": 4}, aligned=("M", "stride_xn", "stride_yn"),
         ))  # fmt: skip
     out.append(Build(
@@ -91,6 +94,93 @@ def builds(dtype: str = "fp16") -> list[Build]:
         aligned=("M", "S", "stride_hn", "stride_yn"),
     ))  # fmt: skip
     return out
+
+
+# Hopper budget (H200 SXM): HBM 4.8 TB/s shared by 132 SMs at ~1.98 GHz is ~18.4 bytes per SM
+# per clock; an SM issues at most 4 warp-instructions per clock (one per scheduler), and its
+# integer pipes take about half of those (64 INT32 lanes). A decode kernel streams its weight
+# bytes once, so it stays memory-bound only while its main loop issues at most
+# 4 / 18.4 = 0.22 warp-instructions (0.11 integer ones) per byte it loads from global memory.
+HOPPER = {"sms": 132, "clock_ghz": 1.98, "hbm_tb_s": 4.8, "issue_per_clk": 4.0, "int_issue_per_clk": 2.0,
+          "registers_per_sm": 65536, "max_warps_per_sm": 64, "max_ctas_per_sm": 32, "shared_per_sm": 228 * 1024}  # fmt: skip
+BYTES_PER_CLK_PER_SM = HOPPER["hbm_tb_s"] * 1e12 / HOPPER["sms"] / (HOPPER["clock_ghz"] * 1e9)
+ISSUE_PER_BYTE_BUDGET = HOPPER["issue_per_clk"] / BYTES_PER_CLK_PER_SM
+INT_PER_BYTE_BUDGET = HOPPER["int_issue_per_clk"] / BYTES_PER_CLK_PER_SM
+MAX_DECODE_REGISTERS = 128  # 4 warps x 128 registers: 4 CTAs per SM, enough loads in flight
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_INT_OPS = ("IMAD", "IADD3", "IADD", "LOP3", "SHF", "ISETP", "LEA", "SEL", "POPC", "PRMT", "IABS", "IMNMX", "BFE",
+            "BFI", "FLO", "SGXT", "I2F", "F2I", "IMUL", "ISCADD", "VIADD", "BREV", "LOP", "SHL", "SHR", "IDP")  # fmt: skip
+_FP_OPS = ("FFMA", "FADD", "FMUL", "FMNMX", "FSETP", "HFMA2", "HADD2", "HMUL2", "F2F", "F2FP", "FSEL", "MUFU", "DFMA", "DADD", "DMUL")
+
+
+def _load_width(op: str) -> int:
+    """Bytes per thread of a global load (LDG, LDGSTS) from its SASS modifiers."""
+    mods = op.split(".")[1:]
+    if "128" in mods:
+        return 16
+    if "64" in mods:
+        return 8
+    if "U16" in mods or "S16" in mods:
+        return 2
+    if "U8" in mods or "S8" in mods:
+        return 1
+    return 4
+
+
+def main_loop(sass: str) -> dict[str, float] | None:
+    """The loop (a backward branch's body) that loads the most global bytes, as counts per pass:
+    instructions, integer and floating-point ones, tensor-core ones, and bytes loaded per thread."""
+    instrs = [(int(m.group(1), 16), m.group(3), m.group(4)) for m in _SASS_LINE.finditer(sass)]
+    loops = []
+    for address, op, args in instrs:
+        if op.startswith("BRA"):
+            target = re.search(r"0x([0-9a-f]+)", args)
+            if target and int(target.group(1), 16) < address:
+                loops.append((int(target.group(1), 16), address))
+    best = None
+    for start, end in loops:
+        body = [op for address, op, _ in instrs if start <= address <= end]
+        loads = [op for op in body if op.startswith(("LDG", "LDGSTS"))]
+        stats = {
+            "instructions": len(body),
+            "int": sum(op.split(".")[0] in _INT_OPS for op in body),
+            "fp": sum(op.split(".")[0] in _FP_OPS for op in body),
+            "tensor": sum(op.startswith(("HGMMA", "HMMA")) for op in body),
+            "loads": len(loads),
+            "bytes_per_thread": sum(_load_width(op) for op in loads),
+        }
+        key = (stats["bytes_per_thread"], -stats["instructions"])
+        if best is None or key > best[0]:
+            best = (key, stats)
+    return best[1] if best and best[1]["bytes_per_thread"] > 0 else None
+
+
+def occupancy(registers: int, shared: int, warps: int) -> dict[str, float]:
+    """CTAs and warps per SM the registers and shared memory allow on Hopper."""
+    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256  # allocated per warp in units of 256
+    by_regs = HOPPER["registers_per_sm"] // (regs_per_warp * warps)
+    by_shared = HOPPER["shared_per_sm"] // shared if shared else HOPPER["max_ctas_per_sm"]
+    ctas = min(by_regs, by_shared, HOPPER["max_warps_per_sm"] // warps, HOPPER["max_ctas_per_sm"])
+    return {"ctas_per_sm": ctas, "warps_per_sm": ctas * warps, "occupancy": ctas * warps / HOPPER["max_warps_per_sm"]}
+
+
+def budget(row: dict) -> dict[str, object]:
+    """The static budget of a decode kernel: registers, spills, and main-loop issue per byte."""
+    loop = row.get("loop")
+    reasons = []
+    if row["registers"] > MAX_DECODE_REGISTERS:
+        reasons.append(f"{row['registers']} registers > {MAX_DECODE_REGISTERS}")
+    if row["local_bytes"] or row["LDL"]:
+        reasons.append("spills")
+    if loop is None:
+        reasons.append("no main loop with global loads found")
+    else:
+        if loop["issue_per_byte"] > ISSUE_PER_BYTE_BUDGET:
+            reasons.append(f"{loop['issue_per_byte']:.3f} warp-instructions per byte > {ISSUE_PER_BYTE_BUDGET:.3f}")
+        if loop["int_per_byte"] > INT_PER_BYTE_BUDGET:
+            reasons.append(f"{loop['int_per_byte']:.3f} integer warp-instructions per byte > {INT_PER_BYTE_BUDGET:.3f}")
+    return {"within_budget": not reasons, "over_budget": reasons}
 
 
 def _tool(name: str) -> str:
@@ -120,13 +210,24 @@ def compile_one(build: Build, arch: int = 90) -> dict[str, object]:
         sass = subprocess.run([_tool("cuobjdump"), "--dump-sass", cubin.name], capture_output=True, text=True).stdout
     fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
     ops = collections.Counter(re.findall(r"\b(" + "|".join(SASS_OPS) + r")\b", sass))
-    return {
+    warps = build.options.get("num_warps", 4)
+    row: dict[str, object] = {
         "kernel": build.name,
         "registers": int(fields.get("REG", -1)),
         "local_bytes": int(fields.get("LOCAL", 0)) + int(fields.get("STACK", 0)),
         "shared_bytes": compiled.metadata.shared,
+        "warps": warps,
         **{op: ops.get(op, 0) for op in SASS_OPS},
     }
+    row.update(occupancy(row["registers"], row["shared_bytes"], warps))
+    loop = main_loop(sass)
+    if loop is not None:  # per pass of the main loop, for the whole CTA
+        cta_bytes = loop["bytes_per_thread"] * 32 * warps
+        loop = {**loop, "cta_bytes": cta_bytes, "issue_per_byte": loop["instructions"] * warps / cta_bytes,
+                "int_per_byte": loop["int"] * warps / cta_bytes}  # fmt: skip
+    row["loop"] = loop
+    row.update(budget(row))
+    return row
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,10 +239,25 @@ def main(argv: list[str] | None = None) -> None:
     header = ["kernel", "registers", "local_bytes", "shared_bytes", *SASS_OPS]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     lines += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
+    lines += [
+        "",
+        f"Static budget (Hopper/H200: {BYTES_PER_CLK_PER_SM:.1f} HBM bytes per SM-clock; memory-bound while the main loop "
+        f"issues <= {ISSUE_PER_BYTE_BUDGET:.3f} warp-instructions and <= {INT_PER_BYTE_BUDGET:.3f} integer ones per "
+        f"byte loaded; <= {MAX_DECODE_REGISTERS} registers, no spills). Per pass of the main loop, per CTA:",
+        "",
+        "| kernel | CTAs/SM | occupancy | loop instr | int | fp | tensor | loads | bytes | instr/byte | int/byte | within budget |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        loop = r["loop"] or {}
+        cells = [loop.get(k, "-") for k in ("instructions", "int", "fp", "tensor", "loads", "cta_bytes")]
+        ratios = [f"{loop[k]:.3f}" if loop else "-" for k in ("issue_per_byte", "int_per_byte")]
+        verdict = "yes" if r["within_budget"] else "no: " + "; ".join(r["over_budget"])
+        lines.append(f"| {r['kernel']} | {r['ctas_per_sm']} | {r['occupancy']:.2f} | " + " | ".join(map(str, cells)) + f" | {' | '.join(ratios)} | {verdict} |")
     table = "\n".join(lines)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"arch": f"sm_{args.arch}", "rows": rows}, indent=2))
+    (out / "results.json").write_text(json.dumps({"arch": f"sm_{args.arch}", "hopper": HOPPER, "rows": rows}, indent=2))
     (out / "results.md").write_text(table + "\n")
     print(table)
 

@@ -37,8 +37,8 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         HALF: tl.constexpr = GROUP // 2
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok = rm < M
@@ -67,6 +67,15 @@ if triton is not None:
         if HAS_BIAS:
             acc += tl.load(b_ptr + rm, mask=m_ok, other=0.0).to(tl.float32)[:, None]
         tl.store(y_ptr + rn[None, :] * stride_yn + rm[:, None], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def gqsa_tiles(n: int, half: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_M) for n tokens and groups of 2·half columns. The (rows × g/2 × tokens)
+    products and activations live in registers: at most 1024 products per program and 256 per
+    row keep every configuration within 128 registers on sm_90 (eval/compile_kernels.py checks
+    them: 8192 products took 212-246)."""
+    block_n = min(16, next_pow2(n), max(1, 256 // half))
+    return block_n, max(4, min(64, 1024 // (half * block_n)))
 
 
 def gqsa_matmul(
@@ -104,10 +113,10 @@ def gqsa_matmul(
     out = output_like(x, m)
     if n == 0:
         return out
-    block_n = min(16, next_pow2(n))
-    # the (rows × g/2 × tokens) products live in registers: keep them near 8K elements per program
-    block_m = 16 if interpreting() else max(16, min(64, 8192 // (half * block_n)))
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    block_n, block_m = gqsa_tiles(n, half)
+    block_m = 16 if interpreting() else block_m
+    # token tiles vary fastest: the programs sharing a weight tile run together and read it once from HBM
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
     _gqsa_kernel[grid](
         x2, qweight, scales, zeros, group_index, bias if bias is not None else scales, out,
         m, n, kept, x2.stride(0), m,
