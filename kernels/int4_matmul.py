@@ -56,8 +56,14 @@ if triton is not None:
             packed = tl.load(q_ptr + slot[:, None] * HALF + half[None, :], mask=m_ok[:, None], other=0)
             scale = tl.load(s_ptr + slot, mask=m_ok, other=0.0).to(tl.float32)[:, None]
             zero = tl.load(z_ptr + slot, mask=m_ok, other=0).to(tl.float32)[:, None]
-            low = ((packed & 0xF).to(tl.float32) - zero) * scale
-            high = ((packed >> 4).to(tl.float32) - zero) * scale
+            offset = -zero * scale  # (q − z)·s = q·s + (−z·s): one FMA per weight instead of a subtract and a multiply
+            # a nibble q to float without the quarter-rate int-to-float conversion: the bits of 2^23 + q
+            # (exponent 0x4B0) minus 2^23, exact
+            wide = packed.to(tl.int32)
+            low = ((wide & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            high = ((wide >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            low = low * scale + offset
+            high = high * scale + offset
             col = g * GROUP + 2 * half
             x_off = rn[None, :] * stride_xn + col[:, None]
             x_even = tl.load(x_ptr + x_off, mask=n_ok[None, :], other=0.0)
