@@ -192,10 +192,8 @@ def cmd_compress(args) -> int:
         if parallel.is_main:
             save_compressed(model, output_dir, tokenizer=tokenizer, recipe=recipe, report=report, overwrite=args.overwrite)
         parallel.barrier()  # every rank's progress stays until the checkpoint is complete
-        shutil.rmtree(progress_dir(output_dir) / f"rank{parallel.rank}" if parallel.active else progress_dir(output_dir), ignore_errors=True)
-        parallel.barrier()
         if parallel.is_main:
-            shutil.rmtree(progress_dir(output_dir), ignore_errors=True)  # complete: nothing to resume
+            shutil.rmtree(progress_dir(output_dir), ignore_errors=True)  # complete: nothing to resume (all ranks' folders)
     finally:
         shutdown()
     if not parallel.is_main:

@@ -64,8 +64,8 @@ class Parallel:
         """Sum each tensor over the ranks, in place (moved to the backend's device and back)."""
         if not self.active:
             return
+        device = self._comm_device()
         for t in tensors:
-            device = self._comm_device()
             buffer = t if t.device == device else t.to(device)
             dist.all_reduce(buffer)
             if buffer is not t:

@@ -24,7 +24,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-
 class RssSampler:
     """Peak resident bytes per phase, sampled in a background thread."""
 

@@ -30,15 +30,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def compress_with_ranks(ranks: int, threads: int, model: str, recipe: str, out: Path, extra: list[str]) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // ranks)), "TOKENIZERS_PARALLELISM": "false"}
+def torchrun(ranks: int, args: list[str], threads_per_rank: int = 1, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node RANKS -m compress ARGS` on this machine (gloo on the CPU)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank), "TOKENIZERS_PARALLELISM": "false"}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
-        "--master-port", str(_free_port()), "-m", "compress", "compress", model, "--recipe", recipe, "--device", "cpu",
-        "--output-dir", str(out), "--overwrite", "--quiet", *extra,
+        "--master-port", str(_free_port()), "-m", "compress", *args,
     ]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def compress_with_ranks(ranks: int, threads: int, model: str, recipe: str, out: Path, extra: list[str]) -> float:
+    args = ["compress", model, "--recipe", recipe, "--device", "cpu", "--output-dir", str(out), "--overwrite", "--quiet", *extra]
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    done = torchrun(ranks, args, threads_per_rank=max(1, threads // ranks))
     seconds = time.perf_counter() - start
     if done.returncode:
         raise SystemExit(f"{ranks} ranks failed:\n{done.stderr[-4000:]}")

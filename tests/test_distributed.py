@@ -11,10 +11,6 @@ ones (masks, indices, codes) exactly.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,6 +18,7 @@ from conftest import tiny_model
 from safetensors.torch import load_file
 
 from compress.distributed import Parallel
+from compress.eval.bench_ranks import torchrun
 
 RECIPES = {
     "gram (sparsegpt)": "stages:\n  - {method: sparsegpt, ratio: 0.5}\n",
@@ -33,21 +30,6 @@ RECIPES = {
         "             candidates: {0: [0.0, 0.5], 1: [0.2, 0.4, 0.6], 2: [0.5]}}\n"
     ),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun(ranks: int, args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
-        "--master-port", str(_free_port()), "-m", "compress", *args,
-    ]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +47,7 @@ def test_two_ranks_write_the_checkpoint_one_rank_writes(kind, model_dir, calib_t
     outputs = {}
     for ranks in (1, 2):
         out = tmp_path / f"ranks{ranks}"
-        done = _torchrun(ranks, [
+        done = torchrun(ranks, timeout=600, args=[
             "compress", str(model_dir), "--recipe", str(recipe), "--dataset", str(calib_text), "--device", "cpu",
             "--output-dir", str(out), "--quiet",
         ])  # fmt: skip

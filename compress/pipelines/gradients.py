@@ -60,9 +60,10 @@ def compress_from_gradients(jobs: list[tuple[BlockPipeline, int]], input_ids: to
             configured = {name: pair for name, pair in configured.items() if pair[1] is not None}
             job_records += pipeline.compress_layers(configured, windows, index, stage_index)
 
+    mine = parallel.share(input_ids)  # this rank's sequences (all of them with one process)
     backward_walk(
-        walker.model, walker.blocks, targets[0], parallel.share(input_ids), walker.device, walker.offload_device, keep,
-        compress_block, chunk_size=len(parallel.share(input_ids)), progress=walker.progress and parallel.is_main,
+        walker.model, walker.blocks, targets[0], mine, walker.device, walker.offload_device, keep,
+        compress_block, chunk_size=len(mine), progress=walker.progress and parallel.is_main,
         desc=f"{walker.stages[jobs[0][1]].method} (gradients)",
     )  # fmt: skip
     return records
