@@ -16,6 +16,7 @@ summed cost under the budget; the normal (sequential) compression run then appli
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
@@ -28,7 +29,7 @@ from .compressors import LayerStats, StageConfig
 from .compressors.base import LevelResult, flush_denormals
 from .distributed import linear_cost
 from .errors import LlmpressError
-from .metrics import parse_size, tensor_bytes
+from .metrics import tensor_bytes
 from .pipelines import DenseStatsPipeline, FisherSums
 
 logger = logging.getLogger("compress")
@@ -114,6 +115,20 @@ class AllocationConfig(BaseModel):
         if self.candidates is not None:
             return dict(self.candidates)
         return {self.stage: sorted(set(self.levels) | {0.0})}
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes of '8GB' (10^9), '7.5GiB' (2^30), '500MB' or a plain number of bytes."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(size))
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise ValueError(f"size {size!r} not understood; write e.g. 8GB, 7.5GiB, 500MB or a number of bytes")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
 @dataclass

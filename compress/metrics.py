@@ -7,7 +7,6 @@ pipelines both import this module, so it depends on nothing but torch.
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass
@@ -15,6 +14,7 @@ from typing import Any, Iterator
 
 import psutil
 import torch
+
 
 # The dtype float tensors are served in (a recipe's `serve_dtype`): sizes are counted at its width
 # whatever dtype the model was compressed in. None: as stored.
@@ -87,17 +87,3 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return psutil.Process().memory_info().rss / 2**20
-
-
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes of '8GB' (10^9), '7.5GiB' (2^30), '500MB' or a plain number of bytes."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(size))
-    unit = match.group(2).upper() if match else None
-    if match is None or unit not in _SIZE_UNITS:
-        raise ValueError(f"size {size!r} not understood; write e.g. 8GB, 7.5GiB, 500MB or a number of bytes")
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])

@@ -165,10 +165,15 @@ def _parse_cache_limit(value: int | str) -> int:
             return int(0.4 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
         except (ValueError, OSError, AttributeError):  # not a POSIX system
             return 8 * 2**30
-    from compress.metrics import parse_size
-
+    units = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "b": 1}
+    for unit in sorted(units, key=len, reverse=True):
+        if text.endswith(unit):
+            number = text[: -len(unit)].strip()
+            break
+    else:
+        unit, number = "b", text
     try:
-        return parse_size(value)
+        return int(float(number) * units[unit])
     except ValueError:
         raise ValueError(
             f"LLMPRESS_CPU_WEIGHT_CACHE={value!r} is not a size: use auto, off, or bytes such as 8GB or 500MiB"
