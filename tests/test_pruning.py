@@ -218,3 +218,60 @@ def test_mfac_float32_factor_matches_float64():
     b, keep_b = mfac_prune(W, grads, MFACConfig(ratio=0.5, block_size=64, precision="float32"))
     assert torch.equal(keep_a, keep_b)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _fisher_problem(m: int, d: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    grads = torch.randn(m, d, generator=g, dtype=torch.float64) @ (torch.randn(d, d, generator=g, dtype=torch.float64) * 0.3 + torch.eye(d, dtype=torch.float64))
+    return grads, torch.randn(2, d // 2, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("m", [10, 40])  # m < B: Woodbury factor; m >= B: the dense B x B blocks
+def test_mfac_joint_update_is_the_exact_obs_solution(m):
+    """One step, one Fisher block: w − F⁻¹ e_P [(F⁻¹)_PP]⁻¹ w_P for the pruned set P, the exact
+    minimizer of the quadratic loss with w_P = 0 (what the sum of single-weight updates is not)."""
+    from compress.compressors.mfac import BlockFisherInverse, MFACConfig, mfac_prune
+
+    grads, W = _fisher_problem(m, 24)
+    config = MFACConfig(ratio=0.5, block_size=24, damp=0.05, steps=1)
+    pruned, keep = mfac_prune(W, grads, config)
+    lam = BlockFisherInverse(grads, 24, 0.05).lam
+    f_inv = torch.linalg.inv(lam * torch.eye(24, dtype=torch.float64) + grads.T @ grads / m)
+    w = W.reshape(-1)
+    p = (~keep).reshape(-1).nonzero().squeeze(1)
+    exact = w - f_inv[:, p] @ torch.linalg.solve(f_inv[p][:, p], w[p])
+    torch.testing.assert_close(pruned.reshape(-1), exact, rtol=1e-9, atol=1e-9)
+    summed, _ = mfac_prune(W, grads, config.model_copy(update={"update": "sum"}))
+    fisher = torch.linalg.inv(f_inv)
+    loss = lambda v: float((v - w) @ fisher @ (v - w))  # noqa: E731
+    assert loss(exact) < loss(summed.reshape(-1))
+
+
+def test_dense_block_inverse_matches_the_woodbury_factor():
+    from compress.compressors.mfac import BlockFisherInverse, DenseBlockFisherInverse, outer_product_sums
+
+    grads, _ = _fisher_problem(20, 48)
+    woodbury = BlockFisherInverse(grads, 16, 0.1)
+    dense = DenseBlockFisherInverse(outer_product_sums(grads, 16), 20, 0.1)
+    assert dense.lam == pytest.approx(woodbury.lam)
+    torch.testing.assert_close(dense.diag(), woodbury.diag())
+    v = torch.randn(48, dtype=torch.float64)
+    torch.testing.assert_close(dense.mul(v), woodbury.mul(v))
+    index = torch.tensor([[0, 5], [3, 2], [15, 1]])
+    torch.testing.assert_close(dense.submatrix(index), woodbury.submatrix(index))
+
+
+def test_gradient_walk_streams_block_sums(tokenizer, calib_text, monkeypatch):
+    """m >= block_size: the walk folds gradients into per-block sums (in batches) and the result
+    equals pruning from the kept gradients."""
+    import compress.pipelines.gradients as gradients
+
+    monkeypatch.setattr(gradients, "SUM_BATCH", 3)  # partial batches too
+    dense = {}
+    for inverse in ("blocks", "woodbury"):
+        recipe = {"calibration": {"num_samples": 8, "seq_len": 16},
+                  "stages": [{"method": "mfac", "ratio": 0.5, "block_size": 8, "inverse": inverse, "targets": ["re:.*mlp.*"]}]}  # fmt: skip
+        model, _ = compress.compress_model(tiny_model("llama"), recipe, dataset=str(calib_text), tokenizer=tokenizer, progress=False)
+        dense[inverse] = model.model.layers[0].mlp.down_proj.to_dense()
+    assert gradients._shared_block_sums([(compress.pipelines.SequentialPipeline(tiny_model(), [MFACConfig(ratio=0.5, block_size=8)], progress=False), 0)], 8) == 8
+    torch.testing.assert_close(dense["blocks"], dense["woodbury"], rtol=1e-4, atol=1e-5)

@@ -10,13 +10,19 @@ so with K = LLᵀ and Z = L⁻¹G precomputed (O(d·m²) in all), GᵀK⁻¹G = 
 inverse-Hessian-vector product is (v − Zᵀ(Z·v))/λ in O(d·m) and a diagonal element
 [F⁻¹]_qq = (1 − ‖z_q‖²)/λ costs O(m).
 
-Pruning follows OBS: a weight's saliency is w_q²/(2[F⁻¹]_qq); the weights to remove at a step
-are the lowest-saliency ones, and the rest absorb them with one IHVP,
-δw = −F⁻¹·(w_Q / [F⁻¹]_QQ) (the sum of the single-weight OBS updates). Several steps approach
-the target sparsity gradually so that later choices see earlier updates. M-FAC's reference
-recomputes gradients and the inverse over the remaining weights at each step; here both come
-from the dense model (one backward walk) and the inverse is built once, so a step's update may
-move weights pruned earlier, which are set back to zero: cheaper, and an approximation.
+When m ≥ B the B×B blocks themselves are cheaper (`inverse: blocks`, the default then): the
+pipeline streams each sequence's gradient into Σ_i g_i g_iᵀ per block (d·B values, however large
+m is), and F⁻¹ is factorized block by block. More gradients then cost time, not memory.
+
+Pruning follows OBS: a weight's saliency is w_q²/(2[F⁻¹]_qq), and each step removes the
+lowest-saliency ones. `update: joint` (default) is the exact OBS solution for every weight of a
+Fisher block pruned so far, P (earlier steps' and this one's): δw = −F⁻¹ e_P [(F⁻¹)_PP]⁻¹ w_P,
+one |P|×|P| solve per block, which leaves w_P exactly zero and the rest optimally corrected.
+`update: sum` adds the single-weight updates instead (δw = −F⁻¹(w_Q / [F⁻¹]_QQ), as if each
+weight were removed alone) and sets pruned weights back to zero: cheaper, and wrong when
+several weights of a block go at once. Several steps approach the target sparsity gradually so
+that later choices see earlier updates. M-FAC's reference also recomputes the gradients of the
+partly pruned model between steps; here they come from the dense model (one backward walk).
 
 The m per-sequence gradients of every weight are too many to hold for a whole model: the
 pipeline compresses each block during one backward walk (`pipeline.compress_from_gradients`).
@@ -54,6 +60,14 @@ class MFACConfig(PruningConfig):
     # OBS update explodes (SmolLM2, m = 128: perplexity 4.4e7 at 50%). 0.1 measured safe and best.
     damp: float = Field(default=0.1, gt=0.0, description="λ relative to the mean squared gradient")
     steps: int = Field(default=4, ge=1, le=64, description="pruning steps towards the target sparsity")
+    update: Literal["joint", "sum"] = Field(
+        default="joint", description="exact OBS update for all pruned weights of a block, or the sum of single-weight updates"
+    )
+    inverse: Literal["auto", "woodbury", "blocks"] = Field(
+        default="auto",
+        description="F⁻¹ from the m gradients (Woodbury, m·d values) or from per-block sums of gg^T (blocks, d·B values); "
+        "auto: blocks when m >= block_size",
+    )
     precision: Literal["float64", "float32"] = Field(
         default="float64",
         description="dtype of the kept factor Z (m·d values per layer): float32 halves M-FAC's memory "
@@ -110,19 +124,111 @@ class BlockFisherInverse:
             out[start : start + self.CHUNK] = part - torch.einsum("kmb,km->kb", z, torch.einsum("kmb,kb->km", z, part))
         return (out / self.lam).reshape(-1).to(v.device)
 
+    def submatrix(self, index: torch.Tensor) -> torch.Tensor:
+        """(blocks, q, q): [F⁻¹] restricted to `index` (blocks, q) positions within each block, float64."""
+        z = self.z.gather(2, index.to(self.z.device)[:, None, :].expand(-1, self.z.shape[1], -1)).double()  # (blocks, m, q)
+        eye = torch.eye(index.shape[1], dtype=torch.float64, device=z.device)
+        return (eye - z.transpose(1, 2) @ z) / self.lam
+
+
+def outer_product_sums(grads: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(blocks, B, B) Σ_i g_i g_iᵀ per block of B consecutive weights, from (m, d) gradients (float64)."""
+    m, d = grads.shape
+    g = grads.reshape(m, d // block_size, block_size).transpose(0, 1).double()  # (blocks, m, B)
+    return g.transpose(1, 2) @ g
+
+
+class DenseBlockFisherInverse:
+    """The same inverse from the per-block sums S = Σ_i g_i g_iᵀ of m gradients: F = λI + S/m,
+    each B×B block factorized (float64) and its inverse kept in `dtype` (d·B values)."""
+
+    def __init__(self, sums: torch.Tensor, num_grads: int, damp: float, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float64):  # fmt: skip
+        blocks, b, _ = sums.shape
+        device = torch.device(device) if device is not None else sums.device
+        s = sums.to(device, torch.float64)
+        mean_square = float(s.diagonal(dim1=1, dim2=2).sum()) / (num_grads * blocks * b)
+        if not math.isfinite(mean_square):
+            raise LlmpressError("gradients contain NaN/Inf: the calibration loss overflowed; try float32")
+        self.lam = damp * mean_square or damp
+        f = s / num_grads + self.lam * torch.eye(b, dtype=torch.float64, device=device)
+        chol, info = torch.linalg.cholesky_ex(f)
+        if int(info.max()) != 0:
+            raise LlmpressError(f"an M-FAC Fisher block is not positive definite (damping {self.lam:.3e}); raise damp")
+        self.inv = torch.cholesky_inverse(chol).to(dtype)
+
+    def diag(self) -> torch.Tensor:
+        return self.inv.diagonal(dim1=1, dim2=2).double().reshape(-1)
+
+    def mul(self, v: torch.Tensor) -> torch.Tensor:
+        vb = v.double().reshape(self.inv.shape[0], -1, 1).to(self.inv.device)
+        return (self.inv.double() @ vb).reshape(-1).to(v.device)
+
+    def submatrix(self, index: torch.Tensor) -> torch.Tensor:
+        index = index.to(self.inv.device)
+        rows = self.inv.gather(1, index[:, :, None].expand(-1, -1, self.inv.shape[2]))
+        return rows.gather(2, index[:, None, :].expand(-1, index.shape[1], -1)).double()
+
+
+FisherInverse = BlockFisherInverse | DenseBlockFisherInverse
+
+
+def joint_obs_coefficients(w: torch.Tensor, pruned: torch.Tensor, inverse: FisherInverse, block_size: int) -> torch.Tensor:
+    """c with δw = −F⁻¹c the exact OBS update that zeroes every pruned weight: per block,
+    c_P = [(F⁻¹)_PP]⁻¹ w_P and 0 elsewhere (P padded to the largest block's count with identity)."""
+    blocks = w.numel() // block_size
+    mask = pruned.reshape(blocks, block_size)
+    counts = mask.sum(1)
+    q = int(counts.max())
+    coeff = torch.zeros(blocks, block_size, dtype=torch.float64, device=w.device)
+    if q == 0:
+        return coeff.reshape(-1)
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :q]  # pruned positions first
+    valid = torch.arange(q, device=w.device)[None, :] < counts[:, None]
+    sub = inverse.submatrix(order).to(w.device)
+    both = valid[:, :, None] & valid[:, None, :]
+    eye = torch.eye(q, dtype=torch.float64, device=w.device).expand_as(sub)
+    sub = torch.where(both, sub, eye)
+    rhs = torch.where(valid, w.reshape(blocks, block_size).gather(1, order), torch.zeros((), dtype=torch.float64, device=w.device))
+    c = torch.linalg.solve(sub, rhs.unsqueeze(-1)).squeeze(-1)
+    coeff.scatter_(1, order, torch.where(valid, c, torch.zeros_like(c)))
+    return coeff.reshape(-1)
+
+
+def fisher_inverse(stats: LayerStats, config: MFACConfig, device: torch.device | str) -> FisherInverse:
+    """The layer's F⁻¹ from what the pipeline collected: per-block sums of gg^T ("grad_outer",
+    with "num_grads") or the gradients themselves ("grads", m × d)."""
+    dtype = getattr(torch, config.precision)
+    if stats.get("grad_outer") is not None:
+        sums = stats["grad_outer"]
+        if sums.shape[1] != config.block_size:
+            raise LlmpressError(f"{stats.name}: gradient sums were collected for block_size {sums.shape[1]}, not {config.block_size}")
+        return DenseBlockFisherInverse(sums, int(stats["num_grads"]), config.damp, device, dtype)
+    grads = stats["grads"]
+    if config.inverse == "blocks":
+        return DenseBlockFisherInverse(outer_product_sums(grads, config.block_size), grads.shape[0], config.damp, device, dtype)
+    return BlockFisherInverse(grads, config.block_size, config.damp, device, dtype)
+
+
+def uses_block_sums(config: MFACConfig, num_grads: int) -> bool:
+    """Whether the walk should stream gradients into per-block sums instead of keeping them."""
+    return config.inverse == "blocks" or (config.inverse == "auto" and num_grads >= config.block_size)
+
 
 def mfac_prune(
-    weight: torch.Tensor, grads: torch.Tensor, config: MFACConfig, inverse: BlockFisherInverse | None = None
+    weight: torch.Tensor, grads: torch.Tensor | None, config: MFACConfig, inverse: FisherInverse | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(updated weight with zeros, keep-mask) after `config.steps` OBS steps with the M-FAC inverse
     (`inverse`, when given, must be that of `grads` with the config's block size and damping)."""
     rows, cols = weight.shape
-    if grads.shape[1] != weight.numel():
-        raise ValueError(f"gradients have {grads.shape[1]} entries per sample, the weight has {weight.numel()}")
     if config.pattern == "tile":
         raise ValueError("mfac does not choose tile-structured masks; use sparsegpt, wanda or magnitude for pattern 'tile'")
+    if weight.numel() % config.block_size:
+        raise ValueError(f"block_size {config.block_size} must divide the number of weights {weight.numel()}")
     if inverse is None:
-        inverse = BlockFisherInverse(grads, config.block_size, config.damp, weight.device, getattr(torch, config.precision))
+        if grads.shape[1] != weight.numel():
+            raise ValueError(f"gradients have {grads.shape[1]} entries per sample, the weight has {weight.numel()}")
+        inverse = fisher_inverse(LayerStats({"grads": grads}), config, weight.device)
     diag = inverse.diag().clamp_min(1e-30).to(weight.device)
     w = weight.double().reshape(-1).clone()
     keep = torch.ones_like(w, dtype=torch.bool)
@@ -136,7 +242,9 @@ def mfac_prune(
         else:
             new_keep = unstructured_mask(saliency, config.ratio * step / config.steps).reshape(-1)
         removed = keep & ~new_keep
-        if removed.any():
+        if removed.any() and config.update == "joint":
+            w -= inverse.mul(joint_obs_coefficients(w, ~new_keep, inverse, config.block_size))
+        elif removed.any():
             coeff = torch.zeros_like(w)
             coeff[removed] = w[removed] / diag[removed]
             w -= inverse.mul(coeff)
@@ -152,12 +260,14 @@ class MFACCompressor(Compressor):
     needs = ("grads",)
     level_field = "ratio"
 
+    def gradient_block_sums(self, config: MFACConfig, num_grads: int) -> int | None:
+        """The block size whose per-block sums of gg^T the walk should collect instead of the gradients."""
+        return config.block_size if uses_block_sums(config, num_grads) else None
+
     def compress(self, weight, bias, stats: LayerStats, config: MFACConfig, base=None) -> SparseLinear:
         # several sparsities pruned from one gradient window (a benchmark's rows) share the inverse
-        key = ("mfac_inverse", config.block_size, config.damp, config.precision, str(weight.device))
+        key = ("mfac_inverse", config.block_size, config.damp, config.precision, config.inverse, str(weight.device))
         if key not in stats.derived:
-            stats.derived[key] = BlockFisherInverse(
-                stats["grads"], config.block_size, config.damp, weight.device, getattr(torch, config.precision)
-            )
-        pruned, keep = mfac_prune(weight, stats["grads"], config, stats.derived[key])
+            stats.derived[key] = fisher_inverse(stats, config, weight.device)
+        pruned, keep = mfac_prune(weight, stats.get("grads"), config, stats.derived[key])
         return SparseLinear.from_dense(pruned, keep, bias, pattern=config.pattern)
