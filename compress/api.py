@@ -162,6 +162,7 @@ def compress_model(
             left_dense=result.left_dense(),
         )
     report["allocation"] = result.allocation_summary(recipe)
+    report["tuning"] = result.tuning
     report["not_compressed"] = uncompressed_weight_stacks(runner.pipeline)
     report["experts"] = experts_summary(model, result.records, calib.moe)
     report["device"] = str(device)

@@ -2,7 +2,8 @@
 
 While a sequential run compresses block after block, `RunProgress` writes into a sibling of the
 output directory (`.NAME.progress/`): after each block, that block's tensors and the specs of its
-compressed modules (`block_<i>.pt`), the next block's inputs (`hiddens.pt`), the layer records
+compressed modules (`block_<i>.pt`), the next block's inputs (`hiddens.pt`; with block tuning
+also the dense model's, `dense_hiddens.pt`), the layer records
 and block log so far, the RNG state, then `state.json` naming the next block. Every file is
 written to a temporary name and renamed, and `state.json` last: a kill at any moment leaves the
 last finished block as the resume point. `state.json` holds a fingerprint of the recipe, the
@@ -86,8 +87,10 @@ class RunProgress:
         return state["next_block"] if state else 0
 
     def save_block(self, index: int, block: nn.Module, hiddens: list[torch.Tensor] | None,
-                   records: list[LayerRecord], block_log: list[dict]) -> None:  # fmt: skip
-        """Commit block `index` as finished (its tensors, the next inputs, records, RNG)."""
+                   records: list[LayerRecord], block_log: list[dict],
+                   dense_hiddens: list[torch.Tensor] | None = None) -> None:  # fmt: skip
+        """Commit block `index` as finished (its tensors, the next inputs, records, RNG;
+        `dense_hiddens`: the dense model's outputs so far, the targets of block tuning)."""
         specs: dict[str, dict] = {}
         for name, module in block.named_modules():  # the outermost compressed modules (an EoRA wrapper, not its base)
             if isinstance(module, CompressedLinear) and not any(name.startswith(f"{outer}.") for outer in specs):
@@ -96,6 +99,8 @@ class RunProgress:
         self._write(f"block_{index}.pt", lambda p: torch.save({"specs": specs, "state": state}, p))
         if hiddens is not None:
             self._write("hiddens.pt", lambda p: torch.save([h.cpu() for h in hiddens], p))
+        if dense_hiddens is not None:
+            self._write("dense_hiddens.pt", lambda p: torch.save([h.cpu() for h in dense_hiddens], p))
         self._write("records.json", lambda p: p.write_text(json.dumps({"records": [r.as_dict() for r in records], "blocks": block_log})))
         self._write("rng.pt", lambda p: torch.save(torch.get_rng_state(), p))
         self._write("state.json", lambda p: p.write_text(json.dumps({"fingerprint": self.fingerprint, "next_block": index + 1})))
@@ -119,6 +124,11 @@ class RunProgress:
         torch.set_rng_state(torch.load(self.directory / "rng.pt", weights_only=False))
         logger.warning("resuming at block %d of %d (%s)", start, len(blocks), self.directory)
         return start, hiddens, records, saved["blocks"]
+
+    def restore_dense_hiddens(self) -> list[torch.Tensor] | None:
+        """The dense model's outputs of the last finished block (runs with block tuning), or None."""
+        path = self.directory / "dense_hiddens.pt"
+        return torch.load(path, weights_only=False) if self.next_block() and path.exists() else None
 
     def finish(self) -> None:
         """The run is complete (its checkpoint written): drop the progress."""

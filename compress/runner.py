@@ -7,7 +7,9 @@
    knapsack across methods) on the dense model and solve for one option per layer (compress/budget.py);
 3. compress: gradient stages (M-FAC) during one backward walk, then the forward stages in the
    pipeline the recipe's statistics mode calls for (compress/pipelines/). MoE experts are
-   per-expert Linears meanwhile; stacks nothing compressed are fused back at the end.
+   per-expert Linears meanwhile; stacks nothing compressed are fused back at the end;
+4. tune (GQSA's `optimize: [e2e]`): the quantization parameters trained on the language-model
+   loss of the calibration data through the whole compressed model (compress/quant_tuning.py).
 
 `compress_model` (api.py) and the benchmarks (eval/bench_*.py) both run recipes through it; the
 benchmarks pass statistics and profiles collected once for many rows.
@@ -28,7 +30,9 @@ from .compressors.base import LevelResult
 from .errors import LlmpressError
 from .experts import fuse_untouched_stacks
 from .metrics import LayerRecord, serving_dtype
+from .modules import GQSALinear
 from .pipelines import DenseStatsPipeline, FisherSums, build_pipeline, compress_from_gradients, gradient_stages
+from .quant_tuning import tune_end_to_end, tuning_settings
 from .recipe import Recipe
 
 
@@ -38,6 +42,7 @@ class RunResult:
     plan: AllocationPlan | None
     block_log: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    tuning: dict[str, Any] | None = None  # end-to-end tuning's losses (GQSA optimize: [e2e])
 
     def left_dense(self) -> list[tuple[int, int]]:
         """(values, bytes) of the targets the allocator kept dense (they count in the budget)."""
@@ -153,5 +158,26 @@ class CompressionRunner:
                 records += pipeline.run(input_ids if stats is None else None, fisher, self.forward_stages, stats=stats)
             else:
                 records += pipeline.run(input_ids, fisher, self.forward_stages)
+        tuning = self.tune_end_to_end(input_ids, records)
         fuse_untouched_stacks(self.model)  # experts nothing compressed: back to the model's own fused weights
-        return RunResult(records, plan, pipeline.block_log, time.perf_counter() - start)
+        return RunResult(records, plan, pipeline.block_log, time.perf_counter() - start, tuning)
+
+    def tune_end_to_end(self, input_ids: torch.Tensor | None, records: list[LayerRecord]) -> dict[str, Any] | None:
+        """Step 4: E2E tuning of the GQSA layers of the stages that ask for it (their records'
+        errors stay those measured when each layer was compressed)."""
+        settings = tuning_settings(self.recipe.stages, "e2e", self.recipe.calibration.seed)
+        if settings is None:
+            return None
+        if input_ids is None:
+            raise LlmpressError("optimize: [e2e] trains on the calibration sequences: pass calibration data, not statistics")
+        asked = {i for i, stage in enumerate(self.recipe.stages) if "e2e" in getattr(stage, "optimize", ())}
+        modules = {r.name: self.model.get_submodule(r.name) for r in records if r.stage in asked}
+        modules = {name: m for name, m in modules.items() if isinstance(m, GQSALinear)}
+        if not modules:
+            return None
+        parallel = self.pipeline.parallel
+        result = tune_end_to_end(self.model, modules, parallel.share(input_ids), settings, self.options["device"], parallel, self.options["progress"])
+        for record in records:
+            if record.name in modules:
+                record.detail["e2e"] = result["kept"]
+        return {"e2e": result}

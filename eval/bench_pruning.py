@@ -7,6 +7,11 @@ gradients.
         --calib ../shared/data/wikitext2/valid.txt --eval ../shared/data/wikitext2/test.txt \\
         --out runs/bench-pruning
 
+GQSA rows with trained quantization parameters (`--gqsa-tuned-ratios`) run the sequential
+pipeline (BQPO needs the compressed model's own block inputs): '[seq]' without training,
+'[seq+bqpo]' with block-wise training, '[seq+bqpo+e2e]' the same model after end-to-end
+training (one compression, evaluated before and after E2E).
+
 Writes OUT/results.json, results.md and ppl_vs_ratio.png; rows already done are skipped.
 """
 
@@ -18,10 +23,14 @@ import logging
 import time
 
 import torch
+import yaml
 
+from compress.api import compress_model
 from compress.compressors import COMPRESSORS
 from compress.data import calibration_windows
+from compress.modules import GQSALinear
 from compress.pipelines import SequentialPipeline, compress_from_gradients
+from compress.quant_tuning import tune_end_to_end, tuning_settings
 from compress.report import summarize
 
 from .bench_lowrank import Bench, GridRow, add_common_args, write_outputs
@@ -70,12 +79,52 @@ def gqsa_rows(ratios: list[float], group_sizes: list[int], variants: list[str]) 
     return rows
 
 
-def mfac_rows(ratios: list[float], patterns: list[str]) -> list[GridRow]:
+def gqsa_tuned(bench: Bench, ratios: list[float], group_size: int, stage_keys: dict) -> None:
+    """Per group sparsity: the sequential baseline, BQPO, then E2E on the BQPO model."""
+    args = bench.args
+    calibration = {"num_samples": args.num_samples, "seq_len": args.seq_len, "seed": args.seed, "weighted_errors": True}
+    for ratio in ratios:
+        base = f"gqsa-g{group_size}[%s]/W4S{round(100 * ratio)}"
+        stage = {"method": "gqsa", "ratio": ratio, "group_size": group_size}
+        bench.sequential_row(base % "seq", ratio, [stage])
+        if bench.done(base % "seq+bqpo") and bench.done(base % "seq+bqpo+e2e"):
+            continue
+        tuned = {**stage, "optimize": ["bqpo", "e2e"], **stage_keys}
+        recipe = {"calibration": calibration, "stages": [{**tuned, "optimize": ["bqpo"]}]}
+        t0 = time.perf_counter()
+        model, report = compress_model(copy.deepcopy(bench.dense), recipe, dataset=args.calib, tokenizer=bench.tokenizer, progress=False)
+        seconds = time.perf_counter() - t0
+        blocks = [b["bqpo"] for b in report["blocks"]]
+        s = report["summary"]
+        row = {
+            "method": "gqsa", "allocation": "uniform", "ratio": ratio, "statistics": "sequential",
+            "params_removed": s["nominal_ratio_removed"], "bytes_removed": s["storage_ratio_removed"],
+            "mean_weighted_error": s["mean_rel_weighted_error"],
+            "bqpo_block_error_before": round(sum(b["loss_before"] for b in blocks) / len(blocks), 5),
+            "bqpo_block_error_after": round(sum(b["loss_after"] for b in blocks) / len(blocks), 5),
+            "bqpo_blocks_kept": sum(b["kept"] for b in blocks), "bqpo_seconds": round(sum(b["seconds"] for b in blocks), 1),
+        }  # fmt: skip
+        bench.record({"name": base % "seq+bqpo", **row, "compress_seconds": round(seconds, 1), **bench.evaluate(model)})
+        settings = tuning_settings([COMPRESSORS["gqsa"].config_class(**tuned)], "e2e", args.seed)
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, GQSALinear)}
+        t0 = time.perf_counter()
+        e2e = tune_end_to_end(model, layers, bench.calib_ids, settings, "cpu", progress=True)
+        e2e_seconds = time.perf_counter() - t0
+        extra = {"e2e_loss_before": round(e2e["loss_before"], 4), "e2e_loss_after": round(e2e["loss_after"], 4), "e2e_seconds": round(e2e_seconds, 1)}
+        bench.record({"name": base % "seq+bqpo+e2e", **row, **extra, "compress_seconds": round(seconds + e2e_seconds, 1), **bench.evaluate(model)})
+
+
+def mfac_rows(ratios: list[float], patterns: list[str], grads: int, updates: list[str]) -> list[GridRow]:
+    """'mfac[m=256,joint]/uniform/0.5': gradients, OBS update, sparsity (rows named 'mfac/...'
+    were measured before these options, with m = 64 and the summed update)."""
     config = COMPRESSORS["mfac"].config_class
-    rows = [GridRow(f"mfac/uniform/{r:g}", "mfac", "uniform", r, config(method="mfac", ratio=r)) for r in ratios]
-    for p in patterns:
-        n, m = map(int, p.split(":"))
-        rows.append(GridRow(f"mfac/{p}", "mfac", "uniform", 1 - n / m, config(method="mfac", pattern=p)))
+    rows = []
+    for update in updates:
+        tag = f"mfac[m={grads},{update}]"
+        rows += [GridRow(f"{tag}/uniform/{r:g}", "mfac", "uniform", r, config(method="mfac", ratio=r, update=update)) for r in ratios]
+        for p in patterns:
+            n, m = map(int, p.split(":"))
+            rows.append(GridRow(f"{tag}/{p}", "mfac", "uniform", 1 - n / m, config(method="mfac", pattern=p, update=update)))
     return rows
 
 
@@ -114,16 +163,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gqsa-ratios", nargs="*", type=float, default=[0.0, 0.5])
     parser.add_argument("--gqsa-group-sizes", nargs="*", type=int, default=[16])
     parser.add_argument("--gqsa-variants", nargs="*", default=["blockwise+refit"], choices=list(GQSA_VARIANTS))
+    parser.add_argument("--gqsa-tuned-ratios", nargs="*", type=float, default=[], help="group sparsities with BQPO/E2E rows")
+    parser.add_argument("--gqsa-tuning", nargs="*", default=[], metavar="KEY=VALUE", help="gqsa keys for the tuned rows, e.g. bqpo_epochs=2")
     parser.add_argument("--mfac-ratios", nargs="*", type=float, default=[])
     parser.add_argument("--mfac-patterns", nargs="*", default=[], help="N:M patterns for M-FAC")
     parser.add_argument("--mfac-grads", type=int, default=64, help="per-sequence gradients for M-FAC (m)")
     parser.add_argument("--mfac-seq-len", type=int, default=256, help="tokens per gradient sequence")
+    parser.add_argument("--mfac-updates", nargs="+", default=["joint"], choices=["joint", "sum"], help="OBS updates to compare")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     bench = Bench(args)
     rows = pruning_rows(args.methods, args.ratios, args.patterns) + tile_rows(args.tile_methods, args.tile_ratios, tuple(args.tile))
     bench.grid(rows + gqsa_rows(args.gqsa_ratios, args.gqsa_group_sizes, args.gqsa_variants))
-    mfac_grid(bench, mfac_rows(args.mfac_ratios, args.mfac_patterns), args.mfac_grads, args.mfac_seq_len)
+    keys = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.gqsa_tuning)}
+    gqsa_tuned(bench, args.gqsa_tuned_ratios, args.gqsa_group_sizes[0], keys)
+    mfac_grid(bench, mfac_rows(args.mfac_ratios, args.mfac_patterns, args.mfac_grads, args.mfac_updates), args.mfac_grads, args.mfac_seq_len)
     print(write_outputs(bench.out, bench.rows, title="SmolLM2-135M, pruning and GQSA (dense statistics)"))
     print(f"wrote {bench.out / 'results.json'}, results.md, ppl_vs_ratio.png")
 

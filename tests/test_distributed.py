@@ -24,6 +24,11 @@ RECIPES = {
     "gram (sparsegpt)": "stages:\n  - {method: sparsegpt, ratio: 0.5}\n",
     "fisher (fwsvd)": "stages:\n  - {method: fwsvd, ratio: 0.3}\n",
     "gradients (mfac)": "stages:\n  - {method: mfac, ratio: 0.5, block_size: 16}\n",
+    # full-batch steps: two ranks' averaged gradients equal one rank's (each rank holds 3 of the 6 sequences)
+    "block and end-to-end tuning (gqsa)": (
+        "stages:\n  - {method: gqsa, ratio: 0.5, group_size: 16, optimize: [bqpo, e2e], bqpo_epochs: 2, bqpo_batch_size: 6,\n"
+        "     e2e_epochs: 2, e2e_batch_size: 6}\n"
+    ),
     "knapsack across methods": (
         "stages:\n  - {method: gqsa, group_size: 16}\n  - {method: whitened_svd}\n  - {method: magnitude}\n"
         "allocation: {strategy: knapsack, unit: bytes, cost: fisher, ratio: 0.6,\n"

@@ -44,7 +44,7 @@ def test_int4_packing_round_trips():
 def test_gqsa_module_is_exact_and_beats_naive(ratio, group_size):
     W, gram = _problem()
     config = GQSAConfig(ratio=ratio, group_size=group_size, blocksize=32)
-    *_, dequantized = gqsa_quantize(W, gram, config)
+    dequantized = gqsa_quantize(W, gram, config).dequantized
     module = COMPRESSORS["gqsa"]().compress(W, None, LayerStats({"gram": gram}), config)
     assert isinstance(module, GQSALinear)
     torch.testing.assert_close(module.to_dense(), dequantized, rtol=0, atol=1e-6)
@@ -85,7 +85,7 @@ def test_gqsa_blockwise_selection_and_scale_refit(ratio):
     for selection in ("global", "blockwise"):
         for refit in (False, True):
             config = GQSAConfig(ratio=ratio, group_size=8, blocksize=32, selection=selection, refit_scales=refit)
-            codes, scales, zeros, index, dense = gqsa_quantize(W, gram, config)
+            codes, scales, zeros, index, dense, _ = gqsa_quantize(W, gram, config)
             assert index.shape == (24, round((1 - ratio) * 16))
             assert (index.diff(dim=1) > 0).all()
             errors[selection, refit] = relative_errors(W, dense, gram)[1]
@@ -99,7 +99,7 @@ def test_refit_scales_solves_the_least_squares_problem():
     from compress.compressors.gqsa import refit_scales
 
     W, gram = _problem(seed=2, inp=64)
-    codes, scales, zeros, index, _ = gqsa_quantize(W, gram, GQSAConfig(ratio=0.5, group_size=8, blocksize=32, refit_scales=False))
+    codes, scales, zeros, index, *_ = gqsa_quantize(W, gram, GQSAConfig(ratio=0.5, group_size=8, blocksize=32, refit_scales=False))
     s = refit_scales(W, gram, codes, zeros, index, scales, damp=1e-10).requires_grad_(True)
     dense = torch.zeros(24, 8, 8, dtype=torch.float64).scatter(1, index[..., None].expand(-1, -1, 8), (codes - zeros[..., None]).double() * s[..., None])
     diff = W.double() - dense.reshape(24, 64)
@@ -114,7 +114,7 @@ def test_refit_scales_memory_cap_chunks_rows_without_changing_the_result():
     from compress.compressors.gqsa import refit_scales
 
     W, gram = _problem(seed=3, inp=64)
-    codes, scales, zeros, index, _ = gqsa_quantize(W, gram, GQSAConfig(ratio=0.5, group_size=8, blocksize=32, refit_scales=False))
+    codes, scales, zeros, index, *_ = gqsa_quantize(W, gram, GQSAConfig(ratio=0.5, group_size=8, blocksize=32, refit_scales=False))
     together = refit_scales(W, gram, codes, zeros, index, scales)
     row_bytes = 64 * 8 * 8  # cols × groups × float64
     one_by_one = refit_scales(W, gram, codes, zeros, index, scales, max_bytes=row_bytes)

@@ -27,7 +27,10 @@ def _compress(tokenizer, calib_text, out, method, **kwargs):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("method", [{"method": "sparsegpt", "ratio": 0.5}, {"method": "fwsvd", "ratio": 0.3}])
+BQPO = {"method": "gqsa", "ratio": 0.5, "group_size": 16, "optimize": ["bqpo"], "bqpo_epochs": 1}  # carries the dense stream too
+
+
+@pytest.mark.parametrize("method", [{"method": "sparsegpt", "ratio": 0.5}, {"method": "fwsvd", "ratio": 0.3}, BQPO])
 def test_a_killed_run_resumes_to_the_same_checkpoint(method, tokenizer, calib_text, tmp_path, monkeypatch):
     whole, _ = _compress(tokenizer, calib_text, tmp_path / "whole", method)
     assert not progress_dir(tmp_path / "whole").exists()  # removed once the checkpoint is complete

@@ -18,13 +18,19 @@ second-order group saliency, quantize the surviving groups to INT4 with GPTQ-sty
 4. `refit_scales` (default on): with the codes and zero points fixed, each row's k scales enter
    the layer output linearly, so the scales that minimize ‖(W − Ŵ)Xᵀ‖² solve one k×k least-squares
    system per row (damped towards the sweep's scales, so the error can only go down). This is the
-   closed-form, layer-wise part of the paper's scale optimization (BQPO); its block-wise and
-   end-to-end stages train by gradient descent, which llmpress (no training) does not do.
+   closed-form, layer-wise start of the paper's scale optimization.
+5. `optimize` (optional, compress/quant_tuning.py): the paper's two training stages, on the
+   calibration data. `bqpo` trains each block's kept weights (from the sweep's error-corrected
+   values, rounded straight-through) and scales on the block's output error against the dense
+   model (`bqpo_codes: fixed`: the scales alone); `e2e` trains every layer's scales on the language-model
+   loss of the calibration sequences once all blocks are done. For `bqpo` the compressor marks
+   the module (`tuning_source`: the continuous weights when they train, else None) for the
+   pipeline, which removes the mark once the block is tuned.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from pydantic import Field, model_validator
@@ -46,6 +52,18 @@ class GQSAConfig(StageConfig):
         default="blockwise", description="choose kept groups per lazy block from updated weights, or once from the original"
     )
     refit_scales: bool = Field(default=True, description="least-squares refit of the scales on the layer output error")
+    optimize: list[Literal["bqpo", "e2e"]] = Field(
+        default=[], description="train scales (and weights): per block on its output error (bqpo), then on the LM loss (e2e)"
+    )
+    bqpo_codes: Literal["trained", "fixed"] = Field(
+        default="trained", description="BQPO trains the kept weights' grid positions with the scales (codes may change), or the scales alone"
+    )
+    bqpo_epochs: int = Field(default=4, ge=1, description="passes over the calibration sequences per block")
+    bqpo_lr: float = Field(default=3e-3, gt=0.0, description="Adam step on log-scales (grid positions: 10x, in quantization steps)")
+    bqpo_batch_size: int = Field(default=4, ge=1, description="calibration batches per optimizer step")
+    e2e_epochs: int = Field(default=1, ge=1, description="passes over the calibration sequences, whole model")
+    e2e_lr: float = Field(default=1e-3, gt=0.0, description="Adam step on log-scales")
+    e2e_batch_size: int = Field(default=4, ge=1, description="calibration batches per optimizer step")
 
     @model_validator(mode="after")
     def _sizes(self):
@@ -124,8 +142,21 @@ def refit_scales(
     return out
 
 
-def gqsa_quantize(weight: torch.Tensor, gram: torch.Tensor, config: GQSAConfig, name: str = "layer"):
-    """(codes (out,k,g), scales (out,k), zeros (out,k), group_index (out,k), dequantized dense weight)."""
+class QuantizedGroups(NamedTuple):
+    """A GQSA layer: the kept groups of each row, in ascending column order."""
+
+    codes: torch.Tensor  # (out, k, g) in [0, 15]
+    scales: torch.Tensor  # (out, k)
+    zeros: torch.Tensor  # (out, k) in [0, 15]
+    index: torch.Tensor  # (out, k) column-group numbers
+    dequantized: torch.Tensor  # (out, in) dense Ŵ
+    # (out, k, g) weights that these scales and zero points round to exactly these codes: the
+    # sweep's error-corrected values, rescaled by any refit (what `optimize` trains from)
+    continuous: torch.Tensor
+
+
+def gqsa_quantize(weight: torch.Tensor, gram: torch.Tensor, config: GQSAConfig, name: str = "layer") -> QuantizedGroups:
+    """Drop and quantize groups of `weight` (out, in) against the Gram `gram` (see the module doc)."""
     rows, cols = weight.shape
     g = config.group_size
     if cols % g:
@@ -141,6 +172,7 @@ def gqsa_quantize(weight: torch.Tensor, gram: torch.Tensor, config: GQSAConfig, 
     scales = torch.zeros(rows, groups, device=w.device)
     zeros = torch.zeros(rows, groups, device=w.device)
     codes = torch.zeros(rows, cols, device=w.device)
+    continuous = torch.zeros(rows, cols, device=w.device)  # each column as the sweep rounded it
 
     def rule(j: int, block: torch.Tensor, i: int) -> torch.Tensor:
         group = j // g
@@ -160,6 +192,7 @@ def gqsa_quantize(weight: torch.Tensor, gram: torch.Tensor, config: GQSAConfig, 
         scale, zero = scales[:, group], zeros[:, group]
         code = torch.clamp(torch.round(block[:, i] / scale) + zero, 0, LEVELS)
         codes[:, j] = code
+        continuous[:, j] = block[:, i]
         return torch.where(kept[:, group], (code - zero) * scale, torch.zeros_like(code))
 
     dequantized = obs_sweep(w, u, config.blocksize, rule)
@@ -168,12 +201,16 @@ def gqsa_quantize(weight: torch.Tensor, gram: torch.Tensor, config: GQSAConfig, 
     pick = index[..., None].expand(-1, -1, g)
     grouped_codes = codes.reshape(rows, groups, g).gather(1, pick)
     kept_scales, kept_zeros = scales.gather(1, index), zeros.gather(1, index)
+    kept_continuous = continuous.reshape(rows, groups, g).gather(1, pick)
     if config.refit_scales:
+        sweep_scales = kept_scales
         kept_scales = refit_scales(weight, gram, grouped_codes, kept_zeros, index, kept_scales).float()
+        # round(c·s'/s / s') = round(c / s): the same codes under the refitted scales
+        kept_continuous = kept_continuous * (kept_scales / sweep_scales)[..., None]
         dense = torch.zeros(rows, groups, g, device=w.device)
         dense.scatter_(1, pick, (grouped_codes - kept_zeros[..., None]) * kept_scales[..., None])
         dequantized = dense.reshape(rows, cols)
-    return grouped_codes, kept_scales, kept_zeros, index, dequantized
+    return QuantizedGroups(grouped_codes, kept_scales, kept_zeros, index, dequantized, kept_continuous)
 
 
 @register_compressor
@@ -184,5 +221,8 @@ class GQSACompressor(Compressor):
     level_field = "ratio"
 
     def compress(self, weight, bias, stats: LayerStats, config: GQSAConfig, base=None) -> GQSALinear:
-        codes, scales, zeros, index, _ = gqsa_quantize(weight, stats["gram"], config, stats.name)
-        return GQSALinear.from_codes(codes, scales.to(weight.dtype), zeros, index, weight.shape[1], bias)
+        result = gqsa_quantize(weight, stats["gram"], config, stats.name)
+        module = GQSALinear.from_codes(result.codes, result.scales.to(weight.dtype), result.zeros, result.index, weight.shape[1], bias)
+        if "bqpo" in config.optimize:  # for the block's tuning (compress/quant_tuning.py), then dropped
+            module.tuning_source = result.continuous if config.bqpo_codes == "trained" else None
+        return module

@@ -36,6 +36,12 @@ def build_pipeline(model: nn.Module, stages: list[StageConfig], statistics: str 
                 "of later blocks before earlier ones are compressed: set calibration.statistics: dense, or group_size: 1"
             )
         return GroupedPipeline(model, stages, **options)
+    tuned = [s.method for s in stages if "bqpo" in getattr(s, "optimize", ())]
+    if tuned and statistics != "sequential":
+        raise LlmpressError(
+            f"stages {tuned} ask for block tuning (optimize: [bqpo]), which trains each block on the compressed "
+            "model's own inputs: set calibration.statistics: sequential"
+        )
     cls = SequentialPipeline if statistics == "sequential" else DenseStatsPipeline
     return cls(model, stages, **options)
 

@@ -95,6 +95,10 @@ class BlockPipeline:
         # original (weight, bias) of the current block's layers, kept only for refining stages (EoRA)
         self._keep_originals = any(c.wraps_compressed for c in self.compressors)
         self._originals: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        # the current block's Grams by layer, kept only when layers are measured again after
+        # block tuning (sequential.py)
+        self._keep_grams = False
+        self._grams: dict[str, torch.Tensor] = {}
         self.check_targets()
 
     # ---- targets ---------------------------------------------------------------------------
@@ -275,6 +279,7 @@ class BlockPipeline:
         prefix = self.prefix(index) + "."
         for name in [n for n in self._originals if n.startswith(prefix)]:
             del self._originals[name]  # this block's refining stages are done
+        self._grams.clear()
         seconds, memory = time.perf_counter() - start, peak_memory_mb(self.device)
         self.block_log.append({"block": index, "seconds": round(seconds, 3), "peak_memory_mb": round(memory, 1)})
 
@@ -350,6 +355,8 @@ class BlockPipeline:
             if self._keep_originals:
                 self._originals[name] = (weight, bias)
         layer_stats = stats.get(name) or LayerStats(name=name, block=index)
+        if self._keep_grams and layer_stats.get("gram") is not None:
+            self._grams[name] = layer_stats["gram"]
         with flush_denormals():
             compressed = self.compressors[stage_index].compress(weight, bias, layer_stats, config, base=base)
         seconds = time.perf_counter() - start
