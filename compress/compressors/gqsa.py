@@ -61,7 +61,7 @@ class GQSAConfig(StageConfig):
     bqpo_epochs: int = Field(default=4, ge=1, description="passes over the calibration sequences per block")
     bqpo_lr: float = Field(default=3e-3, gt=0.0, description="Adam step on log-scales (grid positions: 10x, in quantization steps)")
     bqpo_batch_size: int = Field(default=4, ge=1, description="calibration batches per optimizer step")
-    e2e_epochs: int = Field(default=1, ge=1, description="passes over the calibration sequences, whole model")
+    e2e_epochs: int = Field(default=2, ge=1, description="passes over the calibration sequences, whole model")
     e2e_lr: float = Field(default=1e-3, gt=0.0, description="Adam step on log-scales")
     e2e_batch_size: int = Field(default=4, ge=1, description="calibration batches per optimizer step")
 

@@ -101,7 +101,7 @@ class SequentialPipeline(BlockPipeline):
             "block %d: BQPO of %d layers, output error %.5f -> %.5f (%s, %d steps, %.1fs)", index, len(modules),
             result["loss_before"], result["trained_loss"], "kept" if result["kept"] else "reverted", result["steps"], result["seconds"],
         )  # fmt: skip
-        self._tuned = {k: result[k] for k in ("loss_before", "trained_loss", "kept", "steps", "seconds")}
+        self._tuned = {k: result[k] for k in ("loss_before", "loss_after", "trained_loss", "kept", "steps", "seconds")}
         prefix = self.prefix(index) + "."
         tuned = {prefix + name: module for name, module in modules.items()}
         for record in records:
