@@ -29,7 +29,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -175,6 +175,44 @@ def _steps_per_epoch(batches: int, batch_size: int, parallel: Parallel) -> int:
     return min(parallel.all_gather_objects(local)) if parallel.active else local
 
 
+def _train(
+    stand_ins: dict[str, TunableGQSA], count: int, loss_of: Callable[[int], torch.Tensor], settings: TuningSettings,
+    parallel: Parallel, on_step: Callable[[float], None] | None = None,
+) -> int:  # fmt: skip
+    """Adam over this rank's `count` batches, `settings.batch_size` per step (gradients averaged
+    over ranks), for `settings.epochs` shuffled epochs; `loss_of(i)` is batch i's loss. Returns
+    the number of steps."""
+    optimizer = _optimizer(stand_ins, settings.lr)
+    steps = _steps_per_epoch(count, settings.batch_size, parallel)
+    size = settings.batch_size
+    generator = torch.Generator().manual_seed(settings.seed)
+    for _ in range(settings.epochs):
+        order = torch.randperm(count, generator=generator).tolist()
+        for step in range(steps):
+            chosen = order[step * size : (step + 1) * size] or order[:size]
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for i in chosen:
+                loss = loss_of(i) / len(chosen)
+                loss.backward()
+                total += float(loss.detach())
+            _average_gradients(stand_ins, parallel)
+            optimizer.step()
+            if on_step is not None:
+                on_step(total)
+    return steps * settings.epochs
+
+
+def _keep_if_better(stand_ins: dict[str, TunableGQSA], before: float, after: float, steps: int, start: float) -> dict[str, Any]:
+    """Write the trained values into the modules if the loss went down; the run's summary."""
+    kept = after < before
+    if kept:
+        for stand_in in stand_ins.values():
+            stand_in.write_back()
+    return {"loss_before": before, "loss_after": after if kept else before, "trained_loss": after,
+            "kept": kept, "steps": steps, "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
+
+
 def tune_block(
     block: nn.Module,
     modules: dict[str, GQSALinear],
@@ -203,29 +241,14 @@ def tune_block(
         parallel.all_reduce_([sums])
         return float(sums[0] / sums[1].clamp_min(1e-30))
 
+    def batch_loss(i: int) -> torch.Tensor:
+        out = block_output(block(hiddens[i].to(device), **to_device(kwargs[i], device))).float()
+        return F.mse_loss(out, targets[i].to(device).float())
+
     with standing_in(block, modules, continuous) as stand_ins, torch.enable_grad():
         before = error()
-        optimizer = _optimizer(stand_ins, settings.lr)
-        steps = _steps_per_epoch(len(hiddens), settings.batch_size, parallel)
-        generator = torch.Generator().manual_seed(settings.seed)
-        for _ in range(settings.epochs):
-            order = torch.randperm(len(hiddens), generator=generator).tolist()
-            for step in range(steps):
-                chosen = order[step * settings.batch_size : (step + 1) * settings.batch_size] or order[: settings.batch_size]
-                optimizer.zero_grad(set_to_none=True)
-                for i in chosen:
-                    out = block_output(block(hiddens[i].to(device), **to_device(kwargs[i], device))).float()
-                    y = targets[i].to(device).float()
-                    (F.mse_loss(out, y) / len(chosen)).backward()
-                _average_gradients(stand_ins, parallel)
-                optimizer.step()
-        after = error()
-        kept = after < before
-        if kept:
-            for stand_in in stand_ins.values():
-                stand_in.write_back()
-    return {"loss_before": before, "loss_after": after if kept else before, "trained_loss": after,
-            "kept": kept, "steps": steps * settings.epochs, "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
+        steps = _train(stand_ins, len(hiddens), batch_loss, settings, parallel)
+        return _keep_if_better(stand_ins, before, error(), steps, start)
 
 
 def tune_end_to_end(
@@ -257,34 +280,26 @@ def tune_end_to_end(
         parallel.all_reduce_([total])
         return float(total[0] / total[1])
 
+    def batch_loss(i: int) -> torch.Tensor:
+        ids = batches[i].to(device)
+        return model(input_ids=ids, labels=ids).loss
+
+    def show(loss: float) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+
+    bar = tqdm(total=settings.epochs * _steps_per_epoch(len(batches), settings.batch_size, parallel), desc="E2E tuning",
+               disable=not progress, unit="step")  # fmt: skip
     try:
         with standing_in(model, modules, {}) as stand_ins, torch.enable_grad():
             before = loss_over_all()
-            optimizer = _optimizer(stand_ins, settings.lr)
-            steps = _steps_per_epoch(len(batches), settings.batch_size, parallel)
-            generator = torch.Generator().manual_seed(settings.seed)
-            bar = tqdm(total=steps * settings.epochs, desc="E2E tuning", disable=not progress, unit="step")
-            for _ in range(settings.epochs):
-                order = torch.randperm(len(batches), generator=generator).tolist()
-                for step in range(steps):
-                    chosen = order[step * settings.batch_size : (step + 1) * settings.batch_size] or order[: settings.batch_size]
-                    optimizer.zero_grad(set_to_none=True)
-                    for i in chosen:
-                        ids = batches[i].to(device)
-                        loss = model(input_ids=ids, labels=ids).loss
-                        (loss / len(chosen)).backward()
-                    _average_gradients(stand_ins, parallel)
-                    optimizer.step()
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-            bar.close()
-            after = loss_over_all()
-            kept = after < before
-            if kept:
-                for stand_in in stand_ins.values():
-                    stand_in.write_back()
+            steps = _train(stand_ins, len(batches), batch_loss, settings, parallel, show)
+            result = _keep_if_better(stand_ins, before, loss_over_all(), steps, start)
     finally:
+        bar.close()
         model.to(home)
-    logger.info("E2E tuning of %d layers: calibration loss %.4f -> %.4f (%s)", len(modules), before, after, "kept" if kept else "reverted")
-    return {"loss_before": before, "loss_after": after if kept else before, "trained_loss": after,
-            "kept": kept, "steps": steps * settings.epochs, "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
+    logger.info(
+        "E2E tuning of %d layers: calibration loss %.4f -> %.4f (%s)", len(modules), before, result["trained_loss"],
+        "kept" if result["kept"] else "reverted",
+    )  # fmt: skip
+    return result

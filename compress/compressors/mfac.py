@@ -36,6 +36,13 @@ of host memory + 0.8 GiB. A Llama-3-8B block holds 0.22 G weights, its MLP layer
 m = 128, 104 GiB of host memory and 56 GiB on the GPU; Llama-3-70B (0.86 G weights per block,
 235 M per MLP layer): 410 GiB of host memory and 224 GiB of Z in fp64, 112 GiB in fp32, the
 precision that fits one 141 GB GPU (or m = 64 in fp64).
+
+With the block sums (m ≥ B) memory no longer grows with m: the walk holds Σ ggᵀ for the block
+being walked, d_block·B fp32 values in host memory, plus a batch of SUM_BATCH gradients, and a
+layer's inverse on the compute device is d_layer·B values in `precision`. SmolLM2: 1.8 GiB of
+sums per block, 0.9 GiB for its largest layer's inverse in fp64. Llama-3-8B at B = 128: 112 GB
+of host memory per block, 60 GB (fp64) or 30 GB (fp32) on the GPU per MLP layer, at m = 256 or
+m = 4096 alike; folding the gradients costs 2·m·d·B flops per block (14 TFLOP at m = 256).
 """
 
 from __future__ import annotations
