@@ -114,13 +114,7 @@ class TunableGQSA(nn.Module):
         return torch.clamp(round_ste(self.position) + self.zero[..., None], 0, LEVELS)
 
     def weight(self) -> torch.Tensor:
-        groups = (self.codes() - self.zero[..., None]) * self.scales()[..., None]  # (out, k, g)
-        m = self.module
-        if m.all_groups:
-            return groups.reshape(m.out_features, m.in_features)
-        index = m.group_index.long()[..., None].expand_as(groups)
-        dense = torch.zeros(m.out_features, m.in_features // m.group_size, m.group_size, dtype=groups.dtype, device=groups.device)
-        return dense.scatter(1, index, groups).reshape(m.out_features, m.in_features)
+        return self.module.place_groups((self.codes() - self.zero[..., None]) * self.scales()[..., None])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

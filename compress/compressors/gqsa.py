@@ -151,8 +151,9 @@ class QuantizedGroups(NamedTuple):
     index: torch.Tensor  # (out, k) column-group numbers
     dequantized: torch.Tensor  # (out, in) dense Ŵ
     # (out, k, g) weights that these scales and zero points round to exactly these codes: the
-    # sweep's error-corrected values, rescaled by any refit (what `optimize` trains from)
-    continuous: torch.Tensor
+    # sweep's error-corrected values, rescaled by any refit (what BQPO trains from); kept only
+    # when the config trains them, else None
+    continuous: torch.Tensor | None
 
 
 def gqsa_quantize(weight: torch.Tensor, gram: torch.Tensor, config: GQSAConfig, name: str = "layer") -> QuantizedGroups:
@@ -172,7 +173,8 @@ def gqsa_quantize(weight: torch.Tensor, gram: torch.Tensor, config: GQSAConfig, 
     scales = torch.zeros(rows, groups, device=w.device)
     zeros = torch.zeros(rows, groups, device=w.device)
     codes = torch.zeros(rows, cols, device=w.device)
-    continuous = torch.zeros(rows, cols, device=w.device)  # each column as the sweep rounded it
+    trains_weights = "bqpo" in config.optimize and config.bqpo_codes == "trained"
+    continuous = torch.zeros(rows, cols, device=w.device) if trains_weights else None  # each column as the sweep rounded it
 
     def rule(j: int, block: torch.Tensor, i: int) -> torch.Tensor:
         group = j // g
@@ -192,7 +194,8 @@ def gqsa_quantize(weight: torch.Tensor, gram: torch.Tensor, config: GQSAConfig, 
         scale, zero = scales[:, group], zeros[:, group]
         code = torch.clamp(torch.round(block[:, i] / scale) + zero, 0, LEVELS)
         codes[:, j] = code
-        continuous[:, j] = block[:, i]
+        if continuous is not None:
+            continuous[:, j] = block[:, i]
         return torch.where(kept[:, group], (code - zero) * scale, torch.zeros_like(code))
 
     dequantized = obs_sweep(w, u, config.blocksize, rule)
@@ -201,12 +204,12 @@ def gqsa_quantize(weight: torch.Tensor, gram: torch.Tensor, config: GQSAConfig, 
     pick = index[..., None].expand(-1, -1, g)
     grouped_codes = codes.reshape(rows, groups, g).gather(1, pick)
     kept_scales, kept_zeros = scales.gather(1, index), zeros.gather(1, index)
-    kept_continuous = continuous.reshape(rows, groups, g).gather(1, pick)
+    kept_continuous = None if continuous is None else continuous.reshape(rows, groups, g).gather(1, pick)
     if config.refit_scales:
         sweep_scales = kept_scales
         kept_scales = refit_scales(weight, gram, grouped_codes, kept_zeros, index, kept_scales).float()
-        # round(c·s'/s / s') = round(c / s): the same codes under the refitted scales
-        kept_continuous = kept_continuous * (kept_scales / sweep_scales)[..., None]
+        if kept_continuous is not None:  # round(c·s'/s / s') = round(c / s): the same codes under the refitted scales
+            kept_continuous = kept_continuous * (kept_scales / sweep_scales)[..., None]
         dense = torch.zeros(rows, groups, g, device=w.device)
         dense.scatter_(1, pick, (grouped_codes - kept_zeros[..., None]) * kept_scales[..., None])
         dequantized = dense.reshape(rows, cols)
@@ -224,5 +227,5 @@ class GQSACompressor(Compressor):
         result = gqsa_quantize(weight, stats["gram"], config, stats.name)
         module = GQSALinear.from_codes(result.codes, result.scales.to(weight.dtype), result.zeros, result.index, weight.shape[1], bias)
         if "bqpo" in config.optimize:  # for the block's tuning (compress/quant_tuning.py), then dropped
-            module.tuning_source = result.continuous if config.bqpo_codes == "trained" else None
+            module.tuning_source = result.continuous  # None: the codes stay fixed
         return module

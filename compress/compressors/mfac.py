@@ -138,11 +138,16 @@ class BlockFisherInverse:
         return (eye - z.transpose(1, 2) @ z) / self.lam
 
 
-def outer_product_sums(grads: torch.Tensor, block_size: int) -> torch.Tensor:
-    """(blocks, B, B) Σ_i g_i g_iᵀ per block of B consecutive weights, from (m, d) gradients (float64)."""
+def outer_product_sums(grads: torch.Tensor, block_size: int, into: torch.Tensor | None = None) -> torch.Tensor:
+    """(blocks, B, B) Σ_i g_i g_iᵀ per block of B consecutive weights, from (m, d) gradients: in
+    float64, or added in place to `into` (a running sum, in its dtype)."""
     m, d = grads.shape
-    g = grads.reshape(m, d // block_size, block_size).transpose(0, 1).double()  # (blocks, m, B)
-    return g.transpose(1, 2) @ g
+    g = grads.reshape(m, d // block_size, block_size).transpose(0, 1)  # (blocks, m, B)
+    if into is None:
+        g = g.double()
+        return g.transpose(1, 2) @ g
+    g = g.to(into.dtype)
+    return into.baddbmm_(g.transpose(1, 2), g)
 
 
 class DenseBlockFisherInverse:

@@ -74,13 +74,16 @@ class GQSALinear(CompressedLinear):
         return (codes - self.zeros.to(self.scales.dtype)[..., None]) * self.scales[..., None]
 
     def to_dense(self) -> torch.Tensor:
+        return self.place_groups(self.dequantized_groups())
+
+    def place_groups(self, groups: torch.Tensor) -> torch.Tensor:
+        """(out, in) dense weight from values (out, k, g) of the kept groups, zeros elsewhere
+        (out of place, so gradients flow through it: compress/quant_tuning.py trains them)."""
         if self.all_groups:
-            return self.dequantized_groups().reshape(self.out_features, self.in_features)
-        groups = self.in_features // self.group_size
-        dense = torch.zeros(self.out_features, groups, self.group_size, dtype=self.scales.dtype, device=self.scales.device)
-        index = self.group_index.long()[..., None].expand(-1, -1, self.group_size)
-        dense.scatter_(1, index, self.dequantized_groups())
-        return dense.reshape(self.out_features, self.in_features)
+            return groups.reshape(self.out_features, self.in_features)
+        dense = torch.zeros(self.out_features, self.in_features // self.group_size, self.group_size, dtype=groups.dtype, device=groups.device)
+        index = self.group_index.long()[..., None].expand_as(groups)
+        return dense.scatter(1, index, groups).reshape(self.out_features, self.in_features)
 
     def num_values(self) -> int:
         """4-bit codes, scales, zero points and bias (group indices are metadata)."""

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..compressors import LayerStats
+from ..compressors.mfac import outer_product_sums
 from ..errors import LlmpressError
 from ..metrics import LayerRecord
 from ..targets import match_linears
@@ -55,10 +56,9 @@ def compress_from_gradients(jobs: list[tuple[BlockPipeline, int]], input_ids: to
 
     def fold(name: str) -> None:
         g = torch.stack(grads.pop(name))  # (n, d)
-        g = g.reshape(len(g), -1, sum_block).transpose(0, 1)  # (blocks, n, B)
         if name not in sums:
-            sums[name] = torch.zeros(g.shape[0], sum_block, sum_block, dtype=torch.float32, device=g.device)
-        sums[name].baddbmm_(g.transpose(1, 2), g)
+            sums[name] = torch.zeros(g.shape[1] // sum_block, sum_block, sum_block, dtype=torch.float32, device=g.device)
+        outer_product_sums(g, sum_block, into=sums[name])
 
     def keep(name: str, grad: torch.Tensor) -> None:
         grads.setdefault(name, []).append(grad.reshape(-1).to(walker.offload_device, torch.float32))
