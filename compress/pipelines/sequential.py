@@ -83,14 +83,14 @@ class SequentialPipeline(BlockPipeline):
                 targets = run_block(block, self.dense_hiddens or inputs.hiddens, kwargs, self.device, self.offload_device, keep=True)
         records = self.compress_block(block, index, stage_indices, stats_for)
         if targets is not None:
-            self.tune_block(block, index, inputs.hiddens, kwargs, targets, records)
+            self.train_block(block, index, inputs.hiddens, kwargs, targets, records)
             self.dense_hiddens = targets
         with torch.no_grad(), expanded_weights_cached():  # each compressed layer expanded once, not per batch
             inputs.hiddens = run_block(block, inputs.hiddens, kwargs, self.device, self.offload_device, keep=True)
         check_finite(inputs.hiddens, index)
         return records
 
-    def tune_block(self, block, index: int, hiddens, kwargs, targets, records: list[LayerRecord]) -> None:
+    def train_block(self, block, index: int, hiddens, kwargs, targets, records: list[LayerRecord]) -> None:
         """BQPO on this block's GQSA layers; their records get the errors of the tuned layers and
         the block log the block's output error before and after."""
         modules, continuous = take_tuning_sources(block)
