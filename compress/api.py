@@ -163,6 +163,7 @@ def compress_model(
         )
     report["allocation"] = result.allocation_summary(recipe)
     report["tuning"] = result.tuning
+    report["embeddings"] = result.embeddings
     report["not_compressed"] = uncompressed_weight_stacks(runner.pipeline)
     report["experts"] = experts_summary(model, result.records, calib.moe)
     report["device"] = str(device)

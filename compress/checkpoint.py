@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .checkpoint_check import validate_checkpoint
+from .embeddings import checkpoint_entry, dense_embeddings
 from .experts import fuse_untouched_stacks, per_expert_stacks
 from .paths import check_output_dir, remove_stale_temporaries
 from .hf_quantizer import LlmpressConfig, LlmpressHfQuantizer
@@ -48,7 +49,9 @@ def save_compressed(
     output_dir = check_output_dir(output_dir, overwrite)
     modules = {name: module.spec() for name, module in compressed_modules(model).items()}
     recipe_name = getattr(recipe, "name", None)
-    config = LlmpressConfig(modules=modules, recipe=recipe_name, expert_stacks=list(per_expert_stacks(model)))
+    config = LlmpressConfig(
+        modules=modules, recipe=recipe_name, expert_stacks=list(per_expert_stacks(model)), embeddings=checkpoint_entry(model)
+    )
     model.config.quantization_config = config
     # The model is now an llmpress model, whatever it was loaded from: a GGUF-loaded model still
     # carries transformers' (non-serializable) GGUF quantizer although its weights were dequantized.
@@ -118,6 +121,9 @@ def export_dense(directory: str | Path, output_dir: str | Path, overwrite: bool 
 
     output_dir = check_output_dir(output_dir, overwrite)
     model = load(directory, dtype="auto")
+    embeddings = checkpoint_entry(model)
+    if embeddings:
+        dense_embeddings(model, embeddings)
     for name, module in compressed_modules(model).items():
         dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
         dense = dense.to(dtype=module.value_dtype(), device="cpu")

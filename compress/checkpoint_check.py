@@ -17,8 +17,9 @@ from typing import Any
 from .errors import LlmpressError
 
 # the newest checkpoint layout this install reads (hf_quantizer writes it). 2: tensors under the
-# model's own parameter names (no transformers weight conversion), per-expert MoE stacks listed
-FORMAT_VERSION = 2
+# model's own parameter names (no transformers weight conversion), per-expert MoE stacks listed;
+# 3: quantized token embeddings and the output head reading their table (`embeddings`)
+FORMAT_VERSION = 3
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 

@@ -1,10 +1,11 @@
 """transformers integration: `AutoModelForCausalLM.from_pretrained(dir)` for llmpress checkpoints.
 
 A checkpoint's config.json carries `quantization_config = {"quant_method": "llmpress",
-"format_version": 2, "modules": {name: spec}, "expert_stacks": [names]}`. On load, the quantizer
+"format_version": 3, "modules": {name: spec}, "expert_stacks": [names], "embeddings": {...}}`. On load, the quantizer
 turns each listed MoE experts module of the freshly built (meta-device) model into per-expert
 Linears (compress/experts.py), then replaces each listed nn.Linear by an empty module of the
-spec's format; transformers fills in the stored factors by name like any other weights.
+spec's format, and quantized token embeddings (with a head reading their table) are rebuilt;
+transformers fills in the stored factors by name like any other weights.
 
 Since version 2 the tensors are stored under the model's own parameter names
 (`save_pretrained(save_original_format=False)`), so transformers' checkpoint conversions (which
@@ -23,6 +24,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .checkpoint_check import FORMAT_VERSION
+from .embeddings import build_for_loading, tie_after_loading
 from .experts import linearize_experts
 from .modules import build_module, tie_shared_dictionaries
 from .targets import set_submodule
@@ -39,6 +41,7 @@ class LlmpressConfig(QuantizationConfigMixin):
         format_version: int = FORMAT_VERSION,
         recipe: str | None = None,
         expert_stacks: list[str] | None = None,
+        embeddings: dict[str, Any] | None = None,
         **kwargs,
     ):
         self.quant_method = QUANT_METHOD
@@ -46,6 +49,7 @@ class LlmpressConfig(QuantizationConfigMixin):
         self.recipe = recipe
         self.modules = dict(modules or {})
         self.expert_stacks = list(expert_stacks or [])
+        self.embeddings = embeddings  # quantized token embeddings (compress/embeddings.py), or None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -54,6 +58,7 @@ class LlmpressConfig(QuantizationConfigMixin):
             "recipe": self.recipe,
             "modules": self.modules,
             "expert_stacks": self.expert_stacks,
+            "embeddings": self.embeddings,
         }
 
     def to_diff_dict(self) -> dict[str, Any]:
@@ -78,8 +83,12 @@ class LlmpressHfQuantizer(HfQuantizer):
 
         dtype = dtype if isinstance(dtype, torch.dtype) else model.dtype
         linearize_experts(model, self.quantization_config.expert_stacks)
+        built = set()
+        if self.quantization_config.embeddings:
+            built = build_for_loading(model, self.quantization_config.embeddings, dtype)
         for name, spec in self.quantization_config.modules.items():
-            set_submodule(model, name, build_module(spec, dtype=dtype, device="meta"))
+            if name not in built:
+                set_submodule(model, name, build_module(spec, dtype=dtype, device="meta"))
         return model
 
     def update_weight_conversions(self, weight_conversions, model):
@@ -90,6 +99,7 @@ class LlmpressHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         tie_shared_dictionaries(model)  # layers sharing one stored dictionary (CoSpaDi groups)
+        tie_after_loading(model)  # an output head reading the quantized embedding table
         return model
 
     def is_serializable(self, safe_serialization=None):

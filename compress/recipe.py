@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from .budget import AllocationConfig
+from .embeddings import EmbeddingsConfig
 
 from .compressors import COMPRESSORS, StageConfig
 from .errors import LlmpressError
@@ -100,6 +101,10 @@ class Recipe(BaseModel):
     calibration: CalibrationConfig = CalibrationConfig()
     stages: list[SerializeAsAny[StageConfig]] = Field(min_length=1)
     allocation: AllocationConfig | None = Field(default=None, description="global budget split across layers")
+    embeddings: EmbeddingsConfig | None = Field(
+        default=None,
+        description="token embeddings and output head in W8/W4 (data-free, before the stages); null keeps them as they are",
+    )
 
     @field_validator("stages", mode="before")
     @classmethod

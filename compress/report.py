@@ -131,6 +131,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"({100 * (1 - size['compressed']['bytes'] / max(size['dense']['bytes'], 1)):.1f}% removed, embeddings and head included)"
         + (f"; checkpoint tensors as stored: {size['stored']['bytes']:,}" if "stored" in size else ""),
         f"- mean relative error {_fmt_err(s['mean_rel_error'])}, calibration-weighted {_fmt_err(s['mean_rel_weighted_error'])}",
+        *_embeddings_lines(report.get("embeddings"), serve),
         "",
         "| layer | method | format | shape | detail | values before | values after | bytes after/before | rel err | weighted err | s |",
         "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
@@ -144,6 +145,17 @@ def report_markdown(report: dict[str, Any]) -> str:
             f"{r['rel_error']:.4f} | {_fmt_err(r['rel_weighted_error'])} | {r['seconds']:.2f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _embeddings_lines(section: dict[str, Any] | None, serve: str) -> list[str]:
+    if not section:
+        return []
+    head = "the tied head reads the same table" if section["tied"] else (f"head {section['head']} too" if section["head"] else "head kept")
+    return [
+        f"- embeddings ({section['embedding']}): W{section['bits']} in groups of {section['group_size']}, {head}; "
+        f"bytes {section['bytes_before']:,} -> {section['bytes_after']:,} as served in {serve}, "
+        f"relative error {section['embedding_rel_error']:.4f}"
+    ]
 
 
 def allocation_grid(allocation: dict[str, Any], field: str = "level") -> tuple[dict[int, dict[str, Any]], list[str]]:

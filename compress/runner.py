@@ -1,6 +1,8 @@
 """One compression run, built in one place: statistics → plan → compress.
 
 `CompressionRunner(model, recipe).run(input_ids)`:
+0. embeddings (the recipe's `embeddings:`): token embeddings and output head to W8/W4, data-free,
+   first, so that every later step calibrates on the model as it will be served;
 1. statistics: the Fisher sums every stage (or the knapsack's `fisher` cost) needs, from one
    backward pass over the dense model, shared by profiling and compression;
 2. plan: with `allocation: knapsack`, profile the allocated stage (or the candidate stages, one
@@ -27,6 +29,7 @@ from torch import nn
 from .budget import AllocationPlan, plan_allocation, solve_allocation, stage_label
 from .compressors import LayerStats
 from .compressors.base import LevelResult
+from .embeddings import quantize_embeddings
 from .errors import LlmpressError
 from .experts import fuse_untouched_stacks
 from .metrics import LayerRecord, serving_dtype
@@ -43,6 +46,7 @@ class RunResult:
     block_log: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     tuning: dict[str, Any] | None = None  # end-to-end tuning's losses (GQSA optimize: [e2e])
+    embeddings: dict[str, Any] | None = None  # the quantized embeddings (recipe `embeddings:`)
 
     def left_dense(self) -> list[tuple[int, int]]:
         """(values, bytes) of the targets the allocator kept dense (they count in the budget)."""
@@ -141,6 +145,7 @@ class CompressionRunner:
             raise LlmpressError("this recipe needs calibration data; set calibration.num_samples >= 1")
         if stats is not None and not isinstance(self.pipeline, DenseStatsPipeline):
             raise LlmpressError("precomputed statistics are dense statistics: set calibration.statistics: dense")
+        embeddings = quantize_embeddings(self.model, self.recipe.embeddings) if self.recipe.embeddings else None
         if fisher is None:
             fisher = self.fisher(input_ids) if stats is None else {}
         plan = self.plan(input_ids, fisher, profiles)
@@ -160,7 +165,7 @@ class CompressionRunner:
                 records += pipeline.run(input_ids, fisher, self.forward_stages)
         tuning = self.tune_end_to_end(input_ids, records)
         fuse_untouched_stacks(self.model)  # experts nothing compressed: back to the model's own fused weights
-        return RunResult(records, plan, pipeline.block_log, time.perf_counter() - start, tuning)
+        return RunResult(records, plan, pipeline.block_log, time.perf_counter() - start, tuning, embeddings)
 
     def tune_end_to_end(self, input_ids: torch.Tensor | None, records: list[LayerRecord]) -> dict[str, Any] | None:
         """Step 4: E2E tuning of the GQSA layers of the stages that ask for it (their records'

@@ -157,6 +157,7 @@ def _register_kernels() -> None:
     from .ell_matmul import dict_forward_triton, dict_reference, dict_refusal
     from .gqsa_matmul import gqsa_forward_triton, gqsa_reference, gqsa_refusal
     from .int4_matmul import int4_forward_triton, int4_refusal
+    from .int8_matmul import int8_forward_triton, int8_reference, int8_refusal
     from .lowrank_matmul import eora_forward_triton, eora_reference, lowrank_forward_triton, lowrank_reference, lowrank_refusal
     from .tile_sparse_matmul import tile_sparse_forward_triton, tile_sparse_reference, tile_sparse_refusal
 
@@ -165,6 +166,7 @@ def _register_kernels() -> None:
         ("eora", eora_reference, "triton_eora", eora_forward_triton, lowrank_refusal),
         ("dict", dict_reference, "triton_dict", dict_forward_triton, dict_refusal),
         ("gqsa", gqsa_reference, "triton_gqsa", gqsa_forward_triton, gqsa_refusal),
+        ("int8", int8_reference, "triton_int8", int8_forward_triton, int8_refusal),
         ("sparse_bitmap", sparse_reference, "triton_bitmap", sparse_forward_triton, sparse_refusal),
         ("tile_sparse", tile_sparse_reference, "triton_tile_sparse", tile_sparse_forward_triton, tile_sparse_refusal),
     ):

@@ -4,6 +4,8 @@ from .base import FORMATS, CompressedLinear, build_module, register_format
 from .dictionary import DictLinear, tie_shared_dictionaries
 from .eora import EoRALinear
 from .gqsa import GQSALinear
+from .int8 import Int8Linear
+from .embedding import QuantizedEmbedding, TiedOutputHead
 from .lowrank import LowRankLinear
 from .sparse import SparseLinear, pack_mask, unpack_mask
 from .tile_sparse import TileSparseLinear
@@ -14,6 +16,9 @@ __all__ = [
     "DictLinear",
     "EoRALinear",
     "GQSALinear",
+    "Int8Linear",
+    "QuantizedEmbedding",
+    "TiedOutputHead",
     "LowRankLinear",
     "SparseLinear",
     "TileSparseLinear",

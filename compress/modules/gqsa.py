@@ -76,6 +76,15 @@ class GQSALinear(CompressedLinear):
     def to_dense(self) -> torch.Tensor:
         return self.place_groups(self.dequantized_groups())
 
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """(n, in) dequantized rows `rows` of a layer with every group kept (an embedding lookup
+        reads only these)."""
+        if not self.all_groups:
+            raise ValueError("row lookup needs every group kept (plain W4)")
+        dtype = self.scales.dtype
+        codes = unpack_int4(self.qweight[rows]).to(dtype)
+        return ((codes - self.zeros[rows].to(dtype)[..., None]) * self.scales[rows][..., None]).flatten(-2)
+
     def place_groups(self, groups: torch.Tensor) -> torch.Tensor:
         """(out, in) dense weight from values (out, k, g) of the kept groups, zeros elsewhere
         (out of place, so gradients flow through it: compress/quant_tuning.py trains them)."""

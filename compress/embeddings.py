@@ -1,0 +1,171 @@
+"""Token embeddings and the output head in W8 or W4: the recipe's `embeddings:` section.
+
+On a small model the embeddings are most of the bytes left after the decoder is compressed
+(SmolLM2-135M with W4 decoder Linears: 56.6 of its 129.7 MB as served in bf16), and on Gemma-3
+models they are over half of the weights. No calibration is needed: the table is quantized by
+round-to-nearest with a per-group clipping search (compress/compressors/rtn.py), data-free.
+
+- tied embeddings (one matrix for lookup and logits): the table is quantized once; the head
+  becomes a `TiedOutputHead` calling the same quantized table, and the checkpoint stores it once.
+- untied: the input table and (with `head: true`) the head, each quantized on its own.
+
+Checkpoints record what was done in `quantization_config.embeddings`; `build_for_loading` and
+`tie_after_loading` rebuild it in transformers' loader (compress/hf_quantizer.py), and
+`dense_embeddings` restores plain modules for `llmpress export`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from .compressors.rtn import quantize_groups
+from .errors import LlmpressError
+from .metrics import tensor_bytes
+from .modules import GQSALinear, Int8Linear, QuantizedEmbedding, TiedOutputHead
+from .targets import set_submodule
+
+logger = logging.getLogger("compress")
+
+
+class EmbeddingsConfig(BaseModel):
+    """`embeddings: {bits: 8, group_size: 64}` in a recipe."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bits: Literal[4, 8] = Field(default=8, description="bits per value: 8 (near lossless) or 4")
+    group_size: int = Field(default=64, ge=2, description="columns (hidden units) sharing one scale and zero point")
+    head: bool = Field(default=True, description="untied models: quantize the output head too (tied: it is the same table)")
+
+
+def quantized_table(weight: torch.Tensor, bias: torch.Tensor | None, config: EmbeddingsConfig) -> GQSALinear | Int8Linear:
+    """A (rows × cols) table as the W4/W8 Linear format that serves it, in `weight`'s dtype."""
+    cols = weight.shape[1]
+    if cols % config.group_size or (config.bits == 4 and config.group_size % 2):
+        raise LlmpressError(
+            f"embeddings.group_size {config.group_size} must divide the hidden size {cols}"
+            + (" and be even for 4 bits" if config.bits == 4 else "")
+            + f"; try {next(g for g in (128, 64, 32, 16, 8, 4, 2, 1) if cols % g == 0)}"
+        )
+    grid = quantize_groups(weight.detach(), config.bits, config.group_size)
+    scales = grid.scales.to(weight.dtype)
+    bias = None if bias is None else bias.detach()
+    if config.bits == 8:
+        return Int8Linear.from_codes(grid.codes, scales, grid.zeros, bias)
+    groups = grid.codes.shape[1]
+    order = torch.arange(groups, device=weight.device).expand(weight.shape[0], groups)
+    return GQSALinear.from_codes(grid.codes, scales, grid.zeros, order, cols, bias)
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+def _relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
+    return float((weight.double() - approx.double()).norm() / weight.double().norm().clamp_min(1e-30))
+
+
+def quantize_embeddings(model: nn.Module, config: EmbeddingsConfig) -> dict[str, Any]:
+    """Replace the input embedding (and the head) by quantized modules, in place; returns the
+    report's `embeddings` section (names, bytes as served before and after, errors)."""
+    embedding = model.get_input_embeddings()
+    if isinstance(embedding, QuantizedEmbedding):
+        raise LlmpressError("the embeddings are already quantized; remove `embeddings:` from the recipe")
+    if not isinstance(embedding, nn.Embedding):
+        raise LlmpressError(
+            f"the input embedding is a {type(embedding).__name__}, not an nn.Embedding: embeddings quantization cannot "
+            "handle it; remove `embeddings:` from the recipe"
+        )
+    head = model.get_output_embeddings()
+    tied = head is not None and getattr(head, "weight", None) is embedding.weight
+    embedding_name = _name_of(model, embedding)
+    head_name = _name_of(model, head) if head is not None else None
+    weight = embedding.weight.data
+    before = tensor_bytes(weight)
+    table = quantized_table(weight, None, config)
+    scale = getattr(embedding, "embed_scale", None)
+    scale = float(scale) if scale is not None else None
+    quantized = QuantizedEmbedding(table, scale, embedding.padding_idx)
+    section: dict[str, Any] = {
+        "bits": config.bits, "group_size": config.group_size, "tied": tied, "embedding": embedding_name,
+        "head": head_name if (tied or config.head) else None, "embedding_rel_error": _relative_error(weight, table.to_dense()),
+    }  # fmt: skip
+    set_submodule(model, embedding_name, quantized)
+    after = table.num_bytes()
+    if tied:
+        tied_head = TiedOutputHead(embedding_name, quantized.embedding_dim, quantized.num_embeddings)
+        tied_head.tie(quantized)
+        set_submodule(model, head_name, tied_head)
+        model.config.tie_word_embeddings = False  # no parameter is shared any more: the head reads the table
+        model.all_tied_weights_keys = {}
+    elif head is not None and config.head:
+        if not isinstance(head, nn.Linear):
+            raise LlmpressError(f"the output head is a {type(head).__name__}, not an nn.Linear; set embeddings.head: false")
+        before += tensor_bytes(head.weight) + (tensor_bytes(head.bias) if head.bias is not None else 0)
+        head_table = quantized_table(head.weight.data, head.bias, config)
+        section["head_rel_error"] = _relative_error(head.weight.data, head_table.to_dense())
+        set_submodule(model, head_name, head_table)
+        after += head_table.num_bytes()
+    section.update(bytes_before=before, bytes_after=after)
+    logger.info("embeddings: W%d g%d%s, %s -> %s bytes", config.bits, config.group_size, " (tied head)" if tied else "", f"{before:,}", f"{after:,}")
+    return section
+
+
+def checkpoint_entry(model: nn.Module) -> dict[str, Any] | None:
+    """What the loader needs to rebuild quantized embeddings (None: the model has none)."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantizedEmbedding)]
+    if not found:
+        return None
+    name, embedding = found[0]
+    heads = [(n, m) for n, m in model.named_modules() if isinstance(m, TiedOutputHead)]
+    return {"embedding": name, "spec": embedding.spec(), "tied_head": heads[0][0] if heads else None}
+
+
+def build_for_loading(model: nn.Module, entry: dict[str, Any], dtype: torch.dtype) -> set[str]:
+    """Before transformers fills in the weights: empty quantized embedding (and tied head) on the
+    meta device. Returns the compressed-module names built here (the table)."""
+    embedding = QuantizedEmbedding.from_spec(entry["spec"], dtype, "meta")
+    set_submodule(model, entry["embedding"], embedding)
+    if entry.get("tied_head"):
+        set_submodule(model, entry["tied_head"], TiedOutputHead(entry["embedding"], embedding.embedding_dim, embedding.num_embeddings))
+    return {entry["embedding"] + ".table"}
+
+
+def tie_after_loading(model: nn.Module) -> None:
+    """Point every TiedOutputHead at its quantized embedding (after the weights are loaded)."""
+    for module in model.modules():
+        if isinstance(module, TiedOutputHead):
+            module.tie(model.get_submodule(module.embedding_name))
+
+
+def dense_embeddings(model: nn.Module, entry: dict[str, Any]) -> None:
+    """Back to the model's own embedding class with dequantized weights (and the head tied to it
+    again): for `llmpress export`. The class comes from the model's config, built on the meta
+    device (Gemma's scaled embedding keeps its scale)."""
+    from transformers import AutoModelForCausalLM
+
+    quantized: QuantizedEmbedding = model.get_submodule(entry["embedding"])
+    config = copy.deepcopy(model.config)
+    config.quantization_config = None
+    del config.quantization_config
+    tied = bool(entry.get("tied_head"))
+    config.tie_word_embeddings = tied
+    with torch.device("meta"):
+        reference = AutoModelForCausalLM.from_config(config)
+    dense = reference.get_submodule(entry["embedding"]).to_empty(device=quantized.table.scales.device)
+    with torch.no_grad():
+        dense.weight.data = quantized.to_dense().to(quantized.table.scales.dtype)
+        if quantized.embed_scale is not None and hasattr(dense, "embed_scale"):
+            dense.embed_scale.fill_(quantized.embed_scale)
+    set_submodule(model, entry["embedding"], dense)
+    if tied:
+        head = nn.Linear(dense.embedding_dim, dense.num_embeddings, bias=False, device=dense.weight.device, dtype=dense.weight.dtype)
+        head.weight = dense.weight
+        set_submodule(model, entry["tied_head"], head)
+        model.config.tie_word_embeddings = True
+
