@@ -86,6 +86,18 @@ def builds(dtype: str = "fp16") -> list[Build]:
         {"HAS_BIAS": False, "DOT_FP32": False, "GROUP": 128, "BLOCK_M": 64, "BLOCK_N": 16},
         aligned=("M", "GROUPS", "stride_xn", "stride_yn", "stride_ys"),
     ))  # fmt: skip
+    from compress.kernels.int8_matmul import int8_chunk, int8_tiles
+
+    for group, tokens in ((64, 1), (64, 4), (64, 16), (128, 16)):
+        chunk = int8_chunk(group)
+        block_n, block_m = int8_tiles(tokens, chunk)
+        out.append(Build(
+            f"int8 g{group} N{tokens} BM{block_m} BN{block_n}", "int8_matmul:_int8_kernel",
+            {"x_ptr": p, "q_ptr": "*u8", "s_ptr": p, "z_ptr": "*u8", "b_ptr": p, "y_ptr": p,
+             **_ints("M", "N", "K", "stride_xn", "stride_yn")},
+            {"HAS_BIAS": False, "GROUP": group, "CHUNK": chunk, "BLOCK_M": block_m, "BLOCK_N": block_n},
+            {"num_warps": 4}, aligned=("M", "K", "stride_xn", "stride_yn"),
+        ))  # fmt: skip
     out.append(Build(
         "ell (dict coefficients, 10-bit indices) BS16", "ell_matmul:_ell_kernel",
         {"h_ptr": p, "v_ptr": p, "i_ptr": "*u8", "b_ptr": p, "y_ptr": p,

@@ -1,10 +1,13 @@
 """W8 group-quantized GEMM for decode: y = x·Ŵᵀ + b with Ŵ stored as Int8Linear's codes.
 
 Ŵ[r, G] = (q − zero)·scale per group G of g input columns, one byte per weight. The kernel reads
-each weight byte once from HBM and dequantizes on chip; the zero point is applied once per chunk
-of columns: Σ (q − z)·x = Σ q·x − z·Σ x. Decode (1–16 tokens) is memory-bound, so the products
-run on CUDA cores as a broadcast multiply and sum (about 1.05 bytes per weight at g = 64 with
-bf16 scales, against 2 for bf16). Longer inputs go to cuBLAS through the reference in `auto` mode.
+each weight byte once from HBM and dequantizes on chip: byte to float by the 2^23 bit trick (no
+quarter-rate I2F), then (q − z)·s = q·s − z·s as one FMA per weight. Each lane keeps its own
+partial sums over the columns it sees and they are reduced once after the loop. Decode (1–16
+tokens) is memory-bound, so the products run on CUDA cores (about 1.05 bytes per weight at g = 64
+with bf16 scales, against 2 for bf16); longer inputs go to cuBLAS through the reference in `auto`
+mode. The static budget (eval/compile_kernels.py, sm_90): 0.17–0.20 warp-instructions per byte
+at 1–16 tokens, 46–56 registers.
 Used for the output head of a model whose embeddings are stored in W8 (the largest single GEMM
 of a small model's decode step: 49k × 576 for SmolLM2).
 """
@@ -42,34 +45,39 @@ if triton is not None:
         n_ok = rn < N
         rk = tl.arange(0, CHUNK)
         groups = K // GROUP
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # per-lane partial sums, reduced once after the loop (no cross-lane reduction per step)
+        acc = tl.zeros((BLOCK_M, CHUNK, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, CHUNK):
             group = k0 // GROUP  # CHUNK divides GROUP: a chunk lies in one group
             scale = tl.load(s_ptr + rm * groups + group, mask=m_ok, other=0.0).to(tl.float32)
             zero = tl.load(z_ptr + rm * groups + group, mask=m_ok, other=0).to(tl.float32)
-            codes = tl.load(q_ptr + rm[:, None] * K + k0 + rk[None, :], mask=m_ok[:, None], other=0).to(tl.float32)
-            x = tl.load(x_ptr + rn[None, :] * stride_xn + k0 + rk[:, None], mask=n_ok[None, :], other=0.0).to(tl.float32)
-            dot = tl.sum(codes[:, :, None] * x[None, :, :], axis=1)  # (BLOCK_M, BLOCK_N)
-            x_sum = tl.sum(x, axis=0)  # (BLOCK_N,)
-            acc += scale[:, None] * (dot - zero[:, None] * x_sum[None, :])
+            codes = tl.load(q_ptr + rm[:, None] * K + k0 + rk[None, :], mask=m_ok[:, None], other=0)
+            # byte -> float without the quarter-rate I2F: 2^23 + q as float bits, minus 2^23 (exact)
+            q = (codes.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            offset = zero * scale  # per row: (q − z)·s = q·s − z·s is then one FMA per weight
+            w = q * scale[:, None] - offset[:, None]
+            x = tl.load(x_ptr + rn[None, None, :] * stride_xn + k0 + rk[None, :, None], mask=n_ok[None, None, :], other=0.0)
+            acc += w[:, :, None] * x.to(tl.float32)
+        out = tl.sum(acc, axis=1)
         if HAS_BIAS:
-            acc += tl.load(b_ptr + rm, mask=m_ok, other=0.0).to(tl.float32)[:, None]
-        tl.store(y_ptr + rn[None, :] * stride_yn + rm[:, None], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+            out += tl.load(b_ptr + rm, mask=m_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + rn[None, :] * stride_yn + rm[:, None], out.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def int8_chunk(group_size: int) -> int:
-    """Columns per inner step: the largest power of two ≤ 32 dividing the group size."""
-    chunk = 32
+    """Columns per inner step: the largest power of two ≤ 64 dividing the group size."""
+    chunk = 64
     while group_size % chunk:
         chunk //= 2
     return chunk
 
 
 def int8_tiles(n: int, chunk: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_M): at most 1024 (rows × chunk × tokens) products per program, the bound
-    that keeps the gather kernels within 128 registers on sm_90 (eval/compile_kernels.py)."""
+    """(BLOCK_N, BLOCK_M): at most 2048 (rows × chunk × tokens) partial sums per program (16 per
+    thread of 4 warps), which keeps every configuration within 128 registers on sm_90 and the
+    main loop within Hopper's instruction budget per byte (eval/compile_kernels.py checks both)."""
     block_n = min(16, next_pow2(n))
-    return block_n, max(2, min(64, 1024 // (chunk * block_n)))
+    return block_n, max(2, min(64, 2048 // (chunk * block_n)))
 
 
 def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
