@@ -50,7 +50,8 @@ def quantized_table(weight: torch.Tensor, bias: torch.Tensor | None, config: Emb
         raise LlmpressError(
             f"embeddings.group_size {config.group_size} must divide the hidden size {cols}"
             + (" and be even for 4 bits" if config.bits == 4 else "")
-            + f"; try {next(g for g in (128, 64, 32, 16, 8, 4, 2, 1) if cols % g == 0)}"
+            + f"; try {next(g for g in (128, 64, 32, 16, 8, 4, 2, 1) if cols % g == 0)} (--set embeddings.group_size=...), "
+            "or keep the embeddings as they are (--set embeddings=null)"
         )
     grid = quantize_groups(weight.detach(), config.bits, config.group_size)
     scales = grid.scales.to(weight.dtype)
@@ -79,7 +80,7 @@ def quantize_embeddings(model: nn.Module, config: EmbeddingsConfig) -> dict[str,
     if not isinstance(embedding, nn.Embedding):
         raise LlmpressError(
             f"the input embedding is a {type(embedding).__name__}, not an nn.Embedding: embeddings quantization cannot "
-            "handle it; remove `embeddings:` from the recipe"
+            "handle it; keep the embeddings as they are: --set embeddings=null (or remove `embeddings:` from the recipe)"
         )
     head = model.get_output_embeddings()
     tied = head is not None and getattr(head, "weight", None) is embedding.weight
@@ -105,7 +106,7 @@ def quantize_embeddings(model: nn.Module, config: EmbeddingsConfig) -> dict[str,
         model.all_tied_weights_keys = {}
     elif head is not None and config.head:
         if not isinstance(head, nn.Linear):
-            raise LlmpressError(f"the output head is a {type(head).__name__}, not an nn.Linear; set embeddings.head: false")
+            raise LlmpressError(f"the output head is a {type(head).__name__}, not an nn.Linear; set embeddings.head: false (--set embeddings.head=false)")
         before += tensor_bytes(head.weight) + (tensor_bytes(head.bias) if head.bias is not None else 0)
         head_table = quantized_table(head.weight.data, head.bias, config)
         section["head_rel_error"] = _relative_error(head.weight.data, head_table.to_dense())

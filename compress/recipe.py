@@ -307,6 +307,7 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "name": "w4-g16",
     "description": "W4 (GQSA with every group kept): INT4 groups of 16 with GPTQ-style error feedback and a scale refit",
     "calibration": {"num_samples": 32, "seq_len": 512, "seed": 0},
+    "embeddings": {"bits": 8, "group_size": 64},
     "stages": [{"method": "gqsa", "ratio": 0.0, "group_size": 16, "refit_scales": True, "targets": ["Linear"], "ignore": ["lm_head"]}],
 }
 
@@ -326,17 +327,18 @@ def load_recipe(path: str | Path | dict | Recipe, overrides: list[str] | None = 
 
 
 def auto_recipe(ratio: float | None = None, max_size: str | int | None = None) -> dict[str, Any]:
-    """The recommended recipe for a size: one knapsack across W4 (groups of 16 or 32, with 0–75%
-    of the groups removed) and whitened SVD, priced by the Fisher cost, in bytes as served
-    (bf16). recipes/auto-*.yaml are this at 30, 50, 70 and 80% removed; `--max-size` uses it."""
+    """The recommended recipe for a size: embeddings and head in W8, one knapsack across W4 (groups
+    of 16 or 32, with 0–75% of the groups removed) and whitened SVD, priced by the Fisher cost, in
+    bytes as served (bf16). recipes/auto-*.yaml are this at 30, 50, 70 and 80% removed; `--max-size` uses it."""
     budget = {"ratio": ratio} if max_size is None else {"max_size": max_size}
     return {
         "name": f"auto-{round(100 * ratio)}" if max_size is None else f"auto-{max_size}",
-        "description": "The best model for a size: every decoder Linear gets W4 (g16; g32 with 0/25/50/75% of its "
+        "description": "The best model for a size: embeddings and head in W8 (groups of 64), and every decoder Linear gets W4 (g16; g32 with 0/25/50/75% of its "
         "groups removed), whitened SVD at a rank, or stays dense, chosen by one knapsack over bf16 bytes as served "
         "that minimizes the summed Fisher-weighted error (eval/results/budget).",
         "serve_dtype": "bfloat16",
         "calibration": {"num_samples": 32, "seq_len": 512, "seed": 0},
+        "embeddings": {"bits": 8, "group_size": 64},
         "stages": [
             {"method": "gqsa", "group_size": 16, "targets": ["Linear"], "ignore": ["lm_head"]},
             {"method": "gqsa", "group_size": 32, "targets": ["Linear"], "ignore": ["lm_head"]},
