@@ -98,13 +98,14 @@ def builds(dtype: str = "fp16") -> list[Build]:
             {"HAS_BIAS": False, "GROUP": group, "CHUNK": chunk, "BLOCK_M": block_m, "BLOCK_N": block_n},
             {"num_warps": 4}, aligned=("M", "K", "stride_xn", "stride_yn"),
         ))  # fmt: skip
-    out.append(Build(
-        "ell (dict coefficients, 10-bit indices) BS16", "ell_matmul:_ell_kernel",
-        {"h_ptr": p, "v_ptr": p, "i_ptr": "*u8", "b_ptr": p, "y_ptr": p,
-         **_ints("M", "N", "S", "ROW_BYTES", "stride_hn", "stride_yn")},
-        {"HAS_BIAS": False, "BITS": 10, "BLOCK_M": 64, "BLOCK_N": 4, "BLOCK_S": 16}, {"num_warps": 4},
-        aligned=("M", "S", "stride_hn", "stride_yn"),
-    ))  # fmt: skip
+    for scaled in (False, True):
+        out.append(Build(
+            "ell (dict coefficients, 10-bit indices) BS16" + (" int8" if scaled else ""), "ell_matmul:_ell_kernel",
+            {"h_ptr": p, "v_ptr": "*i8" if scaled else p, "i_ptr": "*u8", "sc_ptr": p, "b_ptr": p, "y_ptr": p,
+             **_ints("M", "N", "S", "ROW_BYTES", "stride_hn", "stride_yn")},
+            {"HAS_BIAS": False, "SCALED": scaled, "BITS": 10, "BLOCK_M": 64, "BLOCK_N": 4, "BLOCK_S": 16}, {"num_warps": 4},
+            aligned=("M", "S", "stride_hn", "stride_yn"),
+        ))  # fmt: skip
     return out
 
 

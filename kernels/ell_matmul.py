@@ -30,9 +30,9 @@ if triton is not None:
 
     @triton.jit
     def _ell_kernel(
-        h_ptr, v_ptr, i_ptr, b_ptr, y_ptr,
+        h_ptr, v_ptr, i_ptr, sc_ptr, b_ptr, y_ptr,
         M, N, S, ROW_BYTES, stride_hn, stride_yn,
-        HAS_BIAS: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_BIAS: tl.constexpr, SCALED: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_S: tl.constexpr,
     ):  # fmt: skip
         pid_m = tl.program_id(0)
@@ -56,17 +56,29 @@ if triton is not None:
             value = tl.load(v_ptr + slot, mask=ok, other=0.0).to(tl.float32)
             h = tl.load(h_ptr + rn[None, None, :] * stride_hn + atom[:, :, None], mask=ok[:, :, None] & n_ok[None, None, :], other=0.0)
             acc += tl.sum(value[:, :, None] * h.to(tl.float32), axis=1)
+        if SCALED:  # int8 coefficients: one scale per row, applied once to the row's sum
+            acc *= tl.load(sc_ptr + rm, mask=m_ok, other=0.0).to(tl.float32)[:, None]
         if HAS_BIAS:
             acc += tl.load(b_ptr + rm, mask=m_ok, other=0.0).to(tl.float32)[:, None]
         tl.store(y_ptr + rn[None, :] * stride_yn + rm[:, None], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def ell_matmul(
-    h: torch.Tensor, values: torch.Tensor, packed_index: torch.Tensor, bits: int, bias: torch.Tensor | None = None
+    h: torch.Tensor,
+    values: torch.Tensor,
+    packed_index: torch.Tensor,
+    bits: int,
+    bias: torch.Tensor | None = None,
+    scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y[..., r] = Σ_j values[r, j]·h[..., index[r, j]] + bias; h (..., k), values (M, s), and the
-    indices bit-packed `bits` each into packed_index (M, ceil(s·bits/8)) uint8."""
+    """y[..., r] = scale_r·Σ_j values[r, j]·h[..., index[r, j]] + bias; h (..., k), values (M, s)
+    floats (no scales) or int8 codes with `scales` (M,), and the indices bit-packed `bits` each
+    into packed_index (M, ceil(s·bits/8)) uint8."""
     check_launch(h, values, packed_index)
+    if (scales is None) != values.is_floating_point() or (scales is not None and values.dtype != torch.int8):
+        raise ValueError("values are floats without scales, or int8 codes with a scale per row")
+    if scales is not None and (scales.shape != (values.shape[0],) or not scales.is_contiguous()):
+        raise ValueError(f"scales must be a contiguous (out,) vector, got {tuple(scales.shape)}")
     m, s = values.shape if values.dim() == 2 else (None, None)
     if m is None or packed_index.dim() != 2 or packed_index.shape[0] != m:
         raise ValueError(f"values {tuple(values.shape)} must be (out, s) and the packed index (out, bytes)")
@@ -87,16 +99,17 @@ def ell_matmul(
     block_m = 16 if interpreting() else max(16, min(64, 8192 // (block_s * block_n)))
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _ell_kernel[grid](
-        h2, values, packed_index, bias if bias is not None else values, out, m, n, s, packed_index.shape[1], h2.stride(0), m,
-        HAS_BIAS=bias is not None, BITS=bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=block_s, num_warps=4,
+        h2, values, packed_index, scales if scales is not None else h2, bias if bias is not None else h2, out,
+        m, n, s, packed_index.shape[1], h2.stride(0), m,
+        HAS_BIAS=bias is not None, SCALED=scales is not None, BITS=bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=block_s, num_warps=4,
     )  # fmt: skip
     return out
 
 
-def dict_matmul(x, atoms, values, packed_index, bits, bias=None) -> torch.Tensor:
-    """y = x·(C·D)ᵀ + bias with D = atoms (k × in) and C given as ELL values (out × s) and
-    bit-packed atom indices."""
-    return ell_matmul(skinny_matmul(x, atoms), values, packed_index, bits, bias)
+def dict_matmul(x, atoms, values, packed_index, bits, bias=None, scales=None) -> torch.Tensor:
+    """y = x·(C·D)ᵀ + bias with D = atoms (k × in) and C given as ELL values (out × s; int8 codes
+    with `scales` per row) and bit-packed atom indices."""
+    return ell_matmul(skinny_matmul(x, atoms), values, packed_index, bits, bias, scales)
 
 
 def dict_refusal(module, x: torch.Tensor) -> str | None:
@@ -104,11 +117,13 @@ def dict_refusal(module, x: torch.Tensor) -> str | None:
 
 
 def dict_forward_triton(module, x: torch.Tensor) -> torch.Tensor:
-    return dict_matmul(x, module.dictionary(), module.coef_values, module.coef_index, module.index_bits, module.bias)
+    return dict_matmul(
+        x, module.dictionary(), module.coef_values, module.coef_index, module.index_bits, module.bias, module.coef_scales
+    )
 
 
 def dict_reference(module, x: torch.Tensor) -> torch.Tensor:
     """PyTorch reference: project on the atoms, then apply the dense coefficient matrix."""
     atoms = module.dictionary().to(x.device)  # a group's owner may sit on another device (device_map)
-    coefficients = expanded_weight(module, module.coef_values.dtype, "coefficients", module.dense_coefficients)
+    coefficients = expanded_weight(module, module.coefficient_dtype, "coefficients", module.dense_coefficients)
     return torch.nn.functional.linear(torch.nn.functional.linear(x, atoms), coefficients, module.bias)

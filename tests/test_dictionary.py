@@ -161,3 +161,27 @@ def test_unpacked_dict_checkpoints_are_refused_clearly():
     spec = {"format": "dict", "in_features": 8, "out_features": 4, "bias": False, "num_atoms": 300, "nnz_per_row": 2}
     with pytest.raises(ValueError, match="compress the model again"):
         DictLinear.from_spec(spec, torch.float32)
+
+
+def test_rocket_int8_coefficients_halve_their_bytes_at_nearly_the_same_error():
+    from compress.metrics import serving_dtype
+
+    w, stats = _layer(96, 64)
+    compressor = COMPRESSORS["rocket"]()
+    with serving_dtype("bfloat16"):
+        floats = compressor.compress(w, None, stats, RocketConfig(ratio=0.3, ks=[2.0]))
+        codes = compressor.compress(w, None, stats, RocketConfig(ratio=0.3, ks=[2.0], coefficient_bits=8))
+        assert codes.coef_values.dtype == torch.int8 and codes.spec()["coefficient_bits"] == 8
+        values = codes.coef_values.numel()
+        # the same shape; each coefficient 1 byte instead of 2, plus one bf16 scale per row
+        assert codes.num_bytes() == floats.num_bytes() - values + 2 * 96
+        profile = compressor.profile(w, None, stats, RocketConfig(ratio=0.3, ks=[2.0], coefficient_bits=8), [0.3])[0]
+        assert profile.bytes == codes.num_bytes()  # the knapsack prices what is stored
+    _, err16 = relative_errors(w, floats.to_dense(), stats["gram"])
+    _, err8 = relative_errors(w, codes.to_dense(), stats["gram"])
+    assert err16 <= err8 < err16 * 1.05 + 1e-3  # rounding to int8, then the dictionary refit to the codes
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(codes(x), x @ codes.to_dense().T, rtol=1e-5, atol=1e-5)
+    rebuilt = DictLinear.from_spec(codes.spec(), torch.float32)
+    rebuilt.load_state_dict(codes.state_dict())
+    torch.testing.assert_close(rebuilt.to_dense(), codes.to_dense())

@@ -17,7 +17,8 @@ from compress.kernels.runtime import interpreting
 from compress.kernels.skinny_matmul import skinny_matmul, skinny_matmul_reference
 from compress.compressors.masks import tile_mask
 from compress.kernels.tile_sparse_matmul import tile_sparse_matmul
-from compress.modules import DictLinear, EoRALinear, GQSALinear, LowRankLinear, SparseLinear, TileSparseLinear, pack_mask
+from compress.compressors.rtn import quantize_groups
+from compress.modules import DictLinear, EoRALinear, GQSALinear, Int8Linear, LowRankLinear, SparseLinear, TileSparseLinear, pack_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
@@ -96,11 +97,21 @@ def _random_gqsa(m: int, k: int, group: int, kept: int, dtype) -> GQSALinear:
     return GQSALinear.from_codes(codes, scales, zeros, index, k, torch.randn(m).to(dtype)).to(DEVICE)
 
 
-def _random_dict(m: int, k: int, atoms: int, s: int, dtype) -> DictLinear:
+def _random_dict(m: int, k: int, atoms: int, s: int, dtype, int8: bool = False) -> DictLinear:
     index = torch.stack([torch.randperm(atoms)[:s] for _ in range(m)])
+    if int8:  # int8 coefficient codes with a scale per row, and a bias
+        codes = torch.randint(-127, 128, (m, s), dtype=torch.int8)
+        return DictLinear.from_factors(
+            torch.randn(atoms, k).to(dtype), codes, index, torch.randn(m).to(dtype), scales=(torch.rand(m) / 64).to(dtype)
+        ).to(DEVICE)
     return DictLinear.from_factors(
         torch.randn(atoms, k).to(dtype), torch.randn(m, s).to(dtype), index, None
     ).to(DEVICE)
+
+
+def _random_int8(m: int, k: int, group: int, dtype) -> Int8Linear:
+    grid = quantize_groups(torch.randn(m, k), 8, group)
+    return Int8Linear.from_codes(grid.codes, grid.scales.to(dtype), grid.zeros, torch.randn(m).to(dtype)).to(DEVICE)
 
 
 def _random_tile_sparse(m: int, k: int, tile_rows: int, tile_cols: int, keep: int, dtype) -> TileSparseLinear:
@@ -123,6 +134,9 @@ def _modules(dtype):
         "W4 g32 (int4 tensor-core kernel)": _random_gqsa(40, 128, 32, 4, dtype),
         "dict k=300 (int16 index)": _random_dict(36, 64, 300, 5, dtype),
         "dict k=20": _random_dict(36, 64, 20, 20, dtype),
+        "dict k=300 int8 coefficients": _random_dict(36, 64, 300, 5, dtype, int8=True),
+        "W8 g32": _random_int8(40, 96, 32, dtype),
+        "W8 g16": _random_int8(24, 64, 16, dtype),
         "eora over sparse": eora,
         "tile 50% 16x32": _random_tile_sparse(48, 96, 16, 32, 16, dtype),
         "tile 75% 32x64 (keep 16)": _random_tile_sparse(64, 128, 32, 64, 16, dtype),

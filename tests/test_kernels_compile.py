@@ -52,6 +52,8 @@ OVER_BUDGET = {
     "split, float conversion (bit trick, no quarter-rate I2F) and one FMA per weight in the tensor-core loop",
     "ell (dict coefficients, 10-bit indices) BS16": "0.249 warp-instructions per byte: 10-bit index unpacking "
     "per coefficient, 14% over",
+    "ell (dict coefficients, 10-bit indices) BS16 int8": "0.277: the same loop over half the coefficient bytes "
+    "(int8 codes, one scale per row applied after the loop); the index unpacking dominates",
 }
 
 

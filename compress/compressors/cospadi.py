@@ -123,7 +123,7 @@ def cospadi_factorize(weights: list[torch.Tensor], grams: list[torch.Tensor], co
 def cospadi_dictionary(weight: torch.Tensor, gram: torch.Tensor, k: int, s: int, config: CoSpaDiConfig, name: str = "layer"):
     """k atoms, s per row, for one (possibly stacked) weight: (factors, errors per iteration)."""
     spectrum = WhitenedSpectrum.of(weight, gram, config.percdamp, name)
-    atoms_w, values, support, _ = rocket_whitened(spectrum, k, s, config.alpha, config.ridge)
+    atoms_w, values, support, _, _ = rocket_whitened(spectrum, k, s, config.alpha, config.ridge)
     atoms_w, values, support, errors = learn_dictionary(spectrum.a, atoms_w, values, support, config)
     return DictionaryFactors(atoms_w @ spectrum.white.s_inv, values, support, config.ks, min(errors)), errors
 

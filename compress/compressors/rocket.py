@@ -18,6 +18,7 @@ re-activation of masked coefficients, since the ELL format stores the same s for
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -54,6 +55,11 @@ class RocketConfig(StageConfig):
     alpha: float = Field(default=0.5, ge=0.0, le=1.0, description="weight of the original-space atom norm in scores")
     ridge: float = Field(default=1e-6, ge=0.0, lt=1.0, description="dictionary refit damping, fraction of mean diag PᵀP")
     percdamp: float = Field(default=1e-4, ge=0.0, lt=1.0, description="Gram damping, fraction of mean diag(XᵀX)")
+    coefficient_bits: Literal[16, 8] = Field(
+        default=16,
+        description="16: coefficients in the model's dtype; 8: int8 codes with a scale per row, the dictionary refit "
+        "to the quantized coefficients (halves the bytes that dominate a dictionary layer in bf16)",
+    )
 
     @field_validator("ks")
     @classmethod
@@ -72,6 +78,7 @@ class DictionaryFactors:
     support: torch.Tensor  # (out × s) long
     ks: float
     rel_weighted_error: float  # ‖(A − P·E)‖/‖A‖ in the (damped) whitened space
+    row_scales: torch.Tensor | None = None  # int8 coefficients: values = codes · row scale
 
     @property
     def num_atoms(self) -> int:
@@ -81,21 +88,34 @@ class DictionaryFactors:
         return dense_coefficients(self.values, self.support, self.num_atoms) @ self.atoms
 
     def num_values(self, bias_values: int = 0) -> int:
-        return self.atoms.numel() + self.values.numel() + bias_values
+        scales = 0 if self.row_scales is None else self.row_scales.numel()
+        return self.atoms.numel() + self.values.numel() + scales + bias_values
 
     def num_bytes(self, element_size: int, bias_values: int = 0) -> int:
         rows, per_row = self.support.shape
-        return self.num_values(bias_values) * element_size + index_bytes(rows, per_row, self.num_atoms)
+        floats = self.num_values(bias_values) - (0 if self.row_scales is None else self.values.numel())
+        int8 = 0 if self.row_scales is None else self.values.numel()
+        return floats * element_size + int8 + index_bytes(rows, per_row, self.num_atoms)
 
     def module(self, bias: torch.Tensor | None, dtype: torch.dtype) -> DictLinear:
-        return DictLinear.from_factors(self.atoms.to(dtype), self.values.to(dtype), self.support, bias)
+        if self.row_scales is None:
+            return DictLinear.from_factors(self.atoms.to(dtype), self.values.to(dtype), self.support, bias)
+        codes = torch.round(self.values / self.row_scales[:, None]).to(torch.int8)
+        return DictLinear.from_factors(self.atoms.to(dtype), codes, self.support, bias, scales=self.row_scales.to(dtype))
+
+
+def int8_rows(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values rounded to int8 codes × a symmetric scale per row, the scales)."""
+    scales = (values.abs().amax(dim=1) / 127.0).clamp_min(1e-30)
+    return torch.round(values / scales[:, None]).clamp(-127, 127) * scales[:, None], scales
 
 
 @flush_denormals()
-def rocket_whitened(spec: WhitenedSpectrum, k: int, s: int, alpha: float, ridge: float):
+def rocket_whitened(spec: WhitenedSpectrum, k: int, s: int, alpha: float, ridge: float, coefficient_bits: int = 16):
     """Eigenbasis → sparsified coefficients → closed-form dictionary refit, for k atoms, s per row.
+    With 8-bit coefficients they are rounded first and the dictionary refit to the rounded ones.
 
-    Returns (atoms in the whitened space, values, support, relative whitened error).
+    Returns (atoms in the whitened space, values, support, relative whitened error, row scales or None).
     """
     atoms_w = spec.vh[:k]
     coef = spec.u[:, :k] * spec.sigma[:k]
@@ -106,15 +126,21 @@ def rocket_whitened(spec: WhitenedSpectrum, k: int, s: int, alpha: float, ridge:
         sensitivity = (atoms_w @ spec.white.s_inv).norm(dim=1).pow(alpha)  # whitened norms are all 1
         support = top_s_support(coef.abs() * sensitivity, s)
         values = coef.gather(1, support)
+    scales = None
+    if coefficient_bits == 8:
+        values, scales = int8_rows(values)
+    if s < k or scales is not None:
         atoms_w = refit_dictionary(spec.a, dense_coefficients(values, support, k), ridge)
     residual = spec.a - dense_coefficients(values, support, k) @ atoms_w
-    return atoms_w, values, support, float(residual.norm() / spec.a.norm().clamp_min(1e-30))
+    return atoms_w, values, support, float(residual.norm() / spec.a.norm().clamp_min(1e-30)), scales
 
 
-def rocket_step(spec: WhitenedSpectrum, k: int, s: int, alpha: float, ridge: float, ks: float) -> DictionaryFactors:
+def rocket_step(
+    spec: WhitenedSpectrum, k: int, s: int, alpha: float, ridge: float, ks: float, coefficient_bits: int = 16
+) -> DictionaryFactors:
     """ROCKET's factors (atoms mapped back to the original space) for k atoms, s per row."""
-    atoms_w, values, support, error = rocket_whitened(spec, k, s, alpha, ridge)
-    return DictionaryFactors(atoms_w @ spec.white.s_inv, values, support, ks, error)
+    atoms_w, values, support, error, scales = rocket_whitened(spec, k, s, alpha, ridge, coefficient_bits)
+    return DictionaryFactors(atoms_w @ spec.white.s_inv, values, support, ks, error, scales)
 
 
 def rocket_best(spec: WhitenedSpectrum, ratio: float, config: RocketConfig) -> DictionaryFactors:
@@ -127,7 +153,7 @@ def rocket_best(spec: WhitenedSpectrum, ratio: float, config: RocketConfig) -> D
         except LlmpressError as err:
             reasons.append(str(err))
             continue
-        factors = rocket_step(spec, k, s, config.alpha, config.ridge, ks)
+        factors = rocket_step(spec, k, s, config.alpha, config.ridge, ks, config.coefficient_bits)
         if best is None or factors.rel_weighted_error < best.rel_weighted_error:
             best = factors
     if best is None:

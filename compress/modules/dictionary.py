@@ -8,6 +8,10 @@ the 16 of an int16, which in bf16 would cost as much as the coefficient itself. 
 forms Ŵ (out × in): y = (x·Dᵀ)·Cᵀ, where C is scattered to its dense (out × k) form, k < in, on
 the PyTorch path.
 
+Coefficients are floats in the model's dtype, or (`coefficient_bits: 8`) int8 codes with one
+scale per row: in bf16 the coefficient values are most of a dictionary layer's bytes, and int8
+halves them.
+
 Several layers may share one dictionary (CoSpaDi's group mode). Only the first layer of a group
 (the owner) stores the atoms; the others name it in their spec (`atoms_from`) and read its
 atoms at run time, so the shared dictionary is stored, loaded and counted once.
@@ -73,17 +77,26 @@ class DictLinear(CompressedLinear):
         dtype=torch.float32,
         device=None,
         atoms_from: str | None = None,
+        coefficient_bits: int = 16,
     ):
         super().__init__(in_features, out_features, has_bias, dtype, device)
+        if coefficient_bits not in (8, 16):
+            raise ValueError(f"coefficient_bits must be 16 (floats) or 8 (int8 with a scale per row), got {coefficient_bits}")
         self.num_atoms = num_atoms
         self.nnz_per_row = nnz_per_row
         self.atoms_from = atoms_from
+        self.coefficient_bits = coefficient_bits
         self._owner: list[DictLinear] = []  # a plain list: the owner is not a submodule of this one
         if atoms_from is None:
             self.atoms = nn.Parameter(torch.empty(num_atoms, in_features, dtype=dtype, device=device), requires_grad=False)
-        self.coef_values = nn.Parameter(
-            torch.empty(out_features, nnz_per_row, dtype=dtype, device=device), requires_grad=False
-        )
+        if coefficient_bits == 16:  # in the model's dtype
+            self.coef_values = nn.Parameter(
+                torch.empty(out_features, nnz_per_row, dtype=dtype, device=device), requires_grad=False
+            )
+            self.register_parameter("coef_scales", None)
+        else:  # int8 codes, value = code · scale of its row
+            self.register_buffer("coef_values", torch.empty(out_features, nnz_per_row, dtype=torch.int8, device=device))
+            self.coef_scales = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
         self.index_bits = index_bits(num_atoms)
         row_bytes = packed_row_bytes(nnz_per_row, self.index_bits)
         self.register_buffer("coef_index", torch.empty(out_features, row_bytes, dtype=torch.uint8, device=device))
@@ -97,18 +110,23 @@ class DictLinear(CompressedLinear):
         bias: torch.Tensor | None,
         owner: DictLinear | None = None,
         owner_name: str | None = None,
+        scales: torch.Tensor | None = None,
     ) -> DictLinear:
-        """Build from atoms (k × in), values and indices (out × s); with `owner`, share its atoms."""
+        """Build from atoms (k × in), values and indices (out × s); with `owner`, share its atoms.
+        With `scales` (out,), `values` are int8 codes and a coefficient is code · scale of its row."""
         num_atoms, in_features = (owner.num_atoms, owner.in_features) if owner is not None else atoms.shape
+        dtype = values.dtype if scales is None else scales.dtype
         module = cls(
-            in_features, values.shape[0], num_atoms, values.shape[1], bias is not None, values.dtype, values.device,
-            atoms_from=owner_name if owner is not None else None,
+            in_features, values.shape[0], num_atoms, values.shape[1], bias is not None, dtype, values.device,
+            atoms_from=owner_name if owner is not None else None, coefficient_bits=16 if scales is None else 8,
         )  # fmt: skip
         if owner is None:
             module.atoms.data.copy_(atoms)
         else:
             module.tie(owner)
         module.coef_values.data.copy_(values)
+        if scales is not None:
+            module.coef_scales.data.copy_(scales)
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= num_atoms):
             raise ValueError(f"atom indices must lie in [0, {num_atoms})")
         module.coef_index.copy_(pack_bits(index, module.index_bits))
@@ -136,10 +154,27 @@ class DictLinear(CompressedLinear):
         """The (out × s) atom indices, unpacked."""
         return unpack_bits(self.coef_index, self.index_bits, self.nnz_per_row)
 
+    @property
+    def coefficient_dtype(self) -> torch.dtype:
+        """The floating dtype coefficients are computed in (their scales' for int8 codes)."""
+        return self.coef_values.dtype if self.coef_scales is None else self.coef_scales.dtype
+
+    def coefficients(self) -> torch.Tensor:
+        """The (out × s) coefficient values as floats."""
+        if self.coef_scales is None:
+            return self.coef_values
+        return self.coef_values.to(self.coef_scales.dtype) * self.coef_scales[:, None]
+
     def dense_coefficients(self) -> torch.Tensor:
         """C as a dense (out × k) matrix: k·out numbers, far fewer than the dense weight's in·out."""
-        dense = torch.zeros(self.out_features, self.num_atoms, dtype=self.coef_values.dtype, device=self.coef_values.device)
-        return dense.scatter_(1, self.atom_index(), self.coef_values)
+        dense = torch.zeros(self.out_features, self.num_atoms, dtype=self.coefficient_dtype, device=self.coef_values.device)
+        return dense.scatter_(1, self.atom_index(), self.coefficients())
+
+    def num_values(self) -> int:
+        """Atoms (the owner's), coefficients, their row scales and the bias (indices are metadata)."""
+        atoms = self.num_atoms * self.in_features if self.atoms_from is None else 0
+        scales = self.out_features if self.coef_scales is not None else 0
+        return atoms + self.coef_values.numel() + scales + (self.out_features if self.bias is not None else 0)
 
     def to_dense(self) -> torch.Tensor:
         return self.dense_coefficients() @ self.dictionary()
@@ -149,6 +184,8 @@ class DictLinear(CompressedLinear):
 
     def spec(self) -> dict[str, Any]:
         spec = {**super().spec(), "num_atoms": self.num_atoms, "nnz_per_row": self.nnz_per_row, "index_bits": self.index_bits}
+        if self.coefficient_bits != 16:
+            spec["coefficient_bits"] = self.coefficient_bits
         if self.atoms_from is not None:
             spec["atoms_from"] = self.atoms_from
         return spec
@@ -162,12 +199,13 @@ class DictLinear(CompressedLinear):
             )
         return cls(
             spec["in_features"], spec["out_features"], spec["num_atoms"], spec["nnz_per_row"], spec["bias"],
-            dtype, device, atoms_from=spec.get("atoms_from"),
+            dtype, device, atoms_from=spec.get("atoms_from"), coefficient_bits=spec.get("coefficient_bits", 16),
         )  # fmt: skip
 
     def extra_repr(self) -> str:
         shared = f", atoms_from={self.atoms_from}" if self.atoms_from else ""
-        return super().extra_repr() + f", atoms={self.num_atoms}, nnz_per_row={self.nnz_per_row}{shared}"
+        bits = f", coefficient_bits={self.coefficient_bits}" if self.coefficient_bits != 16 else ""
+        return super().extra_repr() + f", atoms={self.num_atoms}, nnz_per_row={self.nnz_per_row}{shared}{bits}"
 
 
 def tie_shared_dictionaries(model: nn.Module) -> None:
