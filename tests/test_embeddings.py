@@ -157,3 +157,18 @@ def test_recipe_embeddings_section_and_its_errors(tiny_model_dir, tmp_path):
     quantize_embeddings(model, EmbeddingsConfig())
     with pytest.raises(LlmpressError, match="already quantized"):
         quantize_embeddings(model, EmbeddingsConfig())
+
+
+@pytest.mark.parametrize("model_kind", ["llama"])
+def test_embeddings_benchmark_writes_its_table(tiny_model_dir, calib_text, tmp_path):
+    from compress.eval.bench_embeddings import main
+
+    main(["--model", str(tiny_model_dir), "--eval", str(calib_text), "--settings", "8:32", "4:16", "--seq-len", "32",
+          "--windows", "2", "--out", str(tmp_path)])  # fmt: skip
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["embeddings"] for r in rows] == ["kept", "8:32", "4:16"]
+    kept, w8, w4 = rows
+    assert w8["model_bytes"] < kept["model_bytes"] and w4["model_bytes"] < w8["model_bytes"]
+    assert w8["embedding_bytes_before"] == VOCAB * 64 * 2 and w8["tied"]  # the tied table, once, in bf16
+    assert abs(w8["perplexity"] - kept["perplexity"]) < 0.01 * kept["perplexity"]
+    assert "| 4:16 |" in (tmp_path / "results.md").read_text()
