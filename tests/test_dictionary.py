@@ -185,3 +185,17 @@ def test_rocket_int8_coefficients_halve_their_bytes_at_nearly_the_same_error():
     rebuilt = DictLinear.from_spec(codes.spec(), torch.float32)
     rebuilt.load_state_dict(codes.state_dict())
     torch.testing.assert_close(rebuilt.to_dense(), codes.to_dense())
+
+
+def test_grouped_cospadi_with_int8_coefficients_shares_atoms_and_keeps_its_error():
+    (w1, s1), (w2, s2) = _layer(48, 32, seed=1), _layer(48, 32, seed=2)
+    compressor = COMPRESSORS["cospadi"]()
+    kwargs = dict(ratio=0.3, group_size=2, max_iters=2)
+    floats = compressor.compress_group([w1, w2], [None, None], [s1, s2], CoSpaDiConfig(**kwargs), ["a", "b"])
+    codes = compressor.compress_group([w1, w2], [None, None], [s1, s2], CoSpaDiConfig(**kwargs, coefficient_bits=8), ["a", "b"])
+    assert [m.coefficient_bits for m in codes] == [8, 8] and codes[1].atoms_from == "a" and codes[1].dictionary() is codes[0].atoms
+    for f, c, (w, st) in zip(floats, codes, [(w1, s1), (w2, s2)]):
+        assert c.num_bytes() < f.num_bytes()
+        _, err16 = relative_errors(w, f.to_dense(), st["gram"])
+        _, err8 = relative_errors(w, c.to_dense(), st["gram"])
+        assert err8 < err16 * 1.05 + 1e-3

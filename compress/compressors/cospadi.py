@@ -36,7 +36,7 @@ from .base import (
     flush_denormals,
     register_compressor,
 )
-from .rocket import DictionaryFactors, rocket_whitened
+from .rocket import DictionaryFactors, int8_coefficients, rocket_whitened
 from .sparse_coding import (
     batch_omp,
     code_on_support,
@@ -62,6 +62,11 @@ class CoSpaDiConfig(StageConfig):
     alpha: float = Field(default=0.5, ge=0.0, le=1.0, description="ROCKET start: original-space weight in scores")
     ridge: float = Field(default=1e-6, ge=0.0, lt=1.0)
     percdamp: float = Field(default=1e-4, ge=0.0, lt=1.0)
+    coefficient_bits: Literal[16, 8] = Field(
+        default=16,
+        description="16: coefficients in the model's dtype; 8: int8 codes with a scale per row, the dictionary refit "
+        "to the rounded coefficients after learning",
+    )
 
 
 def learn_dictionary(a: torch.Tensor, atoms_w: torch.Tensor, values, support, config: CoSpaDiConfig):
@@ -115,8 +120,9 @@ def cospadi_factorize(weights: list[torch.Tensor], grams: list[torch.Tensor], co
     # dictionary stored once: k·in + g·out·s <= (1 - ratio)·g·out·in
     k, s = dictionary_shape(stacked.shape[0], in_f, config.ratio, config.ks, max_atoms=min(stacked.shape))
     factors, errors = cospadi_dictionary(stacked, gram, k, s, config, name)
-    parts = zip(factors.values.split(out_f), factors.support.split(out_f))
-    return [DictionaryFactors(factors.atoms, v, i, config.ks, factors.rel_weighted_error) for v, i in parts], errors
+    scales = factors.row_scales.split(out_f) if factors.row_scales is not None else [None] * len(weights)
+    parts = zip(factors.values.split(out_f), factors.support.split(out_f), scales)
+    return [DictionaryFactors(factors.atoms, v, i, config.ks, factors.rel_weighted_error, sc) for v, i, sc in parts], errors
 
 
 @flush_denormals()
@@ -125,7 +131,13 @@ def cospadi_dictionary(weight: torch.Tensor, gram: torch.Tensor, k: int, s: int,
     spectrum = WhitenedSpectrum.of(weight, gram, config.percdamp, name)
     atoms_w, values, support, _, _ = rocket_whitened(spectrum, k, s, config.alpha, config.ridge)
     atoms_w, values, support, errors = learn_dictionary(spectrum.a, atoms_w, values, support, config)
-    return DictionaryFactors(atoms_w @ spectrum.white.s_inv, values, support, config.ks, min(errors)), errors
+    scales = None
+    if config.coefficient_bits == 8:
+        values, scales, atoms_w = int8_coefficients(spectrum.a, values, support, k, config.ridge)
+        residual = spectrum.a - dense_coefficients(values, support, k) @ atoms_w
+        errors.append(float(residual.norm() / spectrum.a.norm().clamp_min(1e-30)))
+    error = errors[-1] if scales is not None else min(errors)
+    return DictionaryFactors(atoms_w @ spectrum.white.s_inv, values, support, config.ks, error, scales), errors
 
 
 @register_compressor
@@ -149,5 +161,5 @@ class CoSpaDiCompressor(Compressor):
         owner = factors[0].module(biases[0], dtype)
         modules = [owner]
         for f, bias in zip(factors[1:], biases[1:]):
-            modules.append(DictLinear.from_factors(None, f.values.to(dtype), f.support, bias, owner=owner, owner_name=names[0]))
+            modules.append(f.module(bias, dtype, owner=owner, owner_name=names[0]))
         return modules

@@ -97,11 +97,14 @@ class DictionaryFactors:
         int8 = 0 if self.row_scales is None else self.values.numel()
         return floats * element_size + int8 + index_bytes(rows, per_row, self.num_atoms)
 
-    def module(self, bias: torch.Tensor | None, dtype: torch.dtype) -> DictLinear:
+    def module(self, bias: torch.Tensor | None, dtype: torch.dtype, owner: DictLinear | None = None, owner_name: str | None = None) -> DictLinear:
+        """The DictLinear storing these factors (with `owner`: sharing its atoms, storing none)."""
+        atoms = None if owner is not None else self.atoms.to(dtype)
+        shared = dict(owner=owner, owner_name=owner_name)
         if self.row_scales is None:
-            return DictLinear.from_factors(self.atoms.to(dtype), self.values.to(dtype), self.support, bias)
+            return DictLinear.from_factors(atoms, self.values.to(dtype), self.support, bias, **shared)
         codes = torch.round(self.values / self.row_scales[:, None]).to(torch.int8)
-        return DictLinear.from_factors(self.atoms.to(dtype), codes, self.support, bias, scales=self.row_scales.to(dtype))
+        return DictLinear.from_factors(atoms, codes, self.support, bias, scales=self.row_scales.to(dtype), **shared)
 
 
 def int8_rows(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,13 +129,20 @@ def rocket_whitened(spec: WhitenedSpectrum, k: int, s: int, alpha: float, ridge:
         sensitivity = (atoms_w @ spec.white.s_inv).norm(dim=1).pow(alpha)  # whitened norms are all 1
         support = top_s_support(coef.abs() * sensitivity, s)
         values = coef.gather(1, support)
+        if coefficient_bits == 16:  # (8 bits: refit once, after rounding)
+            atoms_w = refit_dictionary(spec.a, dense_coefficients(values, support, k), ridge)
     scales = None
     if coefficient_bits == 8:
-        values, scales = int8_rows(values)
-    if s < k or scales is not None:
-        atoms_w = refit_dictionary(spec.a, dense_coefficients(values, support, k), ridge)
+        values, scales, atoms_w = int8_coefficients(spec.a, values, support, k, ridge)
     residual = spec.a - dense_coefficients(values, support, k) @ atoms_w
     return atoms_w, values, support, float(residual.norm() / spec.a.norm().clamp_min(1e-30)), scales
+
+
+def int8_coefficients(a: torch.Tensor, values: torch.Tensor, support: torch.Tensor, k: int, ridge: float):
+    """Coefficients rounded to int8 with a scale per row, and the dictionary refit in closed form
+    to the rounded coefficients (it absorbs part of the rounding error): (values, scales, atoms)."""
+    values, scales = int8_rows(values)
+    return values, scales, refit_dictionary(a, dense_coefficients(values, support, k), ridge)
 
 
 def rocket_step(
