@@ -79,7 +79,11 @@ class TiedOutputHead(nn.Module):
                 f"this output head reads the quantized embedding {self.embedding_name!r} but was never tied to it; "
                 "load checkpoints with compress.load or AutoModelForCausalLM.from_pretrained after `import compress`"
             )
-        return self._embedding[0].table(x)
+        table = self._embedding[0].table
+        device = table.scales.device
+        if x.device != device:  # placed by a device map on another device than the embedding
+            return table(x.to(device)).to(x.device)
+        return table(x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tied_to={self.embedding_name}"
