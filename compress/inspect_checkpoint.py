@@ -45,6 +45,7 @@ def inspect_checkpoint(directory: str | Path) -> dict:
         "recipe": qconfig.get("recipe"),
         "modules": rows,
         "expert_stacks": stacks,
+        "embeddings": qconfig.get("embeddings"),
         "compressed_dense_bytes": dense_sum,
         "compressed_stored_bytes": stored_sum,
         "checkpoint_tensor_bytes": total_file,
@@ -115,6 +116,12 @@ def inspect_table(info: dict) -> str:
             f"expert stacks: {len(info['expert_stacks'])} ({experts} experts), {stacks_dense:,} -> {stacks_stored:,} bytes "
             f"({stacks_stored / max(stacks_dense, 1):.3f} of dense)"
         )
+    embeddings = info.get("embeddings")
+    if embeddings:
+        table = embeddings["spec"]["table"]
+        bits = 8 if table["format"] == "int8" else 4
+        head = f"the output head {embeddings['tied_head']} reads the same table" if embeddings.get("tied_head") else "untied head listed above"
+        lines.append(f"embeddings: {embeddings['embedding']}.table in W{bits}, groups of {table['group_size']}; {head}")
     d, s = info["compressed_dense_bytes"], info["compressed_stored_bytes"]
     lines.append(f"compressed modules: {len(info['modules'])}, {d:,} -> {s:,} bytes ({s / max(d, 1):.3f} of dense)")
     lines.append(

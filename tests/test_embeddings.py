@@ -172,3 +172,15 @@ def test_embeddings_benchmark_writes_its_table(tiny_model_dir, calib_text, tmp_p
     assert w8["embedding_bytes_before"] == VOCAB * 64 * 2 and w8["tied"]  # the tied table, once, in bf16
     assert abs(w8["perplexity"] - kept["perplexity"]) < 0.01 * kept["perplexity"]
     assert "| 4:16 |" in (tmp_path / "results.md").read_text()
+
+
+def test_inspect_names_the_quantized_embeddings(tmp_path, capsys):
+    from compress.cli import main
+
+    model = family_model("llama", dtype=torch.float32)
+    quantize_embeddings(model, EmbeddingsConfig(bits=4, group_size=16))
+    save_compressed(model, tmp_path / "ckpt")
+    assert main(["inspect", str(tmp_path / "ckpt")]) == 0
+    text = capsys.readouterr().out
+    assert "model.embed_tokens.table" in text and "gqsa" in text
+    assert "embeddings: model.embed_tokens.table in W4, groups of 16; the output head lm_head reads the same table" in text
