@@ -12,8 +12,10 @@ from compress.modules import FORMATS, CompressedLinear
 from compress.report import compressed_modules
 from conftest import tiny_model
 
-RECIPE = {  # one stage per format: gqsa, dict, tile_sparse (one layer each), lowrank (attention), sparse_bitmap (mlp), eora in block 1
+RECIPE = {  # one stage per format: gqsa, dict, tile_sparse (one layer each), lowrank (attention), sparse_bitmap (mlp), eora in block 1;
+    # int8: the (tied) embedding table, which the head reads
     "calibration": {"num_samples": 3, "seq_len": 32},
+    "embeddings": {"bits": 8, "group_size": 32},
     "stages": [
         {"method": "sparsegpt", "ratio": 0.5, "pattern": "tile", "tile_rows": 16, "tile_cols": 32, "targets": ["model.layers.0.self_attn.o_proj"]},
         {"method": "gqsa", "ratio": 0.5, "group_size": 16, "targets": ["model.layers.0.mlp.down_proj"]},
@@ -39,7 +41,7 @@ def checkpoint(tmp_path_factory, tokenizer):
 def test_every_format_round_trips_through_from_pretrained(checkpoint):
     model, out = checkpoint
     formats = {m.format for m in compressed_modules(model).values()}
-    assert formats == set(FORMATS) == {"gqsa", "dict", "lowrank", "sparse_bitmap", "eora", "tile_sparse"}
+    assert formats == set(FORMATS) == {"gqsa", "dict", "lowrank", "sparse_bitmap", "eora", "tile_sparse", "int8"}
     ids = torch.randint(0, 300, (2, 16))
     auto = AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(auto(input_ids=ids).logits, model(input_ids=ids).logits)
@@ -69,6 +71,10 @@ def test_export_dense_equals_to_dense(checkpoint, tmp_path):
     assert getattr(dense.config, "quantization_config", None) is None
     assert not any(isinstance(m, CompressedLinear) for m in dense.modules())
     for name, module in compressed_modules(model).items():
+        if name == "model.embed_tokens.table":  # the quantized embedding: a plain nn.Embedding again, tied to the head
+            assert type(dense.model.embed_tokens) is nn.Embedding and dense.lm_head.weight is dense.model.embed_tokens.weight
+            assert torch.equal(dense.model.embed_tokens.weight, module.to_dense())
+            continue
         layer = dense.get_submodule(name)
         assert type(layer) is nn.Linear and torch.equal(layer.weight, module.to_dense()), name
     ids = torch.randint(0, 300, (1, 12))
