@@ -35,6 +35,7 @@ from .experts import fuse_untouched_stacks
 from .metrics import LayerRecord, serving_dtype
 from .modules import GQSALinear
 from .pipelines import DenseStatsPipeline, FisherSums, build_pipeline, compress_from_gradients, gradient_stages
+from .pipelines.gradients import densify
 from .quant_tuning import tune_end_to_end, tuning_settings
 from .recipe import Recipe
 
@@ -157,6 +158,7 @@ class CompressionRunner:
         for stage_index in self.gradient_stages:
             if input_ids is None:
                 raise LlmpressError(f"method {self.recipe.stages[stage_index].method!r} needs gradients: pass calibration data")
+            self.prune_in_walks(stage_index, input_ids, plan)
             records += compress_from_gradients([(pipeline, stage_index)], input_ids)[0]
         if self.forward_stages:
             if isinstance(pipeline, DenseStatsPipeline):
@@ -166,6 +168,23 @@ class CompressionRunner:
         tuning = self.tune_end_to_end(input_ids, records)
         fuse_untouched_stacks(self.model)  # experts nothing compressed: back to the model's own fused weights
         return RunResult(records, plan, pipeline.block_log, time.perf_counter() - start, tuning, embeddings)
+
+    def prune_in_walks(self, stage_index: int, input_ids: torch.Tensor, plan: AllocationPlan | None) -> None:
+        """M-FAC `walks: W > 1`: walks 1..W−1 prune the model to ratio·w/W, each from gradients of
+        the model as the previous walk left it; the caller's last walk prunes to the ratio. Between
+        walks the pruned layers are dense nn.Linear again (zeros where pruned) so that gradients
+        reach their weights."""
+        stage = self.recipe.stages[stage_index]
+        walks = getattr(stage, "walks", 1)
+        if walks == 1:
+            return
+        if plan is not None:
+            raise LlmpressError("walks > 1 prunes every layer to the same intermediate sparsities: use it without an allocation")
+        for walk in range(1, walks):
+            interim = stage.model_copy(update={"ratio": stage.ratio * walk / walks})
+            pipeline = build_pipeline(self.model, [interim], self.recipe.calibration.statistics, **{**self.options, "on_layer": None})
+            done = compress_from_gradients([(pipeline, 0)], input_ids)[0]
+            densify(self.model, [r.name for r in done])
 
     def tune_end_to_end(self, input_ids: torch.Tensor | None, records: list[LayerRecord]) -> dict[str, Any] | None:
         """Step 4: E2E tuning of the GQSA layers of the stages that ask for it (their records'

@@ -151,6 +151,27 @@ def mfac_grid(bench: Bench, rows: list[GridRow], num_grads: int, seq_len: int) -
         bench.record_row(row, summarize(records), own + shared, pipeline.model, **extra)
 
 
+def mfac_walk_rows(bench: Bench, ratios: list[float], grads: int, seq_len: int, updates: list[str], walks: list[int]) -> None:
+    """'mfac[m=64,joint,walks=2]/uniform/0.5': gradients recomputed on the partly pruned model
+    between walks (each row its own walks; the runner prunes to ratio·w/W after walk w)."""
+    for w in (w for w in walks if w > 1):
+        for update in updates:
+            for ratio in ratios:
+                name = f"mfac[m={grads},{update},walks={w}]/uniform/{ratio:g}"
+                if bench.done(name):
+                    continue
+                stage = {"method": "mfac", "ratio": ratio, "update": update, "walks": w}
+                recipe = {"calibration": {"num_samples": grads, "seq_len": seq_len, "seed": bench.args.seed}, "stages": [stage]}
+                t0 = time.perf_counter()
+                model, report = compress_model(copy.deepcopy(bench.dense), recipe, dataset=bench.args.calib, tokenizer=bench.tokenizer, progress=False)
+                seconds = time.perf_counter() - t0
+                s = report["summary"]
+                row = {"method": "mfac", "allocation": "uniform", "ratio": ratio, "walks": w,
+                       "gradients": f"{grads} sequences x {seq_len} tokens", "params_removed": s["nominal_ratio_removed"],
+                       "bytes_removed": s["storage_ratio_removed"], "mean_weighted_error": s["mean_rel_weighted_error"]}  # fmt: skip
+                bench.record({"name": name, **row, "compress_seconds": round(seconds, 1), **bench.evaluate(model)})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser, "runs/bench-pruning")
@@ -170,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mfac-grads", type=int, default=64, help="per-sequence gradients for M-FAC (m)")
     parser.add_argument("--mfac-seq-len", type=int, default=256, help="tokens per gradient sequence")
     parser.add_argument("--mfac-updates", nargs="+", default=["joint"], choices=["joint", "sum"], help="OBS updates to compare")
+    parser.add_argument("--mfac-walks", nargs="+", type=int, default=[1], help="backward walks (> 1: gradients recomputed)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     bench = Bench(args)
@@ -177,7 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     bench.grid(rows + gqsa_rows(args.gqsa_ratios, args.gqsa_group_sizes, args.gqsa_variants))
     keys = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.gqsa_tuning)}
     gqsa_tuned(bench, args.gqsa_tuned_ratios, args.gqsa_group_sizes[0], keys)
-    mfac_grid(bench, mfac_rows(args.mfac_ratios, args.mfac_patterns, args.mfac_grads, args.mfac_updates), args.mfac_grads, args.mfac_seq_len)
+    if 1 in args.mfac_walks:
+        mfac_grid(bench, mfac_rows(args.mfac_ratios, args.mfac_patterns, args.mfac_grads, args.mfac_updates), args.mfac_grads, args.mfac_seq_len)
+    mfac_walk_rows(bench, args.mfac_ratios, args.mfac_grads, args.mfac_seq_len, args.mfac_updates, args.mfac_walks)
     print(write_outputs(bench.out, bench.rows, title="SmolLM2-135M, pruning and GQSA (dense statistics)"))
     print(f"wrote {bench.out / 'results.json'}, results.md, ppl_vs_ratio.png")
 

@@ -177,6 +177,36 @@ def test_mfac_recipe_compresses_during_the_backward_walk(tokenizer, calib_text):
     assert torch.isfinite(model(input_ids=torch.randint(0, 300, (1, 8))).logits).all()
 
 
+def test_mfac_walks_recompute_gradients_on_the_partly_pruned_model(tokenizer, calib_text, monkeypatch):
+    """walks: 3 prunes to 1/3 and 2/3 of the ratio from gradients of the model as pruned so far;
+    what an earlier walk pruned stays pruned (zero weights have zero saliency), and the result
+    differs from one walk's."""
+    import compress.runner as runner
+
+    interim: list[dict[str, torch.Tensor]] = []
+    densify = runner.densify
+
+    def recording(model, names):
+        densify(model, names)
+        interim.append({n: model.get_submodule(n).weight == 0 for n in names})
+
+    monkeypatch.setattr(runner, "densify", recording)
+    stage = {"method": "mfac", "ratio": 0.6, "block_size": 32, "steps": 2, "targets": ["re:.*mlp.*"]}
+    recipe = {"calibration": {"num_samples": 4, "seq_len": 32}, "stages": [{**stage, "walks": 3}]}
+    model, report = compress.compress_model(tiny_model("llama"), recipe, dataset=str(calib_text), tokenizer=tokenizer, progress=False)
+    assert len(interim) == 2 and len(report["layers"]) == 6  # two intermediate walks, records of the last one
+    for earlier, target in zip(interim, (0.2, 0.4)):
+        for name, zeros in earlier.items():
+            assert abs(float(zeros.float().mean()) - target) < 0.02
+            final = model.get_submodule(name).to_dense() == 0
+            assert bool(final[zeros].all()) and abs(float(final.float().mean()) - 0.6) < 0.02
+    once, _ = compress.compress_model(tiny_model("llama"), {**recipe, "stages": [stage]}, dataset=str(calib_text), tokenizer=tokenizer, progress=False)
+    layer = "model.layers.0.mlp.down_proj"
+    assert not torch.equal(model.get_submodule(layer).to_dense(), once.get_submodule(layer).to_dense())
+    with pytest.raises(LlmpressError, match="unstructured"):
+        compress.load_recipe({"stages": [{"method": "mfac", "pattern": "2:4", "walks": 2}]})
+
+
 def test_pipelines_sharing_a_gradient_walk_match_separate_walks(tokenizer, calib_text):
     """compress_from_gradients: two configs from one walk give what each gets from its own walk."""
     from compress.pipelines import SequentialPipeline, compress_from_gradients

@@ -22,7 +22,10 @@ one |P|×|P| solve per block, which leaves w_P exactly zero and the rest optimal
 weight were removed alone) and sets pruned weights back to zero: cheaper, and wrong when
 several weights of a block go at once. Several steps approach the target sparsity gradually so
 that later choices see earlier updates. M-FAC's reference also recomputes the gradients of the
-partly pruned model between steps; here they come from the dense model (one backward walk).
+partly pruned model between steps: `walks: W` prunes the whole model to ratio·w/W after walk w
+and recomputes every gradient in the next walk (the runner, compress/runner.py); pruned weights
+are exactly zero, so they have zero saliency and stay pruned. With `walks: 1` (default) the
+gradients are the dense model's.
 
 The m per-sequence gradients of every weight are too many to hold for a whole model: the
 pipeline compresses each block during one backward walk (`pipeline.compress_from_gradients`).
@@ -51,7 +54,7 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..errors import LlmpressError
 from ..modules import SparseLinear
@@ -75,11 +78,26 @@ class MFACConfig(PruningConfig):
         description="F⁻¹ from the m gradients (Woodbury, m·d values) or from per-block sums of gg^T (blocks, d·B values); "
         "auto: blocks when m >= block_size",
     )
+    walks: int = Field(
+        default=1,
+        ge=1,
+        le=8,
+        description="backward walks: before each of the first walks−1, the model is pruned to an intermediate "
+        "sparsity (ratio·w/walks) and the next walk recomputes the gradients of the partly pruned model "
+        "(M-FAC's gradient recomputation; costs one walk each). Unstructured only",
+    )
     precision: Literal["float64", "float32"] = Field(
         default="float64",
         description="dtype of the kept factor Z (m·d values per layer): float32 halves M-FAC's memory "
         "(a 70B MLP layer at m = 128: 120 instead of 240 GB); each chunk is still factorized in float64",
     )
+
+
+    @model_validator(mode="after")
+    def _walks_need_a_ratio(self):
+        if self.walks > 1 and self.pattern != "unstructured":
+            raise ValueError(f"walks > 1 prunes to intermediate sparsities, which needs pattern: unstructured (got {self.pattern})")
+        return self
 
 
 class BlockFisherInverse:

@@ -93,6 +93,22 @@ def compress_from_gradients(jobs: list[tuple[BlockPipeline, int]], input_ids: to
     return records
 
 
+def densify(model: nn.Module, names: list[str]) -> None:
+    """Put back nn.Linear layers holding the compressed modules' dense weights (zeros where pruned),
+    so that the next gradient walk differentiates the partly pruned model (M-FAC `walks`)."""
+    from ..targets import set_submodule
+
+    for name in names:
+        module = model.get_submodule(name)
+        with torch.no_grad():
+            dense = module.to_dense()
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=dense.device, dtype=dense.dtype)
+            linear.weight.copy_(dense)
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+        set_submodule(model, name, linear)
+
+
 def _shared_block_sums(jobs: list[tuple[BlockPipeline, int]], num_grads: int) -> int | None:
     """The block size B when every job's stage takes per-block gradient sums of that one size, else None."""
     sizes = set()
