@@ -48,8 +48,6 @@ def test_skinny_matmul_k_loop_is_pipelined(report):
 OVER_BUDGET = {
     "bitmap BM64 BK64": "per-element decode (shift, mask, prefix sum, gather): 240 registers and about twice the "
     "instructions per byte Hopper's HBM allows; a compact row format (MACKO-style) replaces it (issue 22)",
-    "int4 (W4, all groups) g128 BM64 BN16": "0.223 warp-instructions per byte against 0.218 (2% over): nibble "
-    "split, float conversion (bit trick, no quarter-rate I2F) and one FMA per weight in the tensor-core loop",
     "ell (dict coefficients, 10-bit indices) BS16": "0.249 warp-instructions per byte: 10-bit index unpacking "
     "per coefficient, 14% over",
     "ell (dict coefficients, 10-bit indices) BS16 int8": "0.277: the same loop over half the coefficient bytes "
