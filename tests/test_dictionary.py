@@ -199,3 +199,17 @@ def test_grouped_cospadi_with_int8_coefficients_shares_atoms_and_keeps_its_error
         _, err16 = relative_errors(w, f.to_dense(), st["gram"])
         _, err8 = relative_errors(w, c.to_dense(), st["gram"])
         assert err8 < err16 * 1.05 + 1e-3
+
+
+@pytest.mark.parametrize("model_kind", ["llama"])
+def test_dict_bits_benchmark_runs_and_int8_saves_bytes(tiny_model_dir, calib_text, tmp_path):
+    import json
+
+    from compress.eval.bench_dict_bits import main
+
+    main(["--model", str(tiny_model_dir), "--calib", str(calib_text), "--eval", str(calib_text), "--num-samples", "2",
+          "--seq-len", "32", "--eval-seq-len", "32", "--max-windows", "2", "--out", str(tmp_path)])  # fmt: skip
+    floats, codes = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert (floats["coefficient_bits"], codes["coefficient_bits"]) == (16, 8)
+    assert codes["bytes_after"] < floats["bytes_after"] and codes["bytes_removed"] > floats["bytes_removed"]
+    assert "int8 + row scale" in (tmp_path / "results.md").read_text()
