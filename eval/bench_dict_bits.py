@@ -2,7 +2,7 @@
 
     python -m compress.eval.bench_dict_bits --model models/SmolLM2-135M-Instruct.Q4_1.gguf \\
         --calib ../shared/data/wikitext2/valid.txt --eval ../shared/data/wikitext2/test.txt \\
-        --out eval/results/dictionary
+        --out eval/results/dictionary/int8-coefficients
 
 For each method (rocket, cospadi) and ratio of values removed, one run with `coefficient_bits: 16`
 (coefficients in bf16) and one with 8 (int8 codes with a scale per row, the dictionary refit to
