@@ -125,13 +125,7 @@ def export_dense(directory: str | Path, output_dir: str | Path, overwrite: bool 
     if embeddings:
         dense_embeddings(model, embeddings)
     for name, module in compressed_modules(model).items():
-        dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-        dense = dense.to(dtype=module.value_dtype(), device="cpu")
-        with torch.no_grad():
-            dense.weight.copy_(module.to_dense())
-            if module.bias is not None:
-                dense.bias.copy_(module.bias)
-        set_submodule(model, name, dense)
+        set_submodule(model, name, module.to_linear().to("cpu"))
     fuse_untouched_stacks(model)  # every expert is an nn.Linear again: the model's own fused stacks
     model._weight_conversions = None  # saved in the original layout, as transformers writes it
     model.config.quantization_config = None

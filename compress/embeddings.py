@@ -26,7 +26,7 @@ from torch import nn
 
 from .compressors.rtn import quantize_groups
 from .errors import LlmpressError
-from .metrics import tensor_bytes
+from .metrics import relative_errors, tensor_bytes
 from .modules import GQSALinear, Int8Linear, QuantizedEmbedding, TiedOutputHead
 from .targets import set_submodule
 
@@ -67,10 +67,6 @@ def _name_of(model: nn.Module, module: nn.Module) -> str:
     return next(name for name, m in model.named_modules() if m is module)
 
 
-def _relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
-    return float((weight.double() - approx.double()).norm() / weight.double().norm().clamp_min(1e-30))
-
-
 def quantize_embeddings(model: nn.Module, config: EmbeddingsConfig) -> dict[str, Any]:
     """Replace the input embedding (and the head) by quantized modules, in place; returns the
     report's `embeddings` section (names, bytes as served before and after, errors)."""
@@ -94,7 +90,7 @@ def quantize_embeddings(model: nn.Module, config: EmbeddingsConfig) -> dict[str,
     quantized = QuantizedEmbedding(table, scale, embedding.padding_idx)
     section: dict[str, Any] = {
         "bits": config.bits, "group_size": config.group_size, "tied": tied, "embedding": embedding_name,
-        "head": head_name if (tied or config.head) else None, "embedding_rel_error": _relative_error(weight, table.to_dense()),
+        "head": head_name if (tied or config.head) else None, "embedding_rel_error": relative_errors(weight, table.to_dense(), None)[0],
     }  # fmt: skip
     set_submodule(model, embedding_name, quantized)
     after = table.num_bytes()
@@ -109,7 +105,7 @@ def quantize_embeddings(model: nn.Module, config: EmbeddingsConfig) -> dict[str,
             raise LlmpressError(f"the output head is a {type(head).__name__}, not an nn.Linear; set embeddings.head: false (--set embeddings.head=false)")
         before += tensor_bytes(head.weight) + (tensor_bytes(head.bias) if head.bias is not None else 0)
         head_table = quantized_table(head.weight.data, head.bias, config)
-        section["head_rel_error"] = _relative_error(head.weight.data, head_table.to_dense())
+        section["head_rel_error"] = relative_errors(head.weight.data, head_table.to_dense(), None)[0]
         set_submodule(model, head_name, head_table)
         after += head_table.num_bytes()
     section.update(bytes_before=before, bytes_after=after)

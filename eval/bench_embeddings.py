@@ -24,25 +24,15 @@ import torch
 DEFAULT_SETTINGS = ["8:64", "8:576", "4:16", "4:32", "4:64"]
 
 
-def _load(source: str):
-    from compress.checkpoint_check import is_llmpress_checkpoint
-    from compress.model_loading import load_model
-
-    if is_llmpress_checkpoint(source):
-        from compress.checkpoint import load
-
-        return load(source, dtype=torch.float32)
-    return load_model(source, dtype=torch.float32, device="cpu")
-
-
 def measure(source: str, setting: str | None, tokenizer, args) -> dict:
     """Perplexity and bf16 bytes of `source` with its embeddings quantized as `setting` ('bits:group')."""
     from compress.embeddings import EmbeddingsConfig, quantize_embeddings
     from compress.eval.perplexity import perplexity
     from compress.metrics import serving_dtype
+    from compress.model_loading import load_model
     from compress.report import model_size
 
-    model = _load(source).eval()
+    model = load_model(source, dtype=torch.float32, device="cpu")
     row: dict = {"model": source, "embeddings": setting or "kept"}
     with serving_dtype("bfloat16"):
         before = model_size(model)["bytes"]

@@ -37,6 +37,7 @@ from pydantic import Field, model_validator
 
 from ..modules import GQSALinear
 from .base import Compressor, LayerStats, StageConfig, register_compressor
+from .rtn import fit_grid
 from .sparsegpt import inverse_hessian_factor, obs_sweep
 
 LEVELS = 15  # 4-bit codes 0..15
@@ -185,12 +186,7 @@ def gqsa_quantize(weight: torch.Tensor, gram: torch.Tensor, config: GQSAConfig, 
             saliency = conditional_group_saliency(block, u[j : j + block.shape[1], j : j + block.shape[1]], g)
             kept[:, first : first + count].scatter_(1, saliency.topk(keep, dim=1).indices, True)
         if j % g == 0:  # fit this group's grid to its current (error-corrected) weights
-            values = block[:, i : i + g]
-            lo = values.min(dim=1).values.clamp(max=0.0)
-            hi = values.max(dim=1).values.clamp(min=0.0)
-            scale = ((hi - lo) / LEVELS).clamp_min(1e-12)
-            scales[:, group] = scale
-            zeros[:, group] = torch.round(-lo / scale).clamp(0, LEVELS)
+            scales[:, group], zeros[:, group] = fit_grid(block[:, i : i + g], LEVELS)
         scale, zero = scales[:, group], zeros[:, group]
         code = torch.clamp(torch.round(block[:, i] / scale) + zero, 0, LEVELS)
         codes[:, j] = code

@@ -92,10 +92,11 @@ class DictionaryFactors:
         return self.atoms.numel() + self.values.numel() + scales + bias_values
 
     def num_bytes(self, element_size: int, bias_values: int = 0) -> int:
+        """Atoms, scales and bias at `element_size`, coefficients at it or 1 byte (int8), packed indices."""
         rows, per_row = self.support.shape
-        floats = self.num_values(bias_values) - (0 if self.row_scales is None else self.values.numel())
-        int8 = 0 if self.row_scales is None else self.values.numel()
-        return floats * element_size + int8 + index_bytes(rows, per_row, self.num_atoms)
+        coefficient_size = element_size if self.row_scales is None else 1
+        floats = self.num_values(bias_values) - self.values.numel()
+        return floats * element_size + self.values.numel() * coefficient_size + index_bytes(rows, per_row, self.num_atoms)
 
     def module(self, bias: torch.Tensor | None, dtype: torch.dtype, owner: DictLinear | None = None, owner_name: str | None = None) -> DictLinear:
         """The DictLinear storing these factors (with `owner`: sharing its atoms, storing none)."""

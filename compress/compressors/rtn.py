@@ -26,11 +26,17 @@ class GroupGrid(NamedTuple):
         return values.flatten(1)
 
 
-def _grid(groups: torch.Tensor, shrink: float, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    lo = groups.amin(dim=-1).clamp(max=0.0) * shrink
-    hi = groups.amax(dim=-1).clamp(min=0.0) * shrink
+def fit_grid(values: torch.Tensor, levels: int, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero point) of the asymmetric grid of `levels` + 1 codes spanning each group's range
+    (over the last dimension, widened to include 0, times `shrink`). GQSA fits its groups this way too."""
+    lo = values.amin(dim=-1).clamp(max=0.0) * shrink
+    hi = values.amax(dim=-1).clamp(min=0.0) * shrink
     scale = ((hi - lo) / levels).clamp_min(1e-12)
-    zero = torch.round(-lo / scale).clamp(0, levels)
+    return scale, torch.round(-lo / scale).clamp(0, levels)
+
+
+def _grid(groups: torch.Tensor, shrink: float, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    scale, zero = fit_grid(groups, levels, shrink)
     codes = torch.clamp(torch.round(groups / scale[..., None]) + zero[..., None], 0, levels)
     return codes, scale, zero
 

@@ -51,6 +51,16 @@ class CompressedLinear(nn.Module):
         """The dense weight Ŵ this module represents (for checks and dense export)."""
         raise NotImplementedError
 
+    def to_linear(self) -> nn.Linear:
+        """An nn.Linear holding `to_dense()` and the bias, on this module's device and in its value dtype."""
+        with torch.no_grad():
+            dense = self.to_dense().to(self.value_dtype())
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=dense.device, dtype=dense.dtype)
+            linear.weight.copy_(dense)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
     def spec(self) -> dict[str, Any]:
         """Shape information needed to rebuild an empty module of this format."""
         return {

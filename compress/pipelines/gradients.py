@@ -23,7 +23,7 @@ from ..compressors import LayerStats
 from ..compressors.mfac import outer_product_sums
 from ..errors import LlmpressError
 from ..metrics import LayerRecord
-from ..targets import match_linears
+from ..targets import match_linears, set_submodule
 from .base import BlockPipeline
 
 SUM_BATCH = 32  # sequences folded into the block sums at once (one batched GEMM)
@@ -96,17 +96,8 @@ def compress_from_gradients(jobs: list[tuple[BlockPipeline, int]], input_ids: to
 def densify(model: nn.Module, names: list[str]) -> None:
     """Put back nn.Linear layers holding the compressed modules' dense weights (zeros where pruned),
     so that the next gradient walk differentiates the partly pruned model (M-FAC `walks`)."""
-    from ..targets import set_submodule
-
     for name in names:
-        module = model.get_submodule(name)
-        with torch.no_grad():
-            dense = module.to_dense()
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=dense.device, dtype=dense.dtype)
-            linear.weight.copy_(dense)
-            if module.bias is not None:
-                linear.bias.copy_(module.bias)
-        set_submodule(model, name, linear)
+        set_submodule(model, name, model.get_submodule(name).to_linear())
 
 
 def _shared_block_sums(jobs: list[tuple[BlockPipeline, int]], num_grads: int) -> int | None:
