@@ -26,8 +26,9 @@ DEFAULT_SETTINGS = ["8:64", "8:576", "4:16", "4:32", "4:64"]
 
 def measure(source: str, setting: str | None, tokenizer, args) -> dict:
     """Perplexity and bf16 bytes of `source` with its embeddings quantized as `setting` ('bits:group')."""
-    from compress.embeddings import EmbeddingsConfig, quantize_embeddings
     from compress.eval.perplexity import perplexity
+
+    from compress.embeddings import EmbeddingsConfig, quantize_embeddings
     from compress.metrics import serving_dtype
     from compress.model_loading import load_model
     from compress.report import model_size

@@ -24,9 +24,9 @@ import torch
 from pydantic import Field, field_validator
 
 from ..errors import LlmpressError
+from ..metrics import served_itemsize
 from ..modules import DictLinear
 from ..modules.dictionary import index_bytes
-from ..metrics import served_itemsize
 from .base import (
     Compressor,
     LayerStats,
@@ -101,7 +101,7 @@ class DictionaryFactors:
     def module(self, bias: torch.Tensor | None, dtype: torch.dtype, owner: DictLinear | None = None, owner_name: str | None = None) -> DictLinear:
         """The DictLinear storing these factors (with `owner`: sharing its atoms, storing none)."""
         atoms = None if owner is not None else self.atoms.to(dtype)
-        shared = dict(owner=owner, owner_name=owner_name)
+        shared = {"owner": owner, "owner_name": owner_name}
         if self.row_scales is None:
             return DictLinear.from_factors(atoms, self.values.to(dtype), self.support, bias, **shared)
         codes = torch.round(self.values / self.row_scales[:, None]).to(torch.int8)
