@@ -88,6 +88,8 @@ class CompressionRunner:
             max_statistics_gib=recipe.calibration.max_statistics_gib,
             fisher_for=frozenset(self.knapsack.stage_levels()) if self.knapsack and self.knapsack.cost == "fisher" else frozenset(),
         )
+        if self.knapsack is not None and any(getattr(stage, "walks", 1) > 1 for stage in recipe.stages):
+            raise LlmpressError("walks > 1 prunes every layer to the same intermediate sparsities: use it without an allocation")
         # checks the targets now, before any data is loaded
         self.pipeline = build_pipeline(model, recipe.stages, recipe.calibration.statistics, **self.options)
         self.gradient_stages = gradient_stages(self.pipeline)
@@ -158,7 +160,7 @@ class CompressionRunner:
         for stage_index in self.gradient_stages:
             if input_ids is None:
                 raise LlmpressError(f"method {self.recipe.stages[stage_index].method!r} needs gradients: pass calibration data")
-            self.prune_in_walks(stage_index, input_ids, plan)
+            self.prune_in_walks(stage_index, input_ids)
             records += compress_from_gradients([(pipeline, stage_index)], input_ids)[0]
         if self.forward_stages:
             if isinstance(pipeline, DenseStatsPipeline):
@@ -169,7 +171,7 @@ class CompressionRunner:
         fuse_untouched_stacks(self.model)  # experts nothing compressed: back to the model's own fused weights
         return RunResult(records, plan, pipeline.block_log, time.perf_counter() - start, tuning, embeddings)
 
-    def prune_in_walks(self, stage_index: int, input_ids: torch.Tensor, plan: AllocationPlan | None) -> None:
+    def prune_in_walks(self, stage_index: int, input_ids: torch.Tensor) -> None:
         """M-FAC `walks: W > 1`: walks 1..W−1 prune the model to ratio·w/W, each from gradients of
         the model as the previous walk left it; the caller's last walk prunes to the ratio. Between
         walks the pruned layers are dense nn.Linear again (zeros where pruned) so that gradients
@@ -178,8 +180,6 @@ class CompressionRunner:
         walks = getattr(stage, "walks", 1)
         if walks == 1:
             return
-        if plan is not None:
-            raise LlmpressError("walks > 1 prunes every layer to the same intermediate sparsities: use it without an allocation")
         for walk in range(1, walks):
             interim = stage.model_copy(update={"ratio": stage.ratio * walk / walks})
             pipeline = build_pipeline(self.model, [interim], self.recipe.calibration.statistics, **{**self.options, "on_layer": None})
