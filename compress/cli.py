@@ -328,7 +328,15 @@ def cmd_inspect(args) -> int:
     from .inspect_checkpoint import inspect_checkpoint, inspect_table
 
     info = inspect_checkpoint(args.directory)
-    print(json.dumps(info, indent=2) if args.json else inspect_table(info))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(inspect_table(info))
+    from .kernels import serving_notes
+
+    print("kernels (decode, this machine):")
+    for line in serving_notes({r["format"] for r in info["modules"]}):
+        print(f"  {line}")
     return 0
 
 

@@ -27,7 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LogitsProcessor, LogitsProcessorList
 
 from compress.compressors.masks import tile_mask
-from compress.modules import CompressedLinear, SparseLinear, TileSparseLinear
+from compress.modules import CompressedLinear, DeltaSparseLinear, SparseLinear, TileSparseLinear
 from compress.report import compressed_modules
 from compress.targets import match_linears, set_submodule
 
@@ -46,9 +46,14 @@ def _tile(weight: torch.Tensor, sparsity: float, tile: int = 64) -> TileSparseLi
     return TileSparseLinear.from_dense(weight, mask, None, tile, tile)
 
 
+def _delta(weight: torch.Tensor, keep: torch.Tensor) -> DeltaSparseLinear:
+    return DeltaSparseLinear.from_dense(weight * keep, keep, None)
+
+
 VARIANTS: dict[str, Callable[[torch.Tensor], CompressedLinear] | None] = {
     "dense": None,
     "bitmap 50%": lambda w: SparseLinear.from_dense(w, torch.rand_like(w) >= 0.5, None),
+    "delta rows 50%": lambda w: _delta(w, torch.rand_like(w) >= 0.5),
     "tile 50%": lambda w: _tile(w, 0.5),
     "tile 75%": lambda w: _tile(w, 0.75),
     "W4 g128": lambda w: random_gqsa(w, 128, 1.0),

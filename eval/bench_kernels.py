@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from compress.compressors.masks import tile_mask
-from compress.modules import CompressedLinear, GQSALinear, LowRankLinear, SparseLinear, TileSparseLinear
+from compress.modules import CompressedLinear, DeltaSparseLinear, GQSALinear, LowRankLinear, SparseLinear, TileSparseLinear
 from compress.modules.dictionary import DictLinear
 
 SHAPES = ["4096x4096", "14336x4096", "4096x14336", "28672x8192", "8192x28672"]
@@ -80,6 +80,7 @@ def cases(sparsities: list[float], tile: int) -> list[Case]:
     for s in sparsities:
         out.append(Case(f"torch CSR {s:.0%}", lambda w, s=s: (w * (torch.rand_like(w) >= s)).to_sparse_csr(), "csr"))
         out.append(Case(f"bitmap {s:.0%}", lambda w, s=s: SparseLinear.from_dense(w, torch.rand_like(w) >= s, None), "ours"))
+        out.append(Case(f"delta rows {s:.0%}", lambda w, s=s: _delta(w, torch.rand_like(w) >= s), "ours"))
         keep_cols = round((1 - s) * (tile if s < 0.85 else 2 * tile))
         cols = tile if s < 0.85 else 2 * tile
 
@@ -88,11 +89,22 @@ def cases(sparsities: list[float], tile: int) -> list[Case]:
 
         out.append(Case(f"tile {tile}x{cols} {s:.0%}", tiled, "ours"))
     out.append(Case("torch 2:4 (cuSPARSELt)", _semi_structured, "2:4"))
+    out.append(Case("2:4 (ours)", lambda w: SparseLinear.from_dense(w, _two_of_four(w), None, "2:4"), "ours"))
     out.append(Case("W4 g128", lambda w: random_gqsa(w, 128, 1.0), "ours"))
     out.append(Case("GQSA W4S50 g16", lambda w: random_gqsa(w, 16, 0.5), "ours"))
     out.append(Case("low-rank 30%", lambda w: random_lowrank(w, 0.3), "ours"))
     out.append(Case("dict 30% ks2", lambda w: random_dict(w, 0.3), "ours"))
     return out
+
+
+def _delta(w: torch.Tensor, keep: torch.Tensor) -> DeltaSparseLinear:
+    return DeltaSparseLinear.from_dense(w * keep, keep, None)
+
+
+def _two_of_four(w: torch.Tensor) -> torch.Tensor:
+    """The larger two of every four weights."""
+    groups = w.abs().view(w.shape[0], -1, 4)
+    return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(2, dim=-1).indices, True).view_as(w)
 
 
 def _semi_structured(w: torch.Tensor):
@@ -141,6 +153,27 @@ def time_us(fn: Callable[[], object], device: torch.device, repeats: int) -> flo
     return 1e6 * statistics.median(times)
 
 
+def serving_kernel(obj, kind: str, x: torch.Tensor) -> str | None:
+    """The kernel our module runs for x (the benchmark runs in `triton` mode on a GPU)."""
+    if kind != "ours":
+        return None
+    from compress import kernels
+
+    return kernels.select(obj.format, obj, x).name
+
+
+def dispatch_table(rows: list[dict], device_name: str, dtype: str) -> dict:
+    """Per kernel and token count, the worst speedup over dense across shapes and cases: what
+    dispatch needs to skip a kernel slower than cuBLAS (kernels/measured.py)."""
+    worst: dict[tuple[str, int], float] = {}
+    for r in rows:
+        if r.get("kernel") and r["speedup"] == r["speedup"]:  # not NaN
+            key = (r["kernel"], r["tokens"])
+            worst[key] = min(worst.get(key, float("inf")), r["speedup"])
+    entries = [{"kernel": k, "tokens": n, "speedup": s} for (k, n), s in sorted(worst.items())]
+    return {"device": device_name, "dtype": dtype, "entries": entries}
+
+
 def bench_shape(shape: str, tokens: list[int], case_list: list[Case], device, dtype, repeats: int) -> list[dict]:
     out_f, in_f = map(int, shape.split("x"))
     rows = []
@@ -178,6 +211,7 @@ def bench_shape(shape: str, tokens: list[int], case_list: list[Case], device, dt
                 "shape": shape, "case": case.name, "kind": case.kind, "tokens": n, "us": round(us, 2),
                 "speedup": round(speedup, 3), "byte_limit": round(limit, 3),
                 "of_limit": round(speedup / limit, 3), "bytes": size, "rel_err": err, "copies": len(objs),
+                "kernel": serving_kernel(first, case.kind, x),
             })  # fmt: skip
             print(f"{shape:>11} N={n:<3} {case.name:<26} {us:9.1f} us  x{speedup:5.2f}  (limit x{limit:4.2f})  err {err:.1e}", flush=True)
         del objs, first
@@ -224,10 +258,16 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for shape in shapes:
-        rows += bench_shape(shape, args.tokens, case_list, device, dtype, args.repeats)
+    from compress import kernels
+
+    # on a GPU every Triton kernel is measured, also those a speed table would make `auto` skip
+    with kernels.use_kernel_mode("triton" if device.type == "cuda" else "auto"):
+        for shape in shapes:
+            rows += bench_shape(shape, args.tokens, case_list, device, dtype, args.repeats)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (PyTorch references; not a speed measurement)"
     (out / "results.json").write_text(json.dumps({"device": name, "dtype": str(dtype), "rows": rows}, indent=2))
+    if device.type == "cuda":  # commit as kernels/measured/<gpu>.json for dispatch to use
+        (out / "dispatch.json").write_text(json.dumps(dispatch_table(rows, name, str(dtype)), indent=2))
     print(write_table(out, rows, name))
 
 

@@ -4,11 +4,13 @@ GPTQ-style storage), y = x·Ŵᵀ + b.
 When every row keeps all K/g groups in order, a row's packed codes are contiguous and a K step of
 one group is the same for all rows, so the tile can go through `tl.dot`: each program loads a
 (BLOCK_M × g/2) byte tile, splits it into the low nibbles (even columns) and high nibbles (odd
-columns), dequantizes both halves with the rows' scale and zero point of this group, joins them
-back into column order and multiplies the (BLOCK_M × g) tile by the group's contiguous activation
-columns in one `tl.dot` (two dots over strided even/odd activation columns cost 26% more
-instructions per byte on sm_90: eval/results/kernels/static-sm90). Bytes read per weight: 0.5 + (scale + zero)/g,
-about 0.52 at g = 128 with fp16 scales, against 2 for dense fp16 (limit ~3.8x).
+columns), dequantizes both halves with the rows' scale and zero point of this group (in fp16 for
+fp16 layers, two weights per instruction) and multiplies them by the group's even and odd
+activation columns in two `tl.dot`s. On sm_90 this loop issues 0.333 warp-instructions per weight
+byte (Hopper allows 0.218): joining the halves back into column order for one dot took 0.373 (a
+PRMT per pair of weights), and staging the code tile through shared memory (cp.async) more
+(eval/results/kernels/static-sm90). Bytes read per weight: 0.5 + (scale + zero)/g, about 0.52 at
+g = 128 with fp16 scales, against 2 for dense fp16 (limit ~3.8x).
 """
 
 from __future__ import annotations
@@ -16,22 +18,32 @@ from __future__ import annotations
 import torch
 
 from .runtime import (
-    SplitK,
     cached_on,
     check_launch,
-    dot_in_fp32,
     flat_tokens,
-    interpreting,
+    launch_group_dot,
     launch_refusal,
     output_like,
-    split_k_plan,
     storage_key,
     tl,
-    token_block,
     triton,
 )
 
 if triton is not None:
+
+    @triton.jit
+    def dequant_nibbles_fp16(packed, scale, zero):
+        """(low, high) nibbles of uint8 codes dequantized in fp16, packed two per register (HADD2,
+        HMUL2): the bits 0x6400 | q are the float 1024 + q; minus 1024 + z that is q − z exactly,
+        and the product with the scale rounds once, as the reference's fp32 product cast to fp16
+        does. 10% fewer instructions per weight byte than dequantizing in fp32 and packing after
+        (eval/compile_kernels.py). bf16 (0x4300 | q = 128 + q) would work the same way on a GPU,
+        but Triton's interpreter cannot check bf16 bit casts, so bf16 keeps the fp32 path."""
+        base = (1024.0 + zero).to(tl.float16)
+        low = ((packed & 0xF).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+        high = ((packed >> 4).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+        scale16 = scale.to(tl.float16)
+        return (low - base) * scale16, (high - base) * scale16
 
     @triton.jit
     def _int4_kernel(
@@ -58,22 +70,27 @@ if triton is not None:
             packed = tl.load(q_ptr + slot[:, None] * HALF + half[None, :], mask=m_ok[:, None], other=0)
             scale = tl.load(s_ptr + slot, mask=m_ok, other=0.0).to(tl.float32)[:, None]
             zero = tl.load(z_ptr + slot, mask=m_ok, other=0).to(tl.float32)[:, None]
-            offset = -zero * scale  # (q − z)·s = q·s + (−z·s): one FMA per weight instead of a subtract and a multiply
-            # a nibble q to float without the quarter-rate int-to-float conversion: the bits of 2^23 + q
-            # (exponent 0x4B0) minus 2^23, exact
-            wide = packed.to(tl.int32)
-            low = ((wide & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            high = ((wide >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            low = low * scale + offset
-            high = high * scale + offset
-            # back in column order (code 2i in the low nibble, 2i+1 in the high one): one dot over the group
-            w = tl.reshape(tl.join(low, high), (BLOCK_M, GROUP))
-            cols = g * GROUP + tl.arange(0, GROUP)
-            x = tl.load(x_ptr + rn[None, :] * stride_xn + cols[:, None], mask=n_ok[None, :], other=0.0)
-            if DOT_FP32:
-                acc += tl.dot(w, x.to(tl.float32), input_precision="ieee")
+            if DOT_FP32 or x_ptr.dtype.element_ty != tl.float16:
+                offset = -zero * scale  # (q − z)·s = q·s + (−z·s): one FMA per weight instead of a subtract and a multiply
+                # a nibble q to float without the quarter-rate int-to-float conversion: the bits of 2^23 + q
+                # (exponent 0x4B0) minus 2^23, exact
+                wide = packed.to(tl.int32)
+                low = ((wide & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                high = ((wide >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                low = low * scale + offset
+                high = high * scale + offset
             else:
-                acc += tl.dot(w.to(x.dtype), x)
+                low, high = dequant_nibbles_fp16(packed, scale, zero)
+            # low nibbles (columns 2i) against the even activation columns, high ones against the odd
+            even = g * GROUP + 2 * half
+            x_even = tl.load(x_ptr + rn[None, :] * stride_xn + even[:, None], mask=n_ok[None, :], other=0.0)
+            x_odd = tl.load(x_ptr + rn[None, :] * stride_xn + even[:, None] + 1, mask=n_ok[None, :], other=0.0)
+            if DOT_FP32:
+                acc += tl.dot(low, x_even.to(tl.float32), input_precision="ieee")
+                acc += tl.dot(high, x_odd.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(low.to(x_even.dtype), x_even)
+                acc += tl.dot(high.to(x_odd.dtype), x_odd)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rm, mask=m_ok, other=0.0).to(tl.float32)[:, None]
         y_offsets = pid_k * stride_ys + rn[None, :] * stride_yn + rm[:, None]
@@ -104,19 +121,7 @@ def int4_matmul(
     out = output_like(x, m)
     if n == 0:
         return out
-    block_m = 32 if interpreting() else 64
-    block_n = token_block(n)
-    programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    split_k, per_split = split_k_plan(groups, programs, x.device, 4, split_k)
-    split = SplitK(out.view(n, m), split_k)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
-    _int4_kernel[grid](
-        x2, qweight, scales, zeros, bias if bias is not None else scales, split.target,
-        m, n, groups, per_split, x2.stride(0), split.target.stride(-2), split.split_stride,
-        HAS_BIAS=split.single and bias is not None, DOT_FP32=dot_in_fp32(x.dtype), GROUP=group,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=4,
-    )  # fmt: skip
-    split.finish(bias)
+    launch_group_dot(_int4_kernel, x, x2, out, qweight, scales, zeros, bias, group, split_k)
     return out
 
 

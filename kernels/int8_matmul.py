@@ -2,12 +2,14 @@
 
 Ŵ[r, G] = (q − zero)·scale per group G of g input columns, one byte per weight. The kernel reads
 each weight byte once from HBM and dequantizes on chip: byte to float by the 2^23 bit trick (no
-quarter-rate I2F), then (q − z)·s = q·s − z·s as one FMA per weight. Each lane keeps its own
-partial sums over the columns it sees and they are reduced once after the loop. Decode (1–16
-tokens) is memory-bound, so the products run on CUDA cores (about 1.05 bytes per weight at g = 64
-with bf16 scales, against 2 for bf16); longer inputs go to cuBLAS through the reference in `auto`
-mode. The static budget (eval/compile_kernels.py, sm_90): 0.17–0.20 warp-instructions per byte
-at 1–16 tokens, 46–56 registers.
+quarter-rate I2F), then (q − z)·s = q·s − z·s as one FMA per weight. For one token the products
+run on CUDA cores, each lane keeping its own partial sums, reduced once after the loop; for more
+tokens the dequantized group tile goes through `tl.dot` (`_int8_dot_kernel`), since on CUDA cores
+the products grow with the tokens past what HBM's bandwidth leaves (about 1.05 bytes per weight
+at g = 64 with bf16 scales, against 2 for bf16); longer inputs go to cuBLAS through the reference
+in `auto` The static budget (eval/compile_kernels.py, sm_90): 0.208 warp-instructions per weight byte at one
+token on CUDA cores, 0.176 on tensor cores up to 16 (Hopper allows 0.218; on CUDA cores 4 tokens
+took 0.39).
 Used for the output head of a model whose embeddings are stored in W8 (the largest single GEMM
 of a small model's decode step: 49k × 576 for SmolLM2).
 """
@@ -21,12 +23,18 @@ from .runtime import (
     expanded_weight,
     flat_tokens,
     interpreting,
+    launch_group_dot,
     launch_refusal,
     next_pow2,
     output_like,
     tl,
     triton,
 )
+
+# tokens served on CUDA cores; more go to tensor cores: on CUDA cores the products grow with the
+# tokens (0.39 warp-instructions per weight byte at 4 tokens, Hopper allows 0.218), on tensor
+# cores the loop issues 0.176 at up to 16 (eval/compile_kernels.py)
+FMA_MAX_TOKENS = 1
 
 if triton is not None:
 
@@ -64,6 +72,48 @@ if triton is not None:
         tl.store(y_ptr + rn[None, :] * stride_yn + rm[:, None], out.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+    @triton.jit
+    def _int8_dot_kernel(
+        x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+        M, N, GROUPS, GROUPS_PER_SPLIT, stride_xn, stride_yn, stride_ys,
+        HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        """Tensor cores for several tokens: per group, the (BLOCK_M × g) code tile dequantized on
+        chip (in fp16 for fp16 layers: the bits 0x6400 | q are 1024 + q, exact for a byte; bytes map
+        one to one onto columns, so nothing is interleaved) and one `tl.dot` with the group's
+        activation columns."""
+        tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and GROUP >= 16, "tl.dot needs tiles of at least 16")
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = rm < M
+        n_ok = rn < N
+        cols = tl.arange(0, GROUP)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        g_start = pid_k * GROUPS_PER_SPLIT
+        for g in range(g_start, tl.minimum(g_start + GROUPS_PER_SPLIT, GROUPS)):
+            slot = rm * GROUPS + g
+            codes = tl.load(q_ptr + slot[:, None] * GROUP + cols[None, :], mask=m_ok[:, None], other=0)
+            scale = tl.load(s_ptr + slot, mask=m_ok, other=0.0)
+            zero = tl.load(z_ptr + slot, mask=m_ok, other=0)
+            x = tl.load(x_ptr + rn[None, :] * stride_xn + (g * GROUP + cols)[:, None], mask=n_ok[None, :], other=0.0)
+            if DOT_FP32 or x_ptr.dtype.element_ty != tl.float16:
+                q = (codes.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                scale32 = scale.to(tl.float32)[:, None]
+                w = q * scale32 - (zero.to(tl.float32)[:, None] * scale32)
+                acc += tl.dot(w, x.to(tl.float32), input_precision="ieee") if DOT_FP32 else tl.dot(w.to(x.dtype), x)
+            else:
+                q = (codes.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+                w = (q - (1024.0 + zero.to(tl.float32)).to(tl.float16)[:, None]) * scale.to(tl.float16)[:, None]
+                acc += tl.dot(w, x)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rm, mask=m_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + pid_k * stride_ys + rn[None, :] * stride_yn + rm[:, None], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
 def int8_chunk(group_size: int) -> int:
     """Columns per inner step: the largest power of two ≤ 64 dividing the group size."""
     chunk = 64
@@ -73,16 +123,27 @@ def int8_chunk(group_size: int) -> int:
 
 
 def int8_tiles(n: int, chunk: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_M): at most 2048 (rows × chunk × tokens) partial sums per program (16 per
-    thread of 4 warps), which keeps every configuration within 128 registers on sm_90 and the
-    main loop within Hopper's instruction budget per byte (eval/compile_kernels.py checks both)."""
+    """(BLOCK_N, BLOCK_M): at most 4096 (rows × chunk × tokens) partial sums per program (32 per
+    thread of 4 warps), within 128 registers on sm_90 (93 at one token). At one token the main
+    loop then issues 0.208 warp-instructions per weight byte, within Hopper's 0.218 (2048 partial
+    sums: 0.218, just over); from 4 tokens on, the products alone outgrow the budget on CUDA
+    cores (eval/compile_kernels.py)."""
     block_n = min(16, next_pow2(n))
-    return block_n, max(2, min(64, 2048 // (chunk * block_n)))
+    return block_n, max(2, min(64, 4096 // (chunk * block_n)))
 
 
-def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def int8_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    tensor_cores: bool | None = None,
+    split_k: int | None = None,
+) -> torch.Tensor:
     """y = x·Ŵᵀ + bias for Int8Linear's storage: qweight (M, groups, g) uint8, scales (M, groups),
-    zeros (M, groups) uint8; x (..., K) -> (..., M) with K = groups·g."""
+    zeros (M, groups) uint8; x (..., K) -> (..., M) with K = groups·g. CUDA cores for one token,
+    tensor cores for more (power-of-two groups of at least 16); `tensor_cores` overrides."""
     check_launch(x, qweight, scales, zeros)
     m, groups, group = qweight.shape
     k = x.shape[-1]
@@ -102,6 +163,11 @@ def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     n = x2.shape[0]
     out = output_like(x, m)
     if n == 0:
+        return out
+    if tensor_cores is None:
+        tensor_cores = n > FMA_MAX_TOKENS and group >= 16 and group & (group - 1) == 0
+    if tensor_cores:
+        launch_group_dot(_int8_dot_kernel, x, x2, out, qweight, scales, zeros, bias, group, split_k)
         return out
     block_n, block_m = int8_tiles(n, chunk)
     block_m = 16 if interpreting() else block_m

@@ -263,3 +263,23 @@ class SplitK:
         if accumulate:
             total += self.y2.float()
         self.y2.copy_(total)
+
+
+def launch_group_dot(kernel, x: torch.Tensor, x2: torch.Tensor, out: torch.Tensor, qweight, scales, zeros, bias, group: int, split_k: int | None) -> None:
+    """Launch a group-quantized tensor-core kernel (W4 `_int4_kernel`, W8 `_int8_dot_kernel`: the
+    same arguments) over (out_features × groups) codes: 64-row tiles, split-K over the groups."""
+    m, groups = scales.shape
+    n = x2.shape[0]
+    block_m = 32 if interpreting() else 64
+    block_n = token_block(n)
+    programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    splits, per_split = split_k_plan(groups, programs, x.device, 4, split_k)
+    split = SplitK(out.view(n, m), splits)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
+    kernel[grid](
+        x2, qweight, scales, zeros, bias if bias is not None else scales, split.target,
+        m, n, groups, per_split, x2.stride(0), split.target.stride(-2), split.split_stride,
+        HAS_BIAS=split.single and bias is not None, DOT_FP32=dot_in_fp32(x.dtype), GROUP=group,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1,
+    )  # fmt: skip
+    split.finish(bias)

@@ -57,6 +57,7 @@ def test_compress_eval_inspect(tiny_model_dir, tmp_path, calib_text, capsys):
     assert main(["inspect", str(out)]) == 0
     table = capsys.readouterr().out
     assert "lowrank" in table and "model.layers.1.mlp.down_proj" in table
+    assert "kernels (decode, this machine):" in table and "lowrank" in table.split("kernels (decode")[1]
     assert main(["inspect", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert len(info["modules"]) == 14 and all(m["ratio"] < 1 for m in info["modules"])

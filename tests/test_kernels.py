@@ -13,12 +13,14 @@ from compress.kernels.bitmap_matmul import bitmap_matmul, split_offsets
 from compress.kernels.ell_matmul import ell_matmul
 from compress.kernels.gqsa_matmul import gqsa_matmul
 from compress.kernels.int4_matmul import int4_matmul
+from compress.kernels.nm_matmul import nm24_matmul
+from compress.kernels import runtime
 from compress.kernels.runtime import interpreting
 from compress.kernels.skinny_matmul import skinny_matmul, skinny_matmul_reference
 from compress.compressors.masks import tile_mask
 from compress.kernels.tile_sparse_matmul import tile_sparse_matmul
 from compress.compressors.rtn import quantize_groups
-from compress.modules import DictLinear, EoRALinear, GQSALinear, Int8Linear, LowRankLinear, SparseLinear, TileSparseLinear, pack_mask
+from compress.modules import DeltaSparseLinear, DictLinear, EoRALinear, GQSALinear, Int8Linear, LowRankLinear, SparseLinear, TileSparseLinear, pack_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
@@ -89,6 +91,13 @@ def _random_sparse(m: int, k: int, sparsity: float, dtype, pattern: str = "unstr
     return SparseLinear.from_dense(w.to(dtype), mask, torch.randn(m).to(dtype), pattern=pattern).to(DEVICE)
 
 
+def _random_delta(m: int, k: int, sparsity: float, dtype) -> DeltaSparseLinear:
+    w = torch.randn(m, k)
+    mask = torch.rand(m, k) >= sparsity
+    mask[3] = False  # a dead row
+    return DeltaSparseLinear.from_dense((w * mask).to(dtype), mask, torch.randn(m).to(dtype)).to(DEVICE)
+
+
 def _random_gqsa(m: int, k: int, group: int, kept: int, dtype) -> GQSALinear:
     codes = torch.randint(0, 16, (m, kept, group))
     index = torch.stack([torch.randperm(k // group)[:kept].sort().values for _ in range(m)])
@@ -129,6 +138,9 @@ def _modules(dtype):
         "sparse 50%": _random_sparse(48, 72, 0.5, dtype),
         "sparse 90%": _random_sparse(40, 131, 0.9, dtype),
         "sparse 2:4": _random_sparse(48, 64, 0.5, dtype, "2:4"),
+        "sparse 2:4 ragged": _random_sparse(37, 200, 0.5, dtype, "2:4"),
+        "delta rows 50%": _random_delta(37, 200, 0.5, dtype),
+        "delta rows 95% (fillers)": _random_delta(20, 300, 0.95, dtype),
         "gqsa W4S50 g16": _random_gqsa(40, 96, 16, 3, dtype),
         "gqsa W4 g8 dense": _random_gqsa(24, 64, 8, 8, dtype),
         "W4 g32 (int4 tensor-core kernel)": _random_gqsa(40, 128, 32, 4, dtype),
@@ -230,6 +242,69 @@ def test_dispatch_chooses_once_per_device_dtype_and_token_class():
         kernels._REGISTRY.pop("test_fmt")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_2of4_kernel_on_cuda_and_tensor_cores(dtype):
+    """Exact 2:4 masks read straight from SparseLinear's storage, on either path, for decode and
+    more tokens, with split-K; a 2:4 mask missing one weight goes to the bitmap kernel."""
+    module = _random_sparse(40, 136, 0.5, dtype, "2:4")
+    dense = module.to_dense().double()
+    for tokens in (1, 7, 16, 64):
+        x = torch.randn(tokens, 136, device=DEVICE).to(dtype)
+        ref = torch.nn.functional.linear(x.double(), dense, module.bias.double())
+        for tensor_cores, split_k in ((False, None), (True, 1), (True, 3)):
+            y = nm24_matmul(x, module.values, module.bitmap, 40, module.bias, split_k=split_k, tensor_cores=tensor_cores)
+            assert y.dtype == dtype and rel_err(y, ref) < TOLERANCE[dtype], (tokens, tensor_cores, split_k)
+    kernels.set_kernel_mode("triton")
+    assert kernels.select("sparse_bitmap", module, x).name == "triton_2of4"
+    mask = module.mask()
+    mask[5, mask[5].nonzero()[0]] = False  # one group keeps a single weight
+    uneven = SparseLinear.from_dense(module.to_dense(), mask, module.bias, pattern="2:4")
+    assert "exactly 2 of every 4" in kernels.refusal(kernels.available("sparse_bitmap")[0], uneven, x, "triton")
+    assert kernels.select("sparse_bitmap", uneven, x).name == "triton_bitmap"
+    assert kernels.select("sparse_bitmap", _random_sparse(40, 136, 0.5, dtype), x).name == "triton_bitmap"
+
+
+def test_int8_kernel_on_cuda_and_tensor_cores(monkeypatch):
+    import compress.kernels.int8_matmul as int8
+
+    for dtype in (torch.float32, torch.float16):
+        module = _random_int8(37, 192, 64, dtype)
+        if dtype == torch.float16:  # the GPU's fp16 dequantization path (fp16 dots are right in the interpreter)
+            monkeypatch.setattr(runtime, "dot_in_fp32", lambda d: False)
+        for tokens in (1, 7, 16, 64):
+            x = torch.randn(tokens, 192, device=DEVICE).to(dtype)
+            ref = torch.nn.functional.linear(x.double(), module.to_dense().double(), module.bias.double())
+            for tensor_cores, split_k in ((False, None), (True, 1), (True, 3)):
+                y = int8.int8_matmul(x, module.qweight, module.scales, module.zeros, module.bias, tensor_cores=tensor_cores, split_k=split_k)
+                assert rel_err(y, ref) < TOLERANCE[dtype], (dtype, tokens, tensor_cores, split_k)
+
+
+@pytest.mark.parametrize("bits", [5, 9, 10, 11, 13, 16])
+def test_ell_kernel_unpacks_every_index_width(bits):
+    """Widths whose indices fit two bytes (5, 9, 10, 16) read two, the others (11, 13) three."""
+    from compress.kernels.ell_matmul import index_fits_two_bytes
+    from compress.modules.dictionary import pack_bits
+
+    assert index_fits_two_bytes(bits) == (bits in (5, 9, 10, 16))
+    atoms, rows, s = min(2**bits, 3000), 21, 13
+    index = torch.randint(0, atoms, (rows, s))
+    values = torch.randn(rows, s)
+    h = torch.randn(3, atoms, device=DEVICE)
+    y = ell_matmul(h, values.to(DEVICE), pack_bits(index, bits).to(DEVICE), bits)
+    dense = torch.zeros(rows, atoms, dtype=torch.float64).scatter_add_(1, index, values.double())
+    assert rel_err(y, h.double() @ dense.T.to(DEVICE)) < 1e-5
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_gqsa_kernel_split_k_and_token_counts(split_k):
+    module = _random_gqsa(37, 160, 16, 7, torch.float32)  # ragged rows, 7 of 10 groups per row
+    for tokens in (1, 7, 16, 64):
+        x = torch.randn(tokens, 160, device=DEVICE)
+        y = gqsa_matmul(x, module.qweight, module.scales, module.zeros, module.group_index, module.bias, split_k=split_k)
+        ref = torch.nn.functional.linear(x.double(), module.to_dense().double(), module.bias.double())
+        assert rel_err(y, ref) < 1e-5, tokens
+
+
 @pytest.mark.parametrize("split_k", [1, 3])
 def test_int4_kernel_serves_plain_w4_and_split_k(monkeypatch, split_k):
     module = _random_gqsa(48, 192, 32, 6, torch.float32)  # every group kept, in order
@@ -306,3 +381,72 @@ def test_cpu_cache_keeps_one_expansion_per_module_until_its_storage_changes(monk
     assert len(calls) == 6 and kernels.cpu_cache_bytes() == 0
     with pytest.raises(ValueError, match="LLMPRESS_CPU_WEIGHT_CACHE.*not a size"):
         kernels.set_cpu_cache_limit("lots")
+
+
+if interpreting() or DEVICE == "cuda":
+    import triton
+    import triton.language as tl
+
+    from compress.kernels.int4_matmul import dequant_nibbles_fp16
+
+    @triton.jit
+    def _dequant_probe(q_ptr, s_ptr, z_ptr, out_ptr, N: tl.constexpr):
+        i = tl.arange(0, N)
+        low, high = dequant_nibbles_fp16(tl.load(q_ptr + i), tl.load(s_ptr + i), tl.load(z_ptr + i))
+        tl.store(out_ptr + 2 * i, low)
+        tl.store(out_ptr + 2 * i + 1, high)
+
+
+def test_int4_fp16_dequantization_is_exact(monkeypatch):
+    """The tensor-core W4 kernel dequantizes fp16 layers in fp16 on the GPU (the interpreter's
+    dots run in fp32): every code and zero point give the reference's fp32 product rounded once,
+    and the kernel on that path matches the reference."""
+    dtype = torch.float16
+    codes = torch.arange(256, dtype=torch.uint8, device=DEVICE)  # every (low, high) pair
+    zeros = torch.randint(0, 16, (256,), dtype=torch.uint8, device=DEVICE)
+    scales = (torch.rand(256, device=DEVICE) * 0.1 + 1e-3).to(dtype)
+    out = torch.empty(512, dtype=dtype, device=DEVICE)
+    _dequant_probe[(1,)](codes, scales, zeros, out, N=256)
+    q = torch.stack([codes & 0xF, codes >> 4], dim=1).float()
+    expected = ((q - zeros.float()[:, None]) * scales.float()[:, None]).to(dtype).flatten()
+    assert torch.equal(out, expected)
+    import compress.kernels.int4_matmul as int4
+
+    monkeypatch.setattr(runtime, "dot_in_fp32", lambda dtype: False)  # the GPU's path (fp16 dots are right in the interpreter)
+    module = _random_gqsa(48, 192, 32, 6, dtype)
+    x = torch.randn(5, 192, device=DEVICE).to(dtype)
+    y = int4.int4_matmul(x, module.qweight, module.scales, module.zeros, module.bias)
+    assert rel_err(y, torch.nn.functional.linear(x.double(), module.to_dense().double(), module.bias.double())) < TOLERANCE[dtype]
+
+
+def test_dispatch_skips_kernels_measured_slower_than_dense(monkeypatch, tmp_path):
+    """A speed table (as bench_kernels writes it on a GPU) makes `auto` skip a Triton kernel
+    measured below 1x of cuBLAS for that GPU and token count, and says so; the token classes
+    follow the measured counts."""
+    import json
+
+    from compress.eval.bench_kernels import dispatch_table
+
+    rows = [
+        {"kernel": "triton_2of4", "tokens": 1, "speedup": 1.4}, {"kernel": "triton_2of4", "tokens": 1, "speedup": 1.2},
+        {"kernel": "triton_2of4", "tokens": 16, "speedup": 0.8}, {"kernel": None, "tokens": 1, "speedup": 1.0},
+    ]  # fmt: skip
+    table = dispatch_table(rows, "Test GPU", "torch.float16")
+    assert table["entries"] == [{"kernel": "triton_2of4", "tokens": 1, "speedup": 1.2}, {"kernel": "triton_2of4", "tokens": 16, "speedup": 0.8}]
+    (tmp_path / "t.json").write_text(json.dumps(table))
+    monkeypatch.setenv("LLMPRESS_KERNEL_TABLES", str(tmp_path / "t.json"))
+    kernels.forget_measured()
+    monkeypatch.setattr(kernels, "measured_device", lambda x: "Test GPU")
+    try:
+        module = _random_sparse(40, 136, 0.5, torch.float32, "2:4")
+        two_of_four = next(k for k in kernels.available("sparse_bitmap") if k.name == "triton_2of4")
+        for tokens, slow in ((1, False), (2, True), (16, True), (40, True)):
+            why = kernels.refusal(two_of_four, module, torch.randn(tokens, 136, device=DEVICE), "auto") or ""
+            assert ("measured 0.80x" in why) == slow, (tokens, why)
+        assert "measured" not in (kernels.refusal(two_of_four, module, torch.randn(2, 136, device=DEVICE), "triton") or "")
+        assert 1 in kernels._token_bounds("sparse_bitmap") and 16 in kernels._token_bounds("sparse_bitmap")
+        monkeypatch.setattr(kernels, "measured_device", lambda x: "Another GPU")  # the table is for one GPU only
+        assert "measured" not in (kernels.refusal(two_of_four, module, torch.randn(16, 136, device=DEVICE), "auto") or "")
+    finally:
+        monkeypatch.delenv("LLMPRESS_KERNEL_TABLES")
+        kernels.forget_measured()

@@ -11,11 +11,12 @@ activation rows, with no per-element decoding).
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from ..modules import SparseLinear, TileSparseLinear
+from ..modules import DeltaSparseLinear, SparseLinear, TileSparseLinear
 from .base import StageConfig
 
 RATIO_PATTERNS = ("unstructured", "tile")  # patterns whose sparsity is set by `ratio`
@@ -26,6 +27,12 @@ class PruningConfig(StageConfig):
     pattern: str = Field(default="unstructured", description="'unstructured', 'tile', or 'N:M' such as '2:4'")
     tile_rows: int = Field(default=64, ge=1, description="tile pattern: output rows that share kept columns")
     tile_cols: int = Field(default=64, ge=8, le=256, description="tile pattern: input columns per tile")
+    sparse_format: Literal["bitmap", "delta"] = Field(
+        default="bitmap",
+        description="storage of an unstructured or N:M mask: 'bitmap' (kept values + 1 bit per weight, fewest bytes) "
+        "or 'delta' (kept values + a 4-bit column gap each, rows of entries: more bytes, a decode kernel that works "
+        "per kept weight; modules/delta_sparse.py)",
+    )
 
     @field_validator("pattern")
     @classmethod
@@ -46,6 +53,8 @@ class PruningConfig(StageConfig):
             raise ValueError(
                 f"ratio {self.ratio} keeps no column of a {self.tile_cols}-column tile; lower the ratio or widen tile_cols"
             )
+        if self.pattern == "tile" and self.sparse_format != "bitmap":
+            raise ValueError("the tile pattern has its own storage; drop 'sparse_format'")
         if self.nm is not None and self.ratio is not None:
             n, m = map(int, self.pattern.split(":"))
             if abs(self.ratio - (1 - n / m)) > 1e-9:
@@ -114,10 +123,12 @@ def tile_mask(scores: torch.Tensor, tile_rows: int, tile_cols: int, keep: int) -
 
 
 def pruned_module(weight: torch.Tensor, keep: torch.Tensor, bias: torch.Tensor | None, config: PruningConfig):
-    """The storage format of a pruned weight: the compact tile format for the tile pattern, the
-    bitmap format otherwise."""
+    """The storage format of a pruned weight: the compact tile format for the tile pattern, else
+    the bitmap or, with `sparse_format: delta`, rows of (value, column gap) entries."""
     if config.pattern == "tile":
         return TileSparseLinear.from_dense(weight, keep, bias, config.tile_rows, config.tile_cols)
+    if config.sparse_format == "delta":
+        return DeltaSparseLinear.from_dense(weight * keep, keep, bias)
     return SparseLinear.from_dense(weight, keep, bias, pattern=config.pattern)
 
 

@@ -57,9 +57,9 @@ import torch
 from pydantic import Field, model_validator
 
 from ..errors import LlmpressError
-from ..modules import SparseLinear
+from ..modules import CompressedLinear
 from .base import Compressor, LayerStats, register_compressor
-from .masks import PruningConfig, nm_mask, unstructured_mask
+from .masks import PruningConfig, nm_mask, pruned_module, unstructured_mask
 
 
 class MFACConfig(PruningConfig):
@@ -294,10 +294,10 @@ class MFACCompressor(Compressor):
         """The block size whose per-block sums of gg^T the walk should collect instead of the gradients."""
         return config.block_size if uses_block_sums(config, num_grads) else None
 
-    def compress(self, weight, bias, stats: LayerStats, config: MFACConfig, base=None) -> SparseLinear:
+    def compress(self, weight, bias, stats: LayerStats, config: MFACConfig, base=None) -> CompressedLinear:
         # several sparsities pruned from one gradient window (a benchmark's rows) share the inverse
         key = ("mfac_inverse", config.block_size, config.damp, config.precision, config.inverse, str(weight.device))
         if key not in stats.derived:
             stats.derived[key] = fisher_inverse(stats, config, weight.device)
         pruned, keep = mfac_prune(weight, stats.get("grads"), config, stats.derived[key])
-        return SparseLinear.from_dense(pruned, keep, bias, pattern=config.pattern)
+        return pruned_module(pruned, keep, bias, config)

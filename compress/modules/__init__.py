@@ -1,6 +1,7 @@
 """nn.Linear replacements, one per storage format (see FORMATS)."""
 
 from .base import FORMATS, CompressedLinear, build_module, register_format
+from .delta_sparse import DeltaSparseLinear
 from .dictionary import DictLinear, tie_shared_dictionaries
 from .eora import EoRALinear
 from .gqsa import GQSALinear
@@ -13,6 +14,7 @@ from .tile_sparse import TileSparseLinear
 __all__ = [
     "FORMATS",
     "CompressedLinear",
+    "DeltaSparseLinear",
     "DictLinear",
     "EoRALinear",
     "GQSALinear",
