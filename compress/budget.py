@@ -5,7 +5,8 @@ chosen per layer, the global ratio removed (of parameters or of bytes as served)
 candidate levels; level 0 means "leave the layer dense". With `candidates` it names several
 stages instead, each with its levels: the stages are then alternatives (one knapsack across
 methods) and every layer gets one (method, level) of them or stays dense; a level is then the
-method's own (gqsa at 0 is plain W4).
+method's own (gqsa at 0 is plain W4). A method without a level (gptq W8) is listed with [0]:
+one fixed option, the stage as written.
 
 Profiling runs the *dense* model once (`DenseStatsPipeline.collect`); each layer's compressor
 measures its size and error at every level (`Compressor.profile`: one SVD for all ranks for the
@@ -168,9 +169,12 @@ class AllocationPlan:
         for choice in self.layers:
             for stage in self.stages:
                 chosen = choice.stage == stage
-                configs[stage][choice.name] = (
-                    stages[stage].model_copy(update={level_fields[stage]: choice.level}) if chosen else None
-                )
+                if not chosen:
+                    configs[stage][choice.name] = None
+                elif level_fields[stage] is None:  # a fixed option (a method without a level)
+                    configs[stage][choice.name] = stages[stage]
+                else:
+                    configs[stage][choice.name] = stages[stage].model_copy(update={level_fields[stage]: choice.level})
         return configs
 
     def left_dense(self) -> list[LayerChoice]:
@@ -205,8 +209,11 @@ def profile_block(
     layer (`level_zero_is_dense`, one allocated stage) or the method's own level 0 (candidates)."""
     stage = pipeline.stages[stage_index]
     compressor = pipeline.compressors[stage_index]
-    if compressor.level_field is None:
-        raise LlmpressError(f"method {stage.method!r} has no level to allocate; allocation needs e.g. a 'ratio' method")
+    if compressor.level_field is None and (level_zero_is_dense or levels != [0.0]):
+        raise LlmpressError(
+            f"method {stage.method!r} has no level to allocate: allocate a method with one (e.g. a 'ratio'), or list it "
+            "among allocation.candidates with levels [0] (one fixed option)"
+        )
     block = pipeline.blocks[index]
     compressed_levels = [lv for lv in levels if lv > 0 or not level_zero_is_dense]
 
@@ -344,9 +351,11 @@ def _dense_entry(results: list[LevelResult]) -> LevelResult:
 
 def stage_label(stage: StageConfig) -> str:
     """How a plan names a candidate stage: its method, and what tells apart two stages of one
-    method (gqsa g16 and gqsa g32; an N:M pattern)."""
+    method (gqsa g16 and gqsa g32, gptq w8 g128; an N:M pattern)."""
     label = stage.method
-    if getattr(stage, "group_size", None) and stage.method == "gqsa":
+    if stage.method == "gptq":
+        label += f" w{stage.bits}"
+    if getattr(stage, "group_size", None) and stage.method in ("gqsa", "gptq"):
         label += f" g{stage.group_size}"
     if getattr(stage, "pattern", "unstructured") not in ("unstructured", None):
         label += f" {stage.pattern}"

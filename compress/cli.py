@@ -88,7 +88,7 @@ def _add_fetch(sub) -> None:
 
 # kept in step with compress.compressors.COMPRESSORS by the test suite (listing them here keeps
 # `llmpress --help` from importing torch)
-METHODS = ("cospadi", "eora", "fwsvd", "gqsa", "magnitude", "mfac", "rocket", "sparsegpt", "svd", "wanda", "whitened_svd")
+METHODS = ("cospadi", "eora", "fwsvd", "gptq", "gqsa", "magnitude", "mfac", "rocket", "sparsegpt", "svd", "wanda", "whitened_svd")
 
 EXAMPLES = """examples:
   llmpress fetch-demo models

@@ -213,9 +213,12 @@ def _candidate_levels(candidates: dict, stages: list, errors: list[str]) -> None
         method = COMPRESSORS.get(stages[index].get("method"))
         if method is None or not isinstance(levels, list) or not levels:
             continue
-        if method.level_field is None:
-            levelled = sorted(m for m, c in COMPRESSORS.items() if c.level_field)
-            errors.append(f"  allocation.candidates.{index}: method {method.method!r} has no level to allocate; methods that do: {levelled}")
+        if method.level_field is None:  # one fixed option: the stage as written
+            if levels != [0] and levels != [0.0]:
+                errors.append(
+                    f"  allocation.candidates.{index}: method {method.method!r} has no level to allocate, so its only "
+                    f"candidate is [0] (the stage as written); got {levels}"
+                )
             continue
         placeholder = next((v for v in levels if isinstance(v, (int, float)) and v > 0), levels[0])
         if stages[index].get(method.level_field, placeholder) != placeholder:  # (a dumped recipe has the placeholder)

@@ -9,8 +9,8 @@ One calibration pass on the dense model collects every statistic (Grams, Fisher 
 candidate's profile (size as served, error, Fisher cost at each level). Each row then solves the
 knapsack over a subset of the candidates at one budget (a fraction of the decoder Linears' bf16
 bytes removed) and compresses a fresh copy of the model from those dense statistics: a single
-method at its best levels per layer ("gqsa" = W4 at g16/g32 with 0–75% of groups removed), or
-every candidate at once. Rows already in OUT/results.json are skipped (an interrupted run resumes).
+method at its best levels per layer ("gqsa" = W4 at g16/g32 with 0–75% of groups removed; "gptq" =
+W8 or W4 at g64 per layer), or every candidate at once. Rows already in OUT/results.json are skipped (an interrupted run resumes).
 Prints a table; writes results.json, results.md and ppl_vs_bytes.png.
 """
 
@@ -44,12 +44,19 @@ CANDIDATES: dict[str, tuple[dict[str, Any], list[float]]] = {
     "gqsa-g32": ({"method": "gqsa", "group_size": 32}, [0.0, 0.25, 0.5, 0.75]),
     "whitened_svd": ({"method": "whitened_svd"}, [round(0.1 * i, 1) for i in range(1, 10)]),
     "sparsegpt": ({"method": "sparsegpt"}, [0.3, 0.5, 0.7]),
+    "w8-g64": ({"method": "gptq", "bits": 8, "group_size": 64}, [0.0]),
+    "w4-g64": ({"method": "gptq", "bits": 4, "group_size": 64}, [0.0]),
 }
+# the cross-method knapsack as first measured, before the GPTQ candidates existed (its rows stay
+# in results.json under this label; rerunning them needs the candidates of that time)
+BEFORE_GPTQ = ["w4-g16", "gqsa-g32", "whitened_svd", "sparsegpt"]
 ROWS = {
     "gqsa (W4, W4 + group sparsity)": ["w4-g16", "gqsa-g32"],
     "whitened_svd": ["whitened_svd"],
     "sparsegpt": ["sparsegpt"],
-    "knapsack across methods": list(CANDIDATES),
+    "gptq (W8 g64, W4 g64)": ["w8-g64", "w4-g64"],
+    "knapsack across methods": BEFORE_GPTQ,
+    "knapsack across methods + gptq": list(CANDIDATES),
 }
 BUDGETS = [0.3, 0.5, 0.7, 0.8]
 
@@ -127,6 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         results_path.write_text(json.dumps(results, indent=2))
     if args.cache and Path(args.cache).exists():
         stats, profiles, seconds = torch.load(args.cache, weights_only=False)
+        missing = sorted(set(CANDIDATES) - set(profiles))
+        if missing:
+            raise SystemExit(f"{args.cache} has no profiles of {missing} (written before they were candidates); delete it")
     else:
         work = copy.deepcopy(pristine)
         stats, profiles, seconds = profile_all(work, input_ids, calib)
@@ -140,55 +150,55 @@ def main(argv: list[str] | None = None) -> None:
     dense_bytes = sum(r.bytes for results in profiles["w4-g16"].values() for r in results if r.stage is None)
     w4_budget = 1 - w4_bytes / dense_bytes - 1e-9  # (1 - ratio) · dense rounds down to exactly W4's bytes
     plan_rows = [(label, keys, budget) for label, keys in ROWS.items() for budget in args.budgets]
-    plan_rows += [("W4 g16 alone", ["w4-g16"], w4_budget), ("knapsack across methods", list(CANDIDATES), w4_budget)]
+    plan_rows += [("W4 g16 alone", ["w4-g16"], w4_budget), ("knapsack across methods", BEFORE_GPTQ, w4_budget)]
+    plan_rows += [("knapsack across methods + gptq", list(CANDIDATES), w4_budget)]
     for label, keys, budget in plan_rows:
-        if True:
-            name = f"{label} @ {budget:.1%}" if budget == w4_budget else f"{label} @ {budget:.0%}"
-            if name in results["rows"]:
-                continue
-            model = copy.deepcopy(pristine)
-            data = recipe_for(keys, budget, calib)
-            uniform = label == "W4 g16 alone"  # every layer W4: no allocation at all
-            if uniform:
-                data.pop("allocation")
-                data["stages"][0]["ratio"] = 0.0
-            recipe = load_recipe(data)
-            runner = CompressionRunner(model, recipe, progress=False)
-            start = time.perf_counter()
-            try:
-                run = runner.run(None, stats=stats, profiles=None if uniform else row_profiles(profiles, keys))
-            except Exception as exc:  # an infeasible budget for this method set: recorded as such
-                results["rows"][name] = {"method": label, "budget": budget, "infeasible": str(exc).splitlines()[0]}
-                results_path.write_text(json.dumps(results, indent=2))
-                print(f"{name}: {str(exc).splitlines()[0]}")
-                continue
-            seconds = time.perf_counter() - start
-            plan = run.plan
-            if plan is None:  # uniform: sizes from the records (bytes as served, counted in the run)
-                before = sum(r.bytes_before for r in run.records)
-                after = sum(r.bytes_after for r in run.records)
-                chosen_total, dense_total, layers = after, before, []
-            else:
-                chosen_total, dense_total, layers = plan.chosen_total, plan.dense_total, plan.layers
-            ppl = perplexity(model, tokenizer, args.eval, seq_len=2048, max_windows=args.eval_windows, progress=False)
-            with serving_dtype(torch.bfloat16):
-                size = model_size(model)["bytes"]
-            chosen: dict[str, int] = {"w4-g16 0": len(run.records)} if plan is None else {}
-            for c in layers:
-                label_ = f"{keys[c.stage]} {c.level:g}" if c.stage is not None else "dense"
-                chosen[label_] = chosen.get(label_, 0) + 1
-            results["rows"][name] = {
-                "method": label,
-                "budget": budget,
-                "perplexity": ppl.perplexity,
-                "target_bytes_removed": 1 - chosen_total / dense_total,
-                "model_bytes": size,
-                "model_bytes_removed": 1 - size / results["rows"]["dense"]["model_bytes"],
-                "compress_seconds": round(seconds, 1),
-                "choices": dict(sorted(chosen.items(), key=lambda kv: -kv[1])),
-            }
+        name = f"{label} @ {budget:.1%}" if budget == w4_budget else f"{label} @ {budget:.0%}"
+        if name in results["rows"]:
+            continue
+        model = copy.deepcopy(pristine)
+        data = recipe_for(keys, budget, calib)
+        uniform = label == "W4 g16 alone"  # every layer W4: no allocation at all
+        if uniform:
+            data.pop("allocation")
+            data["stages"][0]["ratio"] = 0.0
+        recipe = load_recipe(data)
+        runner = CompressionRunner(model, recipe, progress=False)
+        start = time.perf_counter()
+        try:
+            run = runner.run(None, stats=stats, profiles=None if uniform else row_profiles(profiles, keys))
+        except Exception as exc:  # an infeasible budget for this method set: recorded as such
+            results["rows"][name] = {"method": label, "budget": budget, "infeasible": str(exc).splitlines()[0]}
             results_path.write_text(json.dumps(results, indent=2))
-            print(f"{name}: ppl {ppl.perplexity:.2f}, {results['rows'][name]['target_bytes_removed']:.1%} of bf16 target bytes removed")
+            print(f"{name}: {str(exc).splitlines()[0]}")
+            continue
+        seconds = time.perf_counter() - start
+        plan = run.plan
+        if plan is None:  # uniform: sizes from the records (bytes as served, counted in the run)
+            before = sum(r.bytes_before for r in run.records)
+            after = sum(r.bytes_after for r in run.records)
+            chosen_total, dense_total, layers = after, before, []
+        else:
+            chosen_total, dense_total, layers = plan.chosen_total, plan.dense_total, plan.layers
+        ppl = perplexity(model, tokenizer, args.eval, seq_len=2048, max_windows=args.eval_windows, progress=False)
+        with serving_dtype(torch.bfloat16):
+            size = model_size(model)["bytes"]
+        chosen: dict[str, int] = {"w4-g16 0": len(run.records)} if plan is None else {}
+        for c in layers:
+            label_ = f"{keys[c.stage]} {c.level:g}" if c.stage is not None else "dense"
+            chosen[label_] = chosen.get(label_, 0) + 1
+        results["rows"][name] = {
+            "method": label,
+            "budget": budget,
+            "perplexity": ppl.perplexity,
+            "target_bytes_removed": 1 - chosen_total / dense_total,
+            "model_bytes": size,
+            "model_bytes_removed": 1 - size / results["rows"]["dense"]["model_bytes"],
+            "compress_seconds": round(seconds, 1),
+            "choices": dict(sorted(chosen.items(), key=lambda kv: -kv[1])),
+        }
+        results_path.write_text(json.dumps(results, indent=2))
+        print(f"{name}: ppl {ppl.perplexity:.2f}, {results['rows'][name]['target_bytes_removed']:.1%} of bf16 target bytes removed")
     write_tables(results, out)
 
 

@@ -4,6 +4,7 @@ from .base import COMPRESSORS, Compressor, LayerStats, StageConfig, rank_for_rat
 from .cospadi import CoSpaDiCompressor, CoSpaDiConfig
 from .eora import EoRACompressor, EoRAConfig
 from .fwsvd import FWSVDCompressor, FWSVDConfig
+from .gptq import GPTQCompressor, GPTQConfig
 from .gqsa import GQSACompressor, GQSAConfig
 from .magnitude import MagnitudeCompressor, MagnitudeConfig
 from .mfac import MFACCompressor, MFACConfig
@@ -22,6 +23,8 @@ __all__ = [
     "EoRAConfig",
     "FWSVDCompressor",
     "FWSVDConfig",
+    "GPTQCompressor",
+    "GPTQConfig",
     "GQSACompressor",
     "GQSAConfig",
     "LayerStats",

@@ -116,11 +116,14 @@ class Compressor(ABC):
         """Size and error of this layer at each level (what the knapsack allocator chooses from).
 
         The default compresses once per level; methods with a cheaper way (one SVD for every
-        rank) override it. Errors are the pipeline's: plain and calibration-weighted relative.
+        rank) override it. A method without a level (gptq) has one option, level 0. Errors are the pipeline's: plain and calibration-weighted relative.
         """
         results = []
         for level in levels:
-            module = self.compress(weight, bias, stats, config.model_copy(update={self.level_field: level}))
+            if self.level_field is None and level != 0.0:
+                raise ValueError(f"method {self.method!r} has no level; its one option is level 0 (the stage as written)")
+            at_level = config if self.level_field is None else config.model_copy(update={self.level_field: level})
+            module = self.compress(weight, bias, stats, at_level)
             rel, weighted = relative_errors(weight, module.to_dense(), stats.get("gram"))
             results.append(LevelResult(level, module.num_values(), module.num_bytes(), rel, weighted))
         return results

@@ -146,9 +146,9 @@ def refit_scales(
 class QuantizedGroups(NamedTuple):
     """A GQSA layer: the kept groups of each row, in ascending column order."""
 
-    codes: torch.Tensor  # (out, k, g) in [0, 15]
+    codes: torch.Tensor  # (out, k, g) in [0, levels] (15 for INT4)
     scales: torch.Tensor  # (out, k)
-    zeros: torch.Tensor  # (out, k) in [0, 15]
+    zeros: torch.Tensor  # (out, k) in [0, levels]
     index: torch.Tensor  # (out, k) column-group numbers
     dequantized: torch.Tensor  # (out, in) dense Ŵ
     # (out, k, g) weights that these scales and zero points round to exactly these codes: the
@@ -157,8 +157,11 @@ class QuantizedGroups(NamedTuple):
     continuous: torch.Tensor | None
 
 
-def gqsa_quantize(weight: torch.Tensor, gram: torch.Tensor, config: GQSAConfig, name: str = "layer") -> QuantizedGroups:
-    """Drop and quantize groups of `weight` (out, in) against the Gram `gram` (see the module doc)."""
+def gqsa_quantize(
+    weight: torch.Tensor, gram: torch.Tensor, config: GQSAConfig, name: str = "layer", levels: int = LEVELS
+) -> QuantizedGroups:
+    """Drop and quantize groups of `weight` (out, in) against the Gram `gram` (see the module doc);
+    codes in [0, `levels`] (15: INT4; GPTQ W8 uses 255 with every group kept)."""
     rows, cols = weight.shape
     g = config.group_size
     if cols % g:
@@ -186,9 +189,9 @@ def gqsa_quantize(weight: torch.Tensor, gram: torch.Tensor, config: GQSAConfig, 
             saliency = conditional_group_saliency(block, u[j : j + block.shape[1], j : j + block.shape[1]], g)
             kept[:, first : first + count].scatter_(1, saliency.topk(keep, dim=1).indices, True)
         if j % g == 0:  # fit this group's grid to its current (error-corrected) weights
-            scales[:, group], zeros[:, group] = fit_grid(block[:, i : i + g], LEVELS)
+            scales[:, group], zeros[:, group] = fit_grid(block[:, i : i + g], levels)
         scale, zero = scales[:, group], zeros[:, group]
-        code = torch.clamp(torch.round(block[:, i] / scale) + zero, 0, LEVELS)
+        code = torch.clamp(torch.round(block[:, i] / scale) + zero, 0, levels)
         codes[:, j] = code
         if continuous is not None:
             continuous[:, j] = block[:, i]

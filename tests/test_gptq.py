@@ -1,0 +1,107 @@
+"""GPTQ W4/W8: error feedback beats round-to-nearest at the same bytes, the formats are exact, and
+the method takes part in a knapsack across methods as one fixed option."""
+
+import pytest
+import torch
+
+from compress.compressors import COMPRESSORS, GPTQConfig, LayerStats
+from compress.compressors.gqsa import GQSAConfig
+from compress.compressors.rtn import quantize_groups
+from compress.errors import LlmpressError
+from compress.metrics import serving_dtype
+from compress.modules import GQSALinear, Int8Linear
+
+
+def _layer(rows=48, cols=128, tokens=512, seed=0):
+    """A weight and the Gram of correlated inputs with a few loud channels (what LLM activations look like)."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=gen)
+    mix = torch.randn(cols, cols, generator=gen) / cols**0.5 + torch.eye(cols)
+    x = torch.randn(tokens, cols, generator=gen) @ mix
+    x[:, :4] *= 20
+    return weight, (x.T @ x).double()
+
+
+def _weighted_error(weight, approx, gram):
+    delta = (weight - approx).double()
+    return float(torch.einsum("ri,ij,rj->", delta, gram, delta))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_beats_round_to_nearest_at_equal_bytes(bits):
+    weight, gram = _layer()
+    config = GPTQConfig(bits=bits, group_size=32, blocksize=64)
+    module = COMPRESSORS["gptq"]().compress(weight, None, LayerStats({"gram": gram}, 512), config)
+    assert isinstance(module, Int8Linear if bits == 8 else GQSALinear)
+    rtn = quantize_groups(weight, bits, 32)
+    ours, baseline = _weighted_error(weight, module.to_dense(), gram), _weighted_error(weight, rtn.dequantize(), gram)
+    assert ours < 0.8 * baseline
+    codes = module.qweight if bits == 8 else None
+    if codes is not None:  # W8 uses the whole 8-bit range, not a 4-bit grid stored in bytes
+        assert int(codes.max()) > 15
+
+
+def test_w8_bytes_and_forward():
+    weight, gram = _layer(rows=16, cols=64)
+    bias = torch.randn(16)
+    module = COMPRESSORS["gptq"]().compress(weight, bias, LayerStats({"gram": gram}, 512), GPTQConfig(bits=8, group_size=32, blocksize=64))
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(module(x), x @ module.to_dense().T + bias)
+    with serving_dtype(torch.bfloat16):  # one byte per weight, a bf16 scale and a uint8 zero point per group, bf16 bias
+        assert module.num_bytes() == 16 * 64 + 16 * 2 * (2 + 1) + 16 * 2
+    assert _weighted_error(weight, module.to_dense(), gram) < 1e-4 * _weighted_error(weight, torch.zeros_like(weight), gram)
+
+
+def test_w4_is_gqsa_with_every_group_kept():
+    weight, gram = _layer(rows=16, cols=64)
+    stats = LayerStats({"gram": gram}, 512)
+    ours = COMPRESSORS["gptq"]().compress(weight, None, stats, GPTQConfig(bits=4, group_size=16, blocksize=64))
+    gqsa = COMPRESSORS["gqsa"]().compress(weight, None, stats, GQSAConfig(ratio=0.0, group_size=16, blocksize=64))
+    torch.testing.assert_close(ours.to_dense(), gqsa.to_dense())
+    assert ours.num_bytes() == gqsa.num_bytes() and ours.all_groups
+
+
+def test_group_size_must_divide_the_layer():
+    weight, gram = _layer(rows=8, cols=96)
+    with pytest.raises(ValueError, match="divisible by group_size"):
+        COMPRESSORS["gptq"]().compress(weight, None, LayerStats({"gram": gram}, 512, name="mlp"), GPTQConfig(group_size=64, blocksize=128))
+
+
+def _w8_w4_recipe(**allocation):
+    return {
+        "calibration": {"num_samples": 4, "seq_len": 32},
+        "stages": [{"method": "gptq", "bits": 8, "group_size": 32, "blocksize": 64}, {"method": "gqsa", "group_size": 16}],
+        "allocation": {"strategy": "knapsack", "unit": "bytes", "cost": "fisher", "candidates": {0: [0], 1: [0.0, 0.5]}, **allocation},
+    }
+
+
+def test_w8_is_a_fixed_knapsack_option(tokenizer, calib_text):
+    """At 55% of bf16 bytes removed W8 alone (~45% with groups of 32) cannot meet the budget and W4 everywhere is not needed:
+    the plan mixes W8 and W4, and every chosen module is the format of its option."""
+    from compress.api import compress_model
+    from conftest import tiny_model
+
+    model, report = compress_model(tiny_model("qwen2"), _w8_w4_recipe(ratio=0.55), dataset=str(calib_text), tokenizer=tokenizer, progress=False)
+    plan = report["allocation"]
+    assert plan["chosen_total"] <= plan["budget"]
+    methods = {c["method"] for c in plan["layers"]}
+    assert "gptq w8 g32" in methods and any(m and m.startswith("gqsa") for m in methods)
+    for choice in plan["layers"]:
+        module = model.get_submodule(choice["name"])
+        if choice["method"] == "gptq w8 g32":
+            assert isinstance(module, Int8Linear) and choice["level"] == 0.0
+        elif choice["method"]:
+            assert isinstance(module, GQSALinear)
+
+
+def test_a_method_without_levels_only_takes_level_zero():
+    from compress.recipe import load_recipe
+
+    bad = _w8_w4_recipe(ratio=0.5)
+    bad["allocation"]["candidates"] = {0: [0.5], 1: [0.0]}
+    with pytest.raises(LlmpressError, match="only candidate is \\[0\\]"):
+        load_recipe(bad)
+    alone = {**_w8_w4_recipe(ratio=0.5), "stages": [{"method": "gptq", "bits": 8}]}
+    alone["allocation"] = {"strategy": "knapsack", "unit": "bytes", "ratio": 0.5}
+    with pytest.raises(LlmpressError, match="no level to allocate"):
+        load_recipe(alone)
