@@ -69,6 +69,12 @@ class AllocationConfig(BaseModel):
         description="one knapsack across methods: stage index -> its candidate levels (the method's own level "
         "field, 0 included: gqsa at 0 is W4); each layer gets one (stage, level) or stays dense. Replaces stage/levels",
     )
+    from_ratio: dict[int, float] | None = Field(
+        default=None,
+        description="candidate stage -> the fraction of the targets' size a budget must remove before that stage is "
+        "profiled at all (with max_size: the fraction the size implies). Options only tight budgets pick (group "
+        "sparsity, low rank) then cost no profiling time for loose budgets; the other stages are always profiled",
+    )
     fisher_samples: int | None = Field(
         default=None,
         ge=1,
@@ -103,6 +109,15 @@ class AllocationConfig(BaseModel):
     def _one_budget(self) -> "AllocationConfig":
         if self.candidates is not None and self.strategy != "knapsack":
             raise ValueError("candidates (one knapsack across methods) need strategy: knapsack")
+        if self.from_ratio is not None:
+            unknown = sorted(set(self.from_ratio) - set(self.candidates or {}))
+            if unknown:
+                raise ValueError(f"from_ratio names stages {unknown} that are not among allocation.candidates")
+            bad = {s: r for s, r in self.from_ratio.items() if not 0.0 <= r < 1.0}
+            if bad:
+                raise ValueError(f"from_ratio values are fractions removed, in [0, 1); got {bad}")
+            if all(s in self.from_ratio for s in self.candidates or {}):
+                raise ValueError("from_ratio names every candidate stage: leave at least one always profiled")
         if (self.ratio is None) == (self.max_size is None):
             raise ValueError("give exactly one budget: ratio (fraction removed) or max_size (e.g. '8GB')")
         if self.max_size is not None:
@@ -111,10 +126,12 @@ class AllocationConfig(BaseModel):
                 raise ValueError("max_size is a size in bytes: it needs strategy: knapsack and unit: bytes")
         return self
 
-    def stage_levels(self) -> dict[int, list[float]]:
-        """Stage -> levels to profile: the candidates, or the one allocated stage's levels."""
+    def stage_levels(self, removed: float | None = None) -> dict[int, list[float]]:
+        """Stage -> levels to profile: the candidates, or the one allocated stage's levels. With
+        `removed` (the fraction the budget removes), candidates whose `from_ratio` is above it are left out."""
         if self.candidates is not None:
-            return dict(self.candidates)
+            floors = self.from_ratio or {}
+            return {s: lv for s, lv in self.candidates.items() if removed is None or floors.get(s, 0.0) <= removed}
         return {self.stage: sorted(set(self.levels) | {0.0})}
 
 
@@ -369,6 +386,23 @@ def fixed_bytes(model: torch.nn.Module, profiles: dict[str, list[LevelResult]]) 
     return model_size(model)["bytes"] - sum(_dense_entry(results).bytes for results in profiles.values())
 
 
+def removed_fraction(profiler: DenseStatsPipeline, config: AllocationConfig) -> float:
+    """The fraction of the targets' size (in `config.unit`) the budget removes, known before
+    profiling: `ratio`, or what `max_size` leaves the targets once the rest of the model is counted."""
+    if config.max_size is None:
+        return config.ratio
+    stages = list(config.stage_levels())
+    dense = 0
+    for index, block in enumerate(profiler.blocks):
+        for linear in profiler.dense_targets(block, index, stages).values():
+            bias = linear.bias.data if linear.bias is not None else None
+            dense += _dense_result(linear.weight.data, bias).bytes
+    from .report import model_size
+
+    allowed = parse_size(config.max_size) - (model_size(profiler.model)["bytes"] - dense)
+    return min(1.0, max(0.0, 1.0 - allowed / dense)) if dense else 0.0
+
+
 def plan_allocation(
     profiler: DenseStatsPipeline, input_ids: torch.Tensor | None, config: AllocationConfig, fisher: FisherSums | None = None
 ) -> AllocationPlan:
@@ -377,12 +411,18 @@ def plan_allocation(
     `profiler` is a dense-statistics pipeline over the recipe's stages (with `fisher_for` holding
     the allocated stage when the cost is `fisher`); `fisher`: sums already collected.
     """
-    stage_levels = config.stage_levels()
-    for stage in stage_levels:
+    for stage in config.stage_levels():
         if stage >= len(profiler.stages):
             raise LlmpressError(f"allocation names stage {stage} but the recipe has {len(profiler.stages)} stages")
     if input_ids is None:
         raise LlmpressError("knapsack allocation measures layer errors on calibration data: set calibration.num_samples >= 1")
+    stage_levels = config.stage_levels()
+    if config.from_ratio:
+        removed = removed_fraction(profiler, config)
+        stage_levels = config.stage_levels(removed)
+        skipped = [stage_label(profiler.stages[s]) for s in config.candidates if s not in stage_levels]
+        if skipped:
+            logger.info("allocation: the budget removes %.1f%% of the targets' size; not profiled (from_ratio): %s", 100 * removed, ", ".join(skipped))
     start = time.perf_counter()
     if config.candidates is not None:
         profiles = profile_layers(profiler, input_ids, stage_levels, fisher=fisher)

@@ -114,6 +114,42 @@ def test_max_size_is_a_whole_model_budget(tokenizer, calib_text):
         compress_model(tiny_model("llama"), _across_methods_recipe(max_size=1000), dataset=str(calib_text), tokenizer=tokenizer, progress=False)
 
 
+def test_from_ratio_profiles_a_stage_only_for_budgets_that_need_it(tokenizer, calib_text, monkeypatch):
+    """A stage with from_ratio 0.6 is never profiled (nor chosen) when the budget removes less,
+    given as a ratio or as a whole-model max_size; it is profiled when the budget removes more."""
+    from compress.api import compress_model
+    from compress.compressors import COMPRESSORS
+    from compress.metrics import serving_dtype
+    from compress.report import model_size
+    from conftest import tiny_model
+
+    svd = COMPRESSORS["whitened_svd"]
+    profiled = []
+    original = svd.profile
+    monkeypatch.setattr(svd, "profile", lambda self, *args, **kw: profiled.append(1) or original(self, *args, **kw))
+
+    def run(**budget):
+        profiled.clear()
+        recipe = _across_methods_recipe(**budget, from_ratio={1: 0.6})
+        _, report = compress_model(tiny_model("llama"), recipe, dataset=str(calib_text), tokenizer=tokenizer, progress=False)
+        plan = report["allocation"]
+        assert plan["chosen_total"] <= plan["budget"]
+        return plan, bool(profiled)
+
+    plan, svd_profiled = run(ratio=0.3)
+    assert not svd_profiled and all(c["method"] != "whitened_svd" for c in plan["layers"])
+    assert run(ratio=0.75)[1]
+    # a whole-model size: the fraction it implies for the targets decides, before profiling
+    with serving_dtype(torch.bfloat16):
+        dense = model_size(tiny_model("llama"))["bytes"]
+    implied = []
+    for share in (0.65, 0.5):
+        plan, svd_profiled = run(max_size=int(share * dense))
+        implied.append(1 - plan["budget"] / plan["dense_total"])
+        assert svd_profiled == (implied[-1] >= 0.6)
+    assert implied[0] < 0.6 <= implied[1]  # both sides of from_ratio
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -123,6 +159,9 @@ def test_max_size_is_a_whole_model_budget(tokenizer, calib_text):
         ({"allocation": {"strategy": "knapsack", "unit": "params", "max_size": "1GB", "candidates": {0: [0.0]}}}, "unit: bytes"),
         ({"allocation": {"strategy": "knapsack", "unit": "bytes", "max_size": "8 parsecs", "candidates": {0: [0.0]}}}, "not understood"),
         ({"allocation": {"strategy": "knapsack", "unit": "bytes", "ratio": 0.5, "max_size": "1GB", "candidates": {0: [0.0]}}}, "exactly one budget"),
+        ({"allocation": {"strategy": "knapsack", "unit": "bytes", "ratio": 0.5, "candidates": {0: [0.0], 1: [0.5]}, "from_ratio": {2: 0.6}}}, "not among allocation.candidates"),
+        ({"allocation": {"strategy": "knapsack", "unit": "bytes", "ratio": 0.5, "candidates": {0: [0.0]}, "from_ratio": {0: 0.6}}}, "every candidate stage"),
+        ({"allocation": {"strategy": "knapsack", "unit": "bytes", "ratio": 0.5, "candidates": {0: [0.0], 1: [0.5]}, "from_ratio": {1: 1.5}}}, "in \\[0, 1\\)"),
     ],
 )
 def test_bad_cross_method_allocations_are_clear_errors(change, message):
