@@ -47,6 +47,11 @@ CANDIDATES: dict[str, tuple[dict[str, Any], list[float]]] = {
     "w8-g64": ({"method": "gptq", "bits": 8, "group_size": 64}, [0.0]),
     "w4-g64": ({"method": "gptq", "bits": 4, "group_size": 64}, [0.0]),
 }
+# rows may use part of a candidate's profiled levels: key -> (profiled candidate, levels)
+DERIVED: dict[str, tuple[str, list[float]]] = {
+    "w4-g32": ("gqsa-g32", [0.0]),
+    "gqsa-g32-sparse": ("gqsa-g32", [0.25, 0.5, 0.75]),
+}
 # the cross-method knapsack as first measured, before the GPTQ candidates existed (its rows stay
 # in results.json under this label; rerunning them needs the candidates of that time)
 BEFORE_GPTQ = ["w4-g16", "gqsa-g32", "whitened_svd", "sparsegpt"]
@@ -57,13 +62,26 @@ ROWS = {
     "gptq (W8 g64, W4 g64)": ["w8-g64", "w4-g64"],
     "knapsack across methods": BEFORE_GPTQ,
     "knapsack across methods + gptq": list(CANDIDATES),
+    "auto v1 (W8 g64, W4 g16/g32; from 60%: sparse g32, SVD)": ["w8-g64", "w4-g16", "w4-g32", "gqsa-g32-sparse", "whitened_svd"],
+    "auto v2 (W8 g64, W4 g64; from 60%: sparse g32, SVD)": ["w8-g64", "w4-g64", "gqsa-g32-sparse", "whitened_svd"],
 }
+# a row's candidates profiled only from a budget on (the recipes' allocation.from_ratio)
+FROM_RATIO = {"gqsa-g32-sparse": 0.6, "whitened_svd": 0.6}
+FLOORED_ROWS = {label for label in ROWS if label.startswith("auto")}
 BUDGETS = [0.3, 0.5, 0.7, 0.8]
 
 
+def candidate(key: str) -> tuple[dict[str, Any], list[float]]:
+    """A key's stage config and levels (a derived key: its candidate's config, part of its levels)."""
+    if key in DERIVED:
+        base, levels = DERIVED[key]
+        return CANDIDATES[base][0], levels
+    return CANDIDATES[key]
+
+
 def recipe_for(keys: list[str], budget: float, calib: dict[str, Any]) -> dict[str, Any]:
-    stages = [dict(CANDIDATES[k][0]) for k in keys]
-    candidates = {i: CANDIDATES[k][1] for i, k in enumerate(keys)}
+    stages = [dict(candidate(k)[0]) for k in keys]
+    candidates = {i: candidate(k)[1] for i, k in enumerate(keys)}
     return {
         "name": "budget",
         "serve_dtype": "bfloat16",
@@ -143,13 +161,19 @@ def main(argv: list[str] | None = None) -> None:
         del work
         if args.cache:
             torch.save((stats, profiles, seconds), args.cache)
+    for key, (base, levels) in DERIVED.items():
+        profiles[key] = {n: [r for r in rs if r.stage is None or r.level in levels] for n, rs in profiles[base].items()}
     results["profile_seconds"] = seconds
     print("profiling seconds:", {k: round(v, 1) for k, v in seconds.items()})
     # W4 g16 alone sets a size; the knapsack across methods gets exactly that size
     w4_bytes = sum(r.bytes for results in profiles["w4-g16"].values() for r in results if r.stage is not None)
     dense_bytes = sum(r.bytes for results in profiles["w4-g16"].values() for r in results if r.stage is None)
     w4_budget = 1 - w4_bytes / dense_bytes - 1e-9  # (1 - ratio) · dense rounds down to exactly W4's bytes
-    plan_rows = [(label, keys, budget) for label, keys in ROWS.items() for budget in args.budgets]
+    plan_rows = [
+        (label, [k for k in keys if label not in FLOORED_ROWS or FROM_RATIO.get(k, 0.0) <= budget], budget)
+        for label, keys in ROWS.items()
+        for budget in args.budgets
+    ]
     plan_rows += [("W4 g16 alone", ["w4-g16"], w4_budget), ("knapsack across methods", BEFORE_GPTQ, w4_budget)]
     plan_rows += [("knapsack across methods + gptq", list(CANDIDATES), w4_budget)]
     for label, keys, budget in plan_rows:
