@@ -166,7 +166,7 @@ def cmd_compress(args) -> int:
     from .report import high_error_layers, model_size, report_markdown
 
     if args.max_size:
-        recipe = with_max_size(load_recipe(args.recipe if args.recipe else auto_recipe(0.5), args.overrides), args.max_size)
+        recipe = with_max_size(load_recipe(args.recipe if args.recipe else auto_recipe(max_size=args.max_size), args.overrides), args.max_size)
     else:
         recipe = load_recipe(args.recipe if args.recipe else DEFAULT_RECIPE, args.overrides)
     recipe = with_calibration(recipe, num_samples=args.num_samples, seq_len=args.seq_len, dataset=args.dataset)
