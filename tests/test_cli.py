@@ -330,6 +330,7 @@ def test_targeting_experts_of_a_dense_model_exits_2(tiny_model_dir, tmp_path, ca
 
 def test_max_size_compresses_to_a_size_across_methods(tiny_model_dir, tmp_path, calib_text, capsys):
     from compress.metrics import serving_dtype
+    from compress.recipe import auto_recipe
     from compress.report import model_size
 
     with serving_dtype(torch.bfloat16):
@@ -339,8 +340,10 @@ def test_max_size_compresses_to_a_size_across_methods(tiny_model_dir, tmp_path, 
     assert main(["compress", str(tiny_model_dir), "--max-size", str(limit), "--dataset", str(calib_text),
                  "--num-samples", "4", "--seq-len", "32", "--output-dir", str(out), "--quiet"]) == 0  # fmt: skip
     report = json.loads((out / "report.json").read_text())
-    assert report["model_size"]["compressed"]["bytes"] <= limit and report["allocation"]["stages"] == [0, 1, 2]
-    assert (out / "allocation.png").stat().st_size > 1000 and "and 3 methods" in (out / "report.md").read_text()
+    stages = len(auto_recipe(0.5)["stages"])  # the auto recipe's candidate stages
+    assert report["model_size"]["compressed"]["bytes"] <= limit and report["allocation"]["stages"] == list(range(stages))
+    assert report["recipe"]["name"] == f"auto-{limit}"
+    assert (out / "allocation.png").stat().st_size > 1000 and f"and {stages} methods" in (out / "report.md").read_text()
     assert "as served in bfloat16" in capsys.readouterr().out
     _fails(["compress", str(tiny_model_dir), "--max-size", "1MB", "--recipe", _recipe(tmp_path, GOOD),
             "--output-dir", str(tmp_path / "x")], capsys, "needs a recipe with a knapsack allocation")  # fmt: skip
