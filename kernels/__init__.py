@@ -226,6 +226,8 @@ def _register_kernels() -> None:
     ):
         register_kernel(fmt, "torch", reference, priority=0)
         register_kernel(fmt, name, fn, priority=10, supports=supports, backend="triton", max_auto_tokens=MAX_AUTO_TOKENS)
+    # W3/W2 (compress/modules/lowbit.py): the dequantized weight; no Triton kernel reads the layout yet
+    register_kernel("lowbit", "torch", int8_reference, priority=0)
     # exact 2:4 masks: a decode that needs no offsets, before the per-element bitmap kernel
     register_kernel(
         "sparse_bitmap", "triton_2of4", nm24_forward_triton, priority=20, supports=nm24_refusal, backend="triton",

@@ -1,4 +1,4 @@
-"""GPTQ W4/W8: error feedback beats round-to-nearest at the same bytes, the formats are exact, and
+"""GPTQ W2/W3/W4/W8: error feedback beats round-to-nearest at the same bytes, the formats are exact, and
 the method takes part in a knapsack across methods as one fixed option."""
 
 import pytest
@@ -9,7 +9,8 @@ from compress.compressors.gqsa import GQSAConfig
 from compress.compressors.rtn import quantize_groups
 from compress.errors import LlmpressError
 from compress.metrics import serving_dtype
-from compress.modules import GQSALinear, Int8Linear
+from compress.modules import GQSALinear, Int8Linear, LowBitLinear
+from compress.modules.lowbit import pack_codes, unpack_codes
 
 
 def _layer(rows=48, cols=128, tokens=512, seed=0):
@@ -27,12 +28,12 @@ def _weighted_error(weight, approx, gram):
     return float(torch.einsum("ri,ij,rj->", delta, gram, delta))
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_gptq_beats_round_to_nearest_at_equal_bytes(bits):
     weight, gram = _layer()
     config = GPTQConfig(bits=bits, group_size=32, blocksize=64)
     module = COMPRESSORS["gptq"]().compress(weight, None, LayerStats({"gram": gram}, 512), config)
-    assert isinstance(module, Int8Linear if bits == 8 else GQSALinear)
+    assert isinstance(module, {8: Int8Linear, 4: GQSALinear}.get(bits, LowBitLinear))
     rtn = quantize_groups(weight, bits, 32)
     ours, baseline = _weighted_error(weight, module.to_dense(), gram), _weighted_error(weight, rtn.dequantize(), gram)
     assert ours < 0.8 * baseline
@@ -50,6 +51,34 @@ def test_w8_bytes_and_forward():
     with serving_dtype(torch.bfloat16):  # one byte per weight, a bf16 scale and a uint8 zero point per group, bf16 bias
         assert module.num_bytes() == 16 * 64 + 16 * 2 * (2 + 1) + 16 * 2
     assert _weighted_error(weight, module.to_dense(), gram) < 1e-4 * _weighted_error(weight, torch.zeros_like(weight), gram)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_low_bit_codes_pack_at_their_width(bits):
+    codes = torch.randint(0, 2**bits, (3, 5, 32))
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 5, 32 * bits // 8)
+    assert torch.equal(unpack_codes(packed, bits), codes.to(torch.int32))
+    assert not torch.equal(unpack_codes(packed, bits), unpack_codes(pack_codes(codes.roll(1, -1), bits), bits))
+
+
+def test_w3_bytes_forward_and_round_trip():
+    from compress.modules import build_module
+
+    weight, gram = _layer(rows=16, cols=64)
+    bias = torch.randn(16)
+    module = COMPRESSORS["gptq"]().compress(weight, bias, LayerStats({"gram": gram}, 512), GPTQConfig(bits=3, group_size=32, blocksize=64))
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(module(x), x @ module.to_dense().T + bias)
+    with serving_dtype(torch.bfloat16):  # 3/8 byte per weight, a bf16 scale and a uint8 zero point per group, bf16 bias
+        assert module.num_bytes() == 16 * 64 * 3 // 8 + 16 * 2 * (2 + 1) + 16 * 2
+    codes = unpack_codes(module.qweight, 3)
+    assert int(codes.max()) <= 7 and int(codes.max()) > 3  # the whole 3-bit range, nothing wider
+    copy = build_module(module.spec(), torch.float32)
+    copy.load_state_dict(module.state_dict())
+    torch.testing.assert_close(copy(x), module(x))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        GPTQConfig(bits=3, group_size=12, blocksize=48)
 
 
 def test_w4_is_gqsa_with_every_group_kept():

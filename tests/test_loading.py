@@ -12,7 +12,7 @@ from compress.modules import FORMATS, CompressedLinear
 from compress.report import compressed_modules
 from conftest import tiny_model
 
-RECIPE = {  # one stage per format: gqsa, dict, tile_sparse (one layer each), lowrank (attention), sparse_delta (one layer), sparse_bitmap (mlp), eora on block 1's attention;
+RECIPE = {  # one stage per format: gqsa, dict, tile_sparse (one layer each), lowrank (attention), sparse_delta (one layer), lowbit (W3, one layer), sparse_bitmap (mlp), eora on block 1's attention;
     # int8: the (tied) embedding table, which the head reads
     "calibration": {"num_samples": 3, "seq_len": 32},
     "embeddings": {"bits": 8, "group_size": 32},
@@ -22,6 +22,7 @@ RECIPE = {  # one stage per format: gqsa, dict, tile_sparse (one layer each), lo
         {"method": "rocket", "ratio": 0.3, "targets": ["model.layers.0.mlp.up_proj"]},
         {"method": "whitened_svd", "ratio": 0.4, "targets": ["re:.*self_attn\\..*"]},
         {"method": "sparsegpt", "ratio": 0.5, "sparse_format": "delta", "targets": ["model.layers.0.mlp.gate_proj"]},
+        {"method": "gptq", "bits": 3, "group_size": 16, "blocksize": 32, "targets": ["model.layers.1.mlp.down_proj"]},
         {"method": "wanda", "pattern": "2:4", "targets": ["re:.*mlp\\..*"]},
         {"method": "eora", "rank": 4, "targets": ["re:.*layers\\.1\\.self_attn\\..*"]},
     ],
@@ -42,7 +43,7 @@ def checkpoint(tmp_path_factory, tokenizer):
 def test_every_format_round_trips_through_from_pretrained(checkpoint):
     model, out = checkpoint
     formats = {m.format for m in compressed_modules(model).values()}
-    assert formats == set(FORMATS) == {"gqsa", "dict", "lowrank", "sparse_bitmap", "eora", "tile_sparse", "sparse_delta", "int8"}
+    assert formats == set(FORMATS) == {"gqsa", "dict", "lowrank", "sparse_bitmap", "eora", "tile_sparse", "sparse_delta", "int8", "lowbit"}
     ids = torch.randint(0, 300, (2, 16))
     auto = AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(auto(input_ids=ids).logits, model(input_ids=ids).logits)

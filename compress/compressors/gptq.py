@@ -1,4 +1,4 @@
-"""GPTQ: group-wise INT4 or INT8 weights with second-order error feedback, every group kept.
+"""GPTQ: group-wise INT4 or INT8 (or INT3/INT2) weights with second-order error feedback, every group kept.
 
 The weight is quantized column by column in one OBS sweep over the layer Hessian H = XᵀX
 (compress/compressors/sparsegpt.obs_sweep): each group of g input columns gets an asymmetric grid
@@ -8,8 +8,9 @@ in closed form on the layer output error, codes fixed. This is GQSA's sweep with
 (`gqsa_quantize` with ratio 0 and 2^bits − 1 levels), so both methods share one implementation.
 
 Formats: `bits: 4` stores a `GQSALinear` with every group kept (no group index, the same bytes
-as `gqsa` at ratio 0), `bits: 8` an `Int8Linear` (one byte per weight). W8 is the option for the
-layers where 4 bits cost more quality than their bytes are worth: in bf16 it removes about half
+as `gqsa` at ratio 0), `bits: 8` an `Int8Linear` (one byte per weight), `bits: 3` or `2` a
+`LowBitLinear` (codes packed 8 per `bits` bytes; served by the PyTorch reference, no kernel
+yet). W8 is the option for the layers where 4 bits cost more quality than their bytes are worth: in bf16 it removes about half
 the bytes at almost no error, which is what a byte budget of 30-50% needs.
 
 The method has no level for the allocator to vary; a knapsack across methods lists it as one fixed
@@ -22,14 +23,16 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ..modules import CompressedLinear, GQSALinear, Int8Linear
+from ..modules import CompressedLinear, GQSALinear, Int8Linear, LowBitLinear
 from .base import Compressor, LayerStats, StageConfig, register_compressor
 from .gqsa import GQSAConfig, gqsa_quantize
 
 
 class GPTQConfig(StageConfig):
     method: str = "gptq"
-    bits: Literal[4, 8] = Field(default=4, description="bits per weight: 4 (two codes per byte) or 8")
+    bits: Literal[2, 3, 4, 8] = Field(
+        default=4, description="bits per weight: 4 (two codes per byte), 8, or 3 and 2 (packed, for budgets past W4)"
+    )
     group_size: int = Field(default=128, ge=2, description="input columns sharing one scale and zero point")
     blocksize: int = Field(default=128, ge=2, description="columns per lazy-update block (a multiple of group_size)")
     percdamp: float = Field(default=0.01, gt=0.0, lt=1.0, description="damping of H, a fraction of its mean diagonal")
@@ -39,6 +42,8 @@ class GPTQConfig(StageConfig):
     def _sizes(self):
         if self.group_size % 2:
             raise ValueError(f"group_size must be even, got {self.group_size}")
+        if self.bits < 4 and self.group_size % 8:
+            raise ValueError(f"{self.bits}-bit codes are packed 8 at a time: group_size must be a multiple of 8, got {self.group_size}")
         if self.blocksize % self.group_size:
             raise ValueError(f"blocksize {self.blocksize} must be a multiple of group_size {self.group_size}")
         return self
@@ -64,4 +69,6 @@ class GPTQCompressor(Compressor):
         scales = result.scales.to(weight.dtype)
         if config.bits == 8:
             return Int8Linear.from_codes(result.codes, scales, result.zeros, bias)
+        if config.bits < 4:
+            return LowBitLinear.from_codes(result.codes, scales, result.zeros, config.bits, bias)
         return GQSALinear.from_codes(result.codes, scales, result.zeros, result.index, weight.shape[1], bias)

@@ -47,8 +47,8 @@ def quantize_groups(
     """Quantize `weight` (rows, cols) to `bits` per value in groups of `group_size` columns,
     choosing each group's range among `shrink_steps` shrink factors 1, 0.95, ... (1: min-max)."""
     rows, cols = weight.shape
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
     if group_size < 2 or cols % group_size:
         raise ValueError(f"group_size {group_size} must be at least 2 and divide the {cols} columns")
     if not torch.isfinite(weight).all():

@@ -6,6 +6,7 @@ from .dictionary import DictLinear, tie_shared_dictionaries
 from .eora import EoRALinear
 from .gqsa import GQSALinear
 from .int8 import Int8Linear
+from .lowbit import LowBitLinear
 from .embedding import QuantizedEmbedding, TiedOutputHead
 from .lowrank import LowRankLinear
 from .sparse import SparseLinear, pack_mask, unpack_mask
@@ -19,6 +20,7 @@ __all__ = [
     "EoRALinear",
     "GQSALinear",
     "Int8Linear",
+    "LowBitLinear",
     "QuantizedEmbedding",
     "TiedOutputHead",
     "LowRankLinear",
