@@ -331,18 +331,19 @@ def load_recipe(path: str | Path | dict | Recipe, overrides: list[str] | None = 
 
 def auto_recipe(ratio: float | None = None, max_size: str | int | None = None) -> dict[str, Any]:
     """The recommended recipe for a size: embeddings and head in W8, one knapsack across W8 and W4
-    (GPTQ, groups of 64) and, for budgets that remove 60% of the Linears' bytes or more, W4 g32 with
-    25–75% of its groups removed and whitened SVD, priced by the Fisher cost, in bytes as served
-    (bf16). recipes/auto-*.yaml are this at 30, 50, 70 and 80% removed; `--max-size` uses it.
-    Measured against other candidate sets in eval/results/budget (rows "auto v1/v2")."""
+    (GPTQ, groups of 64); for budgets that remove 60% of the Linears' bytes or more also W4 g32 with
+    25–75% of its groups removed and whitened SVD, from 70% W3 and W2 (GPTQ, g64); priced by the
+    Fisher cost, in bytes as served (bf16). recipes/auto-*.yaml are this at 30, 50, 70 and 80%
+    removed; `--max-size` uses it. Measured against other candidate sets in eval/results/budget
+    (rows "auto v1/v2/v3"; this is v3)."""
     budget = {"ratio": ratio} if max_size is None else {"max_size": max_size}
     every_linear = {"targets": ["Linear"], "ignore": ["lm_head"]}
     return {
         "name": f"auto-{round(100 * ratio)}" if max_size is None else f"auto-{max_size}",
         "description": "The best model for a size: embeddings and head in W8 (groups of 64), and every decoder Linear gets W8 "
         "or W4 (GPTQ, groups of 64) or stays dense; budgets that remove 60% or more of the Linears' bytes also offer W4 "
-        "g32 with 25/50/75% of its groups removed and whitened SVD at a rank. One knapsack over bf16 bytes as served "
-        "minimizes the summed Fisher-weighted error (eval/results/budget).",
+        "g32 with 25/50/75% of its groups removed and whitened SVD at a rank, and from 70% W3 and W2 (GPTQ, g64). One "
+        "knapsack over bf16 bytes as served minimizes the summed Fisher-weighted error (eval/results/budget).",
         "serve_dtype": "bfloat16",
         "calibration": {"num_samples": 32, "seq_len": 512, "seed": 0},
         "embeddings": {"bits": 8, "group_size": 64},
@@ -351,6 +352,8 @@ def auto_recipe(ratio: float | None = None, max_size: str | int | None = None) -
             {"method": "gptq", "bits": 4, "group_size": 64, **every_linear},
             {"method": "gqsa", "group_size": 32, **every_linear},
             {"method": "whitened_svd", **every_linear},
+            {"method": "gptq", "bits": 3, "group_size": 64, **every_linear},
+            {"method": "gptq", "bits": 2, "group_size": 64, **every_linear},
         ],
         "allocation": {
             "strategy": "knapsack",
@@ -358,8 +361,8 @@ def auto_recipe(ratio: float | None = None, max_size: str | int | None = None) -
             **budget,
             "cost": "fisher",
             "fisher_samples": 8,
-            "candidates": {0: [0.0], 1: [0.0], 2: [0.25, 0.5, 0.75], 3: [round(0.1 * i, 1) for i in range(1, 10)]},
-            "from_ratio": {2: 0.6, 3: 0.6},
+            "candidates": {0: [0.0], 1: [0.0], 2: [0.25, 0.5, 0.75], 3: [round(0.1 * i, 1) for i in range(1, 10)], 4: [0.0], 5: [0.0]},
+            "from_ratio": {2: 0.6, 3: 0.6, 4: 0.7, 5: 0.7},
         },
     }
 
@@ -369,7 +372,7 @@ def with_max_size(recipe: Recipe, size: str) -> Recipe:
     if recipe.allocation is None or recipe.allocation.strategy != "knapsack":
         raise LlmpressError(
             f"--max-size needs a recipe with a knapsack allocation, and {recipe.name!r} has none: leave --recipe out "
-            "(the auto recipe: W8 and W4 and, for tight budgets, group-sparse W4 and whitened SVD across layers) or add allocation: {strategy: knapsack, unit: bytes}"
+            "(the auto recipe: W8 and W4 and, for tight budgets, group-sparse W4, whitened SVD, W3 and W2 across layers) or add allocation: {strategy: knapsack, unit: bytes}"
         )
     data = recipe.model_dump(mode="json")
     data["allocation"].update({"ratio": None, "max_size": size, "unit": "bytes"})

@@ -46,6 +46,8 @@ CANDIDATES: dict[str, tuple[dict[str, Any], list[float]]] = {
     "sparsegpt": ({"method": "sparsegpt"}, [0.3, 0.5, 0.7]),
     "w8-g64": ({"method": "gptq", "bits": 8, "group_size": 64}, [0.0]),
     "w4-g64": ({"method": "gptq", "bits": 4, "group_size": 64}, [0.0]),
+    "w3-g64": ({"method": "gptq", "bits": 3, "group_size": 64}, [0.0]),
+    "w2-g64": ({"method": "gptq", "bits": 2, "group_size": 64}, [0.0]),
 }
 # rows may use part of a candidate's profiled levels: key -> (profiled candidate, levels)
 DERIVED: dict[str, tuple[str, list[float]]] = {
@@ -61,12 +63,13 @@ ROWS = {
     "sparsegpt": ["sparsegpt"],
     "gptq (W8 g64, W4 g64)": ["w8-g64", "w4-g64"],
     "knapsack across methods": BEFORE_GPTQ,
-    "knapsack across methods + gptq": list(CANDIDATES),
+    "knapsack across methods + gptq": BEFORE_GPTQ + ["w8-g64", "w4-g64"],
     "auto v1 (W8 g64, W4 g16/g32; from 60%: sparse g32, SVD)": ["w8-g64", "w4-g16", "w4-g32", "gqsa-g32-sparse", "whitened_svd"],
     "auto v2 (W8 g64, W4 g64; from 60%: sparse g32, SVD)": ["w8-g64", "w4-g64", "gqsa-g32-sparse", "whitened_svd"],
+    "auto v3 (v2; from 70%: W3 g64, W2 g64)": ["w8-g64", "w4-g64", "gqsa-g32-sparse", "whitened_svd", "w3-g64", "w2-g64"],
 }
 # a row's candidates profiled only from a budget on (the recipes' allocation.from_ratio)
-FROM_RATIO = {"gqsa-g32-sparse": 0.6, "whitened_svd": 0.6}
+FROM_RATIO = {"gqsa-g32-sparse": 0.6, "whitened_svd": 0.6, "w3-g64": 0.7, "w2-g64": 0.7}
 FLOORED_ROWS = {label for label in ROWS if label.startswith("auto")}
 BUDGETS = [0.3, 0.5, 0.7, 0.8]
 
@@ -91,13 +94,16 @@ def recipe_for(keys: list[str], budget: float, calib: dict[str, Any]) -> dict[st
     }
 
 
-def profile_all(model, input_ids, calib: dict[str, Any]):
-    """(statistics by layer, profiles by candidate key and layer, seconds per phase)."""
-    keys = list(CANDIDATES)
+def profile_all(model, input_ids, calib: dict[str, Any], keys: list[str] | None = None, sensitivity_from: dict | None = None):
+    """(statistics by layer, profiles by candidate key and layer, seconds per phase). `keys`: only
+    these candidates; `sensitivity_from`: profiles already priced, whose layers' Fisher energies
+    (one number per layer, whatever the method) price the new ones instead of another Fisher pass."""
+    keys = list(CANDIDATES) if keys is None else keys
     recipe = load_recipe(recipe_for(keys, 0.5, calib))
-    pipeline = DenseStatsPipeline(model, list(recipe.stages), progress=True, fisher_for=frozenset(range(len(keys))))
+    fisher_for = frozenset() if sensitivity_from else frozenset(range(len(keys)))
+    pipeline = DenseStatsPipeline(model, list(recipe.stages), progress=True, fisher_for=fisher_for)
     start = time.perf_counter()
-    fisher = pipeline.collect_fisher(input_ids, list(range(len(keys))))
+    fisher = None if sensitivity_from else pipeline.collect_fisher(input_ids, list(range(len(keys))))
     fisher_seconds = time.perf_counter() - start
     stats: dict = {}
     seconds: dict[str, float] = {}
@@ -107,8 +113,11 @@ def profile_all(model, input_ids, calib: dict[str, Any]):
             start = time.perf_counter()
             found = profile_layers(pipeline, input_ids, {i: CANDIDATES[key][1]}, fisher=fisher, keep_stats=stats)
             seconds[key] = time.perf_counter() - start
+            if sensitivity_from:
+                energy = {name: results[0].sensitivity for name, results in next(iter(sensitivity_from.values())).items()}
+                found = {name: [replace(r, sensitivity=energy[name]) for r in results] for name, results in found.items()}
             profiles[key] = found
-    return stats, profiles, {"fisher": fisher_seconds, **seconds}
+    return stats, profiles, ({"fisher": fisher_seconds} if fisher is not None else {}) | seconds
 
 
 def row_profiles(profiles: dict[str, dict], keys: list[str]) -> dict[str, list]:
@@ -152,9 +161,14 @@ def main(argv: list[str] | None = None) -> None:
         results_path.write_text(json.dumps(results, indent=2))
     if args.cache and Path(args.cache).exists():
         stats, profiles, seconds = torch.load(args.cache, weights_only=False)
-        missing = sorted(set(CANDIDATES) - set(profiles))
-        if missing:
-            raise SystemExit(f"{args.cache} has no profiles of {missing} (written before they were candidates); delete it")
+        missing = [k for k in CANDIDATES if k not in profiles]
+        if missing:  # candidates added since the cache was written: profiled now, priced by the cached Fisher energies
+            work = copy.deepcopy(pristine)
+            _, found, found_seconds = profile_all(work, input_ids, calib, missing, sensitivity_from=profiles)
+            del work
+            profiles.update(found)
+            seconds.update(found_seconds)
+            torch.save((stats, profiles, seconds), args.cache)
     else:
         work = copy.deepcopy(pristine)
         stats, profiles, seconds = profile_all(work, input_ids, calib)
@@ -175,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         for budget in args.budgets
     ]
     plan_rows += [("W4 g16 alone", ["w4-g16"], w4_budget), ("knapsack across methods", BEFORE_GPTQ, w4_budget)]
-    plan_rows += [("knapsack across methods + gptq", list(CANDIDATES), w4_budget)]
+    plan_rows += [("knapsack across methods + gptq", ROWS["knapsack across methods + gptq"], w4_budget)]
     for label, keys, budget in plan_rows:
         name = f"{label} @ {budget:.1%}" if budget == w4_budget else f"{label} @ {budget:.0%}"
         if name in results["rows"]:
