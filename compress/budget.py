@@ -392,14 +392,13 @@ def removed_fraction(profiler: DenseStatsPipeline, config: AllocationConfig) -> 
     if config.max_size is None:
         return config.ratio
     stages = list(config.stage_levels())
-    dense = 0
+    dense_options: dict[str, list[LevelResult]] = {}
     for index, block in enumerate(profiler.blocks):
-        for linear in profiler.dense_targets(block, index, stages).values():
+        for name, linear in profiler.dense_targets(block, index, stages).items():
             bias = linear.bias.data if linear.bias is not None else None
-            dense += _dense_result(linear.weight.data, bias).bytes
-    from .report import model_size
-
-    allowed = parse_size(config.max_size) - (model_size(profiler.model)["bytes"] - dense)
+            dense_options[name] = [_dense_result(linear.weight.data, bias)]
+    dense = sum(options[0].bytes for options in dense_options.values())
+    allowed = parse_size(config.max_size) - fixed_bytes(profiler.model, dense_options)
     return min(1.0, max(0.0, 1.0 - allowed / dense)) if dense else 0.0
 
 

@@ -108,13 +108,13 @@ def profile_all(model, input_ids, calib: dict[str, Any], keys: list[str] | None 
     stats: dict = {}
     seconds: dict[str, float] = {}
     profiles: dict[str, dict] = {}
+    energy = {name: res[0].sensitivity for name, res in next(iter(sensitivity_from.values())).items()} if sensitivity_from else {}
     with serving_dtype(torch.bfloat16):
         for i, key in enumerate(keys):  # one profile pass per candidate, to time each
             start = time.perf_counter()
             found = profile_layers(pipeline, input_ids, {i: CANDIDATES[key][1]}, fisher=fisher, keep_stats=stats)
             seconds[key] = time.perf_counter() - start
-            if sensitivity_from:
-                energy = {name: results[0].sensitivity for name, results in next(iter(sensitivity_from.values())).items()}
+            if energy:
                 found = {name: [replace(r, sensitivity=energy[name]) for r in results] for name, results in found.items()}
             profiles[key] = found
     return stats, profiles, ({"fisher": fisher_seconds} if fisher is not None else {}) | seconds

@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 
 from .runtime import (
-    expanded_weight,
     SplitK,
     cached_on,
     check_launch,
@@ -148,7 +147,3 @@ def sparse_forward_triton(module, x: torch.Tensor) -> torch.Tensor:
     offsets = cached_on(module, "_split_offsets", key, lambda: split_offsets(module.bitmap, per_split))
     return bitmap_matmul(x, module.values, module.bitmap, module.out_features, module.bias, offsets=offsets)
 
-
-def sparse_reference(module, x: torch.Tensor) -> torch.Tensor:
-    """PyTorch reference: expand the bitmap and values to the dense weight and multiply."""
-    return torch.nn.functional.linear(x, expanded_weight(module, x.dtype), module.bias)

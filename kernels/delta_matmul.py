@@ -17,7 +17,6 @@ import torch
 
 from .runtime import (
     check_launch,
-    expanded_weight,
     flat_tokens,
     interpreting,
     launch_refusal,
@@ -134,7 +133,3 @@ def delta_refusal(module, x: torch.Tensor) -> str | None:
 def delta_forward_triton(module, x: torch.Tensor) -> torch.Tensor:
     return delta_matmul(x, module.values, module.gaps, module.row_start, module.bias)
 
-
-def delta_reference(module, x: torch.Tensor) -> torch.Tensor:
-    """PyTorch reference: expand to the dense weight and multiply (the kernel never forms it)."""
-    return torch.nn.functional.linear(x, expanded_weight(module, x.dtype), module.bias)

@@ -23,7 +23,6 @@ import torch
 
 from .runtime import (
     SplitK,
-    expanded_weight,
     check_launch,
     flat_tokens,
     interpreting,
@@ -153,7 +152,3 @@ def gqsa_refusal(module, x: torch.Tensor) -> str | None:
 def gqsa_forward_triton(module, x: torch.Tensor) -> torch.Tensor:
     return gqsa_matmul(x, module.qweight, module.scales, module.zeros, module.group_index, module.bias)
 
-
-def gqsa_reference(module, x: torch.Tensor) -> torch.Tensor:
-    """PyTorch reference: dequantize to the dense weight and multiply (the kernels never form it)."""
-    return torch.nn.functional.linear(x, expanded_weight(module, x.dtype), module.bias)

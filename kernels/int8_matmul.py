@@ -20,7 +20,6 @@ import torch
 
 from .runtime import (
     check_launch,
-    expanded_weight,
     flat_tokens,
     interpreting,
     launch_group_dot,
@@ -190,7 +189,3 @@ def int8_refusal(module, x: torch.Tensor) -> str | None:
 def int8_forward_triton(module, x: torch.Tensor) -> torch.Tensor:
     return int8_matmul(x, module.qweight, module.scales, module.zeros, module.bias)
 
-
-def int8_reference(module, x: torch.Tensor) -> torch.Tensor:
-    """PyTorch reference: dequantize to the dense weight and multiply (the kernel never forms it)."""
-    return torch.nn.functional.linear(x, expanded_weight(module, x.dtype), module.bias)

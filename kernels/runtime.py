@@ -221,6 +221,13 @@ def expanded_weight(module, dtype: torch.dtype, part: str = "weight", compute: C
     return value
 
 
+def expanded_reference(module, x: torch.Tensor) -> torch.Tensor:
+    """The PyTorch reference of a format whose module can expand to its dense weight (sparse,
+    tile-sparse, delta, GQSA, W8, W3/W2): that weight (cached as `expanded_weight` says), then
+    one dense product. The kernels never form it."""
+    return torch.nn.functional.linear(x, expanded_weight(module, x.dtype), module.bias)
+
+
 def storage_key(t: torch.Tensor) -> tuple:
     """What identifies a tensor's content for `cached_on`: its memory, version counter and device."""
     return (t.data_ptr(), t._version, str(t.device))

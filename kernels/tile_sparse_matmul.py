@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 
 from .runtime import (
-    expanded_weight,
     SplitK,
     check_launch,
     dot_in_fp32,
@@ -113,8 +112,3 @@ def tile_sparse_refusal(module, x: torch.Tensor) -> str | None:
 def tile_sparse_forward_triton(module, x: torch.Tensor) -> torch.Tensor:
     return tile_sparse_matmul(x, module.values, module.col_index, module.bias)
 
-
-def tile_sparse_reference(module, x: torch.Tensor) -> torch.Tensor:
-    """PyTorch reference: expand to the dense weight and multiply (one out × in buffer per call;
-    the kernel never forms it)."""
-    return torch.nn.functional.linear(x, expanded_weight(module, x.dtype), module.bias)
