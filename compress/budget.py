@@ -368,7 +368,7 @@ def _dense_entry(results: list[LevelResult]) -> LevelResult:
 
 def stage_label(stage: StageConfig) -> str:
     """How a plan names a candidate stage: its method, and what tells apart two stages of one
-    method (gqsa g16 and gqsa g32, gptq w8 g128; an N:M pattern)."""
+    method (gqsa g16 and gqsa g32, gptq w8 g128; an N:M pattern; a stacked residual, "gptq w3 g64 + r16")."""
     label = stage.method
     if stage.method == "gptq":
         label += f" w{stage.bits}"
@@ -376,6 +376,8 @@ def stage_label(stage: StageConfig) -> str:
         label += f" g{stage.group_size}"
     if getattr(stage, "pattern", "unstructured") not in ("unstructured", None):
         label += f" {stage.pattern}"
+    if getattr(stage, "residual_rank", None):
+        label += f" + r{stage.residual_rank}"
     return label
 
 

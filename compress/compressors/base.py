@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..metrics import relative_errors
 from ..modules import CompressedLinear
+from .residual import with_residual
 
 
 _flush_depth = 0
@@ -95,6 +96,33 @@ class Compressor(ABC):
         """Compress one (out_features, in_features) weight (or refine `base`, its compressed form)."""
 
 
+    @classmethod
+    def for_stage(cls, config: StageConfig) -> "Compressor":
+        """The compressor of one recipe stage: its `needs` gain the Gram when the stage stacks an
+        EoRA residual on its result (`residual_rank`)."""
+        compressor = cls()
+        if getattr(config, "residual_rank", None) and "gram" not in cls.needs:
+            compressor.needs = (*cls.needs, "gram")
+        return compressor
+
+    def apply(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        stats: LayerStats,
+        config: StageConfig,
+        base: CompressedLinear | None = None,
+    ) -> CompressedLinear:
+        """`compress`, plus the stage's stacked EoRA residual when it asks for one: what the
+        pipelines and the allocator's profiles call."""
+        return self.stack(weight, self.compress(weight, bias, stats, config, base=base), stats, config)
+
+    @staticmethod
+    def stack(weight: torch.Tensor, module: CompressedLinear, stats: LayerStats, config: StageConfig) -> CompressedLinear:
+        """`module` with the EoRA residual of rank `config.residual_rank` (as it is without one)."""
+        rank = getattr(config, "residual_rank", None)
+        return with_residual(weight, module, stats.get("gram"), rank, stats.name) if rank else module
+
     def group_size(self, config: StageConfig) -> int:
         """How many same-named layers of consecutive blocks one call compresses together (1: alone)."""
         return 1
@@ -123,7 +151,7 @@ class Compressor(ABC):
             if self.level_field is None and level != 0.0:
                 raise ValueError(f"method {self.method!r} has no level; its one option is level 0 (the stage as written)")
             at_level = config if self.level_field is None else config.model_copy(update={self.level_field: level})
-            module = self.compress(weight, bias, stats, at_level)
+            module = self.apply(weight, bias, stats, at_level)
             rel, weighted = relative_errors(weight, module.to_dense(), stats.get("gram"))
             results.append(LevelResult(level, module.num_values(), module.num_bytes(), rel, weighted))
         return results

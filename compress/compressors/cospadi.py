@@ -36,6 +36,7 @@ from .base import (
     flush_denormals,
     register_compressor,
 )
+from .residual import ResidualOption
 from .rocket import DictionaryFactors, int8_coefficients, rocket_whitened
 from .sparse_coding import (
     batch_omp,
@@ -51,7 +52,7 @@ from .whitening import WhitenedSpectrum
 logger = logging.getLogger("compress")
 
 
-class CoSpaDiConfig(StageConfig):
+class CoSpaDiConfig(ResidualOption, StageConfig):
     method: str = "cospadi"
     ratio: float = Field(gt=0.0, lt=1.0, description="fraction of the layer's (or group's) weights removed")
     ks: float = Field(default=2.0, ge=1.0, description="atoms per kept coefficient (1 = low rank)")

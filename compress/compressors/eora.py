@@ -4,17 +4,18 @@
 rank r gives B = U_r Σ_r and A = V_rᵀ Λ^{-½} Qᵀ, so y = x·Ŵᵀ + (x·Aᵀ)·Bᵀ. Projecting into the
 eigenspace makes the truncation optimal for the calibration-weighted error ‖(ΔW − B·A)Xᵀ‖ instead
 of ‖ΔW − B·A‖. Run as a recipe stage after any method; the pipeline gives it the layer's original
-weight, the compressed module, and a Gram collected on the compressed model's own inputs.
+weight, the compressed module, and a Gram collected on the compressed model's own inputs. A stage
+can instead stack the residual on its own result (`residual_rank`, compress/compressors/residual.py):
+one module and one knapsack option, fit on the same statistics as the stage.
 """
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field, model_validator
 
 from ..modules import CompressedLinear, EoRALinear
 from .base import Compressor, LayerStats, StageConfig, register_compressor
-from .whitened_svd import whitened_svd
+from .residual import eora_factors
 
 
 class EoRAConfig(StageConfig):
@@ -36,15 +37,6 @@ class EoRAConfig(StageConfig):
         if self.rank is not None:
             return self.rank
         return max(1, int(self.budget * out_features * in_features // (out_features + in_features)))
-
-
-def eora_factors(
-    delta: torch.Tensor, gram: torch.Tensor, rank: int, percdamp: float = 1e-6, name: str = "layer"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, A) with B·A the rank-`rank` minimizer of ‖(ΔW − B·A)Xᵀ‖ (in float64)."""
-    u, sigma, vh = whitened_svd(delta, gram, percdamp, name, prefer="eigh")
-    rank = min(rank, sigma.numel())
-    return u[:, :rank] * sigma[:rank], vh[:rank]
 
 
 @register_compressor

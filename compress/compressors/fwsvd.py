@@ -14,10 +14,11 @@ from pydantic import Field
 
 from ..errors import LlmpressError
 from .base import LayerStats, StageConfig, register_compressor
+from .residual import ResidualOption
 from .svd import LowRankCompressor
 
 
-class FWSVDConfig(StageConfig):
+class FWSVDConfig(ResidualOption, StageConfig):
     method: str = "fwsvd"
     ratio: float = Field(gt=0.0, lt=1.0, description="fraction of the layer's weights removed")
     percdamp: float = Field(default=1e-3, ge=0.0, lt=1.0, description="λ as a fraction of the mean row importance")

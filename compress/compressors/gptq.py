@@ -25,10 +25,11 @@ from pydantic import Field, model_validator
 
 from ..modules import CompressedLinear, GQSALinear, Int8Linear, LowBitLinear
 from .base import Compressor, LayerStats, StageConfig, register_compressor
+from .residual import ResidualOption
 from .gqsa import GQSAConfig, gqsa_quantize
 
 
-class GPTQConfig(StageConfig):
+class GPTQConfig(ResidualOption, StageConfig):
     method: str = "gptq"
     bits: Literal[2, 3, 4, 8] = Field(
         default=4, description="bits per weight: 4 (two codes per byte), 8, or 3 and 2 (packed, for budgets past W4)"

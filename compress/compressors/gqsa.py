@@ -37,13 +37,14 @@ from pydantic import Field, model_validator
 
 from ..modules import GQSALinear
 from .base import Compressor, LayerStats, StageConfig, register_compressor
+from .residual import ResidualOption
 from .rtn import fit_grid
 from .sparsegpt import inverse_hessian_factor, obs_sweep
 
 LEVELS = 15  # 4-bit codes 0..15
 
 
-class GQSAConfig(StageConfig):
+class GQSAConfig(ResidualOption, StageConfig):
     method: str = "gqsa"
     ratio: float = Field(default=0.5, ge=0.0, lt=1.0, description="fraction of weight groups removed (group sparsity)")
     group_size: int = Field(default=16, ge=2, description="input columns per group (8, 16, 32, ...)")
@@ -72,6 +73,8 @@ class GQSAConfig(StageConfig):
             raise ValueError(f"group_size must be even (two 4-bit codes per byte), got {self.group_size}")
         if self.blocksize % self.group_size:
             raise ValueError(f"blocksize {self.blocksize} must be a multiple of group_size {self.group_size}")
+        if self.optimize and self.residual_rank:
+            raise ValueError("optimize (bqpo/e2e) trains the W4 scales of plain GQSA layers: drop residual_rank or optimize")
         return self
 
 

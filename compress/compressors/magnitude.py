@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from ..modules import CompressedLinear
 from .base import Compressor, LayerStats, register_compressor
+from .residual import ResidualOption
 from .masks import PruningConfig, nm_mask, pruned_module, pruning_mask, unstructured_mask
 
 __all__ = ["MagnitudeCompressor", "MagnitudeConfig", "nm_mask", "unstructured_mask"]
 
 
-class MagnitudeConfig(PruningConfig):
+class MagnitudeConfig(ResidualOption, PruningConfig):
     method: str = "magnitude"
 
 

@@ -35,6 +35,7 @@ from .base import (
     flush_denormals,
     register_compressor,
 )
+from .residual import ResidualOption
 from .sparse_coding import (
     dense_coefficients,
     dictionary_shape,
@@ -44,7 +45,7 @@ from .sparse_coding import (
 from .whitening import WhitenedSpectrum
 
 
-class RocketConfig(StageConfig):
+class RocketConfig(ResidualOption, StageConfig):
     method: str = "rocket"
     ratio: float = Field(gt=0.0, lt=1.0, description="fraction of the layer's weights removed")
     ks: list[float] = Field(
@@ -185,7 +186,10 @@ class RocketCompressor(Compressor):
 
     def profile(self, weight, bias, stats: LayerStats, config: RocketConfig, levels: list[float]) -> list[LevelResult]:
         """One whitening and SVD per layer; per level the best ks (the one `compress` would keep),
-        measured like the pipeline measures a compressed layer (undamped Gram, `relative_errors`)."""
+        measured like the pipeline measures a compressed layer (undamped Gram, `relative_errors`).
+        With a stacked residual, one compression per level."""
+        if config.residual_rank:
+            return super().profile(weight, bias, stats, config, levels)
         spec = WhitenedSpectrum.of(weight, stats["gram"], config.percdamp, stats.name)
         bias_values = bias.numel() if bias is not None else 0
         w = weight.double()

@@ -25,10 +25,11 @@ from pydantic import Field
 from ..errors import LlmpressError
 from ..modules import CompressedLinear
 from .base import Compressor, LayerStats, register_compressor
+from .residual import ResidualOption
 from .masks import PruningConfig, pruned_module, tile_mask
 
 
-class SparseGPTConfig(PruningConfig):
+class SparseGPTConfig(ResidualOption, PruningConfig):
     method: str = "sparsegpt"
     blocksize: int = Field(default=128, ge=1, description="columns per lazy-update block")
     percdamp: float = Field(default=0.01, gt=0.0, lt=1.0, description="damping, fraction of mean diag(H)")

@@ -20,9 +20,10 @@ from pydantic import Field
 from ..modules import LowRankLinear
 from ..metrics import served_itemsize
 from .base import Compressor, LayerStats, LevelResult, StageConfig, rank_for_ratio, register_compressor
+from .residual import ResidualOption
 
 
-class SVDConfig(StageConfig):
+class SVDConfig(ResidualOption, StageConfig):
     method: str = "svd"
     ratio: float = Field(gt=0.0, lt=1.0, description="fraction of the layer's weights removed")
 
@@ -87,7 +88,10 @@ class LowRankCompressor(Compressor):
         return LowRankLinear.from_factors(up.to(weight.dtype), down.to(weight.dtype), bias)
 
     def profile(self, weight, bias, stats: LayerStats, config, levels: list[float]) -> list[LevelResult]:
-        """One factorization for every level (see `truncation_errors`)."""
+        """One factorization for every level (see `truncation_errors`); with a stacked residual,
+        one compression per level (the residual depends on the level's error)."""
+        if getattr(config, "residual_rank", None):  # whitened SVD has none: a residual would be its next ranks
+            return super().profile(weight, bias, stats, config, levels)
         u, sigma, vh = self.factorize(weight, stats, config)
         plain, weighted = truncation_errors(weight, u, sigma, vh, stats.get("gram"))
         out_f, in_f = weight.shape

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from ..modules import CompressedLinear
 from .base import Compressor, LayerStats, register_compressor
+from .residual import ResidualOption
 from .masks import PruningConfig, pruned_module, pruning_mask
 
 
-class WandaConfig(PruningConfig):
+class WandaConfig(ResidualOption, PruningConfig):
     method: str = "wanda"
 
 

@@ -213,4 +213,6 @@ def tie_shared_dictionaries(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, DictLinear) and module.atoms_from is not None:
             owner = model.get_submodule(module.atoms_from)
+            if not isinstance(owner, DictLinear) and isinstance(getattr(owner, "base", None), DictLinear):
+                owner = owner.base  # the owner stacks a residual on its dictionary layer (EoRALinear)
             module.tie(owner)

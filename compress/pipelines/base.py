@@ -89,7 +89,7 @@ class BlockPipeline:
         self.fisher_for = frozenset(fisher_for)
         self.weighted_errors = weighted_errors
         self.blocks_path, self.blocks = find_decoder_blocks(model)
-        self.compressors = [COMPRESSORS[stage.method]() for stage in self.stages]
+        self.compressors = [COMPRESSORS[stage.method].for_stage(stage) for stage in self.stages]
         self.block_log: list[dict[str, Any]] = []
         self.parallel = current()  # ranks of a torchrun launch (compress/distributed.py), or one
         # original (weight, bias) of the current block's layers, kept only for refining stages (EoRA)
@@ -358,7 +358,7 @@ class BlockPipeline:
         if self._keep_grams and layer_stats.get("gram") is not None:
             self._grams[name] = layer_stats["gram"]
         with flush_denormals():
-            compressed = self.compressors[stage_index].compress(weight, bias, layer_stats, config, base=base)
+            compressed = self.compressors[stage_index].apply(weight, bias, layer_stats, config, base=base)
         seconds = time.perf_counter() - start
         return [self.place(name, weight, bias, compressed, layer_stats, config, index, stage_index, seconds)]
 

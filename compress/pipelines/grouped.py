@@ -83,6 +83,7 @@ class GroupedPipeline(DenseStatsPipeline):
         names = [n for n, _, _ in members]
         with flush_denormals():
             modules = compressor.compress_group(weights, biases, [stats[n] for n in names], stage, names)
+            modules = [compressor.stack(w, m, stats[n], stage) for w, m, n in zip(weights, modules, names)]
         seconds = (time.perf_counter() - start) / len(members)
         records = []
         for (full, _, j), module, weight, bias in zip(members, modules, weights, biases):
