@@ -48,6 +48,10 @@ CANDIDATES: dict[str, tuple[dict[str, Any], list[float]]] = {
     "w4-g64": ({"method": "gptq", "bits": 4, "group_size": 64}, [0.0]),
     "w3-g64": ({"method": "gptq", "bits": 3, "group_size": 64}, [0.0]),
     "w2-g64": ({"method": "gptq", "bits": 2, "group_size": 64}, [0.0]),
+    # stacked: GPTQ plus an EoRA residual of a fixed rank, one option each
+    "w3-g64-r8": ({"method": "gptq", "bits": 3, "group_size": 64, "residual_rank": 8}, [0.0]),
+    "w2-g64-r8": ({"method": "gptq", "bits": 2, "group_size": 64, "residual_rank": 8}, [0.0]),
+    "w2-g64-r16": ({"method": "gptq", "bits": 2, "group_size": 64, "residual_rank": 16}, [0.0]),
 }
 # rows may use part of a candidate's profiled levels: key -> (profiled candidate, levels)
 DERIVED: dict[str, tuple[str, list[float]]] = {
@@ -67,9 +71,13 @@ ROWS = {
     "auto v1 (W8 g64, W4 g16/g32; from 60%: sparse g32, SVD)": ["w8-g64", "w4-g16", "w4-g32", "gqsa-g32-sparse", "whitened_svd"],
     "auto v2 (W8 g64, W4 g64; from 60%: sparse g32, SVD)": ["w8-g64", "w4-g64", "gqsa-g32-sparse", "whitened_svd"],
     "auto v3 (v2; from 70%: W3 g64, W2 g64)": ["w8-g64", "w4-g64", "gqsa-g32-sparse", "whitened_svd", "w3-g64", "w2-g64"],
+    "gptq (W8, W4, W3, W2 g64)": ["w8-g64", "w4-g64", "w3-g64", "w2-g64"],
+    "auto v4 (v3; from 70%: W3/W2 g64 + EoRA r8/r16)": [
+        "w8-g64", "w4-g64", "gqsa-g32-sparse", "whitened_svd", "w3-g64", "w2-g64", "w3-g64-r8", "w2-g64-r8", "w2-g64-r16",
+    ],
 }
 # a row's candidates profiled only from a budget on (the recipes' allocation.from_ratio)
-FROM_RATIO = {"gqsa-g32-sparse": 0.6, "whitened_svd": 0.6, "w3-g64": 0.7, "w2-g64": 0.7}
+FROM_RATIO = {"gqsa-g32-sparse": 0.6, "whitened_svd": 0.6, "w3-g64": 0.7, "w2-g64": 0.7, "w3-g64-r8": 0.7, "w2-g64-r8": 0.7, "w2-g64-r16": 0.7}
 FLOORED_ROWS = {label for label in ROWS if label.startswith("auto")}
 BUDGETS = [0.3, 0.5, 0.7, 0.8]
 

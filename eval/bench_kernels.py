@@ -28,7 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from compress.compressors.masks import tile_mask
-from compress.modules import CompressedLinear, DeltaSparseLinear, GQSALinear, LowRankLinear, SparseLinear, TileSparseLinear
+from compress.compressors.rtn import quantize_groups
+from compress.modules import (
+    CompressedLinear, DeltaSparseLinear, GQSALinear, Int8Linear, LowBitLinear, LowRankLinear, SparseLinear, TileSparseLinear,
+)  # fmt: skip
 from compress.modules.dictionary import DictLinear
 
 SHAPES = ["4096x4096", "14336x4096", "4096x14336", "28672x8192", "8192x28672"]
@@ -55,6 +58,15 @@ def random_gqsa(weight: torch.Tensor, group: int, keep_fraction: float) -> GQSAL
     zero = (-lo / scale).round().clamp(0, 15)
     codes = (chosen / scale[..., None] + zero[..., None]).round().clamp(0, 15)
     return GQSALinear.from_codes(codes, scale.to(weight.dtype), zero, index, inp, None)
+
+
+def quantized(weight: torch.Tensor, bits: int, group: int) -> Int8Linear | LowBitLinear:
+    """W8 or W3/W2 of the weight by round-to-nearest (one range per group: a speed fixture)."""
+    grid = quantize_groups(weight.float(), bits, group, shrink_steps=1)
+    scales = grid.scales.to(weight.dtype)
+    if bits == 8:
+        return Int8Linear.from_codes(grid.codes, scales, grid.zeros, None)
+    return LowBitLinear.from_codes(grid.codes, scales, grid.zeros, bits, None)
 
 
 def random_lowrank(weight: torch.Tensor, ratio: float) -> LowRankLinear:
@@ -92,6 +104,8 @@ def cases(sparsities: list[float], tile: int) -> list[Case]:
     out.append(Case("2:4 (ours)", lambda w: SparseLinear.from_dense(w, _two_of_four(w), None, "2:4"), "ours"))
     out.append(Case("W4 g128", lambda w: random_gqsa(w, 128, 1.0), "ours"))
     out.append(Case("GQSA W4S50 g16", lambda w: random_gqsa(w, 16, 0.5), "ours"))
+    for bits in (8, 3, 2):
+        out.append(Case(f"W{bits} g64", lambda w, bits=bits: quantized(w, bits, 64), "ours"))
     out.append(Case("low-rank 30%", lambda w: random_lowrank(w, 0.3), "ours"))
     out.append(Case("dict 30% ks2", lambda w: random_dict(w, 0.3), "ours"))
     return out

@@ -211,6 +211,7 @@ def _register_kernels() -> None:
     from .gqsa_matmul import gqsa_forward_triton, gqsa_refusal
     from .int4_matmul import int4_forward_triton, int4_refusal
     from .int8_matmul import int8_forward_triton, int8_refusal
+    from .lowbit_matmul import lowbit_forward_triton, lowbit_refusal
     from .nm_matmul import nm24_forward_triton, nm24_refusal
     from .lowrank_matmul import eora_forward_triton, eora_reference, lowrank_forward_triton, lowrank_reference, lowrank_refusal
     from .tile_sparse_matmul import tile_sparse_forward_triton, tile_sparse_refusal
@@ -221,14 +222,13 @@ def _register_kernels() -> None:
         ("dict", dict_reference, "triton_dict", dict_forward_triton, dict_refusal),
         ("gqsa", expanded_reference, "triton_gqsa", gqsa_forward_triton, gqsa_refusal),
         ("int8", expanded_reference, "triton_int8", int8_forward_triton, int8_refusal),
+        ("lowbit", expanded_reference, "triton_lowbit", lowbit_forward_triton, lowbit_refusal),
         ("sparse_bitmap", expanded_reference, "triton_bitmap", sparse_forward_triton, sparse_refusal),
         ("sparse_delta", expanded_reference, "triton_delta", delta_forward_triton, delta_refusal),
         ("tile_sparse", expanded_reference, "triton_tile_sparse", tile_sparse_forward_triton, tile_sparse_refusal),
     ):
         register_kernel(fmt, "torch", reference, priority=0)
         register_kernel(fmt, name, fn, priority=10, supports=supports, backend="triton", max_auto_tokens=MAX_AUTO_TOKENS)
-    # W3/W2 (compress/modules/lowbit.py): the dequantized weight; no Triton kernel reads the layout yet
-    register_kernel("lowbit", "torch", expanded_reference, priority=0)
     # exact 2:4 masks: a decode that needs no offsets, before the per-element bitmap kernel
     register_kernel(
         "sparse_bitmap", "triton_2of4", nm24_forward_triton, priority=20, supports=nm24_refusal, backend="triton",

@@ -20,7 +20,7 @@ from compress.kernels.skinny_matmul import skinny_matmul, skinny_matmul_referenc
 from compress.compressors.masks import tile_mask
 from compress.kernels.tile_sparse_matmul import tile_sparse_matmul
 from compress.compressors.rtn import quantize_groups
-from compress.modules import DeltaSparseLinear, DictLinear, EoRALinear, GQSALinear, Int8Linear, LowRankLinear, SparseLinear, TileSparseLinear, pack_mask
+from compress.modules import DeltaSparseLinear, DictLinear, EoRALinear, GQSALinear, Int8Linear, LowBitLinear, LowRankLinear, SparseLinear, TileSparseLinear, pack_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
@@ -123,6 +123,11 @@ def _random_int8(m: int, k: int, group: int, dtype) -> Int8Linear:
     return Int8Linear.from_codes(grid.codes, grid.scales.to(dtype), grid.zeros, torch.randn(m).to(dtype)).to(DEVICE)
 
 
+def _random_lowbit(m: int, k: int, group: int, bits: int, dtype) -> LowBitLinear:
+    grid = quantize_groups(torch.randn(m, k), bits, group)
+    return LowBitLinear.from_codes(grid.codes, grid.scales.to(dtype), grid.zeros, bits, torch.randn(m).to(dtype)).to(DEVICE)
+
+
 def _random_tile_sparse(m: int, k: int, tile_rows: int, tile_cols: int, keep: int, dtype) -> TileSparseLinear:
     w = torch.randn(m, k)
     mask = tile_mask(torch.rand(m, k), tile_rows, tile_cols, keep)
@@ -149,6 +154,8 @@ def _modules(dtype):
         "dict k=300 int8 coefficients": _random_dict(36, 64, 300, 5, dtype, int8=True),
         "W8 g32": _random_int8(40, 96, 32, dtype),
         "W8 g16": _random_int8(24, 64, 16, dtype),
+        "W3 g32": _random_lowbit(40, 96, 32, 3, dtype),
+        "W2 g64": _random_lowbit(37, 128, 64, 2, dtype),
         "eora over sparse": eora,
         "tile 50% 16x32": _random_tile_sparse(48, 96, 16, 32, 16, dtype),
         "tile 75% 32x64 (keep 16)": _random_tile_sparse(64, 128, 32, 64, 16, dtype),
@@ -277,6 +284,35 @@ def test_int8_kernel_on_cuda_and_tensor_cores(monkeypatch):
             for tensor_cores, split_k in ((False, None), (True, 1), (True, 3)):
                 y = int8.int8_matmul(x, module.qweight, module.scales, module.zeros, module.bias, tensor_cores=tensor_cores, split_k=split_k)
                 assert rel_err(y, ref) < TOLERANCE[dtype], (dtype, tokens, tensor_cores, split_k)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_lowbit_kernel_unpacks_every_code_on_both_paths(monkeypatch, bits):
+    """Every code value at every position of a packed word (W3's codes 2 and 5 straddle two
+    bytes), on CUDA cores and tensor cores, with split-K; fp16 on the GPU's fp16 dot path."""
+    import compress.kernels.lowbit_matmul as lowbit
+
+    levels = 1 << bits
+    m, k, group = 24, 128, 64
+    codes = (torch.arange(m * k).reshape(m, k // group, group) * 5 + torch.arange(m)[:, None, None]) % levels
+    zeros = torch.randint(0, levels, (m, k // group))
+    for dtype in (torch.float32, torch.float16):
+        if dtype == torch.float16:
+            monkeypatch.setattr(runtime, "dot_in_fp32", lambda d: False)
+        module = LowBitLinear.from_codes(codes, torch.rand(m, k // group).to(dtype) + 0.5, zeros, bits, torch.randn(m).to(dtype)).to(DEVICE)
+        assert (module.to_dense().cpu().reshape(m, -1, group) / module.scales.cpu()[..., None] + zeros[..., None]).round().long().equal(codes)
+        for tokens in (1, 6, 16):
+            x = torch.randn(tokens, k, device=DEVICE).to(dtype)
+            ref = torch.nn.functional.linear(x.double(), module.to_dense().double(), module.bias.double())
+            for tensor_cores, split_k in ((False, None), (True, 1), (True, 2)):
+                y = lowbit.lowbit_matmul(x, module.qweight, module.scales, module.zeros, bits, module.bias, tensor_cores=tensor_cores, split_k=split_k)
+                assert rel_err(y, ref) < TOLERANCE[dtype], (dtype, tokens, tensor_cores, split_k)
+    with pytest.raises(ValueError, match="2- or 3-bit"):
+        lowbit.lowbit_matmul(x, module.qweight, module.scales, module.zeros, 4)
+    small_groups = _random_lowbit(8, 64, 16, bits, torch.float32)
+    kernels.set_kernel_mode("triton")
+    with pytest.raises(RuntimeError, match="not a multiple of 32"):
+        small_groups(torch.randn(2, 64, device=DEVICE))
 
 
 @pytest.mark.parametrize("bits", [5, 9, 10, 11, 13, 16])

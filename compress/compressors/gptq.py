@@ -9,8 +9,7 @@ in closed form on the layer output error, codes fixed. This is GQSA's sweep with
 
 Formats: `bits: 4` stores a `GQSALinear` with every group kept (no group index, the same bytes
 as `gqsa` at ratio 0), `bits: 8` an `Int8Linear` (one byte per weight), `bits: 3` or `2` a
-`LowBitLinear` (codes packed 8 per `bits` bytes; served by the PyTorch reference, no kernel
-yet). W8 is the option for the layers where 4 bits cost more quality than their bytes are worth: in bf16 it removes about half
+`LowBitLinear` (codes in bit planes, `bits` bits per weight; kernels/lowbit_matmul.py). W8 is the option for the layers where 4 bits cost more quality than their bytes are worth: in bf16 it removes about half
 the bytes at almost no error, which is what a byte budget of 30-50% needs.
 
 The method has no level for the allocator to vary; a knapsack across methods lists it as one fixed

@@ -1,13 +1,15 @@
-"""LowBitLinear: W3 and W2 group quantization, codes packed at their own width.
+"""LowBitLinear: W3 and W2 group quantization, codes packed at their own width in bit planes.
 
 Ŵ[r, G] = (q − zero)·scale over groups G of g consecutive input columns, q and zero in
-[0, 2^bits − 1]. Every 8 consecutive codes of a row are one little-endian word of `bits` bytes
-(code i at bits·i), so a group of g columns (g a multiple of 8) takes g·bits/8 bytes and no bit
-straddles a group. Bytes: out·in·bits/8 + out·(in/g)·(1 zero + sizeof(scale)) + bias.
+[0, 2^bits − 1]. A group's g codes take g·bits/8 bytes, in planes: first the low two bits of every
+code (code i at bit 2i of the plane, read as little-endian words: 16 codes per 32-bit word), then
+for W3 the third bit (code i at bit i: 32 codes per word). A kernel unpacks a word of either plane
+with one shift and one mask per code, the same for every code, where codes packed side by side
+at 3 bits would straddle bytes and words (compress/kernels/lowbit_matmul.py). g is a multiple of 8
+(whole bytes per plane); the kernels read whole words, so they take g a multiple of 32.
+Bytes: out·in·bits/8 + out·(in/g)·(1 zero + sizeof(scale)) + bias.
 
-What a byte budget past W4 needs (80% of bf16 bytes removed: W4 g64 stops at 72.7%). Served by
-the PyTorch reference (the dequantized weight, kept in the CPU cache on the CPU); no Triton
-kernel reads this layout yet.
+What a byte budget past W4 needs (80% of bf16 bytes removed: W4 g64 stops at 72.7%).
 """
 
 from __future__ import annotations
@@ -23,21 +25,36 @@ from .base import CompressedLinear, register_format
 BITS = (2, 3)
 
 
+def _plane(bits_of_codes: torch.Tensor, width: int) -> torch.Tensor:
+    """(..., n) values of `width` bits -> (..., n·width/8) uint8, value i at bit width·i."""
+    per_byte = 8 // width
+    shifts = torch.arange(per_byte, device=bits_of_codes.device, dtype=torch.int32) * width
+    return (bits_of_codes.unflatten(-1, (-1, per_byte)) << shifts).sum(-1, dtype=torch.int32).to(torch.uint8)
+
+
+def _unplane(packed: torch.Tensor, width: int) -> torch.Tensor:
+    per_byte = 8 // width
+    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * width
+    return ((packed.to(torch.int32)[..., None] >> shifts) & ((1 << width) - 1)).flatten(-2)
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """(..., n) codes in [0, 2^bits − 1], n a multiple of 8 -> (..., n·bits/8) uint8."""
-    words = codes.to(torch.int32).unflatten(-1, (-1, 8))
-    shifts = torch.arange(8, device=codes.device, dtype=torch.int32) * bits
-    word = (words << shifts).sum(-1, dtype=torch.int32)  # (..., n/8): the 8 codes side by side
-    byte_shifts = torch.arange(bits, device=codes.device, dtype=torch.int32) * 8
-    return ((word[..., None] >> byte_shifts) & 0xFF).to(torch.uint8).flatten(-2)
+    """(..., g) codes of one group in [0, 2^bits − 1], g a multiple of 8 -> (..., g·bits/8) uint8:
+    the low-two-bit plane, then (W3) the third-bit plane."""
+    codes = codes.to(torch.int32)
+    planes = [_plane(codes & 3, 2)]
+    if bits == 3:
+        planes.append(_plane((codes >> 2) & 1, 1))
+    return torch.cat(planes, dim=-1)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """The inverse of `pack_codes`: (..., n·bits/8) uint8 -> (..., n) int32 codes."""
-    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int32) * 8
-    word = (packed.to(torch.int32).unflatten(-1, (-1, bits)) << byte_shifts).sum(-1, dtype=torch.int32)
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int32) * bits
-    return ((word[..., None] >> shifts) & ((1 << bits) - 1)).flatten(-2)
+    """The inverse of `pack_codes`: (..., g·bits/8) uint8 -> (..., g) int32 codes."""
+    g = packed.shape[-1] * 8 // bits
+    codes = _unplane(packed[..., : g // 4], 2)
+    if bits == 3:
+        codes = codes | (_unplane(packed[..., g // 4 :], 1) << 2)
+    return codes
 
 
 @register_format
