@@ -142,7 +142,7 @@ def builds(dtype: str = "fp16") -> list[Build]:
             {"HAS_BIAS": False, "GROUP": group, "CHUNK": chunk, "BLOCK_M": block_m, "BLOCK_N": block_n},
             {"num_warps": 4}, aligned=("M", "K", "stride_xn", "stride_yn"), weight_bytes=block_m * chunk * (1 + 3 / group),
         ))  # fmt: skip
-    from compress.kernels.lowbit_matmul import lowbit_chunk, lowbit_tiles
+    from compress.kernels.lowbit_matmul import lowbit_tiles
 
     for bits in (3, 2):
         group = 64
@@ -154,14 +154,13 @@ def builds(dtype: str = "fp16") -> list[Build]:
             {"num_warps": 4, "num_stages": 1},
             aligned=("M", "GROUPS", "stride_xn", "stride_yn", "stride_ys"), weight_bytes=64 * (group * bits / 8 + 3),
         ))  # fmt: skip
-        chunk = lowbit_chunk(group)
-        block_n, block_m = lowbit_tiles(1, chunk)
+        block_n, block_m = lowbit_tiles(1, group)
         out.append(Build(
             f"lowbit W{bits} g{group} N1 BM{block_m} BN{block_n}", "lowbit_matmul:_lowbit_kernel",
             {"x_ptr": p, "q_ptr": "*u8", "s_ptr": p, "z_ptr": "*u8", "b_ptr": p, "y_ptr": p,
              **_ints("M", "N", "K", "stride_xn", "stride_yn")},
-            {"HAS_BIAS": False, "BITS": bits, "GROUP": group, "CHUNK": chunk, "BLOCK_M": block_m, "BLOCK_N": block_n},
-            {"num_warps": 4}, aligned=("M", "K", "stride_xn", "stride_yn"), weight_bytes=block_m * chunk * (bits / 8 + 3 / group),
+            {"HAS_BIAS": False, "BITS": bits, "GROUP": group, "BLOCK_M": block_m, "BLOCK_N": block_n},
+            {"num_warps": 4}, aligned=("M", "K", "stride_xn", "stride_yn"), weight_bytes=block_m * (group * bits / 8 + 3),
         ))  # fmt: skip
     from compress.kernels.ell_matmul import ell_tiles
 

@@ -60,13 +60,13 @@ def test_low_bit_codes_pack_at_their_width(bits):
     assert packed.dtype == torch.uint8 and packed.shape == (3, 5, 32 * bits // 8)
     assert torch.equal(unpack_codes(packed, bits), codes.to(torch.int32))
     assert not torch.equal(unpack_codes(packed, bits), unpack_codes(pack_codes(codes.roll(1, -1), bits), bits))
-    # the planes the kernels read: low two bits of code i at bit 2i, then (W3) the third bit of code i at bit i
+    # the planes the kernels read: code 4j+p at bits 2p of low byte j; (W3) its third bit in byte j mod 4
+    # of the next plane, at bit p for the first half of the group and 4 + p for the second
     row = codes[0, 0].tolist()
-    low = sum((c & 3) << (2 * i) for i, c in enumerate(row))
-    assert packed[0, 0, :8].tolist() == [(low >> (8 * b)) & 0xFF for b in range(8)]
+    assert packed[0, 0, :8].tolist() == [sum((row[4 * j + p] & 3) << (2 * p) for p in range(4)) for j in range(8)]
     if bits == 3:
-        high = sum(((c >> 2) & 1) << i for i, c in enumerate(row))
-        assert packed[0, 0, 8:].tolist() == [(high >> (8 * b)) & 0xFF for b in range(4)]
+        third = [sum(((row[4 * (k + 4 * h) + p] >> 2) & 1) << (4 * h + p) for h in range(2) for p in range(4)) for k in range(4)]
+        assert packed[0, 0, 8:].tolist() == third
 
 
 def test_w3_bytes_forward_and_round_trip():

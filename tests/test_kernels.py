@@ -156,6 +156,7 @@ def _modules(dtype):
         "W8 g16": _random_int8(24, 64, 16, dtype),
         "W3 g32": _random_lowbit(40, 96, 32, 3, dtype),
         "W2 g64": _random_lowbit(37, 128, 64, 2, dtype),
+        "W3 g16 (CUDA cores only)": _random_lowbit(20, 48, 16, 3, dtype),
         "eora over sparse": eora,
         "tile 50% 16x32": _random_tile_sparse(48, 96, 16, 32, 16, dtype),
         "tile 75% 32x64 (keep 16)": _random_tile_sparse(64, 128, 32, 64, 16, dtype),
@@ -288,13 +289,13 @@ def test_int8_kernel_on_cuda_and_tensor_cores(monkeypatch):
 
 @pytest.mark.parametrize("bits", [2, 3])
 def test_lowbit_kernel_unpacks_every_code_on_both_paths(monkeypatch, bits):
-    """Every code value at every position of a packed word (W3's codes 2 and 5 straddle two
-    bytes), on CUDA cores and tensor cores, with split-K; fp16 on the GPU's fp16 dot path."""
+    """Random codes (every value at every position of the planes, both halves of a group), on CUDA
+    cores and tensor cores, with split-K; fp16 on the GPU's fp16 dot path."""
     import compress.kernels.lowbit_matmul as lowbit
 
     levels = 1 << bits
     m, k, group = 24, 128, 64
-    codes = (torch.arange(m * k).reshape(m, k // group, group) * 5 + torch.arange(m)[:, None, None]) % levels
+    codes = torch.randint(0, levels, (m, k // group, group), generator=torch.Generator().manual_seed(bits))
     zeros = torch.randint(0, levels, (m, k // group))
     for dtype in (torch.float32, torch.float16):
         if dtype == torch.float16:
@@ -309,10 +310,10 @@ def test_lowbit_kernel_unpacks_every_code_on_both_paths(monkeypatch, bits):
                 assert rel_err(y, ref) < TOLERANCE[dtype], (dtype, tokens, tensor_cores, split_k)
     with pytest.raises(ValueError, match="2- or 3-bit"):
         lowbit.lowbit_matmul(x, module.qweight, module.scales, module.zeros, 4)
-    small_groups = _random_lowbit(8, 64, 16, bits, torch.float32)
+    small_groups = _random_lowbit(8, 96, 24, bits, torch.float32)
     kernels.set_kernel_mode("triton")
-    with pytest.raises(RuntimeError, match="not a multiple of 32"):
-        small_groups(torch.randn(2, 64, device=DEVICE))
+    with pytest.raises(RuntimeError, match="not 8 times a power of two"):
+        small_groups(torch.randn(2, 96, device=DEVICE))
 
 
 @pytest.mark.parametrize("bits", [5, 9, 10, 11, 13, 16])

@@ -1,12 +1,12 @@
 """LowBitLinear: W3 and W2 group quantization, codes packed at their own width in bit planes.
 
 Ŵ[r, G] = (q − zero)·scale over groups G of g consecutive input columns, q and zero in
-[0, 2^bits − 1]. A group's g codes take g·bits/8 bytes, in planes: first the low two bits of every
-code (code i at bit 2i of the plane, read as little-endian words: 16 codes per 32-bit word), then
-for W3 the third bit (code i at bit i: 32 codes per word). A kernel unpacks a word of either plane
-with one shift and one mask per code, the same for every code, where codes packed side by side
-at 3 bits would straddle bytes and words (compress/kernels/lowbit_matmul.py). g is a multiple of 8
-(whole bytes per plane); the kernels read whole words, so they take g a multiple of 32.
+[0, 2^bits − 1]. A group's g codes take g·bits/8 bytes: first g/4 bytes of the low two bits
+(byte j holds codes 4j..4j+3, code 4j+p at bits 2p), then for W3 g/8 bytes of third bits, byte k
+holding those of the codes in low bytes k (bits 0-3) and k + g/8 (bits 4-7). So a kernel reads a
+half group's low bytes and the third-bit bytes as two aligned tiles, and every code comes out of
+its byte with one shift and one mask, the same for all (compress/kernels/lowbit_matmul.py), where
+codes packed side by side at 3 bits would straddle bytes. g is a multiple of 8.
 Bytes: out·in·bits/8 + out·(in/g)·(1 zero + sizeof(scale)) + bias.
 
 What a byte budget past W4 needs (80% of bf16 bytes removed: W4 g64 stops at 72.7%).
@@ -23,37 +23,32 @@ from ..kernels import dispatch
 from .base import CompressedLinear, register_format
 
 BITS = (2, 3)
-
-
-def _plane(bits_of_codes: torch.Tensor, width: int) -> torch.Tensor:
-    """(..., n) values of `width` bits -> (..., n·width/8) uint8, value i at bit width·i."""
-    per_byte = 8 // width
-    shifts = torch.arange(per_byte, device=bits_of_codes.device, dtype=torch.int32) * width
-    return (bits_of_codes.unflatten(-1, (-1, per_byte)) << shifts).sum(-1, dtype=torch.int32).to(torch.uint8)
-
-
-def _unplane(packed: torch.Tensor, width: int) -> torch.Tensor:
-    per_byte = 8 // width
-    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * width
-    return ((packed.to(torch.int32)[..., None] >> shifts) & ((1 << width) - 1)).flatten(-2)
+_P = torch.arange(4, dtype=torch.int32)  # a code's position in its low byte
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """(..., g) codes of one group in [0, 2^bits − 1], g a multiple of 8 -> (..., g·bits/8) uint8:
-    the low-two-bit plane, then (W3) the third-bit plane."""
+    the low-two-bit plane, then (W3) the third-bit plane (see the module docstring)."""
     codes = codes.to(torch.int32)
-    planes = [_plane(codes & 3, 2)]
-    if bits == 3:
-        planes.append(_plane((codes >> 2) & 1, 1))
-    return torch.cat(planes, dim=-1)
+    p = _P.to(codes.device)
+    low = ((codes & 3).unflatten(-1, (-1, 4)) << (2 * p)).sum(-1, dtype=torch.int32)  # (..., g/4)
+    if bits == 2:
+        return low.to(torch.uint8)
+    third = ((codes >> 2) & 1).unflatten(-1, (2, -1, 4))  # (..., half, k, p)
+    high = (third[..., 0, :, :] << p).sum(-1, dtype=torch.int32) | (third[..., 1, :, :] << (4 + p)).sum(-1, dtype=torch.int32)
+    return torch.cat([low, high], dim=-1).to(torch.uint8)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """The inverse of `pack_codes`: (..., g·bits/8) uint8 -> (..., g) int32 codes."""
     g = packed.shape[-1] * 8 // bits
-    codes = _unplane(packed[..., : g // 4], 2)
+    p = _P.to(packed.device)
+    low = packed[..., : g // 4].to(torch.int32)
+    codes = ((low[..., None] >> (2 * p)) & 3).flatten(-2)
     if bits == 3:
-        codes = codes | (_unplane(packed[..., g // 4 :], 1) << 2)
+        high = packed[..., g // 4 :].to(torch.int32)[..., None, :, None]  # (..., 1, g/8, 1)
+        halves = torch.tensor([0, 4], dtype=torch.int32, device=packed.device)[:, None, None]
+        codes = codes | (((high >> (halves + p)) & 1) << 2).flatten(-3)
     return codes
 
 
