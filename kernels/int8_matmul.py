@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .runtime import (
+    check_group_codes,
     check_launch,
     flat_tokens,
     interpreting,
@@ -148,13 +149,7 @@ def int8_matmul(
     k = x.shape[-1]
     if groups * group != k:
         raise ValueError(f"x has {k} features but the weight has {groups} groups of {group}")
-    if scales.shape != (m, groups) or zeros.shape != (m, groups):
-        raise ValueError("scales and zeros must be (out_features, groups)")
-    if qweight.dtype != torch.uint8 or zeros.dtype != torch.uint8:
-        raise ValueError("qweight and zeros must be uint8")
-    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
+    check_group_codes(qweight, scales, zeros)
     chunk = int8_chunk(group)
     if chunk < 2:
         raise ValueError(f"the kernel needs an even group size, got {group}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .runtime import (
+    check_group_codes,
     check_launch,
     flat_tokens,
     interpreting,
@@ -190,13 +191,7 @@ def lowbit_matmul(
         raise ValueError(f"the kernels take groups of 8 times a power of two, got {packed * 8 / bits:g}")
     if groups * group != k:
         raise ValueError(f"x has {k} features but the weight has {groups} groups of {group}")
-    if scales.shape != (m, groups) or zeros.shape != (m, groups):
-        raise ValueError("scales and zeros must be (out_features, groups)")
-    if qweight.dtype != torch.uint8 or zeros.dtype != torch.uint8:
-        raise ValueError("qweight and zeros must be uint8")
-    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
+    check_group_codes(qweight, scales, zeros)
     x2 = flat_tokens(x)
     n = x2.shape[0]
     out = output_like(x, m)

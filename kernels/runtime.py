@@ -64,6 +64,19 @@ def check_launch(x: torch.Tensor, *tensors: torch.Tensor) -> None:
         raise ValueError(why)
 
 
+def check_group_codes(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
+    """The storage checks of the group-quantized launchers (W8, W3/W2): uint8 codes (M, groups, …),
+    scales and uint8 zero points (M, groups), all contiguous."""
+    m, groups = qweight.shape[:2]
+    if scales.shape != (m, groups) or zeros.shape != (m, groups):
+        raise ValueError("scales and zeros must be (out_features, groups)")
+    if qweight.dtype != torch.uint8 or zeros.dtype != torch.uint8:
+        raise ValueError("qweight and zeros must be uint8")
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+
+
 def dot_in_fp32(dtype: torch.dtype) -> bool:
     """Whether tiles are upcast to fp32 before `tl.dot`: always for fp32 inputs (exact IEEE
     products, not tf32), and in the interpreter, whose bf16 dot returns garbage."""

@@ -95,7 +95,6 @@ class Compressor(ABC):
     ) -> CompressedLinear:
         """Compress one (out_features, in_features) weight (or refine `base`, its compressed form)."""
 
-
     @classmethod
     def for_stage(cls, config: StageConfig) -> "Compressor":
         """The compressor of one recipe stage: its `needs` gain the Gram when the stage stacks an
