@@ -66,6 +66,12 @@ OVER_BUDGET = {
     "gqsa g16 N4 BM32 BN4 (W4, no index)": _CUDA_CORE_PRODUCTS,
     "int4 (W4, all groups) g128 BM64 BN16": "0.333: dequantized in fp16 (packed) and multiplied in two dots over the "
     "even and odd columns, but extracting and biasing each nibble still costs about 2.7 instructions per weight",
+    "lowbit W3 g64 BM64 BN16 (tensor cores)": "0.644 (int 0.475): 8/3 codes per byte, each out of its byte by a shift "
+    "and a mask, two more for its third bit, then converted: about 6 instructions per weight over 3/8 of a byte",
+    "lowbit W2 g64 BM64 BN16 (tensor cores)": "0.589 (int 0.349): four codes per byte, each a shift, a mask and a "
+    "conversion before the dot: the work per weight of W4's kernel over half the bytes",
+    "lowbit W3 g64 N1 BM64 BN1": "0.856: the W3 unpacking, and " + _CUDA_CORE_PRODUCTS,
+    "lowbit W2 g64 N1 BM64 BN1": "0.964: the W2 unpacking, and " + _CUDA_CORE_PRODUCTS,
     **{
         f"ell (dict coefficients, 10-bit indices) N{n} BM64 BS16{kind}": "every coefficient unpacks its 10-bit atom "
         "index from two byte loads and gathers its atom's activation (0.28 per weight byte at one token, 0.51 at four; "
