@@ -8,11 +8,14 @@ bytes; code p of a low byte then comes out with one shift and one mask (two more
 bit), the same for every byte, so nothing straddles and nothing is gathered. Bytes to float by the
 2^23 bit trick (no I2F), then (q − z)·s = q·s − z·s as one FMA.
 
-One token runs on CUDA cores (`_lowbit_kernel`): the eight streams (half × position p) each
-multiply the activation columns they hold, 4j + p of their half, into per-lane partial sums reduced
-once after the loop. More tokens go to tensor cores (`_lowbit_dot_kernel`): each half's four
-streams joined back into column order in registers (tl.join keeps them in-thread), dequantized,
-one `tl.dot` per half; launched like the W4 and W8 kernels (`launch_group_dot`).
+Groups of 32 or more go to tensor cores at every token count (`_lowbit_dot_kernel`): each half's
+four streams joined back into column order in registers (tl.join keeps them in-thread),
+dequantized, one `tl.dot` per half; launched like the W4 and W8 kernels (`launch_group_dot`).
+Even at one token this issues fewer instructions per weight byte than the CUDA-core kernel
+(0.589 against 0.964 for W2 g64, 0.644 against 0.856 for W3 on sm_90, eval/compile_kernels.py):
+the unpacking is the same and the products move off the FP pipes. Smaller groups run on CUDA
+cores (`_lowbit_kernel`): the eight streams (half × position p) each multiply the activation
+columns they hold, 4j + p of their half, into per-lane partial sums reduced after the loop.
 g must be 8 times a power of two (16 times for tensor cores). The reference is the dequantized
 weight (`expanded_reference`).
 """
@@ -34,7 +37,6 @@ from .runtime import (
     triton,
 )
 
-FMA_MAX_TOKENS = 1  # as for W8: from a few tokens on, CUDA-core products outgrow HBM's pace
 
 if triton is not None:
 
@@ -179,8 +181,8 @@ def lowbit_matmul(
     split_k: int | None = None,
 ) -> torch.Tensor:
     """y = x·Ŵᵀ + bias for LowBitLinear's storage: qweight (M, groups, g·bits/8) uint8, scales
-    (M, groups), zeros (M, groups) uint8; x (..., K) -> (..., M) with K = groups·g. CUDA cores for
-    one token, tensor cores for more (power-of-two groups of at least 16); `tensor_cores` overrides."""
+    (M, groups), zeros (M, groups) uint8; x (..., K) -> (..., M) with K = groups·g. Tensor cores
+    for groups of at least 32, CUDA cores for smaller ones; `tensor_cores` overrides."""
     check_launch(x, qweight, scales, zeros)
     if bits not in (2, 3):
         raise ValueError(f"lowbit_matmul reads 2- or 3-bit codes, not {bits}")
@@ -198,7 +200,7 @@ def lowbit_matmul(
     if n == 0:
         return out
     if tensor_cores is None:
-        tensor_cores = n > FMA_MAX_TOKENS and lowbit_group_supported(group, True)
+        tensor_cores = lowbit_group_supported(group, True)
     if tensor_cores:
         if not lowbit_group_supported(group, True):
             raise ValueError(f"the tensor-core kernel needs a group of at least 32, got {group}")
