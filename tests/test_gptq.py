@@ -84,6 +84,9 @@ def test_w3_bytes_forward_and_round_trip():
     copy = build_module(module.spec(), torch.float32)
     copy.load_state_dict(module.state_dict())
     torch.testing.assert_close(copy(x), module(x))
+    old_layout = {k: v for k, v in module.spec().items() if k != "packing"}  # written before the bit planes
+    with pytest.raises(LlmpressError, match="compress the model again"):
+        build_module(old_layout, torch.float32)
     with pytest.raises(ValueError, match="multiple of 8"):
         GPTQConfig(bits=3, group_size=12, blocksize=48)
 

@@ -19,10 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import LlmpressError
 from ..kernels import dispatch
 from .base import CompressedLinear, register_format
 
 BITS = (2, 3)
+PACKING = "planes"  # recorded in the spec: the layout of the module docstring
 _P = torch.arange(4, dtype=torch.int32)  # a code's position in its low byte
 
 
@@ -97,10 +99,15 @@ class LowBitLinear(CompressedLinear):
         return dispatch("lowbit", self, x)
 
     def spec(self) -> dict[str, Any]:
-        return {**super().spec(), "group_size": self.group_size, "bits": self.bits}
+        return {**super().spec(), "group_size": self.group_size, "bits": self.bits, "packing": PACKING}
 
     @classmethod
     def from_spec(cls, spec, dtype, device=None):
+        if spec.get("packing") != PACKING:
+            raise LlmpressError(
+                f"a W{spec.get('bits')} layer of this checkpoint packs its codes as {spec.get('packing', 'side by side')!r}, "
+                f"a layout of an unreleased llmpress; this install reads {PACKING!r}: compress the model again"
+            )
         return cls(spec["in_features"], spec["out_features"], spec["group_size"], spec["bits"], spec["bias"], dtype, device)
 
     def extra_repr(self) -> str:
