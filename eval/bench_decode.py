@@ -31,7 +31,7 @@ from compress.modules import CompressedLinear, DeltaSparseLinear, SparseLinear, 
 from compress.report import compressed_modules
 from compress.targets import match_linears, set_submodule
 
-from .bench_kernels import random_gqsa, random_lowrank
+from .bench_kernels import quantized, random_gqsa, random_lowrank
 
 LLAMA3_8B = dict(
     hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -58,6 +58,8 @@ VARIANTS: dict[str, Callable[[torch.Tensor], CompressedLinear] | None] = {
     "tile 75%": lambda w: _tile(w, 0.75),
     "W4 g128": lambda w: random_gqsa(w, 128, 1.0),
     "GQSA W4S50 g16": lambda w: random_gqsa(w, 16, 0.5),
+    "W8 g64": lambda w: quantized(w, 8, 64),
+    "W3 g64": lambda w: quantized(w, 3, 64),
     "low-rank 30%": lambda w: random_lowrank(w, 0.3),
 }
 
