@@ -29,7 +29,7 @@ from .allocation import Option, solve_dp, solve_lagrangian, total
 from .compressors import LayerStats, StageConfig
 from .compressors.base import LevelResult, flush_denormals
 from .distributed import linear_cost
-from .errors import LlmpressError
+from .errors import LlmpressError, ShapeNotSupported
 from .metrics import tensor_bytes
 from .pipelines import DenseStatsPipeline, FisherSums
 
@@ -221,9 +221,12 @@ def profile_block(
     stats: dict[str, LayerStats],
     levels: list[float],
     level_zero_is_dense: bool = True,
+    left_out: dict[str, list[str]] | None = None,
 ) -> dict[str, list[LevelResult]]:
     """Size and error of each of this block's target layers at every level. Level 0 is the dense
-    layer (`level_zero_is_dense`, one allocated stage) or the method's own level 0 (candidates)."""
+    layer (`level_zero_is_dense`, one allocated stage) or the method's own level 0 (candidates).
+    A layer the method cannot take (its shape: `ShapeNotSupported`) gets no option from it, and
+    its name goes to `left_out[stage label]`."""
     stage = pipeline.stages[stage_index]
     compressor = pipeline.compressors[stage_index]
     if compressor.level_field is None and (level_zero_is_dense or levels != [0.0]):
@@ -238,8 +241,14 @@ def profile_block(
         weight = linear.weight.data
         bias = linear.bias.data if linear.bias is not None else None
         layer_stats = stats.get(name, LayerStats())
-        with flush_denormals():
-            results = compressor.profile(weight, bias, layer_stats, stage, compressed_levels) if compressed_levels else []
+        try:
+            with flush_denormals():
+                results = compressor.profile(weight, bias, layer_stats, stage, compressed_levels) if compressed_levels else []
+        except ShapeNotSupported as error:
+            logger.info("allocation: %s is no option for %s: %s", stage_label(stage), name, error)
+            if left_out is not None:
+                left_out.setdefault(stage_label(stage), []).append(name)
+            results = []
         results = [replace(r, stage=stage_index) for r in results]
         results = ([_dense_result(weight, bias)] if 0.0 in levels and level_zero_is_dense else []) + results
         return _with_sensitivity(results, layer_stats)
@@ -266,6 +275,7 @@ def profile_layers(
     candidates = isinstance(stage_index, dict)
     stage_levels = stage_index if candidates else {stage_index: levels}
     profiles: dict[str, list[LevelResult]] = {}
+    left_out: dict[str, list[str]] = {}
 
     def on_block(index: int, stats: dict[str, LayerStats]) -> None:
         if keep_stats is not None:
@@ -276,10 +286,15 @@ def profile_layers(
                 bias = linear.bias.data if linear.bias is not None else None
                 profiles[name] = _with_sensitivity([_dense_result(linear.weight.data, bias)], stats.get(name, LayerStats()))
         for stage, stage_levels_ in stage_levels.items():
-            for name, results in profile_block(pipeline, stage, index, stats, stage_levels_, not candidates).items():
+            for name, results in profile_block(pipeline, stage, index, stats, stage_levels_, not candidates, left_out).items():
                 profiles.setdefault(name, []).extend(results)
 
     pipeline.collect(input_ids, on_block, stage_indices=list(stage_levels), fisher=fisher)
+    for label, names in left_out.items():
+        logger.warning(
+            "allocation: %s cannot compress %d layer(s) of this shape (e.g. %s); the knapsack chooses among the other "
+            "options there", label, len(names), names[0],
+        )  # fmt: skip
     return profiles
 
 

@@ -144,3 +144,31 @@ def test_a_method_without_levels_only_takes_level_zero():
     alone["allocation"] = {"strategy": "knapsack", "unit": "bytes", "ratio": 0.5}
     with pytest.raises(LlmpressError, match="no level to allocate"):
         load_recipe(alone)
+
+
+def test_a_candidate_that_cannot_take_a_layer_is_left_out_of_the_knapsack(tokenizer, calib_text, caplog):
+    """W4 g64 cannot compress a down_proj of 96 inputs: the knapsack plans that layer from the other
+    options (and says so), where a uniform recipe stops with the fix."""
+    import logging
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from compress.api import compress_model
+    from conftest import tiny_config
+
+    config = LlamaConfig(**{**tiny_config("llama").to_dict(), "intermediate_size": 96})
+    torch.manual_seed(0)
+    recipe = {
+        "calibration": {"num_samples": 2, "seq_len": 32},
+        "stages": [{"method": "gptq", "bits": 8, "group_size": 32, "blocksize": 64}, {"method": "gptq", "bits": 4, "group_size": 64}],
+        "allocation": {"strategy": "knapsack", "unit": "bytes", "ratio": 0.6, "candidates": {0: [0], 1: [0]}},
+    }
+    with caplog.at_level(logging.WARNING, logger="compress"):
+        model, report = compress_model(AutoModelForCausalLM.from_config(config), recipe, dataset=str(calib_text), tokenizer=tokenizer, progress=False)
+    assert "gptq w4 g64 cannot compress 2 layer(s)" in caplog.text
+    down = [c for c in report["allocation"]["layers"] if c["name"].endswith("down_proj")]
+    assert len(down) == 2 and all(c["method"] != "gptq w4 g64" for c in down)
+    assert any(c["method"] == "gptq w4 g64" for c in report["allocation"]["layers"])
+    uniform = {"calibration": {"num_samples": 2, "seq_len": 32}, "stages": [{"method": "gptq", "bits": 4, "group_size": 64}]}
+    with pytest.raises(LlmpressError, match="choose a group_size that divides it"):
+        compress_model(AutoModelForCausalLM.from_config(config), uniform, dataset=str(calib_text), tokenizer=tokenizer, progress=False)

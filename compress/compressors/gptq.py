@@ -22,6 +22,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from ..errors import ShapeNotSupported
 from ..modules import CompressedLinear, GQSALinear, Int8Linear, LowBitLinear
 from .base import Compressor, LayerStats, StageConfig, register_compressor
 from .residual import ResidualOption
@@ -57,7 +58,7 @@ class GPTQCompressor(Compressor):
 
     def compress(self, weight, bias, stats: LayerStats, config: GPTQConfig, base=None) -> CompressedLinear:
         if weight.shape[1] % config.group_size:
-            raise ValueError(
+            raise ShapeNotSupported(
                 f"{stats.name}: gptq needs in_features ({weight.shape[1]}) divisible by group_size ({config.group_size}); "
                 "choose a group_size that divides it"
             )

@@ -36,6 +36,7 @@ import torch
 from pydantic import Field, model_validator
 
 from ..modules import GQSALinear
+from ..errors import ShapeNotSupported
 from .base import Compressor, LayerStats, StageConfig, register_compressor
 from .residual import ResidualOption
 from .rtn import fit_grid
@@ -168,7 +169,7 @@ def gqsa_quantize(
     rows, cols = weight.shape
     g = config.group_size
     if cols % g:
-        raise ValueError(f"GQSA needs in_features divisible by group_size={g}, got {cols}")
+        raise ShapeNotSupported(f"{name}: GQSA needs in_features divisible by group_size={g}, got {cols}; choose a group_size that divides it")
     groups = cols // g
     u, dead = inverse_hessian_factor(gram.to(weight.device), config.percdamp, name)
     w = weight.float().clone()
