@@ -22,8 +22,8 @@ from .runtime import (
     check_group_codes,
     check_launch,
     flat_tokens,
-    interpreting,
     launch_group_dot,
+    launch_group_lanes,
     launch_refusal,
     next_pow2,
     output_like,
@@ -164,13 +164,7 @@ def int8_matmul(
         launch_group_dot(_int8_dot_kernel, x, x2, out, qweight, scales, zeros, bias, group, split_k)
         return out
     block_n, block_m = int8_tiles(n, chunk)
-    block_m = 16 if interpreting() else block_m
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))  # token tiles fastest: a weight tile is read once
-    _int8_kernel[grid](
-        x2, qweight, scales, zeros, bias if bias is not None else scales, out,
-        m, n, k, x2.stride(0), m,
-        HAS_BIAS=bias is not None, GROUP=group, CHUNK=chunk, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
-    )  # fmt: skip
+    launch_group_lanes(_int8_kernel, x2, out, qweight, scales, zeros, bias, block_n, block_m, GROUP=group, CHUNK=chunk)
     return out
 
 

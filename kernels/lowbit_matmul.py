@@ -28,8 +28,8 @@ from .runtime import (
     check_group_codes,
     check_launch,
     flat_tokens,
-    interpreting,
     launch_group_dot,
+    launch_group_lanes,
     launch_refusal,
     next_pow2,
     output_like,
@@ -207,13 +207,7 @@ def lowbit_matmul(
         launch_group_dot(_lowbit_dot_kernel, x, x2, out, qweight, scales, zeros, bias, group, split_k, BITS=bits)
         return out
     block_n, block_m = lowbit_tiles(n, group)
-    block_m = 16 if interpreting() else block_m
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))  # token tiles fastest: a weight tile is read once
-    _lowbit_kernel[grid](
-        x2, qweight, scales, zeros, bias if bias is not None else scales, out,
-        m, n, k, x2.stride(0), m,
-        HAS_BIAS=bias is not None, BITS=bits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
-    )  # fmt: skip
+    launch_group_lanes(_lowbit_kernel, x2, out, qweight, scales, zeros, bias, block_n, block_m, BITS=bits, GROUP=group)
     return out
 
 

@@ -285,6 +285,20 @@ class SplitK:
         self.y2.copy_(total)
 
 
+def launch_group_lanes(kernel, x2: torch.Tensor, out: torch.Tensor, qweight, scales, zeros, bias, block_n: int, block_m: int, **meta) -> None:
+    """Launch a group-quantized CUDA-core kernel (W8 `_int8_kernel`, W3/W2 `_lowbit_kernel`: the same
+    arguments, plus the kernel's own constexprs in `meta`). Token tiles vary fastest in the grid,
+    so the programs sharing a weight tile run together and it is read from HBM once."""
+    m, n, k = out.shape[-1], x2.shape[0], x2.shape[1]
+    block_m = 16 if interpreting() else block_m
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    kernel[grid](
+        x2, qweight, scales, zeros, bias if bias is not None else scales, out,
+        m, n, k, x2.stride(0), m,
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, **meta,
+    )  # fmt: skip
+
+
 def launch_group_dot(
     kernel, x: torch.Tensor, x2: torch.Tensor, out: torch.Tensor, qweight, scales, zeros, bias, group: int, split_k: int | None,
     **meta: int,
