@@ -11,7 +11,7 @@ from compress.errors import LlmpressError
 from compress.metrics import relative_errors, serving_dtype
 from compress.modules import EoRALinear, LowBitLinear, LowRankLinear
 from compress.recipe import load_recipe
-from conftest import tiny_model
+from conftest import FAMILIES, family_model, tiny_model
 
 
 def _layer(rows=48, cols=128, tokens=512, seed=0):
@@ -110,3 +110,26 @@ def test_low_rank_base_with_residual_in_a_sequential_run(tokenizer, calib_text):
     q = model.model.layers[1].self_attn.q_proj
     assert isinstance(q, EoRALinear) and isinstance(q.base, LowRankLinear)
     assert all(r["format"] == "eora" for r in report["layers"])
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_knapsack_with_low_bit_and_stacked_options_on_every_family(kind, tokenizer, calib_text):
+    """W8, W3 and W3 + a rank-2 residual as candidates on each architecture (its own masks, RoPE,
+    biases, fused projections): the plan meets its budget and the model still runs."""
+    model = family_model(kind)
+    recipe = {
+        "calibration": {"num_samples": 2, "seq_len": 32},
+        "stages": [
+            {"method": "gptq", "bits": 8, "group_size": 32, "blocksize": 64},
+            {"method": "gptq", "bits": 3, "group_size": 32, "blocksize": 64},
+            {"method": "gptq", "bits": 3, "group_size": 32, "blocksize": 64, "residual_rank": 2},
+        ],
+        "allocation": {"strategy": "knapsack", "unit": "bytes", "ratio": 0.7, "candidates": {0: [0], 1: [0], 2: [0]}},
+    }
+    model, report = compress.compress_model(model, recipe, dataset=str(calib_text), tokenizer=tokenizer, progress=False)
+    plan = report["allocation"]
+    assert plan["chosen_total"] <= plan["budget"]
+    formats = {type(model.get_submodule(c["name"])).__name__ for c in plan["layers"] if c["method"]}
+    assert formats & {"LowBitLinear", "EoRALinear"}, formats
+    ids = torch.randint(3, 300, (1, 24))
+    assert torch.isfinite(model(input_ids=ids).logits).all()
