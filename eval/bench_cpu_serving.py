@@ -12,7 +12,8 @@ variant is timed twice, cache on (the default) and off:
 
 The variants are built from the model's own weights in the formats the recipes produce: `sparse 50%`
 (the bitmap format of sparsegpt-50, magnitude mask), `W4 g16` (every group kept, as w4-g16,
-round-to-nearest), `dict 30%` (ROCKET's format, random factors). The serving path reads the same
+round-to-nearest), `dict 30%` (ROCKET's format, random factors), `W8 g64` and `W3 g64` (the auto
+recipes' int8 and lowbit formats, round-to-nearest). The serving path reads the same
 bytes whatever the values, so no calibration is spent here. Speed is measured, never asserted.
 Writes OUT/results.json and OUT/results.md.
 """
@@ -36,7 +37,7 @@ from compress.report import compressed_modules
 from compress.targets import match_linears, set_submodule
 
 from .bench_decode import decode_speed
-from .bench_kernels import random_dict, random_gqsa
+from .bench_kernels import quantized, random_dict, random_gqsa
 from .perplexity import perplexity
 
 
@@ -50,6 +51,8 @@ VARIANTS: dict[str, Callable[[torch.Tensor], CompressedLinear] | None] = {
     "sparse 50%": _magnitude_sparse,
     "W4 g16": lambda w: random_gqsa(w, 16, 1.0),
     "dict 30%": lambda w: random_dict(w, 0.3),
+    "W8 g64": lambda w: quantized(w, 8, 64),
+    "W3 g64": lambda w: quantized(w, 3, 64),
 }
 
 
