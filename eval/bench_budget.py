@@ -284,20 +284,27 @@ def write_tables(results: dict[str, Any], out: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # every row on a log scale, and the rows near dense on a linear one: the useful frontier
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     methods = list(dict.fromkeys(r["method"] for n, r in rows.items() if n != "dense"))
-    for method in methods:
+    colors, markers = plt.get_cmap("tab20"), "osv^DPX*<>hp"
+    for i, method in enumerate(methods):
         points = sorted(
             (100 * r["target_bytes_removed"], r["perplexity"]) for n, r in rows.items()
             if n != "dense" and r["method"] == method and "perplexity" in r
         )  # fmt: skip
-        if points:
-            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=method)
-    ax.axhline(dense["perplexity"], color="gray", linestyle="--", label="dense")
-    ax.set(xlabel="decoder Linear bytes removed (%, bf16 as served)", ylabel="perplexity (WikiText-2 test)", yscale="log")
-    ax.legend(fontsize=8)
+        for ax in axes if points else ():
+            ax.plot([x for x, _ in points], [y for _, y in points], marker=markers[i % len(markers)],
+                    color=colors(i % 20), label=method)  # fmt: skip
+    for ax in axes:
+        ax.axhline(dense["perplexity"], color="gray", linestyle="--", label="dense")
+        ax.set(xlabel="decoder Linear bytes removed (%, bf16 as served)", ylabel="perplexity (WikiText-2 test)")
+    axes[0].set(yscale="log", title="every row")
+    axes[1].set(ylim=(dense["perplexity"] * 0.98, dense["perplexity"] * 2.5), title="near dense")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "ppl_vs_bytes.png", dpi=120)
+    fig.savefig(out / "ppl_vs_bytes.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
