@@ -16,7 +16,7 @@ Even at one token this issues fewer instructions per weight byte than the CUDA-c
 the unpacking is the same and the products move off the FP pipes. Smaller groups run on CUDA
 cores (`_lowbit_kernel`): the eight streams (half × position p) each multiply the activation
 columns they hold, 4j + p of their half, into per-lane partial sums reduced after the loop.
-g must be 8 times a power of two (16 times for tensor cores). The reference is the dequantized
+g must be 8 times a power of two (at least 32 for tensor cores). The reference is the dequantized
 weight (`expanded_reference`).
 """
 
