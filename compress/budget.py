@@ -214,6 +214,11 @@ def _dense_result(weight: torch.Tensor, bias: torch.Tensor | None) -> LevelResul
     return LevelResult(0.0, values, nbytes, 0.0, 0.0)
 
 
+def _dense_option(linear: torch.nn.Module) -> LevelResult:
+    """`_dense_result` of a Linear module."""
+    return _dense_result(linear.weight.data, linear.bias.data if linear.bias is not None else None)
+
+
 def profile_block(
     pipeline: DenseStatsPipeline,
     stage_index: int,
@@ -283,8 +288,7 @@ def profile_layers(
         if candidates:  # the dense layer: one option per layer, whichever stages target it
             targets = pipeline.dense_targets(pipeline.blocks[index], index, list(stage_levels))
             for name, linear in targets.items():
-                bias = linear.bias.data if linear.bias is not None else None
-                profiles[name] = _with_sensitivity([_dense_result(linear.weight.data, bias)], stats.get(name, LayerStats()))
+                profiles[name] = _with_sensitivity([_dense_option(linear)], stats.get(name, LayerStats()))
         for stage, stage_levels_ in stage_levels.items():
             for name, results in profile_block(pipeline, stage, index, stats, stage_levels_, not candidates, left_out).items():
                 profiles.setdefault(name, []).extend(results)
@@ -412,8 +416,7 @@ def removed_fraction(profiler: DenseStatsPipeline, config: AllocationConfig) -> 
     dense_options: dict[str, list[LevelResult]] = {}
     for index, block in enumerate(profiler.blocks):
         for name, linear in profiler.dense_targets(block, index, stages).items():
-            bias = linear.bias.data if linear.bias is not None else None
-            dense_options[name] = [_dense_result(linear.weight.data, bias)]
+            dense_options[name] = [_dense_option(linear)]
     dense = sum(options[0].bytes for options in dense_options.values())
     allowed = parse_size(config.max_size) - fixed_bytes(profiler.model, dense_options)
     return min(1.0, max(0.0, 1.0 - allowed / dense)) if dense else 0.0
