@@ -142,8 +142,8 @@ def blocks_replaced(blocks: nn.ModuleList, stand_in: BlockStandIn) -> Iterator[N
                 block.forward = forward
 
 
-class _StopForward(Exception):
-    """Raised by the last recorder: nothing after the blocks is needed."""
+class StopForward(Exception):
+    """Raised by a block stand-in when nothing after it is needed (the rest of the forward is skipped)."""
 
 
 def split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
@@ -208,7 +208,7 @@ def capture_block_inputs(
             hiddens.append(hidden.detach().to(offload_device))
         kwargs[index].append(keep(rest))
         if index == len(blocks) - 1:
-            raise _StopForward
+            raise StopForward
         return hidden
 
     move_outside_blocks(model, blocks, device)
@@ -218,7 +218,7 @@ def capture_block_inputs(
                 stored.clear()
                 try:
                     model(input_ids=batch.to(device), use_cache=False)
-                except _StopForward:
+                except StopForward:
                     pass
     finally:
         stored.clear()

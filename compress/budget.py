@@ -195,7 +195,11 @@ class AllocationPlan:
         return configs
 
     def left_dense(self) -> list[LayerChoice]:
-        return [c for c in self.layers if c.stage is None]
+        return [c for c in self.layers if c.stage is None and c.method is None]
+
+    def choice(self, name: str) -> LayerChoice | None:
+        """The plan's choice for item `name` (None: no such item)."""
+        return next((c for c in self.layers if c.name == name), None)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -344,7 +348,8 @@ def solve_allocation(
             )
     else:
         budget = int((1.0 - config.ratio) * dense_total)
-    options = [[Option(_label(r), _cost(r, config.cost), size_of(r)) for r in profiles[n]] for n in names]
+    choosable = {n: _choosable(profiles[n]) for n in names}
+    options = [[Option(_label(r), _cost(r, config.cost), size_of(r)) for r in choosable[n]] for n in names]
     if config.solver == "dp":
         choice = solve_dp(options, budget, config.resolution)
     else:
@@ -354,11 +359,11 @@ def solve_allocation(
         raise AssertionError(f"allocation exceeds its budget: {size} > {budget}")
     layers = []
     for n, i in zip(names, choice):
-        r = profiles[n][i]
+        r = choosable[n][i]
         # one allocated stage: every compressed option is that stage's (profiles may come from a
         # pipeline that numbered its stages differently, as the benchmarks' shared profiles do)
-        stage = None if _is_dense(r) else (r.stage if config.candidates is not None else config.stage)
-        method = methods.get(stage) if methods and stage is not None else None
+        stage = None if _is_dense(r) or r.fixed else (r.stage if config.candidates is not None else config.stage)
+        method = r.fixed or (methods.get(stage) if methods and stage is not None else None)
         layers.append(
             LayerChoice(n, r.level, r.values, r.bytes, dense[n].values, dense[n].bytes, r.rel_error, r.rel_weighted_error, stage, method)
         )
@@ -370,11 +375,19 @@ def solve_allocation(
 
 
 def _is_dense(result: LevelResult) -> bool:
-    return result.stage is None and result.level == 0.0
+    return result.stage is None and result.level == 0.0 and result.fixed is None
+
+
+def _choosable(results: list[LevelResult]) -> list[LevelResult]:
+    """An item's options: all of them, but not the dense entry of an item with fixed options (the
+    embeddings whose bits the recipe leaves to the knapsack must take one of them)."""
+    if any(r.fixed for r in results):
+        return [r for r in results if not _is_dense(r)]
+    return results
 
 
 def _label(result: LevelResult) -> str:
-    return "dense" if _is_dense(result) else f"{result.stage}:{result.level:g}"
+    return result.fixed or ("dense" if _is_dense(result) else f"{result.stage}:{result.level:g}")
 
 
 def _dense_entry(results: list[LevelResult]) -> LevelResult:
@@ -407,9 +420,12 @@ def fixed_bytes(model: torch.nn.Module, profiles: dict[str, list[LevelResult]]) 
     return model_size(model)["bytes"] - sum(_dense_entry(results).bytes for results in profiles.values())
 
 
-def removed_fraction(profiler: DenseStatsPipeline, config: AllocationConfig) -> float:
+def removed_fraction(
+    profiler: DenseStatsPipeline, config: AllocationConfig, extra: dict[str, list[LevelResult]] | None = None
+) -> float:
     """The fraction of the targets' size (in `config.unit`) the budget removes, known before
-    profiling: `ratio`, or what `max_size` leaves the targets once the rest of the model is counted."""
+    profiling: `ratio`, or what `max_size` leaves the targets once the rest of the model is counted
+    (`extra` items, the embeddings the knapsack quantizes, at their largest option)."""
     if config.max_size is None:
         return config.ratio
     stages = list(config.stage_levels())
@@ -418,17 +434,25 @@ def removed_fraction(profiler: DenseStatsPipeline, config: AllocationConfig) -> 
         for name, linear in profiler.dense_targets(block, index, stages).items():
             dense_options[name] = [_dense_option(linear)]
     dense = sum(options[0].bytes for options in dense_options.values())
-    allowed = parse_size(config.max_size) - fixed_bytes(profiler.model, dense_options)
+    outside = fixed_bytes(profiler.model, dense_options)
+    for results in (extra or {}).values():
+        outside -= _dense_entry(results).bytes - max(r.bytes for r in _choosable(results))
+    allowed = parse_size(config.max_size) - outside
     return min(1.0, max(0.0, 1.0 - allowed / dense)) if dense else 0.0
 
 
 def plan_allocation(
-    profiler: DenseStatsPipeline, input_ids: torch.Tensor | None, config: AllocationConfig, fisher: FisherSums | None = None
+    profiler: DenseStatsPipeline,
+    input_ids: torch.Tensor | None,
+    config: AllocationConfig,
+    fisher: FisherSums | None = None,
+    extra: dict[str, list[LevelResult]] | None = None,
 ) -> AllocationPlan:
     """Profile the dense model and solve; logs the chosen level per layer.
 
     `profiler` is a dense-statistics pipeline over the recipe's stages (with `fisher_for` holding
-    the allocated stage when the cost is `fisher`); `fisher`: sums already collected.
+    the allocated stage when the cost is `fisher`); `fisher`: sums already collected; `extra`:
+    items priced elsewhere that join the knapsack (the embeddings: `embeddings.embedding_options`).
     """
     for stage in config.stage_levels():
         if stage >= len(profiler.stages):
@@ -437,7 +461,7 @@ def plan_allocation(
         raise LlmpressError("knapsack allocation measures layer errors on calibration data: set calibration.num_samples >= 1")
     stage_levels = config.stage_levels()
     if config.from_ratio:
-        removed = removed_fraction(profiler, config)
+        removed = removed_fraction(profiler, config, extra)
         stage_levels = config.stage_levels(removed)
         skipped = [stage_label(profiler.stages[s]) for s in config.candidates if s not in stage_levels]
         if skipped:
@@ -447,6 +471,7 @@ def plan_allocation(
         profiles = profile_layers(profiler, input_ids, stage_levels, fisher=fisher)
     else:
         profiles = profile_layers(profiler, input_ids, config.stage, stage_levels[config.stage], fisher)
+    profiles.update(extra or {})
     methods = {i: stage_label(stage) for i, stage in enumerate(profiler.stages)}
     fixed = fixed_bytes(profiler.model, profiles) if config.max_size is not None else 0
     plan = solve_allocation(profiles, config, seconds=time.perf_counter() - start, methods=methods, fixed_bytes=fixed)

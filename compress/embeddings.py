@@ -21,9 +21,10 @@ import logging
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from .compressors.base import LevelResult
 from .compressors.rtn import quantize_groups
 from .errors import LlmpressError
 from .metrics import relative_errors, tensor_bytes
@@ -38,9 +39,32 @@ class EmbeddingsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    bits: Literal[4, 8] = Field(default=8, description="bits per value: 8 (near lossless) or 4")
+    bits: Literal[4, 8] | list[Literal[4, 8]] = Field(
+        default=8,
+        description="bits per value: 8 (near lossless) or 4; a list ([8, 4]) lets the knapsack choose for the table (and "
+        "head) like for any layer, priced by their Fisher cost (needs allocation: {strategy: knapsack, unit: bytes, cost: fisher})",
+    )
     group_size: int = Field(default=64, ge=2, description="columns (hidden units) sharing one scale and zero point")
     head: bool = Field(default=True, description="untied models: quantize the output head too (tied: it is the same table)")
+
+    @field_validator("bits")
+    @classmethod
+    def _one_or_choices(cls, bits: int | list[int]) -> int | list[int]:
+        if isinstance(bits, list):
+            if not bits:
+                raise ValueError("bits: give 8 or 4, or a list of them for the knapsack to choose from")
+            choices = sorted(set(bits), reverse=True)
+            return choices[0] if len(choices) == 1 else choices
+        return bits
+
+    @property
+    def choices(self) -> list[int]:
+        """The bit widths the knapsack chooses among ([] when `bits` is one width)."""
+        return list(self.bits) if isinstance(self.bits, list) else []
+
+    def at(self, bits: int) -> "EmbeddingsConfig":
+        """This config with one bit width."""
+        return self.model_copy(update={"bits": bits})
 
 
 def quantized_table(weight: torch.Tensor, bias: torch.Tensor | None, config: EmbeddingsConfig) -> GQSALinear | Int8Linear:
@@ -63,6 +87,83 @@ def quantized_table(weight: torch.Tensor, bias: torch.Tensor | None, config: Emb
     return GQSALinear.from_codes(grid.codes, scales, grid.zeros, order, cols, bias)
 
 
+def embedding_options(model: nn.Module, config: EmbeddingsConfig, stats: dict[str, torch.Tensor]) -> list[LevelResult]:
+    """The embeddings as one knapsack item: its dense entry (sizes the budget, not an option) and
+    one option per bit width in `config.choices`, in bytes as served, priced in the units of the
+    Linears' `fisher` cost: Σ F·ΔW² over the roles the quantized table plays (lookup; head when
+    tied or quantized too), F each role's rank-1 Fisher from `stats` (`fisher.EMBEDDING_STATS`).
+    Round-to-nearest errors are uncorrelated across columns, so a diagonal Fisher prices them;
+    the Linears' GPTQ errors are not, which is why theirs go through the Gram."""
+    embedding = model.get_input_embeddings()
+    if not isinstance(embedding, nn.Embedding):
+        raise LlmpressError(
+            f"the input embedding is a {type(embedding).__name__}, not an nn.Embedding: the knapsack cannot choose its bits; "
+            "keep the embeddings as they are: --set embeddings=null"
+        )
+    head = model.get_output_embeddings()
+    tied = head is not None and getattr(head, "weight", None) is embedding.weight
+    table = embedding.weight.detach()
+    own_head = head if (head is not None and not tied and config.head) else None
+    if own_head is not None and not isinstance(own_head, nn.Linear):
+        raise LlmpressError(f"the output head is a {type(own_head).__name__}, not an nn.Linear; set embeddings.head: false (--set embeddings.head=false)")
+    lookup = _RankOneFisher(stats["lookup_row"], stats["lookup_col"])
+    head_fisher = _RankOneFisher(stats["head_row"], stats["head_col"])
+    # (weight, its Fisher in every role it plays once quantized)
+    tables = [(table, [lookup, head_fisher] if tied else [lookup])]
+    if own_head is not None:
+        tables.append((own_head.weight.detach(), [head_fisher]))
+    sensitivity = sum(f.price(w) for w, roles in tables for f in roles)
+    dense_values, dense_bytes = table.numel(), tensor_bytes(table)
+    if own_head is not None:
+        dense_values += own_head.weight.numel() + (own_head.bias.numel() if own_head.bias is not None else 0)
+        dense_bytes += tensor_bytes(own_head.weight) + (tensor_bytes(own_head.bias) if own_head.bias is not None else 0)
+    options = [LevelResult(0.0, dense_values, dense_bytes, 0.0, 0.0, sensitivity)]
+    for bits in config.choices:
+        nbytes, cost, rel = 0, 0.0, 0.0
+        for index, (weight, roles) in enumerate(tables):
+            bias = own_head.bias if index == 1 and own_head.bias is not None else None
+            quantized = quantized_table(weight, bias, config.at(bits))
+            delta = quantized.to_dense().to(weight.dtype) - weight
+            nbytes += quantized.num_bytes()
+            cost += sum(f.price(delta) for f in roles)
+            rel = rel or float(delta.double().norm() / weight.double().norm().clamp_min(1e-30))  # the table's
+        weighted = (cost / sensitivity) ** 0.5 if sensitivity > 0 else 0.0
+        options.append(LevelResult(0.0, dense_values, nbytes, rel, weighted, sensitivity, fixed=_option_label(config, bits)))
+    return options
+
+
+class _RankOneFisher:
+    """A role's Fisher as F_vj ≈ row_v·col_j / Σ row (from its row and column sums)."""
+
+    def __init__(self, row: torch.Tensor, col: torch.Tensor):
+        self.row, self.col, self.total = row.double(), col.double(), float(row.sum())
+
+    def price(self, delta: torch.Tensor) -> float:
+        """Σ_vj F_vj·Δ_vj²."""
+        if self.total <= 0:
+            return 0.0
+        weighted = delta.double().square() @ self.col.to(delta.device)
+        return float(weighted @ self.row.to(delta.device)) / self.total
+
+
+def embedding_name(model: nn.Module) -> str:
+    """The input embedding's module name: the embeddings' item in a knapsack plan."""
+    return _name_of(model, model.get_input_embeddings())
+
+
+def chosen_bits(model: nn.Module, config: EmbeddingsConfig, plan: Any) -> int:
+    """The bit width a knapsack plan (`budget.AllocationPlan`) chose for the embeddings."""
+    choice = plan.choice(embedding_name(model))
+    for bits in config.choices:
+        if choice is not None and choice.method == _option_label(config, bits):
+            return bits
+    raise LlmpressError(f"the allocation plan has no embeddings option (got {choice}); this is a bug, please report it")
+
+
+def _option_label(config: EmbeddingsConfig, bits: int) -> str:
+    return f"embeddings w{bits} g{config.group_size}"
+
+
 def _name_of(model: nn.Module, module: nn.Module) -> str:
     return next(name for name, m in model.named_modules() if m is module)
 
@@ -70,6 +171,8 @@ def _name_of(model: nn.Module, module: nn.Module) -> str:
 def quantize_embeddings(model: nn.Module, config: EmbeddingsConfig) -> dict[str, Any]:
     """Replace the input embedding (and the head) by quantized modules, in place; returns the
     report's `embeddings` section (names, bytes as served before and after, errors)."""
+    if config.choices:
+        raise LlmpressError(f"embeddings.bits is a list {config.choices}: the knapsack chooses one (config.at(bits))")
     embedding = model.get_input_embeddings()
     if isinstance(embedding, QuantizedEmbedding):
         raise LlmpressError("the embeddings are already quantized; remove `embeddings:` from the recipe")

@@ -193,10 +193,13 @@ def _allocation_lines(allocation: dict[str, Any] | None) -> list[str]:
     ]
     grid, columns = allocation_grid(allocation)
     chosen, _ = allocation_grid(allocation, "method")
+    stages, _ = allocation_grid(allocation, "stage")
 
     def cell(block: int, column: str) -> str:
         if column not in grid[block]:
             return ""
+        if chosen[block][column] and stages[block][column] is None:  # an option outside the stages (embeddings)
+            return chosen[block][column]
         if not methods:
             return f"{grid[block][column]:.2f}"
         method = chosen[block][column]

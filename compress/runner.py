@@ -29,9 +29,10 @@ from torch import nn
 from .budget import AllocationPlan, plan_allocation, solve_allocation, stage_label
 from .compressors import LayerStats
 from .compressors.base import LevelResult
-from .embeddings import quantize_embeddings
+from .embeddings import chosen_bits, embedding_name, embedding_options, quantize_embeddings
 from .errors import LlmpressError
 from .experts import fuse_untouched_stacks
+from .fisher import EMBEDDING_STATS
 from .metrics import LayerRecord, serving_dtype
 from .modules import GQSALinear
 from .pipelines import DenseStatsPipeline, FisherSums, build_pipeline, compress_from_gradients, gradient_stages
@@ -110,15 +111,16 @@ class CompressionRunner:
         options = {**self.options, "weighted_errors": not self.knapsack.cost.startswith("plain"), "on_layer": None}
         return DenseStatsPipeline(self.model, self.recipe.stages, **options)
 
-    def fisher(self, input_ids: torch.Tensor | None) -> FisherSums:
-        """Step 1: Fisher sums for the forward stages and the knapsack cost, one backward pass."""
+    def fisher(self, input_ids: torch.Tensor | None, embeddings: bool = False) -> FisherSums:
+        """Step 1: Fisher sums for the forward stages and the knapsack cost, one backward pass
+        (`embeddings`: also those pricing the embeddings' bits)."""
         if input_ids is None:
             return {}
         methods_need_it = any("fisher" in self.pipeline.compressors[i].needs for i in self.forward_stages)
         samples = self.knapsack.fisher_samples if self.knapsack is not None else None
         if samples and not methods_need_it:  # only the knapsack's per-layer energies: a subset suffices
             input_ids = input_ids[:samples]
-        return self.pipeline.collect_fisher(input_ids, self.forward_stages)
+        return self.pipeline.collect_fisher(input_ids, self.forward_stages, embeddings=embeddings)
 
     def plan(self, input_ids: torch.Tensor | None, fisher: FisherSums, profiles: dict[str, list[LevelResult]] | None) -> AllocationPlan | None:
         """Step 2: the knapsack's level per layer (None: the recipe's levels apply)."""
@@ -126,7 +128,12 @@ class CompressionRunner:
             return None
         if profiles is not None:
             return solve_allocation(profiles, self.knapsack, methods={i: stage_label(s) for i, s in enumerate(self.recipe.stages)})
-        return plan_allocation(self.profiler(), input_ids, self.knapsack, fisher)
+        extra = None
+        if self.recipe.embeddings is not None and self.recipe.embeddings.choices:
+            with torch.no_grad():
+                options = embedding_options(self.model, self.recipe.embeddings, fisher[EMBEDDING_STATS])
+            extra = {embedding_name(self.model): options}
+        return plan_allocation(self.profiler(), input_ids, self.knapsack, fisher, extra)
 
     def run(
         self,
@@ -148,10 +155,16 @@ class CompressionRunner:
             raise LlmpressError("this recipe needs calibration data; set calibration.num_samples >= 1")
         if stats is not None and not isinstance(self.pipeline, DenseStatsPipeline):
             raise LlmpressError("precomputed statistics are dense statistics: set calibration.statistics: dense")
-        embeddings = quantize_embeddings(self.model, self.recipe.embeddings) if self.recipe.embeddings else None
+        config = self.recipe.embeddings
+        chosen_by_knapsack = config is not None and bool(config.choices)
+        if chosen_by_knapsack and (stats is not None or profiles is not None or fisher is not None):
+            raise LlmpressError("embeddings.bits as a list is priced from this run's Fisher pass: run without precomputed statistics")
+        embeddings = quantize_embeddings(self.model, config) if config is not None and not chosen_by_knapsack else None
         if fisher is None:
-            fisher = self.fisher(input_ids) if stats is None else {}
+            fisher = self.fisher(input_ids, embeddings=chosen_by_knapsack) if stats is None else {}
         plan = self.plan(input_ids, fisher, profiles)
+        if chosen_by_knapsack:  # the knapsack chose the embeddings' bits along with the layers
+            embeddings = quantize_embeddings(self.model, config.at(chosen_bits(self.model, config, plan)))
         pipeline = self.pipeline
         if plan is not None:
             layer_configs = plan.layer_configs(self.recipe.stages, [c.level_field for c in pipeline.compressors])

@@ -154,12 +154,13 @@ def plot_allocation(allocation: dict[str, Any], name: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(1.2 * len(columns) + 2, 0.25 * len(blocks) + 1.5))
     if across_methods(allocation):  # colour: the chosen method; text: its level
         chosen, _ = allocation_grid(allocation, "method")
+        stages, _ = allocation_grid(allocation, "stage")  # None with a method: an option outside the stages (embeddings)
         names = ["dense"] + sorted({m for row in chosen.values() for m in row.values() if m})
         data = [[names.index(chosen[b].get(c) or "dense") if c in chosen[b] else float("nan") for c in columns] for b in blocks]
         image = ax.imshow(data, aspect="auto", cmap="tab10", vmin=-0.5, vmax=9.5)
         for y, b in enumerate(blocks):
             for x, c in enumerate(columns):
-                if chosen[b].get(c):
+                if chosen[b].get(c) and stages[b].get(c) is not None:
                     ax.text(x, y, f"{grid[b][c]:g}", ha="center", va="center", fontsize=5, color="white")
         bar = fig.colorbar(image, ax=ax, ticks=range(len(names)))
         bar.ax.set_yticklabels(names, fontsize=7)

@@ -170,6 +170,9 @@ class LevelResult:
     sensitivity: float | None = None
     # the recipe stage (method) this option compresses with; None with level 0: the layer left dense
     stage: int | None = None
+    # an option outside the recipe's stages (the embeddings' "embeddings w4 g64"), named so in the
+    # plan; an item with such options must take one of them (its dense entry only sizes the budget)
+    fixed: str | None = None
 
 
 COMPRESSORS: dict[str, type[Compressor]] = {}

@@ -166,10 +166,11 @@ class BlockPipeline:
     def fisher_stages(self, stage_indices: list[int]) -> list[int]:
         return [i for i in stage_indices if "fisher" in self.compressors[i].needs or i in self.fisher_for]
 
-    def collect_fisher(self, input_ids: torch.Tensor | None, stage_indices: list[int]) -> FisherSums:
-        """Fisher sums of the dense model for the targets of the stages that need them (one backward pass)."""
+    def collect_fisher(self, input_ids: torch.Tensor | None, stage_indices: list[int], embeddings: bool = False) -> FisherSums:
+        """Fisher sums of the dense model for the targets of the stages that need them (one backward
+        pass); `embeddings`: also the sums that price the embeddings and head (`fisher.EMBEDDING_STATS`)."""
         wanted = self.fisher_stages(stage_indices)
-        if not wanted:
+        if not wanted and not embeddings:
             return {}
         if input_ids is None:
             raise LlmpressError(f"methods {[self.stages[i].method for i in wanted]} need Fisher statistics: pass calibration data")
@@ -180,7 +181,7 @@ class BlockPipeline:
             linears.update(match_linears(self.model, self.stages[i].targets, self.stages[i].ignore))
         sums = collect_fisher(
             self.model, self.blocks, linears, self.parallel.share(input_ids), self.device, self.offload_device,
-            progress=self.progress and self.parallel.is_main,
+            progress=self.progress and self.parallel.is_main, embeddings=embeddings,
         )  # fmt: skip
         self.parallel.all_reduce_(t for layer_sums in sums.values() for t in layer_sums.values())
         return sums

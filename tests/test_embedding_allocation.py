@@ -1,0 +1,177 @@
+"""The knapsack chooses the embeddings' bits (recipe `embeddings: {bits: [8, 4]}`): the Fisher
+pass's per-role gradients of the table, the options' prices and sizes, and whole runs at a size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB, family_model, tiny_model
+
+from compress.blocks import find_decoder_blocks
+from compress.budget import AllocationConfig, solve_allocation
+from compress.embeddings import EmbeddingsConfig, embedding_options, quantized_table
+from compress.errors import LlmpressError
+from compress.fisher import EMBEDDING_STATS, EmbeddingHooks, backward_walk, collect_fisher
+from compress.metrics import serving_dtype
+from compress.modules import GQSALinear, Int8Linear, QuantizedEmbedding
+from compress.recipe import load_recipe
+
+
+def _walk_embeddings(model, ids):
+    """Per sequence: the lookup's table gradient, and the head's (input, output gradient)."""
+    lookups: list[torch.Tensor] = []
+    heads: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hooks = EmbeddingHooks(lambda g: lookups.append(g.clone()), lambda x, gz: heads.append((x[0].clone(), gz[0].clone())))
+    cpu = torch.device("cpu")
+    backward_walk(model, find_decoder_blocks(model)[1], {}, ids, cpu, cpu, lambda n, g: None, progress=False, embeddings=hooks)
+    return lookups, heads
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3", "gpt_neox", "opt"])
+def test_role_gradients_are_the_models_own(kind):
+    """Lookup and head gradients, reported apart by the block-by-block walk, are the model's own:
+    untied, each equals its weight's gradient; tied (Gemma's scaled lookup, OPT's positions), they
+    add up to the shared weight's gradient."""
+    model = family_model(kind)
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+    lookups, heads = _walk_embeddings(model, ids)
+    assert len(lookups) == len(heads) == 2
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head.weight is embedding.weight
+    assert tied == (kind != "gpt_neox")
+    for s in range(2):
+        for p in model.parameters():
+            p.requires_grad_(p is embedding.weight or p is head.weight)
+        model(input_ids=ids[s : s + 1], labels=ids[s : s + 1]).loss.backward()
+        lookup, (x, logit_grad) = lookups[s], heads[s]
+        head_grad = logit_grad.T @ x  # logits = x·Wᵀ
+        # only rows looked up, and not the last token's unless read earlier (no loss term sees it)
+        assert int((lookup.abs().sum(1) > 0).sum()) == len(set(ids[s, :-1].tolist()))
+        if tied:
+            torch.testing.assert_close(lookup + head_grad, embedding.weight.grad)
+        else:
+            torch.testing.assert_close(lookup, embedding.weight.grad)
+            torch.testing.assert_close(head_grad, head.weight.grad)
+        embedding.weight.grad = head.weight.grad = None
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def _embedding_stats(model, ids):
+    blocks = find_decoder_blocks(model)[1]
+    cpu = torch.device("cpu")
+    return collect_fisher(model, blocks, {}, ids, cpu, cpu, progress=False, embeddings=True)[EMBEDDING_STATS]
+
+
+def test_head_fisher_is_summed_per_token_and_lookup_per_sequence():
+    """The head's row and column sums are those of Σ_t g_t², g_t the gradient of token t's share
+    of the loss alone (autograd through the model's own loss, one label at a time); the lookup's
+    those of Σ_s g_s² over sequences (as for the decoder's Linears)."""
+    model = family_model("gpt_neox")  # untied: the head's weight gradient is its role alone
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    stats = _embedding_stats(model, ids)
+    head, table = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    per_token, per_sequence = torch.zeros_like(head), torch.zeros_like(table)
+    for p in model.parameters():
+        p.requires_grad_(p is head or p is table)
+    for s in range(2):
+        predicted = ids.shape[1] - 1
+        for t in range(1, ids.shape[1]):
+            labels = torch.full_like(ids[s : s + 1], -100)
+            labels[0, t] = ids[s, t]
+            (model(input_ids=ids[s : s + 1], labels=labels).loss / predicted).backward()
+            per_token += head.grad.square()
+            head.grad = table.grad = None
+        model(input_ids=ids[s : s + 1], labels=ids[s : s + 1]).loss.backward()
+        per_sequence += table.grad.square()
+        head.grad = table.grad = None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.testing.assert_close(stats["head_row"], per_token.sum(1))
+    torch.testing.assert_close(stats["head_col"], per_token.sum(0))
+    torch.testing.assert_close(stats["lookup_row"], per_sequence.sum(1))
+    torch.testing.assert_close(stats["lookup_col"], per_sequence.sum(0))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt_neox"])
+def test_embedding_options_are_sized_as_served_and_priced_by_role(kind):
+    model = family_model(kind, dtype=torch.float32)
+    ids = torch.randint(3, VOCAB, (3, 24), generator=torch.Generator().manual_seed(2))
+    stats = _embedding_stats(model, ids)
+    assert all(float(v.sum()) > 0 for v in stats.values())
+    config = EmbeddingsConfig(bits=[4, 8], group_size=16)
+    assert config.choices == [8, 4]
+    with serving_dtype("bfloat16"):
+        dense, w8, w4 = embedding_options(model, config, stats)
+    tables = 1 if kind == "llama" else 2  # an untied head is a second table of the same shape
+    assert dense.fixed is None and dense.bytes == tables * VOCAB * 64 * 2
+    per_table = {8: VOCAB * 64 + VOCAB * 4 * 3, 4: VOCAB * 64 // 2 + VOCAB * 4 * 3}  # codes + bf16 scale and uint8 zero
+    assert (w8.fixed, w4.fixed) == ("embeddings w8 g16", "embeddings w4 g16")
+    assert (w8.bytes, w4.bytes) == (tables * per_table[8], tables * per_table[4])
+    cost = lambda r: r.rel_weighted_error**2 * r.sensitivity  # the knapsack's fisher cost
+    assert 0 < cost(w8) < cost(w4)
+    # the price is Σ F·ΔW² with F = row·colᵀ/Σrow per role: check the W4 option by hand
+    weight = model.get_input_embeddings().weight.detach()
+    rank_one = lambda role: torch.outer(stats[f"{role}_row"], stats[f"{role}_col"]) / stats[f"{role}_row"].sum()
+    fisher = rank_one("lookup") + (rank_one("head") if kind == "llama" else 0)
+    expected = float((fisher * (quantized_table(weight, None, config.at(4)).to_dense().double() - weight.double()).square()).sum())
+    if kind == "gpt_neox":
+        head = model.get_output_embeddings().weight.detach()
+        expected += float((rank_one("head") * (quantized_table(head, None, config.at(4)).to_dense().double() - head.double()).square()).sum())
+    assert cost(w4) == pytest.approx(expected, rel=1e-6)
+    # the dense entry sizes the budget but is no option: even a budget that fits it takes W8
+    plan = solve_allocation({"model.embed_tokens": [dense, w8, w4]}, AllocationConfig(unit="bytes", ratio=0.01, cost="fisher"))
+    assert plan.layers[0].method == "embeddings w8 g16" and plan.layers[0].stage is None and not plan.left_dense()
+    plan = solve_allocation({"model.embed_tokens": [dense, w8, w4]}, AllocationConfig(unit="bytes", ratio=0.5, cost="fisher"))
+    assert plan.layers[0].method == "embeddings w4 g16"
+
+
+def _recipe(**allocation):
+    return {
+        "calibration": {"num_samples": 4, "seq_len": 32},
+        "embeddings": {"bits": [8, 4], "group_size": 16},
+        "stages": [{"method": "gptq", "bits": 8, "group_size": 16}, {"method": "gptq", "bits": 4, "group_size": 16}],
+        "allocation": {"strategy": "knapsack", "unit": "bytes", "cost": "fisher", "candidates": {0: [0.0], 1: [0.0]}, **allocation},
+    }
+
+
+def test_knapsack_picks_the_embeddings_bits_for_a_size(tokenizer, calib_text):
+    """A loose size keeps W8 embeddings, a tight one takes W4 (and what it saves goes to the
+    Linears); the model fits the size as served, and the report names the choice."""
+    from compress.api import compress_model
+    from compress.report import model_size, report_markdown
+
+    with serving_dtype(torch.bfloat16):
+        dense = model_size(tiny_model("llama"))["bytes"]
+    chosen = {}
+    for share in (0.7, 0.4):  # 0.4: W8 embeddings would leave the Linears less than W4 everywhere takes
+        limit = int(share * dense)
+        model, report = compress_model(tiny_model("llama"), _recipe(max_size=limit), dataset=str(calib_text), tokenizer=tokenizer, progress=False)
+        assert report["model_size"]["compressed"]["bytes"] <= limit
+        table = model.get_input_embeddings()
+        assert isinstance(table, QuantizedEmbedding)
+        chosen[share] = report["embeddings"]["bits"]
+        assert isinstance(table.table, Int8Linear if chosen[share] == 8 else GQSALinear)
+        entry = next(c for c in report["allocation"]["layers"] if c["name"] == "model.embed_tokens")
+        assert entry["method"] == f"embeddings w{chosen[share]} g16" and entry["bytes"] == report["embeddings"]["bytes_after"]
+        assert f"embeddings w{chosen[share]} g16" in report_markdown(report)
+        ids = torch.randint(3, VOCAB, (1, 16))
+        assert torch.isfinite(model(ids).logits).all()
+    assert chosen == {0.7: 8, 0.4: 4}
+
+
+def test_embedding_choices_need_a_fisher_knapsack_in_bytes():
+    recipe = _recipe(ratio=0.5)
+    load_recipe(recipe)
+    for allocation, problem in (
+        (None, "needs allocation"),
+        ({**recipe["allocation"], "unit": "params"}, "unit: bytes"),
+        ({**recipe["allocation"], "cost": "weighted_sq"}, "cost: fisher"),
+    ):
+        with pytest.raises(LlmpressError, match=problem):
+            load_recipe({**recipe, "allocation": allocation})
+    assert load_recipe({**recipe, "embeddings": {"bits": [4], "group_size": 16}}).embeddings.bits == 4  # one width
+    with pytest.raises(LlmpressError, match="knapsack chooses one"):
+        from compress.embeddings import quantize_embeddings
+
+        quantize_embeddings(tiny_model("llama"), EmbeddingsConfig(bits=[8, 4]))
