@@ -44,27 +44,34 @@ class EmbeddingsConfig(BaseModel):
         description="bits per value: 8 (near lossless) or 4; a list ([8, 4]) lets the knapsack choose for the table (and "
         "head) like for any layer, priced by their Fisher cost (needs allocation: {strategy: knapsack, unit: bytes, cost: fisher})",
     )
-    group_size: int = Field(default=64, ge=2, description="columns (hidden units) sharing one scale and zero point")
+    group_size: int | list[int] = Field(
+        default=64, description="columns (hidden units) sharing one scale and zero point; a list: the knapsack chooses"
+    )
     head: bool = Field(default=True, description="untied models: quantize the output head too (tied: it is the same table)")
 
-    @field_validator("bits")
+    @field_validator("bits", "group_size")
     @classmethod
-    def _one_or_choices(cls, bits: int | list[int]) -> int | list[int]:
-        if isinstance(bits, list):
-            if not bits:
-                raise ValueError("bits: give 8 or 4, or a list of them for the knapsack to choose from")
-            choices = sorted(set(bits), reverse=True)
-            return choices[0] if len(choices) == 1 else choices
-        return bits
+    def _one_or_choices(cls, value: int | list[int], info: Any) -> int | list[int]:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError(f"{info.field_name}: give one value, or a list of them for the knapsack to choose from")
+            value = sorted(set(value), reverse=True)
+            value = value[0] if len(value) == 1 else value
+        if info.field_name == "group_size" and min(value if isinstance(value, list) else [value]) < 2:
+            raise ValueError("group_size must be at least 2")
+        return value
 
     @property
-    def choices(self) -> list[int]:
-        """The bit widths the knapsack chooses among ([] when `bits` is one width)."""
-        return list(self.bits) if isinstance(self.bits, list) else []
+    def choices(self) -> list[tuple[int, int]]:
+        """The (bits, group size) pairs the knapsack chooses among ([] when both are one value)."""
+        if not isinstance(self.bits, list) and not isinstance(self.group_size, list):
+            return []
+        listed = lambda v: v if isinstance(v, list) else [v]  # noqa: E731
+        return [(b, g) for b in listed(self.bits) for g in listed(self.group_size)]
 
-    def at(self, bits: int) -> "EmbeddingsConfig":
-        """This config with one bit width."""
-        return self.model_copy(update={"bits": bits})
+    def at(self, bits: int, group_size: int) -> "EmbeddingsConfig":
+        """This config with one bit width and group size."""
+        return self.model_copy(update={"bits": bits, "group_size": group_size})
 
 
 def quantized_table(weight: torch.Tensor, bias: torch.Tensor | None, config: EmbeddingsConfig) -> GQSALinear | Int8Linear:
@@ -89,7 +96,7 @@ def quantized_table(weight: torch.Tensor, bias: torch.Tensor | None, config: Emb
 
 def embedding_options(model: nn.Module, config: EmbeddingsConfig, stats: dict[str, torch.Tensor]) -> list[LevelResult]:
     """The embeddings as one knapsack item: its dense entry (sizes the budget, not an option) and
-    one option per bit width in `config.choices`, in bytes as served, priced in the units of the
+    one option per (bits, group size) in `config.choices`, in bytes as served, priced in the units of the
     Linears' `fisher` cost: Σ F·ΔW² over the roles the quantized table plays (lookup; head when
     tied or quantized too), F each role's rank-1 Fisher from `stats` (`fisher.EMBEDDING_STATS`).
     Round-to-nearest errors are uncorrelated across columns, so a diagonal Fisher prices them;
@@ -118,17 +125,24 @@ def embedding_options(model: nn.Module, config: EmbeddingsConfig, stats: dict[st
         dense_values += own_head.weight.numel() + (own_head.bias.numel() if own_head.bias is not None else 0)
         dense_bytes += tensor_bytes(own_head.weight) + (tensor_bytes(own_head.bias) if own_head.bias is not None else 0)
     options = [LevelResult(0.0, dense_values, dense_bytes, 0.0, 0.0, sensitivity)]
-    for bits in config.choices:
+    cols = table.shape[1]
+    fitting = [(b, g) for b, g in config.choices if cols % g == 0 and (b == 8 or g % 2 == 0)]
+    if not fitting:
+        quantized_table(table, None, config.at(*config.choices[0]))  # raises with the fix
+    if len(fitting) < len(config.choices):
+        logger.warning("embeddings: group sizes that do not divide the hidden size %d are no option: %s", cols,
+                       sorted({g for _, g in config.choices} - {g for _, g in fitting}))  # fmt: skip
+    for bits, group_size in fitting:
         nbytes, cost, rel = 0, 0.0, 0.0
         for index, (weight, roles) in enumerate(tables):
             bias = own_head.bias if index == 1 and own_head.bias is not None else None
-            quantized = quantized_table(weight, bias, config.at(bits))
+            quantized = quantized_table(weight, bias, config.at(bits, group_size))
             delta = quantized.to_dense().to(weight.dtype) - weight
             nbytes += quantized.num_bytes()
             cost += sum(f.price(delta) for f in roles)
             rel = rel or float(delta.double().norm() / weight.double().norm().clamp_min(1e-30))  # the table's
         weighted = (cost / sensitivity) ** 0.5 if sensitivity > 0 else 0.0
-        options.append(LevelResult(0.0, dense_values, nbytes, rel, weighted, sensitivity, fixed=_option_label(config, bits)))
+        options.append(LevelResult(0.0, dense_values, nbytes, rel, weighted, sensitivity, fixed=_option_label(bits, group_size)))
     return options
 
 
@@ -151,17 +165,17 @@ def embedding_name(model: nn.Module) -> str:
     return _name_of(model, model.get_input_embeddings())
 
 
-def chosen_bits(model: nn.Module, config: EmbeddingsConfig, plan: Any) -> int:
-    """The bit width a knapsack plan (`budget.AllocationPlan`) chose for the embeddings."""
+def chosen_setting(model: nn.Module, config: EmbeddingsConfig, plan: Any) -> EmbeddingsConfig:
+    """`config` at the (bits, group size) a knapsack plan (`budget.AllocationPlan`) chose."""
     choice = plan.choice(embedding_name(model))
-    for bits in config.choices:
-        if choice is not None and choice.method == _option_label(config, bits):
-            return bits
+    for bits, group_size in config.choices:
+        if choice is not None and choice.method == _option_label(bits, group_size):
+            return config.at(bits, group_size)
     raise LlmpressError(f"the allocation plan has no embeddings option (got {choice}); this is a bug, please report it")
 
 
-def _option_label(config: EmbeddingsConfig, bits: int) -> str:
-    return f"embeddings w{bits} g{config.group_size}"
+def _option_label(bits: int, group_size: int) -> str:
+    return f"embeddings w{bits} g{group_size}"
 
 
 def _name_of(model: nn.Module, module: nn.Module) -> str:
@@ -172,7 +186,7 @@ def quantize_embeddings(model: nn.Module, config: EmbeddingsConfig) -> dict[str,
     """Replace the input embedding (and the head) by quantized modules, in place; returns the
     report's `embeddings` section (names, bytes as served before and after, errors)."""
     if config.choices:
-        raise LlmpressError(f"embeddings.bits is a list {config.choices}: the knapsack chooses one (config.at(bits))")
+        raise LlmpressError(f"embeddings: bits or group_size is a list {config.choices}: the knapsack chooses one (config.at(bits, group_size))")
     embedding = model.get_input_embeddings()
     if isinstance(embedding, QuantizedEmbedding):
         raise LlmpressError("the embeddings are already quantized; remove `embeddings:` from the recipe")

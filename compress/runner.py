@@ -2,7 +2,9 @@
 
 `CompressionRunner(model, recipe).run(input_ids)`:
 0. embeddings (the recipe's `embeddings:`): token embeddings and output head to W8/W4, data-free,
-   first, so that every later step calibrates on the model as it will be served;
+   first, so that every later step calibrates on the model as it will be served; when the
+   knapsack chooses their bits (a list of bits or group sizes), after step 2 instead, priced by
+   the Fisher pass of step 1 (compress/embeddings.py `embedding_options`);
 1. statistics: the Fisher sums every stage (or the knapsack's `fisher` cost) needs, from one
    backward pass over the dense model, shared by profiling and compression;
 2. plan: with `allocation: knapsack`, profile the allocated stage (or the candidate stages, one
@@ -29,7 +31,7 @@ from torch import nn
 from .budget import AllocationPlan, plan_allocation, solve_allocation, stage_label
 from .compressors import LayerStats
 from .compressors.base import LevelResult
-from .embeddings import chosen_bits, embedding_name, embedding_options, quantize_embeddings
+from .embeddings import chosen_setting, embedding_name, embedding_options, quantize_embeddings
 from .errors import LlmpressError
 from .experts import fuse_untouched_stacks
 from .fisher import EMBEDDING_STATS
@@ -158,13 +160,13 @@ class CompressionRunner:
         config = self.recipe.embeddings
         chosen_by_knapsack = config is not None and bool(config.choices)
         if chosen_by_knapsack and (stats is not None or profiles is not None or fisher is not None):
-            raise LlmpressError("embeddings.bits as a list is priced from this run's Fisher pass: run without precomputed statistics")
+            raise LlmpressError("embeddings chosen by the knapsack (a list of bits or group sizes) are priced from this run's Fisher pass: run without precomputed statistics")
         embeddings = quantize_embeddings(self.model, config) if config is not None and not chosen_by_knapsack else None
         if fisher is None:
             fisher = self.fisher(input_ids, embeddings=chosen_by_knapsack) if stats is None else {}
         plan = self.plan(input_ids, fisher, profiles)
         if chosen_by_knapsack:  # the knapsack chose the embeddings' bits along with the layers
-            embeddings = quantize_embeddings(self.model, config.at(chosen_bits(self.model, config, plan)))
+            embeddings = quantize_embeddings(self.model, chosen_setting(self.model, config, plan))
         pipeline = self.pipeline
         if plan is not None:
             layer_configs = plan.layer_configs(self.recipe.stages, [c.level_field for c in pipeline.compressors])

@@ -100,7 +100,7 @@ def test_embedding_options_are_sized_as_served_and_priced_by_role(kind):
     stats = _embedding_stats(model, ids)
     assert all(float(v.sum()) > 0 for v in stats.values())
     config = EmbeddingsConfig(bits=[4, 8], group_size=16)
-    assert config.choices == [8, 4]
+    assert config.choices == [(8, 16), (4, 16)]
     with serving_dtype("bfloat16"):
         dense, w8, w4 = embedding_options(model, config, stats)
     tables = 1 if kind == "llama" else 2  # an untied head is a second table of the same shape
@@ -114,16 +114,22 @@ def test_embedding_options_are_sized_as_served_and_priced_by_role(kind):
     weight = model.get_input_embeddings().weight.detach()
     rank_one = lambda role: torch.outer(stats[f"{role}_row"], stats[f"{role}_col"]) / stats[f"{role}_row"].sum()
     fisher = rank_one("lookup") + (rank_one("head") if kind == "llama" else 0)
-    expected = float((fisher * (quantized_table(weight, None, config.at(4)).to_dense().double() - weight.double()).square()).sum())
+    expected = float((fisher * (quantized_table(weight, None, config.at(4, 16)).to_dense().double() - weight.double()).square()).sum())
     if kind == "gpt_neox":
         head = model.get_output_embeddings().weight.detach()
-        expected += float((rank_one("head") * (quantized_table(head, None, config.at(4)).to_dense().double() - head.double()).square()).sum())
+        expected += float((rank_one("head") * (quantized_table(head, None, config.at(4, 16)).to_dense().double() - head.double()).square()).sum())
     assert cost(w4) == pytest.approx(expected, rel=1e-6)
     # the dense entry sizes the budget but is no option: even a budget that fits it takes W8
     plan = solve_allocation({"model.embed_tokens": [dense, w8, w4]}, AllocationConfig(unit="bytes", ratio=0.01, cost="fisher"))
     assert plan.layers[0].method == "embeddings w8 g16" and plan.layers[0].stage is None and not plan.left_dense()
     plan = solve_allocation({"model.embed_tokens": [dense, w8, w4]}, AllocationConfig(unit="bytes", ratio=0.5, cost="fisher"))
     assert plan.layers[0].method == "embeddings w4 g16"
+    # group sizes too: every (bits, group) pair whose group divides the hidden size (64) is an option
+    config = EmbeddingsConfig(bits=4, group_size=[16, 48, 32])
+    with serving_dtype("bfloat16"):
+        options = embedding_options(model, config, stats)
+    assert [o.fixed for o in options[1:]] == ["embeddings w4 g32", "embeddings w4 g16"]  # 48 does not divide 64
+    assert options[1].bytes < options[2].bytes and cost(options[1]) > cost(options[2])
 
 
 def _recipe(**allocation):
@@ -175,3 +181,5 @@ def test_embedding_choices_need_a_fisher_knapsack_in_bytes():
         from compress.embeddings import quantize_embeddings
 
         quantize_embeddings(tiny_model("llama"), EmbeddingsConfig(bits=[8, 4]))
+    with pytest.raises(LlmpressError, match="at least 2"):
+        load_recipe({**recipe, "embeddings": {"bits": 8, "group_size": [64, 1]}})

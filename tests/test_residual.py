@@ -9,7 +9,7 @@ from compress.budget import stage_label
 from compress.compressors import COMPRESSORS, EoRAConfig, GPTQConfig, LayerStats, SVDConfig
 from compress.errors import LlmpressError
 from compress.metrics import relative_errors, serving_dtype
-from compress.modules import EoRALinear, LowBitLinear, LowRankLinear
+from compress.modules import EoRALinear, LowBitLinear, LowRankLinear, QuantizedEmbedding
 from compress.recipe import load_recipe
 from conftest import FAMILIES, family_model, tiny_model
 
@@ -115,10 +115,13 @@ def test_low_rank_base_with_residual_in_a_sequential_run(tokenizer, calib_text):
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_knapsack_with_low_bit_and_stacked_options_on_every_family(kind, tokenizer, calib_text):
     """W8, W3 and W3 + a rank-2 residual as candidates on each architecture (its own masks, RoPE,
-    biases, fused projections): the plan meets its budget and the model still runs."""
+    biases, fused projections), and W8/W4 for the embeddings (their Fisher through each family's
+    own lookup, positions, scaling and logit softcapping): the plan meets its budget and the model
+    still runs."""
     model = family_model(kind)
     recipe = {
         "calibration": {"num_samples": 2, "seq_len": 32},
+        "embeddings": {"bits": [8, 4], "group_size": 32},
         "stages": [
             {"method": "gptq", "bits": 8, "group_size": 32, "blocksize": 64},
             {"method": "gptq", "bits": 3, "group_size": 32, "blocksize": 64},
@@ -129,6 +132,7 @@ def test_knapsack_with_low_bit_and_stacked_options_on_every_family(kind, tokeniz
     model, report = compress.compress_model(model, recipe, dataset=str(calib_text), tokenizer=tokenizer, progress=False)
     plan = report["allocation"]
     assert plan["chosen_total"] <= plan["budget"]
+    assert report["embeddings"]["bits"] in (8, 4) and isinstance(model.get_input_embeddings(), QuantizedEmbedding)
     formats = {type(model.get_submodule(c["name"])).__name__ for c in plan["layers"] if c["method"]}
     assert formats & {"LowBitLinear", "EoRALinear"}, formats
     ids = torch.randint(3, 300, (1, 24))
