@@ -101,18 +101,9 @@ def embedding_options(model: nn.Module, config: EmbeddingsConfig, stats: dict[st
     tied or quantized too), F each role's rank-1 Fisher from `stats` (`fisher.EMBEDDING_STATS`).
     Round-to-nearest errors are uncorrelated across columns, so a diagonal Fisher prices them;
     the Linears' GPTQ errors are not, which is why theirs go through the Gram."""
-    embedding = model.get_input_embeddings()
-    if not isinstance(embedding, nn.Embedding):
-        raise LlmpressError(
-            f"the input embedding is a {type(embedding).__name__}, not an nn.Embedding: the knapsack cannot choose its bits; "
-            "keep the embeddings as they are: --set embeddings=null"
-        )
-    head = model.get_output_embeddings()
-    tied = head is not None and getattr(head, "weight", None) is embedding.weight
+    embedding, head, tied = _embedding_and_head(model, config)
     table = embedding.weight.detach()
     own_head = head if (head is not None and not tied and config.head) else None
-    if own_head is not None and not isinstance(own_head, nn.Linear):
-        raise LlmpressError(f"the output head is a {type(own_head).__name__}, not an nn.Linear; set embeddings.head: false (--set embeddings.head=false)")
     lookup = _RankOneFisher(stats["lookup_row"], stats["lookup_col"])
     head_fisher = _RankOneFisher(stats["head_row"], stats["head_col"])
     # (weight, its Fisher in every role it plays once quantized)
@@ -178,15 +169,8 @@ def _option_label(bits: int, group_size: int) -> str:
     return f"embeddings w{bits} g{group_size}"
 
 
-def _name_of(model: nn.Module, module: nn.Module) -> str:
-    return next(name for name, m in model.named_modules() if m is module)
-
-
-def quantize_embeddings(model: nn.Module, config: EmbeddingsConfig) -> dict[str, Any]:
-    """Replace the input embedding (and the head) by quantized modules, in place; returns the
-    report's `embeddings` section (names, bytes as served before and after, errors)."""
-    if config.choices:
-        raise LlmpressError(f"embeddings: bits or group_size is a list {config.choices}: the knapsack chooses one (config.at(bits, group_size))")
+def _embedding_and_head(model: nn.Module, config: EmbeddingsConfig) -> tuple[nn.Embedding, nn.Module | None, bool]:
+    """(input embedding, output head, whether the head is tied to it), checked for quantization."""
     embedding = model.get_input_embeddings()
     if isinstance(embedding, QuantizedEmbedding):
         raise LlmpressError("the embeddings are already quantized; remove `embeddings:` from the recipe")
@@ -197,6 +181,21 @@ def quantize_embeddings(model: nn.Module, config: EmbeddingsConfig) -> dict[str,
         )
     head = model.get_output_embeddings()
     tied = head is not None and getattr(head, "weight", None) is embedding.weight
+    if head is not None and not tied and config.head and not isinstance(head, nn.Linear):
+        raise LlmpressError(f"the output head is a {type(head).__name__}, not an nn.Linear; set embeddings.head: false (--set embeddings.head=false)")
+    return embedding, head, tied
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+def quantize_embeddings(model: nn.Module, config: EmbeddingsConfig) -> dict[str, Any]:
+    """Replace the input embedding (and the head) by quantized modules, in place; returns the
+    report's `embeddings` section (names, bytes as served before and after, errors)."""
+    if config.choices:
+        raise LlmpressError(f"embeddings: bits or group_size is a list {config.choices}: the knapsack chooses one (config.at(bits, group_size))")
+    embedding, head, tied = _embedding_and_head(model, config)
     embedding_name = _name_of(model, embedding)
     head_name = _name_of(model, head) if head is not None else None
     weight = embedding.weight.data
@@ -218,8 +217,6 @@ def quantize_embeddings(model: nn.Module, config: EmbeddingsConfig) -> dict[str,
         model.config.tie_word_embeddings = False  # no parameter is shared any more: the head reads the table
         model.all_tied_weights_keys = {}
     elif head is not None and config.head:
-        if not isinstance(head, nn.Linear):
-            raise LlmpressError(f"the output head is a {type(head).__name__}, not an nn.Linear; set embeddings.head: false (--set embeddings.head=false)")
         before += tensor_bytes(head.weight) + (tensor_bytes(head.bias) if head.bias is not None else 0)
         head_table = quantized_table(head.weight.data, head.bias, config)
         section["head_rel_error"] = relative_errors(head.weight.data, head_table.to_dense(), None)[0]
