@@ -27,18 +27,18 @@ def _walk_embeddings(model, ids):
     return lookups, heads
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma3", "gpt_neox", "opt"])
+@pytest.mark.parametrize("kind", ["llama", "gemma3", "gpt_neox", "opt", "qwen3_moe"])
 def test_role_gradients_are_the_models_own(kind):
     """Lookup and head gradients, reported apart by the block-by-block walk, are the model's own:
-    untied, each equals its weight's gradient; tied (Gemma's scaled lookup, OPT's positions), they
-    add up to the shared weight's gradient."""
+    untied (GPT-NeoX, the Qwen3 MoE), each equals its weight's gradient; tied (Gemma's scaled
+    lookup, OPT's positions), they add up to the shared weight's gradient."""
     model = family_model(kind)
     ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
     lookups, heads = _walk_embeddings(model, ids)
     assert len(lookups) == len(heads) == 2
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head.weight is embedding.weight
-    assert tied == (kind != "gpt_neox")
+    assert tied == (kind not in ("gpt_neox", "qwen3_moe"))
     for s in range(2):
         for p in model.parameters():
             p.requires_grad_(p is embedding.weight or p is head.weight)
