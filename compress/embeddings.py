@@ -131,7 +131,7 @@ def embedding_options(model: nn.Module, config: EmbeddingsConfig, stats: dict[st
             delta = quantized.to_dense().to(weight.dtype) - weight
             nbytes += quantized.num_bytes()
             cost += sum(f.price(delta) for f in roles)
-            rel = rel or float(delta.double().norm() / weight.double().norm().clamp_min(1e-30))  # the table's
+            rel = rel or _relative_error(weight, delta)  # the table's
         weighted = (cost / sensitivity) ** 0.5 if sensitivity > 0 else 0.0
         options.append(LevelResult(0.0, dense_values, nbytes, rel, weighted, sensitivity, fixed=_option_label(bits, group_size)))
     return options
@@ -143,12 +143,21 @@ class _RankOneFisher:
     def __init__(self, row: torch.Tensor, col: torch.Tensor):
         self.row, self.col, self.total = row.double(), col.double(), float(row.sum())
 
-    def price(self, delta: torch.Tensor) -> float:
-        """Σ_vj F_vj·Δ_vj²."""
+    def price(self, delta: torch.Tensor, rows: int = 8192) -> float:
+        """Σ_vj F_vj·Δ_vj², a slice of rows at a time (vocabularies are large)."""
         if self.total <= 0:
             return 0.0
-        weighted = delta.double().square() @ self.col.to(delta.device)
-        return float(weighted @ self.row.to(delta.device)) / self.total
+        col, row = self.col.to(delta.device), self.row.to(delta.device)
+        return sum(
+            float((delta[start : start + rows].double().square() @ col) @ row[start : start + rows])
+            for start in range(0, delta.shape[0], rows)
+        ) / self.total
+
+
+def _relative_error(weight: torch.Tensor, delta: torch.Tensor, rows: int = 8192) -> float:
+    """‖Δ‖/‖W‖ in float64, a slice of rows at a time."""
+    squares = lambda t: sum(float(t[i : i + rows].double().square().sum()) for i in range(0, t.shape[0], rows))  # noqa: E731
+    return (squares(delta) / max(squares(weight), 1e-300)) ** 0.5
 
 
 def embedding_name(model: nn.Module) -> str:

@@ -164,16 +164,23 @@ def _embedding_sums(model: nn.Module, sums: dict[str, dict[str, torch.Tensor]]) 
     }  # fmt: skip
 
     def on_lookup_gradient(grad: torch.Tensor) -> None:
-        g2 = grad.double().square()
-        entry["lookup_row"] += g2.sum(1).cpu()
+        """Only the rows the sequence looked up are nonzero: square those (a vocabulary × hidden
+        float64 copy would take 4 GB at Llama-3-8B's size)."""
+        rows = torch.nonzero(grad.abs().amax(1) > 0).flatten()
+        g2 = grad[rows].double().square()
+        entry["lookup_row"][rows.cpu()] += g2.sum(1).cpu()
         entry["lookup_col"] += g2.sum(0).cpu()
 
-    def on_head(x: torch.Tensor, logit_grad: torch.Tensor) -> None:
-        """F_vj = Σ_t (∂L/∂z_tv)²·h_tj²: row sums Σ_t (∂L/∂z_tv)²·‖h_t‖², column sums Σ_t ‖∂L/∂z_t‖²·h_tj²."""
-        x2 = x.reshape(-1, x.shape[-1]).double().square()
-        g2 = logit_grad.reshape(x2.shape[0], -1).double().square()
-        entry["head_row"] += (g2.T @ x2.sum(1)).cpu()
-        entry["head_col"] += (g2.sum(1) @ x2).cpu()
+    def on_head(x: torch.Tensor, logit_grad: torch.Tensor, tokens: int = 256) -> None:
+        """F_vj = Σ_t (∂L/∂z_tv)²·h_tj²: row sums Σ_t (∂L/∂z_tv)²·‖h_t‖², column sums Σ_t ‖∂L/∂z_t‖²·h_tj²
+        (a slice of tokens at a time: tokens × vocabulary squares are large)."""
+        x = x.reshape(-1, x.shape[-1])
+        logit_grad = logit_grad.reshape(x.shape[0], -1)
+        for start in range(0, x.shape[0], tokens):
+            x2 = x[start : start + tokens].double().square()
+            g2 = logit_grad[start : start + tokens].float().square()
+            entry["head_row"] += (g2.T @ x2.sum(1).float()).double().cpu()
+            entry["head_col"] += (g2.sum(1, dtype=torch.float64) @ x2).cpu()
 
     return EmbeddingHooks(on_lookup_gradient, on_head)
 
