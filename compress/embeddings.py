@@ -25,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from .compressors.base import LevelResult
+from .blocks import block_output, blocks_replaced, capture_block_inputs, find_decoder_blocks, move_outside_blocks, split_hidden, to_device
+from .compressors.gqsa import GQSAConfig, gqsa_quantize
 from .compressors.rtn import quantize_groups
 from .errors import LlmpressError
 from .metrics import relative_errors, tensor_bytes
@@ -48,6 +50,12 @@ class EmbeddingsConfig(BaseModel):
         default=64, description="columns (hidden units) sharing one scale and zero point; a list: the knapsack chooses"
     )
     head: bool = Field(default=True, description="untied models: quantize the output head too (tied: it is the same table)")
+    method: Literal["rtn", "gptq"] = Field(
+        default="rtn",
+        description="rtn: round-to-nearest with a clipping search, data-free; gptq: the head's table (tied: the one table) "
+        "with GPTQ's error feedback against the Gram of the head's input on the calibration data (an untied input table "
+        "stays rtn: a lookup has no correlated inputs to feed errors to)",
+    )
 
     @field_validator("bits", "group_size")
     @classmethod
@@ -74,8 +82,11 @@ class EmbeddingsConfig(BaseModel):
         return self.model_copy(update={"bits": bits, "group_size": group_size})
 
 
-def quantized_table(weight: torch.Tensor, bias: torch.Tensor | None, config: EmbeddingsConfig) -> GQSALinear | Int8Linear:
-    """A (rows × cols) table as the W4/W8 Linear format that serves it, in `weight`'s dtype."""
+def quantized_table(
+    weight: torch.Tensor, bias: torch.Tensor | None, config: EmbeddingsConfig, gram: torch.Tensor | None = None
+) -> GQSALinear | Int8Linear:
+    """A (rows × cols) table as the W4/W8 Linear format that serves it, in `weight`'s dtype:
+    round-to-nearest, or with `gram` (the input Gram of the head reading it) GPTQ's sweep."""
     cols = weight.shape[1]
     if cols % config.group_size or (config.bits == 4 and config.group_size % 2):
         raise LlmpressError(
@@ -84,9 +95,16 @@ def quantized_table(weight: torch.Tensor, bias: torch.Tensor | None, config: Emb
             + f"; try {next(g for g in (128, 64, 32, 16, 8, 4, 2, 1) if cols % g == 0)} (--set embeddings.group_size=...), "
             "or keep the embeddings as they are (--set embeddings=null)"
         )
+    bias = None if bias is None else bias.detach()
+    if gram is not None:
+        sweep = GQSAConfig(ratio=0.0, group_size=config.group_size, blocksize=_blocksize(config.group_size), refit_scales=True)
+        found = gqsa_quantize(weight.detach(), gram.to(weight.device), sweep, "embeddings", levels=2**config.bits - 1)
+        scales = found.scales.to(weight.dtype)
+        if config.bits == 8:
+            return Int8Linear.from_codes(found.codes, scales, found.zeros, bias)
+        return GQSALinear.from_codes(found.codes, scales, found.zeros, found.index, cols, bias)
     grid = quantize_groups(weight.detach(), config.bits, config.group_size)
     scales = grid.scales.to(weight.dtype)
-    bias = None if bias is None else bias.detach()
     if config.bits == 8:
         return Int8Linear.from_codes(grid.codes, scales, grid.zeros, bias)
     groups = grid.codes.shape[1]
@@ -94,13 +112,17 @@ def quantized_table(weight: torch.Tensor, bias: torch.Tensor | None, config: Emb
     return GQSALinear.from_codes(grid.codes, scales, grid.zeros, order, cols, bias)
 
 
-def embedding_options(model: nn.Module, config: EmbeddingsConfig, stats: dict[str, torch.Tensor]) -> list[LevelResult]:
+def embedding_options(
+    model: nn.Module, config: EmbeddingsConfig, stats: dict[str, torch.Tensor], gram: torch.Tensor | None = None
+) -> list[LevelResult]:
     """The embeddings as one knapsack item: its dense entry (sizes the budget, not an option) and
     one option per (bits, group size) in `config.choices`, in bytes as served, priced in the units of the
     Linears' `fisher` cost: Σ F·ΔW² over the roles the quantized table plays (lookup; head when
     tied or quantized too), F each role's rank-1 Fisher from `stats` (`fisher.EMBEDDING_STATS`).
     Round-to-nearest errors are uncorrelated across columns, so a diagonal Fisher prices them;
-    the Linears' GPTQ errors are not, which is why theirs go through the Gram."""
+    the Linears' GPTQ errors are not, which is why theirs go through the Gram. With `gram`
+    (`method: gptq`) the head's table is quantized as it will be, and the diagonal price, blind
+    to the errors GPTQ moves into directions the head's inputs do not use, overstates its cost."""
     embedding, head, tied = _embedding_and_head(model, config)
     table = embedding.weight.detach()
     own_head = head if (head is not None and not tied and config.head) else None
@@ -127,7 +149,8 @@ def embedding_options(model: nn.Module, config: EmbeddingsConfig, stats: dict[st
         nbytes, cost, rel = 0, 0.0, 0.0
         for index, (weight, roles) in enumerate(tables):
             bias = own_head.bias if index == 1 and own_head.bias is not None else None
-            quantized = quantized_table(weight, bias, config.at(bits, group_size))
+            reads_head = tied or index == 1  # the table the head reads: GPTQ against its input's Gram
+            quantized = quantized_table(weight, bias, config.at(bits, group_size), gram if reads_head and config.method == "gptq" else None)
             delta = quantized.to_dense().to(weight.dtype) - weight
             nbytes += quantized.num_bytes()
             cost += sum(f.price(delta) for f in roles)
@@ -158,6 +181,55 @@ def _relative_error(weight: torch.Tensor, delta: torch.Tensor, rows: int = 8192)
     """‖Δ‖/‖W‖ in float64, a slice of rows at a time."""
     squares = lambda t: sum(float(t[i : i + rows].double().square().sum()) for i in range(0, t.shape[0], rows))  # noqa: E731
     return (squares(delta) / max(squares(weight), 1e-300)) ** 0.5
+
+
+def _blocksize(group_size: int) -> int:
+    """GPTQ's lazy-update block: 128 columns, or a multiple of the group that holds it."""
+    return group_size * max(1, 128 // group_size)
+
+
+@torch.no_grad()
+def head_input_gram(model: nn.Module, input_ids: torch.Tensor, device: torch.device | str, offload_device: torch.device | str) -> torch.Tensor:
+    """XᵀX (float64) of the output head's input, the final hidden states after the model's own
+    norm, over the calibration tokens: the decoder runs one block on the device at a time, then
+    the model's forward with every block replaced (the last hands over the stored state) runs
+    its norm and head, one sequence at a time (a sequence's logits span the vocabulary)."""
+    _, blocks = find_decoder_blocks(model)
+    inputs = capture_block_inputs(model, blocks, input_ids, 1, device, offload_device)
+    hiddens, as_tuple = inputs.hiddens, False
+    for index, block in enumerate(blocks):
+        block.to(device)
+        outputs = []
+        for hidden, kwargs in zip(hiddens, inputs.kwargs[index]):
+            out = block(hidden.to(device), **to_device(kwargs, device))
+            as_tuple = isinstance(out, (tuple, list))
+            outputs.append(block_output(out).to(offload_device))
+        hiddens = outputs
+        block.to(offload_device)
+    head = model.get_output_embeddings()
+    gram = torch.zeros(head.in_features, head.in_features, dtype=torch.float64)
+    state: dict[str, torch.Tensor] = {}
+
+    def stand_in(index: int, args: tuple, kwargs: dict):
+        hidden = state["last"] if index == len(blocks) - 1 else split_hidden(args, kwargs)[0]
+        return (hidden,) if as_tuple else hidden
+
+    def accumulate(module: nn.Module, args: tuple) -> None:
+        x = args[0].reshape(-1, args[0].shape[-1]).double()
+        gram.add_((x.T @ x).cpu())
+
+    hook = head.register_forward_pre_hook(accumulate)
+    move_outside_blocks(model, blocks, device)
+    try:
+        with blocks_replaced(blocks, stand_in):
+            for sequence, hidden in zip(input_ids.split(1), hiddens):
+                state["last"] = hidden.to(device)
+                model(input_ids=sequence.to(device), use_cache=False)
+    finally:
+        hook.remove()
+        state.clear()
+        move_outside_blocks(model, blocks, offload_device)
+    return gram
 
 
 def embedding_name(model: nn.Module) -> str:
@@ -199,9 +271,12 @@ def _name_of(model: nn.Module, module: nn.Module) -> str:
     return next(name for name, m in model.named_modules() if m is module)
 
 
-def quantize_embeddings(model: nn.Module, config: EmbeddingsConfig) -> dict[str, Any]:
+def quantize_embeddings(model: nn.Module, config: EmbeddingsConfig, gram: torch.Tensor | None = None) -> dict[str, Any]:
     """Replace the input embedding (and the head) by quantized modules, in place; returns the
-    report's `embeddings` section (names, bytes as served before and after, errors)."""
+    report's `embeddings` section (names, bytes as served before and after, errors). `gram`: the
+    head input's Gram (`head_input_gram`), which `method: gptq` quantizes the head's table against."""
+    if config.method == "gptq" and gram is None:
+        raise LlmpressError("embeddings.method gptq quantizes against calibration data (the head input's Gram): pass it, or use method: rtn")
     if config.choices:
         raise LlmpressError(f"embeddings: bits or group_size is a list {config.choices}: the knapsack chooses one (config.at(bits, group_size))")
     embedding, head, tied = _embedding_and_head(model, config)
@@ -209,12 +284,12 @@ def quantize_embeddings(model: nn.Module, config: EmbeddingsConfig) -> dict[str,
     head_name = _name_of(model, head) if head is not None else None
     weight = embedding.weight.data
     before = tensor_bytes(weight)
-    table = quantized_table(weight, None, config)
+    table = quantized_table(weight, None, config, gram if tied and config.method == "gptq" else None)
     scale = getattr(embedding, "embed_scale", None)
     scale = float(scale) if scale is not None else None
     quantized = QuantizedEmbedding(table, scale, embedding.padding_idx)
     section: dict[str, Any] = {
-        "bits": config.bits, "group_size": config.group_size, "tied": tied, "embedding": embedding_name,
+        "bits": config.bits, "group_size": config.group_size, "method": config.method, "tied": tied, "embedding": embedding_name,
         "head": head_name if (tied or config.head) else None, "embedding_rel_error": relative_errors(weight, table.to_dense(), None)[0],
     }  # fmt: skip
     set_submodule(model, embedding_name, quantized)
@@ -227,7 +302,7 @@ def quantize_embeddings(model: nn.Module, config: EmbeddingsConfig) -> dict[str,
         model.all_tied_weights_keys = {}
     elif head is not None and config.head:
         before += tensor_bytes(head.weight) + (tensor_bytes(head.bias) if head.bias is not None else 0)
-        head_table = quantized_table(head.weight.data, head.bias, config)
+        head_table = quantized_table(head.weight.data, head.bias, config, gram if config.method == "gptq" else None)
         section["head_rel_error"] = relative_errors(head.weight.data, head_table.to_dense(), None)[0]
         set_submodule(model, head_name, head_table)
         after += head_table.num_bytes()

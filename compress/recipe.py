@@ -347,16 +347,17 @@ def auto_recipe(ratio: float | None = None, max_size: str | int | None = None) -
     removed and whitened SVD, from 70% W3 and W2 (GPTQ, g64); priced by the Fisher cost, in bytes
     as served (bf16). Embeddings and head: W8 (groups of 64) with a `ratio` (a fraction of the
     decoder Linears' bytes: recipes/auto-*.yaml are this at 30, 50, 70 and 80% removed); with a
-    whole-model `max_size` (`--max-size`) the same knapsack chooses W8 or W4 (g64 or g32) for them, since on
+    whole-model `max_size` (`--max-size`) the same knapsack chooses W8 or W4 (g64 or g32; GPTQ on
+    the head input's Gram, `method: gptq`) for them, since on
     small models and large vocabularies they are a large share of the size (eval/results/embeddings).
     Measured against other candidate sets in eval/results/budget (rows "auto v1/v2/v3"; this is v3)."""
     budget = {"ratio": ratio} if max_size is None else {"max_size": max_size}
-    embeddings = {"bits": 8, "group_size": 64} if max_size is None else {"bits": [8, 4], "group_size": [64, 32]}
+    embeddings = {"bits": 8, "group_size": 64} if max_size is None else {"bits": [8, 4], "group_size": [64, 32], "method": "gptq"}
     every_linear = {"targets": ["Linear"], "ignore": ["lm_head"]}
     return {
         "name": f"auto-{round(100 * ratio)}" if max_size is None else f"auto-{max_size}",
         "description": "The best model for a size: embeddings and head in "
-        + ("W8 (groups of 64)" if max_size is None else "W8 or W4 in groups of 64 or 32 (chosen by the knapsack)")
+        + ("W8 (groups of 64)" if max_size is None else "W8 or W4 in groups of 64 or 32 (chosen by the knapsack; GPTQ against the head's inputs)")
         + ", and every decoder Linear gets W8 "
         "or W4 (GPTQ, groups of 64) or stays dense; budgets that remove 60% or more of the Linears' bytes also offer W4 "
         "g32 with 25/50/75% of its groups removed and whitened SVD at a rank, and from 70% W3 and W2 (GPTQ, g64). One "

@@ -31,7 +31,7 @@ from torch import nn
 from .budget import AllocationPlan, plan_allocation, solve_allocation, stage_label
 from .compressors import LayerStats
 from .compressors.base import LevelResult
-from .embeddings import chosen_setting, embedding_name, embedding_options, quantize_embeddings
+from .embeddings import chosen_setting, embedding_name, embedding_options, head_input_gram, quantize_embeddings
 from .errors import LlmpressError
 from .experts import fuse_untouched_stacks
 from .fisher import EMBEDDING_STATS
@@ -105,7 +105,8 @@ class CompressionRunner:
 
     def needs_data(self) -> bool:
         """Whether any step needs calibration data (data-free recipes skip calibration)."""
-        return self.knapsack is not None or self.pipeline.needs_data(list(range(len(self.recipe.stages))))
+        gptq_embeddings = self.recipe.embeddings is not None and self.recipe.embeddings.method == "gptq"
+        return self.knapsack is not None or gptq_embeddings or self.pipeline.needs_data(list(range(len(self.recipe.stages))))
 
     def profiler(self) -> DenseStatsPipeline:
         """A dense-statistics pipeline over the recipe's stages, for profiling (Gram always: the
@@ -124,7 +125,19 @@ class CompressionRunner:
             input_ids = input_ids[:samples]
         return self.pipeline.collect_fisher(input_ids, self.forward_stages, embeddings=embeddings)
 
-    def plan(self, input_ids: torch.Tensor | None, fisher: FisherSums, profiles: dict[str, list[LevelResult]] | None) -> AllocationPlan | None:
+    def head_gram(self, input_ids: torch.Tensor | None) -> torch.Tensor:
+        """The head input's Gram that `embeddings: {method: gptq}` quantizes against (dense model)."""
+        if input_ids is None:
+            raise LlmpressError("embeddings.method gptq quantizes against calibration data: set calibration.num_samples >= 1, or use method: rtn")
+        return head_input_gram(self.model, input_ids, self.options["device"], self.options["offload_device"])
+
+    def plan(
+        self,
+        input_ids: torch.Tensor | None,
+        fisher: FisherSums,
+        profiles: dict[str, list[LevelResult]] | None,
+        head_gram: torch.Tensor | None = None,
+    ) -> AllocationPlan | None:
         """Step 2: the knapsack's level per layer (None: the recipe's levels apply)."""
         if self.knapsack is None:
             return None
@@ -133,7 +146,7 @@ class CompressionRunner:
         extra = None
         if self.recipe.embeddings is not None and self.recipe.embeddings.choices:
             with torch.no_grad():
-                options = embedding_options(self.model, self.recipe.embeddings, fisher[EMBEDDING_STATS])
+                options = embedding_options(self.model, self.recipe.embeddings, fisher[EMBEDDING_STATS], head_gram)
             extra = {embedding_name(self.model): options}
         return plan_allocation(self.profiler(), input_ids, self.knapsack, fisher, extra)
 
@@ -161,12 +174,13 @@ class CompressionRunner:
         chosen_by_knapsack = config is not None and bool(config.choices)
         if chosen_by_knapsack and (stats is not None or profiles is not None or fisher is not None):
             raise LlmpressError("embeddings chosen by the knapsack (a list of bits or group sizes) are priced from this run's Fisher pass: run without precomputed statistics")
-        embeddings = quantize_embeddings(self.model, config) if config is not None and not chosen_by_knapsack else None
+        gram = self.head_gram(input_ids) if config is not None and config.method == "gptq" else None
+        embeddings = quantize_embeddings(self.model, config, gram) if config is not None and not chosen_by_knapsack else None
         if fisher is None:
             fisher = self.fisher(input_ids, embeddings=chosen_by_knapsack) if stats is None else {}
-        plan = self.plan(input_ids, fisher, profiles)
+        plan = self.plan(input_ids, fisher, profiles, gram)
         if chosen_by_knapsack:  # the knapsack chose the embeddings' bits along with the layers
-            embeddings = quantize_embeddings(self.model, chosen_setting(self.model, config, plan))
+            embeddings = quantize_embeddings(self.model, chosen_setting(self.model, config, plan), gram)
         pipeline = self.pipeline
         if plan is not None:
             layer_configs = plan.layer_configs(self.recipe.stages, [c.level_field for c in pipeline.compressors])

@@ -183,3 +183,48 @@ def test_embedding_choices_need_a_fisher_knapsack_in_bytes():
         quantize_embeddings(tiny_model("llama"), EmbeddingsConfig(bits=[8, 4]))
     with pytest.raises(LlmpressError, match="at least 2"):
         load_recipe({**recipe, "embeddings": {"bits": 8, "group_size": [64, 1]}})
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_head_input_gram_is_the_final_hidden_states_gram(kind):
+    """Block by block, the head's input Gram equals the one of a plain forward (Gemma-2: its
+    final norm and logit softcapping run in the model's own code)."""
+    from compress.embeddings import head_input_gram
+
+    model = family_model(kind)
+    ids = torch.randint(3, VOCAB, (3, 20), generator=torch.Generator().manual_seed(4))
+    expected = torch.zeros(64, 64, dtype=torch.float64)
+    hook = model.get_output_embeddings().register_forward_pre_hook(
+        lambda m, args: expected.add_(args[0].reshape(-1, 64).double().T @ args[0].reshape(-1, 64).double())
+    )
+    with torch.no_grad():
+        model(input_ids=ids)
+    hook.remove()
+    torch.testing.assert_close(head_input_gram(model, ids, "cpu", "cpu"), expected)
+
+
+def test_gptq_embeddings_lower_the_heads_error_and_run_in_a_recipe(tokenizer, calib_text):
+    """method: gptq quantizes the tied table against the head input's Gram: a smaller error on
+    the head's outputs than round-to-nearest at the same bytes; a recipe with it compresses, with
+    fixed bits and with the knapsack choosing them."""
+    from compress.api import compress_model
+    from compress.embeddings import head_input_gram
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, VOCAB, (4, 32), generator=torch.Generator().manual_seed(5))
+    gram = head_input_gram(model, ids, "cpu", "cpu")
+    weight = model.get_input_embeddings().weight.detach()
+    config = EmbeddingsConfig(bits=4, group_size=16)
+    rtn, gptq = quantized_table(weight, None, config), quantized_table(weight, None, config, gram)
+    head_error = lambda t: float((((t.to_dense() - weight).double() @ gram) * (t.to_dense() - weight).double()).sum())
+    assert head_error(gptq) < 0.8 * head_error(rtn) and gptq.num_bytes() == rtn.num_bytes()
+    with pytest.raises(LlmpressError, match="calibration data"):
+        from compress.embeddings import quantize_embeddings
+
+        quantize_embeddings(tiny_model("llama"), config.model_copy(update={"method": "gptq"}))
+    fixed = {**_recipe(ratio=0.5), "embeddings": {"bits": 4, "group_size": 16, "method": "gptq"}}
+    chosen = {**_recipe(ratio=0.5), "embeddings": {"bits": [8, 4], "group_size": 16, "method": "gptq"}}
+    for recipe in (fixed, chosen):
+        compressed, report = compress_model(tiny_model("llama"), recipe, dataset=str(calib_text), tokenizer=tokenizer, progress=False)
+        assert report["embeddings"]["method"] == "gptq" and isinstance(compressed.get_input_embeddings(), QuantizedEmbedding)
+        assert torch.isfinite(compressed(torch.randint(3, VOCAB, (1, 16))).logits).all()
