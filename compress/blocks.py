@@ -229,6 +229,62 @@ def capture_block_inputs(
     return BlockInputs(hiddens, kwargs)
 
 
+def block_forward(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, bool]:
+    """(the block's output hidden state, whether the block returns it inside a tuple)."""
+    out = block(hidden, **kwargs)
+    if isinstance(out, (tuple, list)):
+        return out[0], True
+    return out, False
+
+
+@torch.no_grad()
+def forward_through_blocks(
+    blocks: nn.ModuleList,
+    inputs: BlockInputs,
+    device: torch.device | str,
+    offload_device: torch.device | str,
+    keep_inputs: list[list[torch.Tensor]] | None = None,
+) -> tuple[list[torch.Tensor], bool]:
+    """(the final hidden state of every batch, whether the blocks return tuples): the dense blocks
+    one at a time on `device`, outputs offloaded; `keep_inputs` receives each block's inputs."""
+    hiddens, as_tuple = inputs.hiddens, False
+    for index, block in enumerate(blocks):
+        block.to(device)
+        if keep_inputs is not None:
+            keep_inputs.append(hiddens)
+        outputs = []
+        for hidden, kwargs in zip(hiddens, inputs.kwargs[index]):
+            out, as_tuple = block_forward(block, hidden.to(device), to_device(kwargs, device))
+            outputs.append(out.to(offload_device))
+        hiddens = outputs
+        block.to(offload_device)
+    return hiddens, as_tuple
+
+
+@contextmanager
+def tail_only(
+    model: nn.Module, blocks: nn.ModuleList, as_tuple: bool, device: torch.device | str, offload_device: torch.device | str
+) -> Iterator[Callable[[torch.Tensor], None]]:
+    """Within the context the model's forward computes only what follows the decoder blocks (final
+    norm, head, loss) from a final hidden state handed in with `hand_over(hidden)` before each
+    call: every block passes its input on and the last returns that state. The parts outside the
+    blocks are on `device` meanwhile."""
+    last = len(blocks) - 1
+    state: dict[str, torch.Tensor] = {}
+
+    def stand_in(index: int, args: tuple, kwargs: dict):
+        hidden = state["last"] if index == last else split_hidden(args, kwargs)[0]
+        return (hidden,) if as_tuple else hidden
+
+    move_outside_blocks(model, blocks, device)
+    try:
+        with blocks_replaced(blocks, stand_in):
+            yield lambda hidden: state.__setitem__("last", hidden)
+    finally:
+        state.clear()
+        move_outside_blocks(model, blocks, offload_device)
+
+
 def block_output(out: Any) -> torch.Tensor:
     """The hidden state in a block's return value (a tensor, or a tuple whose first item it is)."""
     return out[0] if isinstance(out, (tuple, list)) else out

@@ -24,8 +24,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from .blocks import capture_block_inputs, find_decoder_blocks, forward_through_blocks, tail_only
 from .compressors.base import LevelResult
-from .blocks import block_output, blocks_replaced, capture_block_inputs, find_decoder_blocks, move_outside_blocks, split_hidden, to_device
 from .compressors.gqsa import GQSAConfig, gqsa_quantize
 from .compressors.rtn import quantize_groups
 from .errors import LlmpressError
@@ -145,16 +145,18 @@ def embedding_options(
     if len(fitting) < len(config.choices):
         logger.warning("embeddings: group sizes that do not divide the hidden size %d are no option: %s", cols,
                        sorted({g for _, g in config.choices} - {g for _, g in fitting}))  # fmt: skip
+    head_gram = _gptq_gram(config, gram)
     for bits, group_size in fitting:
         nbytes, cost, rel = 0, 0.0, 0.0
         for index, (weight, roles) in enumerate(tables):
             bias = own_head.bias if index == 1 and own_head.bias is not None else None
             reads_head = tied or index == 1  # the table the head reads: GPTQ against its input's Gram
-            quantized = quantized_table(weight, bias, config.at(bits, group_size), gram if reads_head and config.method == "gptq" else None)
+            quantized = quantized_table(weight, bias, config.at(bits, group_size), head_gram if reads_head else None)
             delta = quantized.to_dense().to(weight.dtype) - weight
             nbytes += quantized.num_bytes()
             cost += sum(f.price(delta) for f in roles)
-            rel = rel or _relative_error(weight, delta)  # the table's
+            if index == 0:  # the option's relative error is the input table's
+                rel = _relative_error(weight, delta)
         weighted = (cost / sensitivity) ** 0.5 if sensitivity > 0 else 0.0
         options.append(LevelResult(0.0, dense_values, nbytes, rel, weighted, sensitivity, fixed=_option_label(bits, group_size)))
     return options
@@ -183,6 +185,15 @@ def _relative_error(weight: torch.Tensor, delta: torch.Tensor, rows: int = 8192)
     return (squares(delta) / max(squares(weight), 1e-300)) ** 0.5
 
 
+def _gptq_gram(config: EmbeddingsConfig, gram: torch.Tensor | None) -> torch.Tensor | None:
+    """The Gram the head's table is quantized against: `gram` with `method: gptq`, else none."""
+    if config.method != "gptq":
+        return None
+    if gram is None:
+        raise LlmpressError("embeddings.method gptq quantizes against calibration data (the head input's Gram): pass it, or use method: rtn")
+    return gram
+
+
 def _blocksize(group_size: int) -> int:
     """GPTQ's lazy-update block: 128 columns, or a multiple of the group that holds it."""
     return group_size * max(1, 128 // group_size)
@@ -196,39 +207,22 @@ def head_input_gram(model: nn.Module, input_ids: torch.Tensor, device: torch.dev
     its norm and head, one sequence at a time (a sequence's logits span the vocabulary)."""
     _, blocks = find_decoder_blocks(model)
     inputs = capture_block_inputs(model, blocks, input_ids, 1, device, offload_device)
-    hiddens, as_tuple = inputs.hiddens, False
-    for index, block in enumerate(blocks):
-        block.to(device)
-        outputs = []
-        for hidden, kwargs in zip(hiddens, inputs.kwargs[index]):
-            out = block(hidden.to(device), **to_device(kwargs, device))
-            as_tuple = isinstance(out, (tuple, list))
-            outputs.append(block_output(out).to(offload_device))
-        hiddens = outputs
-        block.to(offload_device)
+    hiddens, as_tuple = forward_through_blocks(blocks, inputs, device, offload_device)
     head = model.get_output_embeddings()
     gram = torch.zeros(head.in_features, head.in_features, dtype=torch.float64)
-    state: dict[str, torch.Tensor] = {}
-
-    def stand_in(index: int, args: tuple, kwargs: dict):
-        hidden = state["last"] if index == len(blocks) - 1 else split_hidden(args, kwargs)[0]
-        return (hidden,) if as_tuple else hidden
 
     def accumulate(module: nn.Module, args: tuple) -> None:
         x = args[0].reshape(-1, args[0].shape[-1]).double()
         gram.add_((x.T @ x).cpu())
 
     hook = head.register_forward_pre_hook(accumulate)
-    move_outside_blocks(model, blocks, device)
     try:
-        with blocks_replaced(blocks, stand_in):
+        with tail_only(model, blocks, as_tuple, device, offload_device) as hand_over:
             for sequence, hidden in zip(input_ids.split(1), hiddens):
-                state["last"] = hidden.to(device)
+                hand_over(hidden.to(device))
                 model(input_ids=sequence.to(device), use_cache=False)
     finally:
         hook.remove()
-        state.clear()
-        move_outside_blocks(model, blocks, offload_device)
     return gram
 
 
@@ -275,8 +269,7 @@ def quantize_embeddings(model: nn.Module, config: EmbeddingsConfig, gram: torch.
     """Replace the input embedding (and the head) by quantized modules, in place; returns the
     report's `embeddings` section (names, bytes as served before and after, errors). `gram`: the
     head input's Gram (`head_input_gram`), which `method: gptq` quantizes the head's table against."""
-    if config.method == "gptq" and gram is None:
-        raise LlmpressError("embeddings.method gptq quantizes against calibration data (the head input's Gram): pass it, or use method: rtn")
+    head_gram = _gptq_gram(config, gram)
     if config.choices:
         raise LlmpressError(f"embeddings: bits or group_size is a list {config.choices}: the knapsack chooses one (config.at(bits, group_size))")
     embedding, head, tied = _embedding_and_head(model, config)
@@ -284,7 +277,7 @@ def quantize_embeddings(model: nn.Module, config: EmbeddingsConfig, gram: torch.
     head_name = _name_of(model, head) if head is not None else None
     weight = embedding.weight.data
     before = tensor_bytes(weight)
-    table = quantized_table(weight, None, config, gram if tied and config.method == "gptq" else None)
+    table = quantized_table(weight, None, config, head_gram if tied else None)
     scale = getattr(embedding, "embed_scale", None)
     scale = float(scale) if scale is not None else None
     quantized = QuantizedEmbedding(table, scale, embedding.padding_idx)
@@ -302,7 +295,7 @@ def quantize_embeddings(model: nn.Module, config: EmbeddingsConfig, gram: torch.
         model.all_tied_weights_keys = {}
     elif head is not None and config.head:
         before += tensor_bytes(head.weight) + (tensor_bytes(head.bias) if head.bias is not None else 0)
-        head_table = quantized_table(head.weight.data, head.bias, config, gram if config.method == "gptq" else None)
+        head_table = quantized_table(head.weight.data, head.bias, config, head_gram)
         section["head_rel_error"] = relative_errors(head.weight.data, head_table.to_dense(), None)[0]
         set_submodule(model, head_name, head_table)
         after += head_table.num_bytes()

@@ -44,17 +44,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .blocks import StopForward, blocks_replaced, capture_block_inputs, move_outside_blocks, split_hidden, to_device
+from .blocks import (
+    StopForward,
+    block_forward,
+    blocks_replaced,
+    capture_block_inputs,
+    forward_through_blocks,
+    move_outside_blocks,
+    split_hidden,
+    tail_only,
+    to_device,
+)
 
 logger = logging.getLogger("compress")
-
-
-def _block_forward(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, bool]:
-    """(the block's output hidden state, whether the block returns it inside a tuple)."""
-    out = block(hidden, **kwargs)
-    if isinstance(out, (tuple, list)):
-        return out[0], True
-    return out, False
 
 
 GradientCallback = Callable[[str, torch.Tensor], None]  # (layer name, one sequence's weight gradient)
@@ -189,18 +191,7 @@ def _walk_chunk(model, blocks, chunk, by_weight, on_gradient, on_block_done, dev
     captured = capture_block_inputs(model, blocks, chunk, 1, device, offload_device)
     # 1. dense forward, keeping each block's inputs
     inputs: list[list[torch.Tensor]] = []
-    hiddens = captured.hiddens
-    as_tuple = False
-    with torch.no_grad():
-        for index, block in enumerate(blocks):
-            block.to(device)
-            inputs.append(hiddens)
-            outs = []
-            for hidden, kwargs in zip(hiddens, captured.kwargs[index]):
-                out, as_tuple = _block_forward(block, hidden.to(device), to_device(kwargs, device))
-                outs.append(out.to(offload_device))
-            hiddens = outs
-            block.to(offload_device)
+    hiddens, as_tuple = forward_through_blocks(blocks, captured, device, offload_device, keep_inputs=inputs)
     # 2. the tail: loss from the last hidden state, through the model's own forward
     grads = _tail_gradients(model, blocks, chunk, hiddens, as_tuple, device, offload_device, embeddings)
     # 3. backward through the blocks, last to first
@@ -214,7 +205,7 @@ def _walk_chunk(model, blocks, chunk, by_weight, on_gradient, on_block_done, dev
         for hidden, kwargs, grad in zip(inputs[index], captured.kwargs[index], grads):
             x = hidden.to(device).requires_grad_(True)
             with torch.enable_grad():
-                out, _ = _block_forward(block, x, to_device(kwargs, device))
+                out, _ = block_forward(block, x, to_device(kwargs, device))
                 out.backward(grad.to(device))
             for w in weights:
                 on_gradient(by_weight[id(w)], w.grad.detach())
@@ -235,13 +226,6 @@ def _tail_gradients(model, blocks, chunk, last_hiddens, as_tuple, device, offloa
     and loss. No block is computed: each passes its input on and the last returns the stored state.
     `embeddings`: also report the head's input and the loss gradient at its output (the stored
     state cuts the path from the embedding lookup: only the head's role)."""
-    last = len(blocks) - 1
-    state: dict[str, torch.Tensor] = {}
-
-    def stand_in(index: int, args: tuple, kwargs: dict):
-        hidden = state["last"] if index == last else split_hidden(args, kwargs)[0]
-        return (hidden,) if as_tuple else hidden
-
     head = model.get_output_embeddings() if embeddings is not None else None
     at_head: dict[str, torch.Tensor] = {}
 
@@ -251,11 +235,11 @@ def _tail_gradients(model, blocks, chunk, last_hiddens, as_tuple, device, offloa
 
     hook = head.register_forward_hook(keep_head) if head is not None else None
     grads = []
-    move_outside_blocks(model, blocks, device)
     try:
-        with blocks_replaced(blocks, stand_in):
+        with tail_only(model, blocks, as_tuple, device, offload_device) as hand_over:
             for seq, hidden in zip(chunk, last_hiddens):
-                h = state["last"] = hidden.to(device).requires_grad_(True)
+                h = hidden.to(device).requires_grad_(True)
+                hand_over(h)
                 with torch.enable_grad():
                     ids = seq[None].to(device)
                     loss: Any = model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -264,11 +248,9 @@ def _tail_gradients(model, blocks, chunk, last_hiddens, as_tuple, device, offloa
                 if hook is not None:
                     embeddings.on_head(at_head["x"], at_head.pop("z").grad.detach())
     finally:
-        state.clear()
         at_head.clear()
         if hook is not None:
             hook.remove()
-        move_outside_blocks(model, blocks, offload_device)
     return grads
 
 
