@@ -115,13 +115,20 @@ def builds(dtype: str = "fp16") -> list[Build]:
             {"num_warps": 4}, aligned=("M", "stride_xn", "stride_yn", "stride_ys"),
             weight_bytes=block_m * (group // 2 + 2 + 1 + (0 if all_groups else 2)),  # codes, scale, zero, group index
         ))  # fmt: skip
-    out.append(Build(
-        "int4 (W4, all groups) g128 BM64 BN16", "int4_matmul:_int4_kernel",
-        {"x_ptr": p, "q_ptr": "*u8", "s_ptr": p, "z_ptr": "*u8", "b_ptr": p, "y_ptr": p,
-         **_ints("M", "N", "GROUPS", "GROUPS_PER_SPLIT", "stride_xn", "stride_yn", "stride_ys")},
-        {"HAS_BIAS": False, "DOT_FP32": False, "GROUP": 128, "BLOCK_M": 64, "BLOCK_N": 16}, {"num_warps": 4, "num_stages": 1},
-        aligned=("M", "GROUPS", "stride_xn", "stride_yn", "stride_ys"), weight_bytes=64 * (64 + 2 + 1),
-    ))  # fmt: skip
+    from compress.kernels.int4_matmul import step_groups
+
+    for group, dtype in ((128, "fp16"), (128, "bf16"), (64, "fp16"), (32, "fp16"), (16, "fp16")):
+        step = step_groups(group, 256)
+        q = f"*{dtype}"
+        out.append(Build(
+            f"int4 (W4, all groups) g{group} BM64 BN16" + (f" ({step} groups a step)" if step > 1 else "") + (" bf16" if dtype == "bf16" else ""),
+            "int4_matmul:_int4_kernel",
+            {"x_ptr": q, "w_ptr": "*i32", "s_ptr": "*i16", "z_ptr": "*u8", "b_ptr": q, "y_ptr": q,
+             **_ints("M", "N", "GROUPS", "GROUPS_PER_SPLIT", "stride_xn", "stride_yn", "stride_ys")},
+            {"HAS_BIAS": False, "PTX": True, "DOT_FP32": False, "GROUP": group, "STEP_GROUPS": step, "BLOCK_M": 64, "BLOCK_N": 16},
+            {"num_warps": 4, "num_stages": 1}, aligned=("M", "GROUPS", "GROUPS_PER_SPLIT", "stride_xn", "stride_yn", "stride_ys"),
+            weight_bytes=64 * step * (group // 2 + 2 + 1),
+        ))  # fmt: skip
     from compress.kernels.int8_matmul import int8_chunk, int8_tiles
 
     for group in (64, 128):

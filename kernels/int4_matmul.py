@@ -1,16 +1,22 @@
 """INT4 group-quantized GEMM on tensor cores: GQSALinear with every group kept (W4 alone, the
-GPTQ-style storage), y = x·Ŵᵀ + b.
+GPTQ-style storage), y = x·Ŵᵀ + b, for decode (1–16 tokens) and beyond.
 
-When every row keeps all K/g groups in order, a row's packed codes are contiguous and a K step of
-one group is the same for all rows, so the tile can go through `tl.dot`: each program loads a
-(BLOCK_M × g/2) byte tile, splits it into the low nibbles (even columns) and high nibbles (odd
-columns), dequantizes both halves with the rows' scale and zero point of this group (in fp16 for
-fp16 layers, two weights per instruction) and multiplies them by the group's even and odd
-activation columns in two `tl.dot`s. On sm_90 this loop issues 0.333 warp-instructions per weight
-byte (Hopper allows 0.218): joining the halves back into column order for one dot took 0.373 (a
-PRMT per pair of weights), and staging the code tile through shared memory (cp.async) more
-(eval/results/kernels/static-sm90). Bytes read per weight: 0.5 + (scale + zero)/g, about 0.52 at
-g = 128 with fp16 scales, against 2 for dense fp16 (limit ~3.8x).
+When every row keeps all K/g groups in order, a row's packed codes are contiguous and a K step is
+the same for all rows, so the tile can go through `tl.dot`: at one token the products are free
+on tensor cores and the loop's work is the dequantization alone. Each program reads a
+(BLOCK_M × step) tile of codes as 32-bit words (eight weights each; a step is one group, or
+several small ones so that it spans at least 64 columns), turns every word into eight 16-bit
+floats in column order and multiplies them with the step's activation columns in one `tl.dot`.
+
+On the GPU the words are dequantized by a short PTX program (`dequant_words_ptx`), two weights
+per instruction: 2.1 instructions per weight, 1.1 of them integer, where Triton's own lowering of
+the same arithmetic on bytes took 5.6 (one PRMT per byte to unpack it, more to pack the halves).
+On sm_90 the loop then issues 0.206 warp-instructions per weight byte at g = 128 and 0.211 at
+g = 64 (Hopper's HBM allows 0.218; eval/compile_kernels.py). Rows past M read row M − 1 and are
+never stored, so the weight loads need no mask. fp32 layers and Triton's interpreter (which
+cannot run PTX) take the same kernel with the arithmetic written in Triton (`dequant_words`).
+Bytes read per weight: 0.5 + (scale + zero)/g, 0.52 at g = 128 with 16-bit scales, against 2
+for dense fp16 (limit ~3.8x).
 """
 
 from __future__ import annotations
@@ -18,42 +24,121 @@ from __future__ import annotations
 import torch
 
 from .runtime import (
+    SplitK,
     cached_on,
     check_launch,
+    dot_in_fp32,
     flat_tokens,
-    launch_group_dot,
+    interpreting,
     launch_refusal,
     output_like,
+    split_k_plan,
     storage_key,
     tl,
+    token_block,
     triton,
 )
 
+# a K step spans at least this many columns: smaller groups are taken several per step, so the
+# loop's fixed cost (addresses, the shared-memory round trip of the tile) is paid per 64 columns
+MIN_STEP_COLUMNS = 64
+
+
+def _w4_word_ptx(magic: str, one: str, fma: str) -> str:
+    """The PTX of `dequant_words_ptx` for one 16-bit float type. $8 is the word, $9 the row's
+    (−bias − zero) pair, $10 its scale pair; $0..$7 receive the word's columns 0, 1, …, 7
+    (column 2j is byte j's low nibble, 2j + 1 its high one, as `pack_int4` stores them)."""
+    lines = [
+        "{",
+        ".reg .b32 odd, p, r, mask, magic, one, negzero;",
+        "mov.b32 mask, 0x000F000F;",
+        f"mov.b32 magic, {magic};",
+        f"mov.b32 one, {one};",
+        "mov.b32 negzero, 0x80008000;",
+        "shr.u32 odd, $8, 4;",  # byte j of `odd` holds column 2j + 1 in its low nibble
+    ]
+    for pair in range(4):
+        lines += [
+            f"prmt.b32 p, $8, odd, 0x{pair + 4:x}0{pair:x};",  # byte `pair` of the word (low half), of `odd` (high half)
+            "lop3.b32 r, p, mask, magic, 0xEA;",  # (p & mask) | magic: the floats bias + q, two at once
+            f"{fma} r, r, one, $9;",  # − (bias + zero): q − z, exact
+            f"{fma} r, r, $10, negzero;",  # × scale (+ −0.0): one rounding, as the reference's
+            f"mov.b32 {{${2 * pair}, ${2 * pair + 1}}}, r;",
+        ]
+    return "\n".join(lines + ["}"])
+
+
+def w4_row_pairs(scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `_int4_kernel` computes per row and group for the PTX path, as int32 tensors: the
+    16-bit float −(bias + z) twice (its bits are the bias's, negated, with z in the mantissa) and
+    the scale's bits twice. For tests; the kernel does the same in registers."""
+    bias2 = NEG_BF16_BIAS2 if scales.dtype == torch.bfloat16 else NEG_FP16_BIAS2
+    scale_bits = scales.view(torch.int16).to(torch.int32) & 0xFFFF
+    return zeros.to(torch.int32) * 0x10001 + bias2, scale_bits * 0x10001
+
+
+# the bits of the pairs (−1024, −1024) in fp16 and (−128, −128) in bf16, as int32: 1024 + q and
+# 128 + q are the floats whose mantissas are q
+NEG_FP16_BIAS2 = 0xE400E400 - (1 << 32)
+NEG_BF16_BIAS2 = 0xC300C300 - (1 << 32)
+
 if triton is not None:
+    W4_WORD_FP16 = tl.constexpr(_w4_word_ptx("0x64006400", "0x3C003C00", "fma.rn.f16x2"))
+    W4_WORD_BF16 = tl.constexpr(_w4_word_ptx("0x43004300", "0x3F803F80", "fma.rn.bf16x2"))
+    _NEG_FP16_BIAS2 = tl.constexpr(NEG_FP16_BIAS2)
+    _NEG_BF16_BIAS2 = tl.constexpr(NEG_BF16_BIAS2)
 
     @triton.jit
-    def dequant_nibbles_fp16(packed, scale, zero):
-        """(low, high) nibbles of uint8 codes dequantized in fp16, packed two per register (HADD2,
-        HMUL2): the bits 0x6400 | q are the float 1024 + q; minus 1024 + z that is q − z exactly,
-        and the product with the scale rounds once, as the reference's fp32 product cast to fp16
-        does. 10% fewer instructions per weight byte than dequantizing in fp32 and packing after
-        (eval/compile_kernels.py). bf16 (0x4300 | q = 128 + q) would work the same way on a GPU,
-        but Triton's interpreter cannot check bf16 bit casts, so bf16 keeps the fp32 path."""
-        base = (1024.0 + zero).to(tl.float16)
-        low = ((packed & 0xF).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
-        high = ((packed >> 4).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
-        scale16 = scale.to(tl.float16)
-        return (low - base) * scale16, (high - base) * scale16
+    def in_column_order(c0, c1, c2, c3, c4, c5, c6, c7):
+        """(…, 8) from a word's eight columns. tl.join adds its axis last, so the innermost
+        join holds the outermost index: (…, 2, 2, 2) flattens to column 4a + 2b + c for joins
+        at depths a, b, c. In this order the pairs (c0, c1), … stay in the registers the PTX
+        wrote them to (no repacking before the tile goes to shared memory)."""
+        return tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
+
+    @triton.jit
+    def dequant_words_ptx(words, neg_base2, scale2, BF16: tl.constexpr):
+        """Eight codes per 32-bit word dequantized in PTX, two weights per instruction (see
+        `_w4_word_ptx`): one shift per word, then per pair of columns a PRMT, a LOP3 and two
+        packed FMAs. neg_base2 and scale2 hold the row's 16-bit pairs (`w4_row_pairs`)."""
+        if BF16:
+            c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+                W4_WORD_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [words, neg_base2, scale2], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1
+            )
+        else:
+            c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+                W4_WORD_FP16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [words, neg_base2, scale2], dtype=(tl.float16,) * 8, is_pure=True, pack=1
+            )
+        return in_column_order(c0, c1, c2, c3, c4, c5, c6, c7)
+
+    @triton.jit
+    def dequant_words(words, zero, scale):
+        """The same in Triton arithmetic, in fp32 (fp32 layers, the interpreter): column k of a
+        word is its nibble k."""
+        offset = -zero * scale
+        c0 = ((words & 0xF).to(tl.float32)) * scale + offset
+        c1 = (((words >> 4) & 0xF).to(tl.float32)) * scale + offset
+        c2 = (((words >> 8) & 0xF).to(tl.float32)) * scale + offset
+        c3 = (((words >> 12) & 0xF).to(tl.float32)) * scale + offset
+        c4 = (((words >> 16) & 0xF).to(tl.float32)) * scale + offset
+        c5 = (((words >> 20) & 0xF).to(tl.float32)) * scale + offset
+        c6 = (((words >> 24) & 0xF).to(tl.float32)) * scale + offset
+        c7 = (((words >> 28) & 0xF).to(tl.float32)) * scale + offset
+        return in_column_order(c0, c1, c2, c3, c4, c5, c6, c7)
 
     @triton.jit
     def _int4_kernel(
-        x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
         M, N, GROUPS, GROUPS_PER_SPLIT, stride_xn, stride_yn, stride_ys,
-        HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, GROUP: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_BIAS: tl.constexpr, PTX: tl.constexpr, DOT_FP32: tl.constexpr, GROUP: tl.constexpr,
+        STEP_GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
-        HALF: tl.constexpr = GROUP // 2
-        tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and HALF >= 16, "tl.dot needs tiles of at least 16")
+        """w_ptr: the codes as int32 words (M, K/8); s_ptr: the scales (M, K/g), as an int16
+        view on the PTX path; z_ptr: the zero points (M, K/g)."""
+        WORDS: tl.constexpr = GROUP // 8
+        STEP: tl.constexpr = STEP_GROUPS * GROUP
+        BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
+        tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and STEP >= 16, "tl.dot needs tiles of at least 16")
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -61,40 +146,41 @@ if triton is not None:
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok = rm < M
         n_ok = rn < N
-        half = tl.arange(0, HALF)
+        # rows past M read row M − 1 (never stored): the weight loads need no mask, no zero fill
+        rows = tl.minimum(rm, M - 1)
+        in_step = tl.arange(0, STEP_GROUPS)
+        word = tl.arange(0, WORDS)
+        cols = tl.arange(0, STEP)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         g_start = pid_k * GROUPS_PER_SPLIT
-        g_end = tl.minimum(g_start + GROUPS_PER_SPLIT, GROUPS)
-        for g in range(g_start, g_end):
-            slot = rm * GROUPS + g
-            packed = tl.load(q_ptr + slot[:, None] * HALF + half[None, :], mask=m_ok[:, None], other=0)
-            scale = tl.load(s_ptr + slot, mask=m_ok, other=0.0).to(tl.float32)[:, None]
-            zero = tl.load(z_ptr + slot, mask=m_ok, other=0).to(tl.float32)[:, None]
-            if DOT_FP32 or x_ptr.dtype.element_ty != tl.float16:
-                offset = -zero * scale  # (q − z)·s = q·s + (−z·s): one FMA per weight instead of a subtract and a multiply
-                # a nibble q to float without the quarter-rate int-to-float conversion: the bits of 2^23 + q
-                # (exponent 0x4B0) minus 2^23, exact
-                wide = packed.to(tl.int32)
-                low = ((wide & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                high = ((wide >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                low = low * scale + offset
-                high = high * scale + offset
+        for g in range(g_start, tl.minimum(g_start + GROUPS_PER_SPLIT, GROUPS), STEP_GROUPS):
+            slot = rows[:, None] * GROUPS + g + in_step[None, :]  # (BLOCK_M, STEP_GROUPS)
+            words = tl.load(w_ptr + slot[:, :, None] * WORDS + word[None, None, :])
+            zero = tl.load(z_ptr + slot).to(tl.int32)
+            if PTX:
+                scale_bits = tl.load(s_ptr + slot).to(tl.uint16, bitcast=True).to(tl.int32)
+                neg_base2 = zero * 0x10001 + (_NEG_BF16_BIAS2 if BF16 else _NEG_FP16_BIAS2)
+                w = dequant_words_ptx(words, neg_base2[:, :, None], (scale_bits * 0x10001)[:, :, None], BF16)
             else:
-                low, high = dequant_nibbles_fp16(packed, scale, zero)
-            # low nibbles (columns 2i) against the even activation columns, high ones against the odd
-            even = g * GROUP + 2 * half
-            x_even = tl.load(x_ptr + rn[None, :] * stride_xn + even[:, None], mask=n_ok[None, :], other=0.0)
-            x_odd = tl.load(x_ptr + rn[None, :] * stride_xn + even[:, None] + 1, mask=n_ok[None, :], other=0.0)
+                scale = tl.load(s_ptr + slot).to(tl.float32)
+                w = dequant_words(words, zero.to(tl.float32)[:, :, None], scale[:, :, None])
+            w = tl.reshape(w, (BLOCK_M, STEP))
+            x = tl.load(x_ptr + rn[None, :] * stride_xn + (g * GROUP + cols)[:, None], mask=n_ok[None, :], other=0.0)
             if DOT_FP32:
-                acc += tl.dot(low, x_even.to(tl.float32), input_precision="ieee")
-                acc += tl.dot(high, x_odd.to(tl.float32), input_precision="ieee")
+                acc += tl.dot(w.to(tl.float32), x.to(tl.float32), input_precision="ieee")
             else:
-                acc += tl.dot(low.to(x_even.dtype), x_even)
-                acc += tl.dot(high.to(x_odd.dtype), x_odd)
+                acc += tl.dot(w.to(x.dtype), x)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rm, mask=m_ok, other=0.0).to(tl.float32)[:, None]
         y_offsets = pid_k * stride_ys + rn[None, :] * stride_yn + rm[:, None]
         tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def step_groups(group: int, groups: int) -> int:
+    """Groups per K step: enough to span MIN_STEP_COLUMNS columns when they divide the row's
+    groups, else one."""
+    step = max(1, MIN_STEP_COLUMNS // group)
+    return step if groups % step == 0 else 1
 
 
 def int4_matmul(
@@ -104,24 +190,47 @@ def int4_matmul(
     zeros: torch.Tensor,
     bias: torch.Tensor | None = None,
     split_k: int | None = None,
+    ptx: bool | None = None,
 ) -> torch.Tensor:
     """y = x·Ŵᵀ + bias for W4 group quantization with every group kept in order: qweight
-    (M, K/g, g/2) uint8, scales (M, K/g), zeros (M, K/g) uint8; x (..., K) -> (..., M)."""
+    (M, K/g, g/2) uint8, scales (M, K/g), zeros (M, K/g) uint8; x (..., K) -> (..., M).
+    `ptx` (default: on a GPU, for fp16/bf16 inputs whose scales have the input's dtype) picks the
+    PTX dequantization."""
     check_launch(x, qweight, scales, zeros)
     m, groups, half = qweight.shape
     group = 2 * half
-    if group < 32 or group & (group - 1):
-        raise ValueError(f"the INT4 tensor-core kernel needs a power-of-two group size >= 32, got {group}")
+    if group < 16 or group & (group - 1):
+        raise ValueError(f"the INT4 tensor-core kernel needs a power-of-two group size >= 16, got {group}")
     if scales.shape != (m, groups) or zeros.shape != (m, groups) or qweight.dtype != torch.uint8:
         raise ValueError("scales and zeros must be (out_features, K/g) and qweight uint8 (out_features, K/g, g/2)")
     if x.shape[-1] != groups * group:
         raise ValueError(f"x has {x.shape[-1]} features; the weight has {groups} groups of {group}")
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    if ptx is None:
+        ptx = not interpreting() and x.dtype in (torch.float16, torch.bfloat16) and scales.dtype == x.dtype
+    elif ptx and (x.dtype not in (torch.float16, torch.bfloat16) or scales.dtype != x.dtype):
+        raise ValueError(f"the PTX dequantization needs fp16 or bf16 inputs and scales of the same dtype, got {x.dtype} and {scales.dtype}")
     x2 = flat_tokens(x)
     n = x2.shape[0]
     out = output_like(x, m)
     if n == 0:
         return out
-    launch_group_dot(_int4_kernel, x, x2, out, qweight, scales, zeros, bias, group, split_k)
+    step = step_groups(group, groups)
+    block_m = 32 if interpreting() else 64
+    block_n = token_block(n)
+    programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    splits, steps_per_split = split_k_plan(groups // step, programs, x.device, 4, split_k)
+    split = SplitK(out.view(n, m), splits)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
+    _int4_kernel[grid](
+        x2, qweight.view(torch.int32), scales.view(torch.int16) if ptx else scales, zeros, bias if bias is not None else scales,
+        split.target, m, n, groups, steps_per_split * step, x2.stride(0), split.target.stride(-2), split.split_stride,
+        HAS_BIAS=split.single and bias is not None, PTX=ptx, DOT_FP32=dot_in_fp32(x.dtype), GROUP=group, STEP_GROUPS=step,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1,
+    )  # fmt: skip
+    split.finish(bias)
     return out
 
 
@@ -141,8 +250,8 @@ def _all_groups_in_order(module) -> bool:
 
 def int4_refusal(module, x: torch.Tensor) -> str | None:
     why = launch_refusal(x, module.qweight, module.scales)
-    if why is None and (module.group_size < 32 or module.group_size & (module.group_size - 1)):
-        why = f"group size {module.group_size} is not a power of two >= 32"
+    if why is None and (module.group_size < 16 or module.group_size & (module.group_size - 1)):
+        why = f"group size {module.group_size} is not a power of two >= 16"
     if why is None and not _all_groups_in_order(module):
         why = "the layer is group-sparse (not every group kept in order): the GQSA gather kernel serves it"
     return why

@@ -303,7 +303,7 @@ def launch_group_dot(
     kernel, x: torch.Tensor, x2: torch.Tensor, out: torch.Tensor, qweight, scales, zeros, bias, group: int, split_k: int | None,
     **meta: int,
 ) -> None:  # fmt: skip
-    """Launch a group-quantized tensor-core kernel (W4 `_int4_kernel`, W8 `_int8_dot_kernel`, W3/W2
+    """Launch a group-quantized tensor-core kernel (W8 `_int8_dot_kernel`, W3/W2
     `_lowbit_dot_kernel`: the same arguments, plus the kernel's own constexprs in `meta`) over
     (out_features × groups) codes: 64-row tiles, split-K over the groups."""
     m, groups = scales.shape

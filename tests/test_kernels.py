@@ -354,6 +354,25 @@ def test_int4_kernel_serves_plain_w4_and_split_k(monkeypatch, split_k):
     assert rel_err(y, torch.nn.functional.linear(x.double(), module.to_dense().double(), module.bias.double())) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group,groups", [(16, 8), (32, 6), (32, 5), (64, 3), (128, 2)])
+def test_int4_kernel_group_sizes_tokens_and_ragged_rows(dtype, group, groups):
+    """Every power-of-two group from 16 (several groups a K step when they divide the row: g16
+    takes 4, g32 2; 5 groups of 32 one at a time), 1 to 64 tokens, rows that fill no tile (the
+    rows past M read row M − 1 and are never stored)."""
+    from compress.kernels.int4_matmul import step_groups
+
+    assert (step_groups(16, 8), step_groups(32, 6), step_groups(32, 5), step_groups(128, 2)) == (4, 2, 1, 1)
+    k = group * groups
+    module = _random_gqsa(37, k, group, groups, dtype)
+    dense = module.to_dense().double()
+    for tokens in (1, 7, 16, 64):
+        x = torch.randn(tokens, k, device=DEVICE).to(dtype)
+        y = int4_matmul(x, module.qweight, module.scales, module.zeros, module.bias, split_k=2 if tokens == 7 else None)
+        assert y.dtype == dtype and y.shape == (tokens, 37)
+        assert rel_err(y, torch.nn.functional.linear(x.double(), dense, module.bias.double())) < TOLERANCE[dtype], tokens
+
+
 @pytest.fixture
 def cpu_cache(monkeypatch):
     """The CPU cache of expanded weights, emptied and bounded at 1 MiB for the test, restored after."""
@@ -418,42 +437,6 @@ def test_cpu_cache_keeps_one_expansion_per_module_until_its_storage_changes(monk
     assert len(calls) == 6 and kernels.cpu_cache_bytes() == 0
     with pytest.raises(ValueError, match="LLMPRESS_CPU_WEIGHT_CACHE.*not a size"):
         kernels.set_cpu_cache_limit("lots")
-
-
-if interpreting() or DEVICE == "cuda":
-    import triton
-    import triton.language as tl
-
-    from compress.kernels.int4_matmul import dequant_nibbles_fp16
-
-    @triton.jit
-    def _dequant_probe(q_ptr, s_ptr, z_ptr, out_ptr, N: tl.constexpr):
-        i = tl.arange(0, N)
-        low, high = dequant_nibbles_fp16(tl.load(q_ptr + i), tl.load(s_ptr + i), tl.load(z_ptr + i))
-        tl.store(out_ptr + 2 * i, low)
-        tl.store(out_ptr + 2 * i + 1, high)
-
-
-def test_int4_fp16_dequantization_is_exact(monkeypatch):
-    """The tensor-core W4 kernel dequantizes fp16 layers in fp16 on the GPU (the interpreter's
-    dots run in fp32): every code and zero point give the reference's fp32 product rounded once,
-    and the kernel on that path matches the reference."""
-    dtype = torch.float16
-    codes = torch.arange(256, dtype=torch.uint8, device=DEVICE)  # every (low, high) pair
-    zeros = torch.randint(0, 16, (256,), dtype=torch.uint8, device=DEVICE)
-    scales = (torch.rand(256, device=DEVICE) * 0.1 + 1e-3).to(dtype)
-    out = torch.empty(512, dtype=dtype, device=DEVICE)
-    _dequant_probe[(1,)](codes, scales, zeros, out, N=256)
-    q = torch.stack([codes & 0xF, codes >> 4], dim=1).float()
-    expected = ((q - zeros.float()[:, None]) * scales.float()[:, None]).to(dtype).flatten()
-    assert torch.equal(out, expected)
-    import compress.kernels.int4_matmul as int4
-
-    monkeypatch.setattr(runtime, "dot_in_fp32", lambda dtype: False)  # the GPU's path (fp16 dots are right in the interpreter)
-    module = _random_gqsa(48, 192, 32, 6, dtype)
-    x = torch.randn(5, 192, device=DEVICE).to(dtype)
-    y = int4.int4_matmul(x, module.qweight, module.scales, module.zeros, module.bias)
-    assert rel_err(y, torch.nn.functional.linear(x.double(), module.to_dense().double(), module.bias.double())) < TOLERANCE[dtype]
 
 
 def test_dispatch_skips_kernels_measured_slower_than_dense(monkeypatch, tmp_path):

@@ -64,8 +64,6 @@ OVER_BUDGET = {
     "gqsa g16 N4 BM32 BN4": _CUDA_CORE_PRODUCTS,
     "gqsa g16 N16 BM8 BN16": _CUDA_CORE_PRODUCTS,
     "gqsa g16 N4 BM32 BN4 (W4, no index)": _CUDA_CORE_PRODUCTS,
-    "int4 (W4, all groups) g128 BM64 BN16": "0.333: dequantized in fp16 (packed) and multiplied in two dots over the "
-    "even and odd columns, but extracting and biasing each nibble still costs about 2.7 instructions per weight",
     "lowbit W3 g64 BM64 BN16 (tensor cores)": "0.644 (int 0.475): 8/3 codes per byte, each out of its byte by a shift "
     "and a mask, two more for its third bit, then converted: about 6 instructions per weight over 3/8 of a byte",
     "lowbit W2 g64 BM64 BN16 (tensor cores)": "0.589 (int 0.349): four codes per byte, each a shift, a mask and a "

@@ -1,0 +1,116 @@
+"""The PTX that dequantizes W4 words on the GPU (compress.kernels.int4_matmul), run by a small
+emulator of the six PTX instructions it uses, against the reference dequantization.
+
+Triton's interpreter cannot run inline PTX, so without a GPU this is what checks the program the
+kernel sends to the GPU: the PRMT selectors, the LOP3 truth table, the exponent bits and the
+per-row pairs (`w4_row_pairs`), bit for bit, for fp16 and bf16. The rest of the kernel (loads,
+column order, tiles) runs in the interpreter in tests/test_kernels.py on the Triton-arithmetic
+path; compile_kernels checks that the PTX assembles for sm_80 and sm_90."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from compress.kernels.int4_matmul import _w4_word_ptx, w4_row_pairs
+from compress.modules.gqsa import pack_int4
+
+MASK32 = 0xFFFFFFFF
+
+
+def _halves(v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two 16-bit floats of 32-bit registers (low, high), as float64."""
+    low = (v & 0xFFFF).to(torch.int16).view(dtype)  # int64 -> int16 keeps the low 16 bits
+    high = ((v >> 16) & 0xFFFF).to(torch.int16).view(dtype)
+    return low.double(), high.double()
+
+
+def _pack(low: torch.Tensor, high: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 pairs rounded once to `dtype` (through fp32, exact for these values: checked)."""
+    out = []
+    for h in (low, high):
+        assert torch.equal(h.float().double(), h), "the emulated FMA result is not exact in fp32"
+        out.append(h.float().to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF)
+    return out[0] | (out[1] << 16)
+
+
+def run_ptx(program: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Execute the straight-line PTX of `_w4_word_ptx` on int64 tensors holding 32-bit values,
+    element-wise; returns the 16-bit outputs ($0..$7) as int64 bit patterns."""
+    regs = dict(inputs)
+
+    def value(operand: str) -> torch.Tensor | int:
+        if operand[0].isdigit():  # an immediate, hex or decimal
+            return int(operand, 0)
+        return regs[operand]
+
+    for line in program.splitlines():
+        line = line.strip().rstrip(";")
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        if rest.startswith("{"):  # mov.b32 {$a, $b}, r: the halves of r
+            names, source = re.fullmatch(r"\{(.*)\},\s*(\S+)", rest).groups()
+            low, high = (n.strip() for n in names.split(","))
+            regs[low], regs[high] = regs[source] & 0xFFFF, (regs[source] >> 16) & 0xFFFF
+            continue
+        dest, *args = (a.strip() for a in rest.split(","))
+        vals = [value(a) for a in args]
+        if op == "mov.b32":
+            result = vals[0] + torch.zeros_like(regs["$8"]) if isinstance(vals[0], int) else vals[0]
+        elif op == "shr.u32":
+            result = vals[0] >> vals[1]
+        elif op == "prmt.b32":  # default mode: byte i of d is byte (selector nibble i) of {b, a}
+            a, b, selector = vals
+            pool = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
+            assert all(((selector >> (4 * i)) & 0x8) == 0 for i in range(4)), "sign-replicating selectors are not emulated"
+            result = sum(pool[(selector >> (4 * i)) & 0x7] << (8 * i) for i in range(4))
+        elif op == "lop3.b32":  # bit k of the LUT: the output for (a, b, c) = bits of k (a = 4, b = 2, c = 1)
+            a, b, c, lut = vals
+            result = torch.zeros_like(regs["$8"])
+            for k in range(8):
+                if lut >> k & 1:
+                    term = (a if k & 4 else ~a) & (b if k & 2 else ~b) & (c if k & 1 else ~c)
+                    result = result | (term & MASK32)
+        elif op in ("fma.rn.f16x2", "fma.rn.bf16x2"):
+            dtype = torch.bfloat16 if "bf16" in op else torch.float16
+            (a_lo, a_hi), (b_lo, b_hi), (c_lo, c_hi) = (_halves(v + torch.zeros_like(regs["$8"]), dtype) for v in vals)
+            result = _pack(a_lo * b_lo + c_lo, a_hi * b_hi + c_hi, dtype)
+        else:
+            raise AssertionError(f"the emulator does not know {op}")
+        regs[dest] = result & MASK32
+    return {f"${i}": regs[f"${i}"] for i in range(8)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_w4_word_ptx_dequantizes_every_code_exactly(dtype):
+    """Every code in every column position, every zero point, scales from tiny to large: the
+    eight outputs are (q − z)·s of columns 0..7 rounded once, bit for bit as the reference's fp32
+    product cast to the dtype."""
+    torch.manual_seed(0)
+    rows = 4096
+    codes = torch.randint(0, 16, (rows, 8))
+    codes[:256] = torch.arange(256)[:, None] % 16  # every code in every position
+    zeros = torch.arange(rows) % 16
+    scales = (torch.rand(rows) * 2.0 ** torch.randint(-12, 6, (rows,)).float()).to(dtype)
+    words = pack_int4(codes).view(torch.int32).to(torch.int64).squeeze(-1) & MASK32
+    neg_base2, scale2 = w4_row_pairs(scales, zeros.to(torch.uint8))
+    magic, one, fma = ("0x43004300", "0x3F803F80", "fma.rn.bf16x2") if dtype == torch.bfloat16 else ("0x64006400", "0x3C003C00", "fma.rn.f16x2")
+    out = run_ptx(_w4_word_ptx(magic, one, fma), {"$8": words, "$9": neg_base2.to(torch.int64) & MASK32, "$10": scale2.to(torch.int64) & MASK32})
+    got = torch.stack([out[f"${i}"].to(torch.int16).view(dtype) for i in range(8)], dim=1)
+    expected = ((codes - zeros[:, None]).float() * scales.float()[:, None]).to(dtype)
+    assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
+
+
+def test_emulator_catches_a_wrong_selector():
+    """The check can fail: a PRMT that takes the wrong byte for one pair gives wrong columns."""
+    program = _w4_word_ptx("0x64006400", "0x3C003C00", "fma.rn.f16x2").replace("0x501", "0x502")
+    codes = torch.arange(8)[None].repeat(16, 1)
+    words = pack_int4(codes).view(torch.int32).to(torch.int64).squeeze(-1) & MASK32
+    scales = torch.ones(16, dtype=torch.float16)
+    neg_base2, scale2 = w4_row_pairs(scales, torch.zeros(16, dtype=torch.uint8))
+    out = run_ptx(program, {"$8": words, "$9": neg_base2.to(torch.int64) & MASK32, "$10": scale2.to(torch.int64) & MASK32})
+    got = torch.stack([out[f"${i}"].to(torch.int16).view(torch.float16) for i in range(8)], dim=1)
+    assert not torch.equal(got[0].float(), torch.arange(8).float())
