@@ -119,15 +119,19 @@ def embedding_options(
     one option per (bits, group size) in `config.choices`, in bytes as served, priced in the units of the
     Linears' `fisher` cost: Σ F·ΔW² over the roles the quantized table plays (lookup; head when
     tied or quantized too), F each role's rank-1 Fisher from `stats` (`fisher.EMBEDDING_STATS`).
-    Round-to-nearest errors are uncorrelated across columns, so a diagonal Fisher prices them;
-    the Linears' GPTQ errors are not, which is why theirs go through the Gram. With `gram`
-    (`method: gptq`) the head's table is quantized as it will be, and the diagonal price, blind
-    to the errors GPTQ moves into directions the head's inputs do not use, overstates its cost."""
+    Round-to-nearest errors are uncorrelated across columns, so a diagonal Fisher prices them.
+    With `gram` (`method: gptq`) the head's table is quantized as it will be, against that Gram,
+    and its errors are correlated on purpose (moved into directions the head's inputs do not
+    use): the head role is then priced through the Gram (`_GramFisher`), as the Linears' are."""
     embedding, head, tied = _embedding_and_head(model, config)
     table = embedding.weight.detach()
     own_head = head if (head is not None and not tied and config.head) else None
+    head_gram = _gptq_gram(config, gram)
     lookup = _RankOneFisher(stats["lookup_row"], stats["lookup_col"])
-    head_fisher = _RankOneFisher(stats["head_row"], stats["head_col"])
+    if head_gram is None:
+        head_fisher: _RankOneFisher | _GramFisher = _RankOneFisher(stats["head_row"], stats["head_col"])
+    else:
+        head_fisher = _GramFisher(stats["head_row"], head_gram)
     # (weight, its Fisher in every role it plays once quantized)
     tables = [(table, [lookup, head_fisher] if tied else [lookup])]
     if own_head is not None:
@@ -145,7 +149,6 @@ def embedding_options(
     if len(fitting) < len(config.choices):
         logger.warning("embeddings: group sizes that do not divide the hidden size %d are no option: %s", cols,
                        sorted({g for _, g in config.choices} - {g for _, g in fitting}))  # fmt: skip
-    head_gram = _gptq_gram(config, gram)
     for bits, group_size in fitting:
         nbytes, cost, rel = 0, 0.0, 0.0
         for index, (weight, roles) in enumerate(tables):
@@ -177,6 +180,30 @@ class _RankOneFisher:
             float((delta[start : start + rows].double().square() @ col) @ row[start : start + rows])
             for start in range(0, delta.shape[0], rows)
         ) / self.total
+
+
+class _GramFisher:
+    """The head's Fisher as F ≈ diag(row) ⊗ G / tr G: per output row v, its loss-gradient energy
+    row_v (`head_row`: Σ_t g_tv²·‖h_t‖²) spread over the input directions as the head's inputs
+    h_t spread (G = Σ_t h_t·h_tᵀ). The price Σ_v row_v·(Δ_v G Δ_vᵀ)/tr G keeps the cross terms
+    between columns that the diagonal drops, so an error GPTQ put where the inputs do not go
+    costs nothing; for uncorrelated errors it agrees with `_RankOneFisher` (whose column sums are
+    G's diagonal, up to scale, when gradients and inputs are independent)."""
+
+    def __init__(self, row: torch.Tensor, gram: torch.Tensor):
+        self.row, self.gram = row.double(), gram.double()
+        self.trace = float(torch.diagonal(self.gram).sum())
+
+    def price(self, delta: torch.Tensor, rows: int = 8192) -> float:
+        """Σ_v row_v·Δ_v G Δ_vᵀ / tr G, a slice of rows at a time (vocabularies are large)."""
+        if self.trace <= 0 or float(self.row.sum()) <= 0:
+            return 0.0
+        gram, row = self.gram.to(delta.device), self.row.to(delta.device)
+        total = 0.0
+        for start in range(0, delta.shape[0], rows):
+            d = delta[start : start + rows].double()
+            total += float(((d @ gram) * d).sum(1) @ row[start : start + rows])
+        return total / self.trace
 
 
 def _relative_error(weight: torch.Tensor, delta: torch.Tensor, rows: int = 8192) -> float:

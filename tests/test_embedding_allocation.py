@@ -228,3 +228,33 @@ def test_gptq_embeddings_lower_the_heads_error_and_run_in_a_recipe(tokenizer, ca
         compressed, report = compress_model(tiny_model("llama"), recipe, dataset=str(calib_text), tokenizer=tokenizer, progress=False)
         assert report["embeddings"]["method"] == "gptq" and isinstance(compressed.get_input_embeddings(), QuantizedEmbedding)
         assert torch.isfinite(compressed(torch.randint(3, VOCAB, (1, 16))).logits).all()
+
+
+def test_gptq_head_is_priced_through_the_gram():
+    """With method: gptq the head role costs Σ_v row_v·Δ_v G Δ_vᵀ / tr G: for a diagonal G it is
+    the rank-1 diagonal price, an error in directions the head's inputs never take costs
+    nothing (the diagonal price charges it), and the option's price is that of the table GPTQ
+    makes (the lookup role still priced by its rank-1 Fisher)."""
+    from compress.embeddings import _GramFisher, _RankOneFisher, head_input_gram
+
+    g = torch.Generator().manual_seed(7)
+    row, diag = torch.rand(40, generator=g, dtype=torch.float64), torch.rand(16, generator=g, dtype=torch.float64)
+    delta = torch.randn(40, 16, generator=g, dtype=torch.float64)
+    col = diag * row.sum() / diag.sum()  # the column sums a diagonal Gram implies
+    assert _GramFisher(row, torch.diag(diag) * 3.0).price(delta, rows=7) == pytest.approx(_RankOneFisher(row, col).price(delta), rel=1e-9)
+    basis = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=torch.float64))[0]
+    gram = basis[:, :10] @ torch.diag(torch.rand(10, generator=g, dtype=torch.float64) + 0.1) @ basis[:, :10].T  # rank 10
+    unseen = torch.randn(40, 6, generator=g, dtype=torch.float64) @ basis[:, 10:].T  # errors in G's null space
+    assert abs(_GramFisher(row, gram).price(unseen)) < 1e-9 * _GramFisher(row, gram).price(delta)
+    assert _RankOneFisher(row, torch.diagonal(gram) * row.sum() / torch.diagonal(gram).sum()).price(unseen) > 0
+
+    model = family_model("llama", dtype=torch.float32)
+    ids = torch.randint(3, VOCAB, (3, 24), generator=torch.Generator().manual_seed(2))
+    stats, gram = _embedding_stats(model, ids), head_input_gram(model, ids, "cpu", "cpu")
+    config = EmbeddingsConfig(bits=[8, 4], group_size=16, method="gptq")
+    with serving_dtype("bfloat16"):
+        dense, w8, w4 = embedding_options(model, config, stats, gram)
+    weight = model.get_input_embeddings().weight.detach()
+    delta = quantized_table(weight, None, config.at(4, 16), gram).to_dense().double() - weight.double()
+    expected = _RankOneFisher(stats["lookup_row"], stats["lookup_col"]).price(delta) + _GramFisher(stats["head_row"], gram).price(delta)
+    assert w4.rel_weighted_error**2 * w4.sensitivity == pytest.approx(expected, rel=1e-6)
