@@ -97,9 +97,9 @@ def builds(dtype: str = "fp16") -> list[Build]:
         ))  # fmt: skip
     out.append(Build(
         "2:4 BM64 BN16 BK64 (tensor cores)", "nm_matmul:_nm24_dot_kernel",
-        {"x_ptr": p, "v_ptr": p, "bm_ptr": "*u8", "b_ptr": p, "y_ptr": p,
+        {"x_ptr": p, "v_ptr": "*i32", "bm_ptr": "*u8", "sel_ptr": "*i32", "b_ptr": p, "y_ptr": p,
          **_ints("M", "N", "K", "K_PER_SPLIT", "BYTES_PER_ROW", "stride_xn", "stride_yn", "stride_ys")},
-        {"HAS_BIAS": False, "DOT_FP32": False, "BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 64}, {"num_warps": 4, "num_stages": DOT_STAGES},
+        {"HAS_BIAS": False, "DOT_FP32": False, "PTX": True, "BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 64}, {"num_warps": 4, "num_stages": DOT_STAGES},
         aligned=("M", "K", "K_PER_SPLIT", "BYTES_PER_ROW", "stride_xn", "stride_yn", "stride_ys"),
         weight_bytes=64 * 64 * (0.5 * 2 + 1 / 8),
     ))  # fmt: skip

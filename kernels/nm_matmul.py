@@ -11,7 +11,11 @@ bits 2 and 3 else v1 if bit 2, column 3 is v1 if bit 3. The four columns are joi
 column order (Load-as-Sparse, Compute-as-Dense) and multiplied
 - on CUDA cores for one token (`_nm24_fma_kernel`): per-lane partial sums over the chunk's
   columns, reduced once after the loop, as in the W8 kernel;
-- on tensor cores for more tokens (`_nm24_dot_kernel`: one `tl.dot` per K tile, split-K).
+- on tensor cores for more tokens (`_nm24_dot_kernel`: one `tl.dot` per K tile, split-K). On
+  the GPU (fp16/bf16) each group's two values are read as one 32-bit word and placed by two PRMTs
+  whose selectors come from a 256-entry table indexed by the bitmap byte (`SELECTOR_TABLE`, 4 KB,
+  read through L1): 0.123 warp-instructions per weight byte, 0.076 of them integer, against 0.193
+  and 0.159 for the per-column selects (`tl.where`) that fp32 layers and the interpreter run.
 Bytes read per weight: 0.5·2 + 1/8 = 1.125 for fp16/bf16 (0.5625 of dense, limit 1.78x).
 Layers with a group that does not keep exactly two (a hand-made mask) go to the bitmap kernel.
 """
@@ -38,15 +42,56 @@ from .runtime import (
 
 # tokens served on CUDA cores; more go to tensor cores. On sm_90 the CUDA-core loop issues 0.207
 # warp-instructions per weight byte at 1 token (within Hopper's 0.218), 0.259 at 2 and 0.372 at 4
-# (the products grow with the tokens), the tensor-core loop 0.193 at any count up to 16, but
-# 0.159 of them integer (over the 0.109 the integer pipes allow) (eval/compile_kernels.py)
+# (the products grow with the tokens), the tensor-core loop 0.123 at any count up to 16, 0.076 of
+# them integer (eval/compile_kernels.py)
 FMA_MAX_TOKENS = 1
 # the tensor-core kernel's loads go straight to registers: staging them through shared memory
 # (cp.async, 3 stages) cost 0.253 warp-instructions per weight byte against 0.193 without, and
 # 66 registers leave enough CTAs per SM to keep loads in flight
 DOT_STAGES = 1
 
+def _selector(nibble: int) -> tuple[int, int]:
+    """The PRMT selectors that place a 2:4 group's two kept 16-bit values (v0, v1, in column
+    order, as one 32-bit word: bytes 0–3) into its columns (0, 1) and (2, 3), byte 4 being a zero
+    register: column c takes v0 (bytes 0, 1) if it holds the group's first kept weight, v1
+    (bytes 2, 3) if its second, else zeros (bytes 4, 4)."""
+    sources, rank = [], 0
+    for c in range(4):
+        if nibble >> c & 1 and rank < 2:
+            sources.append((2 * rank, 2 * rank + 1))
+            rank += 1
+        else:
+            sources.append((4, 4))
+    pack = lambda a, b: a[0] | a[1] << 4 | b[0] << 8 | b[1] << 12  # noqa: E731
+    return pack(sources[0], sources[1]), pack(sources[2], sources[3])
+
+
+# per bitmap byte (two groups: the low nibble is the first): the four selectors, (256, 4) int32
+SELECTOR_TABLE = [[*_selector(byte & 0xF), *_selector(byte >> 4)] for byte in range(256)]
+_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def selector_table(device: torch.device) -> torch.Tensor:
+    """SELECTOR_TABLE on `device` (4 KB, read through L1 by the tensor-core kernel's PTX path)."""
+    if device not in _TABLES:
+        _TABLES[device] = torch.tensor(SELECTOR_TABLE, dtype=torch.int32, device=device)
+    return _TABLES[device]
+
+
+# one group: $4 its two values as a 32-bit word, $5 and $6 the selectors of columns (0, 1) and
+# (2, 3); $0..$3 the four columns
+NM24_GROUP_PTX_TEXT = """{
+.reg .b32 zero, r01, r23;
+mov.b32 zero, 0;
+prmt.b32 r01, $4, zero, $5;
+prmt.b32 r23, $4, zero, $6;
+mov.b32 {$0, $1}, r01;
+mov.b32 {$2, $3}, r23;
+}"""
+
+
 if triton is not None:
+    NM24_GROUP_PTX = tl.constexpr(NM24_GROUP_PTX_TEXT)
 
     @triton.jit
     def _dense_2of4(v_ptr, bm_ptr, rm, m_ok, k0, K, BYTES_PER_ROW, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, FP32: tl.constexpr):
@@ -77,6 +122,33 @@ if triton is not None:
         return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (BLOCK_M, CHUNK))
 
     @triton.jit
+    def _dense_2of4_ptx(w_ptr, bm_ptr, sel_ptr, rows, k0, K, BYTES_PER_ROW, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BF16: tl.constexpr):
+        """The same tile on the GPU, in the values' 16-bit dtype: each group's two values read as
+        one 32-bit word (w_ptr: an int32 view of the values), each bitmap byte's four PRMT
+        selectors read from SELECTOR_TABLE (one 16-byte load per two groups, from L1), and per
+        group two PRMTs place the values in their columns: no per-column select."""
+        GROUPS: tl.constexpr = CHUNK // 4
+        BYTES: tl.constexpr = CHUNK // 8
+        jg = k0 // 4 + tl.arange(0, GROUPS)
+        words = tl.load(w_ptr + rows[:, None] * (K // 4) + jg[None, :], mask=(jg < K // 4)[None, :], other=0)
+        jb = k0 // 8 + tl.arange(0, BYTES)
+        byte = tl.load(bm_ptr + rows[:, None] * BYTES_PER_ROW + jb[None, :], mask=(jb < BYTES_PER_ROW)[None, :], other=0)
+        entry = sel_ptr + byte.to(tl.int32)[:, :, None] * 4 + tl.arange(0, 4)[None, None, :]
+        sel = tl.load(entry)  # (BLOCK_M, BYTES, 4): columns (0, 1), (2, 3) of the byte's first group, then of its second
+        sel = tl.reshape(sel, (BLOCK_M, GROUPS, 2))
+        sel01, sel23 = tl.split(sel)
+        if BF16:
+            c0, c1, c2, c3 = tl.inline_asm_elementwise(
+                NM24_GROUP_PTX, "=h,=h,=h,=h,r,r,r", [words, sel01, sel23], dtype=(tl.bfloat16,) * 4, is_pure=True, pack=1
+            )
+        else:
+            c0, c1, c2, c3 = tl.inline_asm_elementwise(
+                NM24_GROUP_PTX, "=h,=h,=h,=h,r,r,r", [words, sel01, sel23], dtype=(tl.float16,) * 4, is_pure=True, pack=1
+            )
+        # join(join(c0, c2), join(c1, c3))[..., k, l] = c_{2k+l}: columns 4g + 2k + l in order
+        return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (BLOCK_M, CHUNK))
+
+    @triton.jit
     def _nm24_fma_kernel(
         x_ptr, v_ptr, bm_ptr, b_ptr, y_ptr,
         M, N, K, BYTES_PER_ROW, stride_xn, stride_yn,
@@ -101,11 +173,13 @@ if triton is not None:
 
     @triton.jit
     def _nm24_dot_kernel(
-        x_ptr, v_ptr, bm_ptr, b_ptr, y_ptr,
+        x_ptr, v_ptr, bm_ptr, sel_ptr, b_ptr, y_ptr,
         M, N, K, K_PER_SPLIT, BYTES_PER_ROW, stride_xn, stride_yn, stride_ys,
-        HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PTX: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
+        """PTX (fp16/bf16 on a GPU): v_ptr is an int32 view of the values (one word per group) and
+        sel_ptr the selector table; else v_ptr holds the values and sel_ptr is unused."""
         tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16, "tl.dot needs tiles of at least 16")
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -117,8 +191,12 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         k_start = pid_k * K_PER_SPLIT
         k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+        rows = tl.minimum(rm, M - 1)  # rows past M read row M − 1 (never stored): no row mask on the PTX path
         for k0 in range(k_start, k_end, BLOCK_K):
-            w = _dense_2of4(v_ptr, bm_ptr, rm, m_ok, k0, K, BYTES_PER_ROW, BLOCK_K, BLOCK_M, DOT_FP32)
+            if PTX:
+                w = _dense_2of4_ptx(v_ptr, bm_ptr, sel_ptr, rows, k0, K, BYTES_PER_ROW, BLOCK_K, BLOCK_M, x_ptr.dtype.element_ty == tl.bfloat16)
+            else:
+                w = _dense_2of4(v_ptr, bm_ptr, rm, m_ok, k0, K, BYTES_PER_ROW, BLOCK_K, BLOCK_M, DOT_FP32)
             rk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + rn[None, :] * stride_xn + rk[:, None], mask=n_ok[None, :] & (rk < k_end)[:, None], other=0.0)
             if DOT_FP32:
@@ -187,10 +265,12 @@ def nm24_matmul(
     cfg = gemm_config(m, n, k, x.device, block, block, 4, split_k)
     split = SplitK(out.view(n, m), cfg["split_k"])
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), cfg["split_k"])
+    ptx = not interpreting() and x.dtype in (torch.float16, torch.bfloat16) and values.dtype == x.dtype
     _nm24_dot_kernel[grid](
-        x2, values, bitmap, bias if has_bias else values, split.target,
+        x2, values.view(torch.int32) if ptx else values, bitmap, selector_table(x.device) if ptx else bitmap,
+        bias if has_bias else values, split.target,
         m, n, k, cfg["k_per_split"], bitmap.shape[1], x2.stride(0), split.target.stride(-2), split.split_stride,
-        HAS_BIAS=split.single and has_bias, DOT_FP32=dot_in_fp32(x.dtype),
+        HAS_BIAS=split.single and has_bias, DOT_FP32=dot_in_fp32(x.dtype), PTX=ptx,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=4, num_stages=DOT_STAGES,
     )  # fmt: skip
     split.finish(bias)

@@ -56,8 +56,6 @@ OVER_BUDGET = {
     "delta rows N1 BM64 BE32": "0.278 (int 0.180): per stored entry a gap nibble, a prefix sum along the row, a "
     "64-bit address and a gathered activation; 5x fewer instructions per weight byte than the bitmap kernel, still 28% over",
     "delta rows N4 BM16 BE32": "0.578: the same per-entry work, and the products grow with the tokens",
-    "2:4 BM64 BN16 BK64 (tensor cores)": "0.193 in all but 0.159 integer: selecting 16-bit halves of a group's two "
-    "values into four columns costs PRMT/SEL pairs; the one-token CUDA-core kernel is within budget",
     "gqsa g128 N1 BM16 BN1": _CUDA_CORE_PRODUCTS,
     "gqsa g128 N16 BM2 BN16": _CUDA_CORE_PRODUCTS,
     "gqsa g16 N1 BM64 BN1": _CUDA_CORE_PRODUCTS,

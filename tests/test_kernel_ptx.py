@@ -1,11 +1,12 @@
-"""The PTX that dequantizes W4 words on the GPU (compress.kernels.int4_matmul), run by a small
-emulator of the six PTX instructions it uses, against the reference dequantization.
+"""The inline PTX the kernels send to the GPU, run by a small emulator of the PTX instructions
+they use, against the references: W4's dequantization of 32-bit words (int4_matmul) and the 2:4
+kernel's placement of each group's two values into its four columns (nm_matmul).
 
-Triton's interpreter cannot run inline PTX, so without a GPU this is what checks the program the
-kernel sends to the GPU: the PRMT selectors, the LOP3 truth table, the exponent bits and the
-per-row pairs (`w4_row_pairs`), bit for bit, for fp16 and bf16. The rest of the kernel (loads,
-column order, tiles) runs in the interpreter in tests/test_kernels.py on the Triton-arithmetic
-path; compile_kernels checks that the PTX assembles for sm_80 and sm_90."""
+Triton's interpreter cannot run inline PTX, so without a GPU this is what checks those programs:
+the PRMT selectors (and the 2:4 selector table), the LOP3 truth table, the exponent bits and the
+per-row pairs (`w4_row_pairs`), bit for bit, for fp16 and bf16. The rest of each kernel (loads,
+column order, tiles) runs in the interpreter in tests/test_kernels.py on its Triton-arithmetic
+path; compile_kernels checks that the PTX assembles for sm_90."""
 
 from __future__ import annotations
 
@@ -37,8 +38,9 @@ def _pack(low: torch.Tensor, high: torch.Tensor, dtype: torch.dtype) -> torch.Te
 
 
 def run_ptx(program: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Execute the straight-line PTX of `_w4_word_ptx` on int64 tensors holding 32-bit values,
-    element-wise; returns the 16-bit outputs ($0..$7) as int64 bit patterns."""
+    """Execute straight-line PTX (mov, shr, prmt, lop3, packed 16-bit fma) on int64 tensors holding
+    32-bit values, element-wise; returns the 16-bit outputs ($0..$7 that the program writes) as
+    int64 bit patterns."""
     regs = dict(inputs)
 
     def value(operand: str) -> torch.Tensor | int:
@@ -59,29 +61,30 @@ def run_ptx(program: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Te
         dest, *args = (a.strip() for a in rest.split(","))
         vals = [value(a) for a in args]
         if op == "mov.b32":
-            result = vals[0] + torch.zeros_like(regs["$8"]) if isinstance(vals[0], int) else vals[0]
+            result = vals[0] + torch.zeros_like(next(iter(inputs.values()))) if isinstance(vals[0], int) else vals[0]
         elif op == "shr.u32":
             result = vals[0] >> vals[1]
         elif op == "prmt.b32":  # default mode: byte i of d is byte (selector nibble i) of {b, a}
-            a, b, selector = vals
-            pool = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
-            assert all(((selector >> (4 * i)) & 0x8) == 0 for i in range(4)), "sign-replicating selectors are not emulated"
-            result = sum(pool[(selector >> (4 * i)) & 0x7] << (8 * i) for i in range(4))
+            a, b, selector = (v + torch.zeros_like(next(iter(inputs.values()))) if isinstance(v, int) else v for v in vals)
+            pool = torch.stack([(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)])
+            assert not bool((selector & 0x8888).any()), "sign-replicating selectors are not emulated"
+            result = sum(pool.gather(0, ((selector >> (4 * i)) & 0x7)[None]).squeeze(0) << (8 * i) for i in range(4))
         elif op == "lop3.b32":  # bit k of the LUT: the output for (a, b, c) = bits of k (a = 4, b = 2, c = 1)
             a, b, c, lut = vals
-            result = torch.zeros_like(regs["$8"])
+            result = torch.zeros_like(a)
             for k in range(8):
                 if lut >> k & 1:
                     term = (a if k & 4 else ~a) & (b if k & 2 else ~b) & (c if k & 1 else ~c)
                     result = result | (term & MASK32)
         elif op in ("fma.rn.f16x2", "fma.rn.bf16x2"):
             dtype = torch.bfloat16 if "bf16" in op else torch.float16
-            (a_lo, a_hi), (b_lo, b_hi), (c_lo, c_hi) = (_halves(v + torch.zeros_like(regs["$8"]), dtype) for v in vals)
+            like = next(v for v in vals if not isinstance(v, int))
+            (a_lo, a_hi), (b_lo, b_hi), (c_lo, c_hi) = (_halves(v + torch.zeros_like(like), dtype) for v in vals)
             result = _pack(a_lo * b_lo + c_lo, a_hi * b_hi + c_hi, dtype)
         else:
             raise AssertionError(f"the emulator does not know {op}")
         regs[dest] = result & MASK32
-    return {f"${i}": regs[f"${i}"] for i in range(8)}
+    return {f"${i}": regs[f"${i}"] for i in range(8) if f"${i}" in regs}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -114,3 +117,28 @@ def test_emulator_catches_a_wrong_selector():
     out = run_ptx(program, {"$8": words, "$9": neg_base2.to(torch.int64) & MASK32, "$10": scale2.to(torch.int64) & MASK32})
     got = torch.stack([out[f"${i}"].to(torch.int16).view(torch.float16) for i in range(8)], dim=1)
     assert not torch.equal(got[0].float(), torch.arange(8).float())
+
+
+def test_nm24_ptx_places_each_groups_values_in_its_columns():
+    """Every pair of 2:4 nibbles in a bitmap byte (the low nibble the byte's first group): the
+    selectors from SELECTOR_TABLE and the group's PTX put v0 and v1 into the columns of the
+    group's first and second kept weight and zeros elsewhere, bit for bit."""
+    from compress.kernels.nm_matmul import NM24_GROUP_PTX_TEXT, SELECTOR_TABLE
+
+    patterns = [n for n in range(16) if bin(n).count("1") == 2]
+    table = torch.tensor(SELECTOR_TABLE, dtype=torch.int64)
+    for first in patterns:
+        for second in patterns:
+            byte = first | second << 4
+            for group, nibble in ((0, first), (1, second)):
+                values = torch.randn(64, 2).to(torch.float16)  # (v0, v1) of 64 groups with this nibble
+                word = values.view(torch.int16).to(torch.int64) & 0xFFFF
+                word = word[:, 0] | word[:, 1] << 16
+                sel01 = table[byte, 2 * group].expand(64).clone()
+                sel23 = table[byte, 2 * group + 1].expand(64).clone()
+                out = run_ptx(NM24_GROUP_PTX_TEXT, {"$4": word, "$5": sel01, "$6": sel23})
+                got = torch.stack([out[f"${c}"].to(torch.int16).view(torch.float16) for c in range(4)], dim=1)
+                expected = torch.zeros(64, 4, dtype=torch.float16)
+                kept = [c for c in range(4) if nibble >> c & 1]
+                expected[:, kept[0]], expected[:, kept[1]] = values[:, 0], values[:, 1]
+                assert torch.equal(got.view(torch.int16), expected.view(torch.int16)), (first, second, group)
