@@ -13,8 +13,8 @@ column order (Load-as-Sparse, Compute-as-Dense) and multiplied
   columns, reduced once after the loop, as in the W8 kernel;
 - on tensor cores for more tokens (`_nm24_dot_kernel`: one `tl.dot` per K tile, split-K). On
   the GPU (fp16/bf16) each group's two values are read as one 32-bit word and placed by two PRMTs
-  whose selectors come from a 256-entry table indexed by the bitmap byte (`SELECTOR_TABLE`, 4 KB,
-  read through L1): 0.123 warp-instructions per weight byte, 0.076 of them integer, against 0.193
+  whose selectors come from a 16-entry table indexed by the group's nibble (`SELECTOR_TABLE`,
+  64 bytes: one L1 line): 0.124 warp-instructions per weight byte, 0.084 of them integer, against 0.193
   and 0.159 for the per-column selects (`tl.where`) that fp32 layers and the interpreter run.
 Bytes read per weight: 0.5·2 + 1/8 = 1.125 for fp16/bf16 (0.5625 of dense, limit 1.78x).
 Layers with a group that does not keep exactly two (a hand-made mask) go to the bitmap kernel.
@@ -42,7 +42,7 @@ from .runtime import (
 
 # tokens served on CUDA cores; more go to tensor cores. On sm_90 the CUDA-core loop issues 0.207
 # warp-instructions per weight byte at 1 token (within Hopper's 0.218), 0.259 at 2 and 0.372 at 4
-# (the products grow with the tokens), the tensor-core loop 0.123 at any count up to 16, 0.076 of
+# (the products grow with the tokens), the tensor-core loop 0.124 at any count up to 16, 0.084 of
 # them integer (eval/compile_kernels.py)
 FMA_MAX_TOKENS = 1
 # the tensor-core kernel's loads go straight to registers: staging them through shared memory
@@ -66,25 +66,28 @@ def _selector(nibble: int) -> tuple[int, int]:
     return pack(sources[0], sources[1]), pack(sources[2], sources[3])
 
 
-# per bitmap byte (two groups: the low nibble is the first): the four selectors, (256, 4) int32
-SELECTOR_TABLE = [[*_selector(byte & 0xF), *_selector(byte >> 4)] for byte in range(256)]
+# per nibble (a group's bitmap bits): its two selectors as one int32, columns (0, 1) in the low
+# half and (2, 3) in the high one. 64 bytes, one cache line: a warp's lookups are one L1 pass,
+# where a table per bitmap byte (4 KB) would touch up to 32 lines per load
+SELECTOR_TABLE = [lo | hi << 16 for lo, hi in map(_selector, range(16))]
 _TABLES: dict[torch.device, torch.Tensor] = {}
 
 
 def selector_table(device: torch.device) -> torch.Tensor:
-    """SELECTOR_TABLE on `device` (4 KB, read through L1 by the tensor-core kernel's PTX path)."""
+    """SELECTOR_TABLE on `device`, read through L1 by the tensor-core kernel's PTX path."""
     if device not in _TABLES:
         _TABLES[device] = torch.tensor(SELECTOR_TABLE, dtype=torch.int32, device=device)
     return _TABLES[device]
 
 
-# one group: $4 its two values as a 32-bit word, $5 and $6 the selectors of columns (0, 1) and
-# (2, 3); $0..$3 the four columns
+# one group: $4 its two values as a 32-bit word, $5 its selectors (SELECTOR_TABLE); $0..$3 the
+# four columns (PRMT reads the low 16 bits of its selector)
 NM24_GROUP_PTX_TEXT = """{
-.reg .b32 zero, r01, r23;
+.reg .b32 zero, high, r01, r23;
 mov.b32 zero, 0;
+shr.u32 high, $5, 16;
 prmt.b32 r01, $4, zero, $5;
-prmt.b32 r23, $4, zero, $6;
+prmt.b32 r23, $4, zero, high;
 mov.b32 {$0, $1}, r01;
 mov.b32 {$2, $3}, r23;
 }"""
@@ -124,26 +127,24 @@ if triton is not None:
     @triton.jit
     def _dense_2of4_ptx(w_ptr, bm_ptr, sel_ptr, rows, k0, K, BYTES_PER_ROW, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BF16: tl.constexpr):
         """The same tile on the GPU, in the values' 16-bit dtype: each group's two values read as
-        one 32-bit word (w_ptr: an int32 view of the values), each bitmap byte's four PRMT
-        selectors read from SELECTOR_TABLE (one 16-byte load per two groups, from L1), and per
-        group two PRMTs place the values in their columns: no per-column select."""
+        one 32-bit word (w_ptr: an int32 view of the values), its two PRMT selectors looked up by
+        its nibble in SELECTOR_TABLE (L1), and two PRMTs place the values in their columns: no
+        per-column select."""
         GROUPS: tl.constexpr = CHUNK // 4
         BYTES: tl.constexpr = CHUNK // 8
         jg = k0 // 4 + tl.arange(0, GROUPS)
         words = tl.load(w_ptr + rows[:, None] * (K // 4) + jg[None, :], mask=(jg < K // 4)[None, :], other=0)
         jb = k0 // 8 + tl.arange(0, BYTES)
-        byte = tl.load(bm_ptr + rows[:, None] * BYTES_PER_ROW + jb[None, :], mask=(jb < BYTES_PER_ROW)[None, :], other=0)
-        entry = sel_ptr + byte.to(tl.int32)[:, :, None] * 4 + tl.arange(0, 4)[None, None, :]
-        sel = tl.load(entry)  # (BLOCK_M, BYTES, 4): columns (0, 1), (2, 3) of the byte's first group, then of its second
-        sel = tl.reshape(sel, (BLOCK_M, GROUPS, 2))
-        sel01, sel23 = tl.split(sel)
+        byte = tl.load(bm_ptr + rows[:, None] * BYTES_PER_ROW + jb[None, :], mask=(jb < BYTES_PER_ROW)[None, :], other=0).to(tl.int32)
+        nibble = tl.reshape(tl.join(byte & 0xF, byte >> 4), (BLOCK_M, GROUPS))  # group 2i low nibble, 2i+1 high
+        selectors = tl.load(sel_ptr + nibble)
         if BF16:
             c0, c1, c2, c3 = tl.inline_asm_elementwise(
-                NM24_GROUP_PTX, "=h,=h,=h,=h,r,r,r", [words, sel01, sel23], dtype=(tl.bfloat16,) * 4, is_pure=True, pack=1
+                NM24_GROUP_PTX, "=h,=h,=h,=h,r,r", [words, selectors], dtype=(tl.bfloat16,) * 4, is_pure=True, pack=1
             )
         else:
             c0, c1, c2, c3 = tl.inline_asm_elementwise(
-                NM24_GROUP_PTX, "=h,=h,=h,=h,r,r,r", [words, sel01, sel23], dtype=(tl.float16,) * 4, is_pure=True, pack=1
+                NM24_GROUP_PTX, "=h,=h,=h,=h,r,r", [words, selectors], dtype=(tl.float16,) * 4, is_pure=True, pack=1
             )
         # join(join(c0, c2), join(c1, c3))[..., k, l] = c_{2k+l}: columns 4g + 2k + l in order
         return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (BLOCK_M, CHUNK))
