@@ -47,7 +47,8 @@ def _ints(*names: str) -> dict[str, str]:
 
 
 def builds(dtype: str = "fp16") -> list[Build]:
-    """The production configurations of every kernel at decode shapes (N <= 16)."""
+    """The production configurations of every kernel at decode shapes (N <= 16), for fp16 or bf16
+    activations (bf16 names end in " bf16": the kernels' bf16 code differs where they dequantize)."""
     p = f"*{dtype}"
     out = []
     for block_m, block_n in ((64, 16), (64, 64)):
@@ -117,13 +118,12 @@ def builds(dtype: str = "fp16") -> list[Build]:
         ))  # fmt: skip
     from compress.kernels.int4_matmul import step_groups
 
-    for group, dtype in ((128, "fp16"), (128, "bf16"), (64, "fp16"), (32, "fp16"), (16, "fp16")):
+    for group in (128, 64, 32, 16):
         step = step_groups(group, 256)
-        q = f"*{dtype}"
         out.append(Build(
-            f"int4 (W4, all groups) g{group} BM64 BN16" + (f" ({step} groups a step)" if step > 1 else "") + (" bf16" if dtype == "bf16" else ""),
+            f"int4 (W4, all groups) g{group} BM64 BN16" + (f" ({step} groups a step)" if step > 1 else ""),
             "int4_matmul:_int4_kernel",
-            {"x_ptr": q, "w_ptr": "*i32", "s_ptr": "*i16", "z_ptr": "*u8", "b_ptr": q, "y_ptr": q,
+            {"x_ptr": p, "w_ptr": "*i32", "s_ptr": "*i16", "z_ptr": "*u8", "b_ptr": p, "y_ptr": p,
              **_ints("M", "N", "GROUPS", "GROUPS_PER_SPLIT", "stride_xn", "stride_yn", "stride_ys")},
             {"HAS_BIAS": False, "PTX": True, "DOT_FP32": False, "GROUP": group, "STEP_GROUPS": step, "BLOCK_M": 64, "BLOCK_N": 16},
             {"num_warps": 4, "num_stages": 1}, aligned=("M", "GROUPS", "GROUPS_PER_SPLIT", "stride_xn", "stride_yn", "stride_ys"),
@@ -134,9 +134,9 @@ def builds(dtype: str = "fp16") -> list[Build]:
     for group in (64, 128):
         out.append(Build(
             f"int8 g{group} BM64 BN16 (tensor cores)", "int8_matmul:_int8_dot_kernel",
-            {"x_ptr": p, "q_ptr": "*u8", "s_ptr": p, "z_ptr": "*u8", "b_ptr": p, "y_ptr": p,
+            {"x_ptr": p, "q_ptr": "*i32", "s_ptr": "*i16", "z_ptr": "*u8", "b_ptr": p, "y_ptr": p,
              **_ints("M", "N", "GROUPS", "GROUPS_PER_SPLIT", "stride_xn", "stride_yn", "stride_ys")},
-            {"HAS_BIAS": False, "DOT_FP32": False, "GROUP": group, "BLOCK_M": 64, "BLOCK_N": 16}, {"num_warps": 4, "num_stages": 1},
+            {"HAS_BIAS": False, "DOT_FP32": False, "GROUP": group, "BLOCK_M": 64, "BLOCK_N": 16, "PTX": True}, {"num_warps": 4, "num_stages": 1},
             aligned=("M", "GROUPS", "stride_xn", "stride_yn", "stride_ys"), weight_bytes=64 * (group + 3),
         ))  # fmt: skip
     for group, tokens in ((64, 1),):  # FMA_MAX_TOKENS: more go to tensor cores (4 tokens: 0.39 per weight byte)
@@ -181,6 +181,9 @@ def builds(dtype: str = "fp16") -> list[Build]:
              "BLOCK_S": block_s}, {"num_warps": 4},
             aligned=("M", "S", "stride_hn", "stride_yn"), weight_bytes=block_m * block_s * ((1 if scaled else 2) + 10 / 8),
         ))  # fmt: skip
+    if dtype != "fp16":  # the same configurations for another activation dtype, named apart
+        for build in out:
+            build.name += f" {dtype}"
     return out
 
 
@@ -327,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arch", type=int, default=90)
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # compile for the real backend, even when launched under pytest's setting
-    rows = [compile_one(b, args.arch) for b in builds()]
+    rows = [compile_one(b, args.arch) for b in builds("fp16") + builds("bf16")]
     header = ["kernel", "registers", "local_bytes", "shared_bytes", *SASS_OPS]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     lines += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]

@@ -20,6 +20,7 @@ import torch
 
 from .runtime import (
     check_group_codes,
+    interpreting,
     check_launch,
     flat_tokens,
     launch_group_dot,
@@ -31,12 +32,67 @@ from .runtime import (
     triton,
 )
 
-# tokens served on CUDA cores; more go to tensor cores: on CUDA cores the products grow with the
-# tokens (0.39 warp-instructions per weight byte at 4 tokens, Hopper allows 0.218), on tensor
-# cores the loop issues 0.176 at up to 16 (eval/compile_kernels.py)
+# tokens served on CUDA cores when the PTX dequantization is unavailable (fp32, the interpreter);
+# more go to tensor cores: on CUDA cores the products grow with the tokens (0.39 warp-instructions
+# per weight byte at 4 tokens, Hopper allows 0.218). With the PTX dequantization (fp16/bf16 on a
+# GPU) tensor cores serve every count: 0.104 (fp16) and 0.147 (bf16) against 0.208 for CUDA cores
+# at one token (eval/compile_kernels.py)
 FMA_MAX_TOKENS = 1
 
+def _w8_word_ptx(bf16: bool) -> str:
+    """PTX for four W8 codes in a 32-bit word (columns 0..3 in bytes 0..3): $4 the word, $5 the
+    row's −(bias + zero) and $6 its scale pair; $0..$3 the four columns (q − z)·s.
+    fp16: one PRMT per pair of columns moves the two code bytes under the exponent byte 0x64 of
+    the fp16 1024 + q, then the pair minus (1024 + z), exact, times the scale pair. bf16 has too
+    few mantissa bits for 1024 + q, so there each code goes under the fp32 exponent of 2^23 + q
+    (one PRMT), minus (2^23 + z) exact in fp32 ($5: those fp32 bits), two packed into bf16 (exact:
+    |q − z| < 256) and times the scale pair."""
+    lines = ["{", ".reg .b32 magic, r, a, b;"]
+    if not bf16:
+        lines.append("mov.b32 magic, 0x64646464;")
+        for pair in range(2):
+            lines += [
+                f"prmt.b32 r, $4, magic, 0x{5:x}{2 * pair + 1:x}{4:x}{2 * pair:x};",  # bytes: code, 0x64, code, 0x64
+                "sub.rn.f16x2 r, r, $5;",
+                "mul.rn.f16x2 r, r, $6;",
+                f"mov.b32 {{${2 * pair}, ${2 * pair + 1}}}, r;",
+            ]
+    else:
+        lines += ["mov.b32 magic, 0x4B000000;", ".reg .f32 fa, fb;", ".reg .b32 negzero;", "mov.b32 negzero, 0x80008000;"]
+        for pair in range(2):
+            lines += [
+                f"prmt.b32 a, $4, magic, 0x764{2 * pair:x};",  # code, 0x00, 0x00, 0x4B: the fp32 2^23 + q
+                f"prmt.b32 b, $4, magic, 0x764{2 * pair + 1:x};",
+                "mov.b32 fa, a;",
+                "mov.b32 fb, b;",
+                "add.rn.f32 fa, fa, $5;",
+                "add.rn.f32 fb, fb, $5;",
+                "cvt.rn.bf16x2.f32 r, fb, fa;",  # fa in the low half
+                "fma.rn.bf16x2 r, r, $6, negzero;",  # × scale, one rounding
+                f"mov.b32 {{${2 * pair}, ${2 * pair + 1}}}, r;",
+            ]
+    return "\n".join(lines + ["}"])
+
+
+# the fp16 1024 and the fp32 −2^23, as the int32 bits the row pairs start from
+FP16_BIAS2 = 0x64006400
+NEG_FP32_BIAS = 0xCB000000 - (1 << 32)
+
+
+def w8_row_pairs(scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `_int8_dot_kernel`'s PTX path computes per row and group, as int32 tensors: fp16: the
+    pair 1024 + z (0x6400 | z twice); bf16: the fp32 −(2^23 + z); and the scale's bits twice."""
+    scale_bits = scales.view(torch.int16).to(torch.int32) & 0xFFFF
+    z = zeros.to(torch.int32)
+    base = z + NEG_FP32_BIAS if scales.dtype == torch.bfloat16 else z * 0x10001 + FP16_BIAS2
+    return base, scale_bits * 0x10001
+
+
 if triton is not None:
+    W8_WORD_FP16 = tl.constexpr(_w8_word_ptx(False))
+    W8_WORD_BF16 = tl.constexpr(_w8_word_ptx(True))
+    _FP16_BIAS2 = tl.constexpr(FP16_BIAS2)
+    _NEG_FP32_BIAS = tl.constexpr(NEG_FP32_BIAS)
 
     @triton.jit
     def _int8_kernel(
@@ -77,12 +133,13 @@ if triton is not None:
         x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
         M, N, GROUPS, GROUPS_PER_SPLIT, stride_xn, stride_yn, stride_ys,
         HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
+        BLOCK_N: tl.constexpr, PTX: tl.constexpr = False,
     ):  # fmt: skip
         """Tensor cores for several tokens: per group, the (BLOCK_M × g) code tile dequantized on
-        chip (in fp16 for fp16 layers: the bits 0x6400 | q are 1024 + q, exact for a byte; bytes map
-        one to one onto columns, so nothing is interleaved) and one `tl.dot` with the group's
-        activation columns."""
+        chip and one `tl.dot` with the group's activation columns. On the GPU (PTX: fp16/bf16,
+        q_ptr an int32 view of the codes, s_ptr an int16 view of the scales) four codes a word by
+        `_w8_word_ptx`, two weights per instruction in fp16; else in Triton arithmetic (fp16
+        layers in fp16: the bits 0x6400 | q are 1024 + q, exact for a byte)."""
         tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and GROUP >= 16, "tl.dot needs tiles of at least 16")
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -94,21 +151,42 @@ if triton is not None:
         cols = tl.arange(0, GROUP)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         g_start = pid_k * GROUPS_PER_SPLIT
+        rows = tl.minimum(rm, M - 1)  # rows past M read row M − 1 (never stored): no row mask on the PTX path
+        words = tl.arange(0, GROUP // 4)
         for g in range(g_start, tl.minimum(g_start + GROUPS_PER_SPLIT, GROUPS)):
-            slot = rm * GROUPS + g
-            codes = tl.load(q_ptr + slot[:, None] * GROUP + cols[None, :], mask=m_ok[:, None], other=0)
-            scale = tl.load(s_ptr + slot, mask=m_ok, other=0.0)
-            zero = tl.load(z_ptr + slot, mask=m_ok, other=0)
             x = tl.load(x_ptr + rn[None, :] * stride_xn + (g * GROUP + cols)[:, None], mask=n_ok[None, :], other=0.0)
-            if DOT_FP32 or x_ptr.dtype.element_ty != tl.float16:
-                q = (codes.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                scale32 = scale.to(tl.float32)[:, None]
-                w = q * scale32 - (zero.to(tl.float32)[:, None] * scale32)
-                acc += tl.dot(w, x.to(tl.float32), input_precision="ieee") if DOT_FP32 else tl.dot(w.to(x.dtype), x)
-            else:
-                q = (codes.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
-                w = (q - (1024.0 + zero.to(tl.float32)).to(tl.float16)[:, None]) * scale.to(tl.float16)[:, None]
+            if PTX:
+                slot = rows * GROUPS + g
+                word = tl.load(q_ptr + slot[:, None] * (GROUP // 4) + words[None, :])
+                scale2 = tl.load(s_ptr + slot).to(tl.uint16, bitcast=True).to(tl.int32) * 0x10001
+                zero = tl.load(z_ptr + slot).to(tl.int32)
+                if x_ptr.dtype.element_ty == tl.bfloat16:
+                    c0, c1, c2, c3 = tl.inline_asm_elementwise(
+                        W8_WORD_BF16, "=h,=h,=h,=h,r,r,r", [word, (zero + _NEG_FP32_BIAS)[:, None], scale2[:, None]],
+                        dtype=(tl.bfloat16,) * 4, is_pure=True, pack=1,
+                    )  # fmt: skip
+                else:
+                    c0, c1, c2, c3 = tl.inline_asm_elementwise(
+                        W8_WORD_FP16, "=h,=h,=h,=h,r,r,r", [word, (zero * 0x10001 + _FP16_BIAS2)[:, None], scale2[:, None]],
+                        dtype=(tl.float16,) * 4, is_pure=True, pack=1,
+                    )  # fmt: skip
+                # join(join(c0, c2), join(c1, c3))[..., k, l] = c_{2k+l}: the word's columns in order
+                w = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (BLOCK_M, GROUP))
                 acc += tl.dot(w, x)
+            else:
+                slot = rm * GROUPS + g
+                codes = tl.load(q_ptr + slot[:, None] * GROUP + cols[None, :], mask=m_ok[:, None], other=0)
+                scale = tl.load(s_ptr + slot, mask=m_ok, other=0.0)
+                zero = tl.load(z_ptr + slot, mask=m_ok, other=0)
+                if DOT_FP32 or x_ptr.dtype.element_ty != tl.float16:
+                    q = (codes.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                    scale32 = scale.to(tl.float32)[:, None]
+                    w = q * scale32 - (zero.to(tl.float32)[:, None] * scale32)
+                    acc += tl.dot(w, x.to(tl.float32), input_precision="ieee") if DOT_FP32 else tl.dot(w.to(x.dtype), x)
+                else:
+                    q = (codes.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+                    w = (q - (1024.0 + zero.to(tl.float32)).to(tl.float16)[:, None]) * scale.to(tl.float16)[:, None]
+                    acc += tl.dot(w, x)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rm, mask=m_ok, other=0.0).to(tl.float32)[:, None]
         tl.store(y_ptr + pid_k * stride_ys + rn[None, :] * stride_yn + rm[:, None], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -142,8 +220,9 @@ def int8_matmul(
     split_k: int | None = None,
 ) -> torch.Tensor:
     """y = x·Ŵᵀ + bias for Int8Linear's storage: qweight (M, groups, g) uint8, scales (M, groups),
-    zeros (M, groups) uint8; x (..., K) -> (..., M) with K = groups·g. CUDA cores for one token,
-    tensor cores for more (power-of-two groups of at least 16); `tensor_cores` overrides."""
+    zeros (M, groups) uint8; x (..., K) -> (..., M) with K = groups·g. Tensor cores for power-of-two
+    groups of at least 16 (at one token only with the PTX dequantization: fp16/bf16 on a GPU),
+    else CUDA cores; `tensor_cores` overrides."""
     check_launch(x, qweight, scales, zeros)
     m, groups, group = qweight.shape
     k = x.shape[-1]
@@ -158,10 +237,15 @@ def int8_matmul(
     out = output_like(x, m)
     if n == 0:
         return out
-    if tensor_cores is None:
-        tensor_cores = n > FMA_MAX_TOKENS and group >= 16 and group & (group - 1) == 0
+    ptx = not interpreting() and x.dtype in (torch.float16, torch.bfloat16) and scales.dtype == x.dtype
+    if tensor_cores is None:  # with the PTX dequantization tensor cores issue fewer instructions even at one token
+        tensor_cores = (n > FMA_MAX_TOKENS or ptx) and group >= 16 and group & (group - 1) == 0
     if tensor_cores:
-        launch_group_dot(_int8_dot_kernel, x, x2, out, qweight, scales, zeros, bias, group, split_k)
+        if ptx:
+            codes = qweight.view(torch.int32)  # four codes a word (a power-of-two group of at least 16)
+            launch_group_dot(_int8_dot_kernel, x, x2, out, codes, scales.view(torch.int16), zeros, bias, group, split_k, PTX=True)
+        else:
+            launch_group_dot(_int8_dot_kernel, x, x2, out, qweight, scales, zeros, bias, group, split_k)
         return out
     block_n, block_m = int8_tiles(n, chunk)
     launch_group_lanes(_int8_kernel, x2, out, qweight, scales, zeros, bias, block_n, block_m, GROUP=group, CHUNK=chunk)

@@ -248,8 +248,9 @@ def nm24_matmul(
     out = output_like(x, m)
     if n == 0:
         return out
-    if tensor_cores is None:
-        tensor_cores = n > FMA_MAX_TOKENS
+    ptx = not interpreting() and x.dtype in (torch.float16, torch.bfloat16) and values.dtype == x.dtype
+    if tensor_cores is None:  # the PTX placement makes tensor cores cheaper even at one token (bf16 on CUDA cores: 0.131 integer)
+        tensor_cores = n > FMA_MAX_TOKENS or ptx
     has_bias = bias is not None
     if not tensor_cores:
         chunk = FMA_CHUNK
@@ -266,7 +267,6 @@ def nm24_matmul(
     cfg = gemm_config(m, n, k, x.device, block, block, 4, split_k)
     split = SplitK(out.view(n, m), cfg["split_k"])
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), cfg["split_k"])
-    ptx = not interpreting() and x.dtype in (torch.float16, torch.bfloat16) and values.dtype == x.dtype
     _nm24_dot_kernel[grid](
         x2, values.view(torch.int32) if ptx else values, bitmap, selector_table(x.device) if ptx else bitmap,
         bias if has_bias else values, split.target,

@@ -76,11 +76,26 @@ def run_ptx(program: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Te
                 if lut >> k & 1:
                     term = (a if k & 4 else ~a) & (b if k & 2 else ~b) & (c if k & 1 else ~c)
                     result = result | (term & MASK32)
-        elif op in ("fma.rn.f16x2", "fma.rn.bf16x2"):
+        elif op in ("fma.rn.f16x2", "fma.rn.bf16x2", "sub.rn.f16x2", "mul.rn.f16x2"):
             dtype = torch.bfloat16 if "bf16" in op else torch.float16
             like = next(v for v in vals if not isinstance(v, int))
-            (a_lo, a_hi), (b_lo, b_hi), (c_lo, c_hi) = (_halves(v + torch.zeros_like(like), dtype) for v in vals)
-            result = _pack(a_lo * b_lo + c_lo, a_hi * b_hi + c_hi, dtype)
+            halves = [_halves(v + torch.zeros_like(like), dtype) for v in vals]
+            if op.startswith("fma"):
+                (a_lo, a_hi), (b_lo, b_hi), (c_lo, c_hi) = halves
+                result = _pack(a_lo * b_lo + c_lo, a_hi * b_hi + c_hi, dtype)
+            else:
+                (a_lo, a_hi), (b_lo, b_hi) = halves
+                combine = (lambda a, b: a - b) if op.startswith("sub") else (lambda a, b: a * b)
+                result = _pack(combine(a_lo, b_lo), combine(a_hi, b_hi), dtype)
+        elif op == "add.rn.f32":  # exact here (small integers): checked through fp64
+            a, b = (v.to(torch.int32).view(torch.float32).double() for v in vals)
+            total = a + b
+            assert torch.equal(total.float().double(), total), "the emulated fp32 sum is not exact"
+            result = total.float().view(torch.int32).to(torch.int64)
+        elif op == "cvt.rn.bf16x2.f32":  # d = (bf16(a) << 16) | bf16(b)
+            a, b = (v.to(torch.int32).view(torch.float32) for v in vals)
+            bits = lambda f: f.to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF  # noqa: E731
+            result = bits(a) << 16 | bits(b)
         else:
             raise AssertionError(f"the emulator does not know {op}")
         regs[dest] = result & MASK32
@@ -136,3 +151,23 @@ def test_nm24_ptx_places_each_groups_values_in_its_columns():
         kept = [c for c in range(4) if nibble >> c & 1]
         expected[:, kept[0]], expected[:, kept[1]] = values[:, 0], values[:, 1]
         assert torch.equal(got.view(torch.int16), expected.view(torch.int16)), nibble
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_w8_word_ptx_dequantizes_every_code_exactly(dtype):
+    """Every code in every byte of a word, every zero point, scales from tiny to large: the four
+    outputs are (q − z)·s of columns 0..3 rounded once, bit for bit as the reference."""
+    from compress.kernels.int8_matmul import _w8_word_ptx, w8_row_pairs
+
+    torch.manual_seed(1)
+    rows = 4096
+    codes = torch.randint(0, 256, (rows, 4))
+    codes[:256] = torch.arange(256)[:, None]  # every code in every position
+    zeros = torch.randint(0, 256, (rows,))
+    scales = (torch.rand(rows) * 2.0 ** torch.randint(-12, 6, (rows,)).float()).to(dtype)
+    words = codes.to(torch.uint8).contiguous().view(torch.int32).to(torch.int64).squeeze(-1) & MASK32
+    base, scale2 = w8_row_pairs(scales, zeros.to(torch.uint8))
+    out = run_ptx(_w8_word_ptx(dtype == torch.bfloat16), {"$4": words, "$5": base.to(torch.int64) & MASK32, "$6": scale2.to(torch.int64) & MASK32})
+    got = torch.stack([out[f"${i}"].to(torch.int16).view(dtype) for i in range(4)], dim=1)
+    expected = ((codes - zeros[:, None]).float() * scales.float()[:, None]).to(dtype)
+    assert torch.equal(got.view(torch.int16), expected.view(torch.int16))

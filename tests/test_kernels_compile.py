@@ -68,6 +68,8 @@ OVER_BUDGET = {
     "conversion before the dot: the work per weight of W4's kernel over half the bytes",
     "lowbit W3 g64 N1 BM64 BN1": "0.856: the W3 unpacking, and " + _CUDA_CORE_PRODUCTS,
     "lowbit W2 g64 N1 BM64 BN1": "0.964: the W2 unpacking, and " + _CUDA_CORE_PRODUCTS,
+    "2:4 N1 BM32 BN1 (CUDA cores) bf16": "0.131 integer (fp16: 0.109): bf16 values to fp32 cost integer shifts; on a GPU "
+    "one token goes to the tensor-core path, whose PTX placement is within budget in both dtypes (0.124)",
     **{
         f"ell (dict coefficients, 10-bit indices) N{n} BM64 BS16{kind}": "every coefficient unpacks its 10-bit atom "
         "index from two byte loads and gathers its atom's activation (0.28 per weight byte at one token, 0.51 at four; "
@@ -88,8 +90,10 @@ def test_decode_kernels_meet_the_hopper_static_budget(report):
     for name, row in report.items():
         assert row["loop"] is not None, f"{name}: no main loop with global loads found in its SASS"
         assert budget(row)["within_budget"] == row["within_budget"], name
-        if name in OVER_BUDGET:
+        listed = name if name in OVER_BUDGET else name.removesuffix(" bf16")  # a reason given for fp16 covers bf16
+        if listed in OVER_BUDGET:
             assert not row["within_budget"], f"{name} now meets the budget: remove it from OVER_BUDGET"
         else:
             assert row["within_budget"], f"{name} misses the decode budget: {row['over_budget']}"
     assert set(OVER_BUDGET) <= set(report), "OVER_BUDGET names a kernel that is no longer compiled"
+    assert any(name.endswith(" bf16") for name in report), "the bf16 builds (the default serving dtype) are not judged"
