@@ -36,10 +36,19 @@ def run_size(model: str, size: str, text: str, windows: int, work: Path, overrid
     started = time.perf_counter()
     subprocess.run([*cli, "eval", str(out), "--ppl", text, "--max-windows", str(windows)], check=True)
     eval_s = time.perf_counter() - started
+    return row_from_checkpoint(out, size, compress_s, eval_s)
+
+
+def row_from_checkpoint(out: Path, size: str, compress_s: float, eval_s: float) -> dict:
+    """The table's row from a checkpoint's report.json and eval.json."""
     report = json.loads((out / "report.json").read_text())
     ppl = json.loads((out / "eval.json").read_text())["perplexity"]
     embeddings = report.get("embeddings") or {}
-    methods = collections.Counter(f"{layer['method']} {layer.get('format', '')}".strip() for layer in report["layers"])
+    chosen = (report.get("allocation") or {}).get("layers") or []
+    if chosen:  # the knapsack's labels: method, bits and group ("gptq w4 g64"), with the level where it has one
+        labels = [c["method"] + (f" @{c['level']:g}" if c["level"] else "") for c in chosen if not c["method"].startswith("embeddings")]
+    else:
+        labels = [f"{layer['method']} {layer.get('format', '')}".strip() for layer in report["layers"]]
     return {
         "size": size,
         "budget_bytes": report["allocation"]["budget"],
@@ -48,7 +57,7 @@ def run_size(model: str, size: str, text: str, windows: int, work: Path, overrid
         "perplexity": ppl["perplexity"],
         "windows": ppl["windows"],
         "embeddings": f"W{embeddings['bits']} g{embeddings['group_size']} {embeddings.get('method', 'rtn')}" if embeddings else "kept",
-        "linears": dict(sorted(methods.items())),
+        "linears": dict(collections.Counter(labels).most_common()),
         "compress_s": round(compress_s, 1),
         "eval_s": round(eval_s, 1),
     }
@@ -56,7 +65,7 @@ def run_size(model: str, size: str, text: str, windows: int, work: Path, overrid
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| size asked | bytes as served | of dense | embeddings | Linears (method format: count) | perplexity | compress |",
+        "| size asked | bytes as served | of dense | embeddings | decoder Linears (option: count) | perplexity | compress |",
         "|---|---:|---:|---|---|---:|---:|",
     ]
     for r in sorted(rows, key=lambda r: r["bytes"]):
