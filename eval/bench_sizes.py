@@ -46,7 +46,11 @@ def row_from_checkpoint(out: Path, size: str, compress_s: float, eval_s: float) 
     embeddings = report.get("embeddings") or {}
     chosen = (report.get("allocation") or {}).get("layers") or []
     if chosen:  # the knapsack's labels: method, bits and group ("gptq w4 g64"), with the level where it has one
-        labels = [c["method"] + (f" @{c['level']:g}" if c["level"] else "") for c in chosen if not c["method"].startswith("embeddings")]
+        labels = [
+            (c["method"] or "dense") + (f" @{c['level']:g}" if c["level"] else "")
+            for c in chosen
+            if not (c["method"] or "").startswith("embeddings")
+        ]
     else:
         labels = [f"{layer['method']} {layer.get('format', '')}".strip() for layer in report["layers"]]
     return {
