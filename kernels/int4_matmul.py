@@ -11,8 +11,9 @@ floats in column order and multiplies them with the step's activation columns in
 On the GPU the words are dequantized by a short PTX program (`dequant_words_ptx`), two weights
 per instruction: 2.1 instructions per weight, 1.1 of them integer, where Triton's own lowering of
 the same arithmetic on bytes took 5.6 (one PRMT per byte to unpack it, more to pack the halves).
-On sm_90 the loop then issues 0.206 warp-instructions per weight byte at g = 128 and 0.211 at
-g = 64 (Hopper's HBM allows 0.218; eval/compile_kernels.py). Rows past M read row M − 1 and are
+On sm_90 the loop then issues 0.205 warp-instructions per weight byte at g = 128, 0.211 at
+g = 64, 0.194 at g = 32 and 0.199 at g = 16 (two and four groups a step), the same in bf16
+(Hopper's HBM allows 0.218; eval/compile_kernels.py; 0.333 before, for fp16 only). Rows past M read row M − 1 and are
 never stored, so the weight loads need no mask. fp32 layers and Triton's interpreter (which
 cannot run PTX) take the same kernel with the arithmetic written in Triton (`dequant_words`).
 Bytes read per weight: 0.5 + (scale + zero)/g, 0.52 at g = 128 with 16-bit scales, against 2
