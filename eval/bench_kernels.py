@@ -260,9 +260,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tile", type=int, default=64, help="tile rows and columns of the tile-sparse format")
     parser.add_argument("--cases", nargs="*", default=None, help="only cases whose name contains one of these")
     parser.add_argument("--repeats", type=int, default=100, help="do_bench repetition time in ms")
+    parser.add_argument(
+        "--dtype", choices=["float16", "bfloat16"], default="float16",
+        help="activations and weights on a GPU (bfloat16: the default serving dtype, whose kernels dequantize "
+        "differently; the dispatch table records it); the CPU runs float32",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
     shapes = args.shapes or (SHAPES if device.type == "cuda" else ["128x256"])
     case_list = cases(args.sparsities, args.tile)
     if args.cases:

@@ -131,7 +131,7 @@ def refusal(kernel: Kernel, module: torch.nn.Module, x: torch.Tensor, mode: str)
         return f"{_tokens(x)} tokens (prefill): it serves at most {kernel.max_auto_tokens} in auto mode; cuBLAS does better here"
     device = measured_device(x)
     if mode == "auto" and kernel.backend == "triton" and device is not None:
-        speed = measured(kernel.name, device, _tokens(x))
+        speed = measured(kernel.name, device, _tokens(x), str(x.dtype))
         if speed is not None and speed[0] < 1.0:
             return f"measured {speed[0]:.2f}x the dense cuBLAS product on {device} ({speed[1]}): slower than dense"
     return kernel.supports(module, x)

@@ -5,7 +5,7 @@ measured slower than cuBLAS's dense product on this GPU, at this many tokens, is
 count, the worst speedup over dense fp16 `F.linear` across the benchmarked shapes and sparsities.
 Tables committed under kernels/measured/ ship with the package; LLMPRESS_KERNEL_TABLES adds
 others (paths separated by the OS path separator). A table applies to the GPU whose name it
-records. For n tokens the entry at the smallest measured count >= n is used (the largest
+records, for inputs of the dtype it records (`--dtype` of bench_kernels: fp16 or bf16). For n tokens the entry at the smallest measured count >= n is used (the largest
 measured count beyond it), so every count in a dispatch token class gets the same answer.
 """
 
@@ -46,9 +46,17 @@ def token_counts(kernel_names: set[str]) -> tuple[int, ...]:
     return tuple(sorted({e["tokens"] for t in tables() for e in t["entries"] if e["kernel"] in kernel_names}))
 
 
-def measured(kernel: str, device_name: str, tokens: int) -> tuple[float, str] | None:
-    """(speedup over dense, where it comes from) of `kernel` on `device_name` for `tokens`, or None."""
-    found = [(e, t) for t in tables() if t["device"] == device_name for e in t["entries"] if e["kernel"] == kernel]
+def measured(kernel: str, device_name: str, tokens: int, dtype: str | None = None) -> tuple[float, str] | None:
+    """(speedup over dense, where it comes from) of `kernel` on `device_name` for `tokens`, or None.
+    `dtype` ("torch.bfloat16"): only tables measured in that dtype apply (a kernel's fp16 and bf16
+    paths differ: bf16 dequantizes differently); tables that record none apply to every dtype."""
+    found = [
+        (e, t)
+        for t in tables()
+        if t["device"] == device_name and (dtype is None or t.get("dtype") in (None, dtype))
+        for e in t["entries"]
+        if e["kernel"] == kernel
+    ]
     if not found:
         return None
     above = [(e, t) for e, t in found if e["tokens"] >= tokens]

@@ -461,12 +461,14 @@ def test_dispatch_skips_kernels_measured_slower_than_dense(monkeypatch, tmp_path
         module = _random_sparse(40, 136, 0.5, torch.float32, "2:4")
         two_of_four = next(k for k in kernels.available("sparse_bitmap") if k.name == "triton_2of4")
         for tokens, slow in ((1, False), (2, True), (16, True), (40, True)):
-            why = kernels.refusal(two_of_four, module, torch.randn(tokens, 136, device=DEVICE), "auto") or ""
+            why = kernels.refusal(two_of_four, module, torch.randn(tokens, 136, device=DEVICE).half(), "auto") or ""
             assert ("measured 0.80x" in why) == slow, (tokens, why)
-        assert "measured" not in (kernels.refusal(two_of_four, module, torch.randn(2, 136, device=DEVICE), "triton") or "")
+        # the table was measured in fp16: bf16 inputs (other kernel paths) are not judged by it
+        assert "measured" not in (kernels.refusal(two_of_four, module, torch.randn(16, 136, device=DEVICE).bfloat16(), "auto") or "")
+        assert "measured" not in (kernels.refusal(two_of_four, module, torch.randn(2, 136, device=DEVICE).half(), "triton") or "")
         assert 1 in kernels._token_bounds("sparse_bitmap") and 16 in kernels._token_bounds("sparse_bitmap")
         monkeypatch.setattr(kernels, "measured_device", lambda x: "Another GPU")  # the table is for one GPU only
-        assert "measured" not in (kernels.refusal(two_of_four, module, torch.randn(16, 136, device=DEVICE), "auto") or "")
+        assert "measured" not in (kernels.refusal(two_of_four, module, torch.randn(16, 136, device=DEVICE).half(), "auto") or "")
     finally:
         monkeypatch.delenv("LLMPRESS_KERNEL_TABLES")
         kernels.forget_measured()
