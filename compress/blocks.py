@@ -232,9 +232,7 @@ def capture_block_inputs(
 def block_forward(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, bool]:
     """(the block's output hidden state, whether the block returns it inside a tuple)."""
     out = block(hidden, **kwargs)
-    if isinstance(out, (tuple, list)):
-        return out[0], True
-    return out, False
+    return block_output(out), isinstance(out, (tuple, list))
 
 
 @torch.no_grad()

@@ -30,6 +30,7 @@ from .runtime import (
     check_launch,
     dot_in_fp32,
     flat_tokens,
+    in_column_order,
     interpreting,
     launch_refusal,
     output_like,
@@ -90,27 +91,21 @@ if triton is not None:
     _NEG_BF16_BIAS2 = tl.constexpr(NEG_BF16_BIAS2)
 
     @triton.jit
-    def in_column_order(c0, c1, c2, c3, c4, c5, c6, c7):
-        """(…, 8) from a word's eight columns. tl.join adds its axis last, so the innermost
-        join holds the outermost index: (…, 2, 2, 2) flattens to column 4a + 2b + c for joins
-        at depths a, b, c. In this order the pairs (c0, c1), … stay in the registers the PTX
-        wrote them to (no repacking before the tile goes to shared memory)."""
-        return tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
+    def eight_in_column_order(c0, c1, c2, c3, c4, c5, c6, c7):
+        """(…, 8) from a word's eight columns: the even columns in order, then the odd ones, joined
+        last (flat index 2·(even/odd position) + parity; see `in_column_order`)."""
+        return tl.join(in_column_order(c0, c2, c4, c6), in_column_order(c1, c3, c5, c7))
 
     @triton.jit
     def dequant_words_ptx(words, neg_base2, scale2, BF16: tl.constexpr):
         """Eight codes per 32-bit word dequantized in PTX, two weights per instruction (see
         `_w4_word_ptx`): one shift per word, then per pair of columns a PRMT, a LOP3 and two
         packed FMAs. neg_base2 and scale2 hold the row's 16-bit pairs (`w4_row_pairs`)."""
-        if BF16:
-            c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
-                W4_WORD_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [words, neg_base2, scale2], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1
-            )
-        else:
-            c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
-                W4_WORD_FP16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [words, neg_base2, scale2], dtype=(tl.float16,) * 8, is_pure=True, pack=1
-            )
-        return in_column_order(c0, c1, c2, c3, c4, c5, c6, c7)
+        c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+            W4_WORD_BF16 if BF16 else W4_WORD_FP16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [words, neg_base2, scale2],
+            dtype=(tl.bfloat16 if BF16 else tl.float16,) * 8, is_pure=True, pack=1,
+        )  # fmt: skip
+        return eight_in_column_order(c0, c1, c2, c3, c4, c5, c6, c7)
 
     @triton.jit
     def dequant_words(words, zero, scale):
@@ -125,7 +120,7 @@ if triton is not None:
         c5 = (((words >> 20) & 0xF).to(tl.float32)) * scale + offset
         c6 = (((words >> 24) & 0xF).to(tl.float32)) * scale + offset
         c7 = (((words >> 28) & 0xF).to(tl.float32)) * scale + offset
-        return in_column_order(c0, c1, c2, c3, c4, c5, c6, c7)
+        return eight_in_column_order(c0, c1, c2, c3, c4, c5, c6, c7)
 
     @triton.jit
     def _int4_kernel(

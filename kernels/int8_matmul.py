@@ -20,9 +20,10 @@ import torch
 
 from .runtime import (
     check_group_codes,
-    interpreting,
     check_launch,
     flat_tokens,
+    in_column_order,
+    interpreting,
     launch_group_dot,
     launch_group_lanes,
     launch_refusal,
@@ -47,7 +48,7 @@ def _w8_word_ptx(bf16: bool) -> str:
     few mantissa bits for 1024 + q, so there each code goes under the fp32 exponent of 2^23 + q
     (one PRMT), minus (2^23 + z) exact in fp32 ($5: those fp32 bits), two packed into bf16 (exact:
     |q − z| < 256) and times the scale pair."""
-    lines = ["{", ".reg .b32 magic, r, a, b;"]
+    lines = ["{", ".reg .b32 magic, r;"]
     if not bf16:
         lines.append("mov.b32 magic, 0x64646464;")
         for pair in range(2):
@@ -58,7 +59,7 @@ def _w8_word_ptx(bf16: bool) -> str:
                 f"mov.b32 {{${2 * pair}, ${2 * pair + 1}}}, r;",
             ]
     else:
-        lines += ["mov.b32 magic, 0x4B000000;", ".reg .f32 fa, fb;", ".reg .b32 negzero;", "mov.b32 negzero, 0x80008000;"]
+        lines += [".reg .b32 a, b, negzero;", ".reg .f32 fa, fb;", "mov.b32 magic, 0x4B000000;", "mov.b32 negzero, 0x80008000;"]
         for pair in range(2):
             lines += [
                 f"prmt.b32 a, $4, magic, 0x764{2 * pair:x};",  # code, 0x00, 0x00, 0x4B: the fp32 2^23 + q
@@ -160,18 +161,13 @@ if triton is not None:
                 word = tl.load(q_ptr + slot[:, None] * (GROUP // 4) + words[None, :])
                 scale2 = tl.load(s_ptr + slot).to(tl.uint16, bitcast=True).to(tl.int32) * 0x10001
                 zero = tl.load(z_ptr + slot).to(tl.int32)
-                if x_ptr.dtype.element_ty == tl.bfloat16:
-                    c0, c1, c2, c3 = tl.inline_asm_elementwise(
-                        W8_WORD_BF16, "=h,=h,=h,=h,r,r,r", [word, (zero + _NEG_FP32_BIAS)[:, None], scale2[:, None]],
-                        dtype=(tl.bfloat16,) * 4, is_pure=True, pack=1,
-                    )  # fmt: skip
-                else:
-                    c0, c1, c2, c3 = tl.inline_asm_elementwise(
-                        W8_WORD_FP16, "=h,=h,=h,=h,r,r,r", [word, (zero * 0x10001 + _FP16_BIAS2)[:, None], scale2[:, None]],
-                        dtype=(tl.float16,) * 4, is_pure=True, pack=1,
-                    )  # fmt: skip
-                # join(join(c0, c2), join(c1, c3))[..., k, l] = c_{2k+l}: the word's columns in order
-                w = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (BLOCK_M, GROUP))
+                bf16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
+                base = zero + _NEG_FP32_BIAS if bf16 else zero * 0x10001 + _FP16_BIAS2
+                c0, c1, c2, c3 = tl.inline_asm_elementwise(
+                    W8_WORD_BF16 if bf16 else W8_WORD_FP16, "=h,=h,=h,=h,r,r,r", [word, base[:, None], scale2[:, None]],
+                    dtype=(tl.bfloat16 if bf16 else tl.float16,) * 4, is_pure=True, pack=1,
+                )  # fmt: skip
+                w = tl.reshape(in_column_order(c0, c1, c2, c3), (BLOCK_M, GROUP))
                 acc += tl.dot(w, x)
             else:
                 slot = rm * GROUPS + g

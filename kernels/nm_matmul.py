@@ -31,6 +31,7 @@ from .runtime import (
     dot_in_fp32,
     flat_tokens,
     gemm_config,
+    in_column_order,
     interpreting,
     launch_refusal,
     next_pow2,
@@ -121,8 +122,7 @@ if triton is not None:
         c1 = tl.where(b1, tl.where(b0, v1, v0), zero)
         c2 = tl.where(b2, tl.where(b3, v0, v1), zero)
         c3 = tl.where(b3, v1, zero)
-        # join(join(c0, c2), join(c1, c3))[..., k, l] = c_{2k+l}: columns 4g + 2k + l in order
-        return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (BLOCK_M, CHUNK))
+        return tl.reshape(in_column_order(c0, c1, c2, c3), (BLOCK_M, CHUNK))  # columns 4g + 0..3 in order
 
     @triton.jit
     def _dense_2of4_ptx(w_ptr, bm_ptr, sel_ptr, rows, k0, K, BYTES_PER_ROW, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BF16: tl.constexpr):
@@ -138,16 +138,10 @@ if triton is not None:
         byte = tl.load(bm_ptr + rows[:, None] * BYTES_PER_ROW + jb[None, :], mask=(jb < BYTES_PER_ROW)[None, :], other=0).to(tl.int32)
         nibble = tl.reshape(tl.join(byte & 0xF, byte >> 4), (BLOCK_M, GROUPS))  # group 2i low nibble, 2i+1 high
         selectors = tl.load(sel_ptr + nibble)
-        if BF16:
-            c0, c1, c2, c3 = tl.inline_asm_elementwise(
-                NM24_GROUP_PTX, "=h,=h,=h,=h,r,r", [words, selectors], dtype=(tl.bfloat16,) * 4, is_pure=True, pack=1
-            )
-        else:
-            c0, c1, c2, c3 = tl.inline_asm_elementwise(
-                NM24_GROUP_PTX, "=h,=h,=h,=h,r,r", [words, selectors], dtype=(tl.float16,) * 4, is_pure=True, pack=1
-            )
-        # join(join(c0, c2), join(c1, c3))[..., k, l] = c_{2k+l}: columns 4g + 2k + l in order
-        return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (BLOCK_M, CHUNK))
+        c0, c1, c2, c3 = tl.inline_asm_elementwise(
+            NM24_GROUP_PTX, "=h,=h,=h,=h,r,r", [words, selectors], dtype=(tl.bfloat16 if BF16 else tl.float16,) * 4, is_pure=True, pack=1
+        )
+        return tl.reshape(in_column_order(c0, c1, c2, c3), (BLOCK_M, CHUNK))
 
     @triton.jit
     def _nm24_fma_kernel(

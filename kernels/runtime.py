@@ -285,6 +285,18 @@ class SplitK:
         self.y2.copy_(total)
 
 
+if triton is not None:
+
+    @triton.jit
+    def in_column_order(c0, c1, c2, c3):
+        """(…, 4) from four tensors holding columns 0..3 of each position (a PTX program's outputs).
+        tl.join adds its axis last, so the inner joins hold the outer index: (…, 2, 2) flattens to
+        column 2k + l for the inner join's k and the outer's l. In this order the pairs (c0, c1) and
+        (c2, c3) stay in the 32-bit registers the PTX wrote them to (no repacking before the tile
+        goes to shared memory)."""
+        return tl.join(tl.join(c0, c2), tl.join(c1, c3))
+
+
 def launch_group_lanes(kernel, x2: torch.Tensor, out: torch.Tensor, qweight, scales, zeros, bias, block_n: int, block_m: int, **meta) -> None:
     """Launch a group-quantized CUDA-core kernel (W8 `_int8_kernel`, W3/W2 `_lowbit_kernel`: the same
     arguments, plus the kernel's own constexprs in `meta`). Token tiles vary fastest in the grid,
