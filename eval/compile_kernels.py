@@ -73,18 +73,20 @@ def builds(dtype: str = "fp16") -> list[Build]:
         aligned=("M", "K", "K_PER_SPLIT", "BYTES_PER_ROW", "stride_xn", "stride_yn", "stride_ys"),
         weight_bytes=64 * 64 * (0.5 * 2 + 1 / 8),  # at 50% sparsity: half the values, one bit per weight
     ))  # fmt: skip
-    from compress.kernels.delta_matmul import ROW_ALIGN, delta_tiles
+    from compress.kernels.delta_matmul import CHUNK, MARK_CHUNKS, SLICE_ROWS, delta_tiles
 
     for tokens in (1, 4):
-        block_n, block_e, block_m = delta_tiles(tokens)
+        block_n, block_m = delta_tiles(tokens)
+        # one token reads its activations in the layer's dtype, more from a token-major fp32 copy
         out.append(Build(
-            f"delta rows N{tokens} BM{block_m} BE{block_e}", "delta_matmul:_delta_kernel",
-            {"x_ptr": p, "v_ptr": p, "g_ptr": "*u8", "rs_ptr": "*i32", "b_ptr": p, "y_ptr": p,
-             **_ints("M", "N", "K", "stride_xn", "stride_yn"), **({"stride_xk": "constexpr"} if tokens == 1 else {"stride_xn": "constexpr", "stride_xk": "i32"})},
-            {"HAS_BIAS": False, "ROW_ALIGN": ROW_ALIGN, "BLOCK_M": block_m, "BLOCK_E": block_e, "BLOCK_N": block_n,
+            f"delta rows N{tokens} BM{block_m} (32-row slices)", "delta_matmul:_delta_kernel",
+            {"x_ptr": p if tokens == 1 else "*fp32", "v_ptr": p, "w_ptr": "*i32", "ss_ptr": "*i32", "mk_ptr": "*i32", "b_ptr": p, "y_ptr": p,
+             **_ints("M", "N", "MARKS", "CHUNKS_PER_SPLIT", "stride_yn", "stride_ys"),
+             **({"stride_xn": "i32", "stride_xk": "constexpr"} if tokens == 1 else {"stride_xn": "constexpr", "stride_xk": "i32"})},
+            {"HAS_BIAS": False, "SLICE": SLICE_ROWS, "MARK": MARK_CHUNKS, "BLOCK_M": block_m, "BLOCK_N": block_n,
              **({"stride_xk": 1} if tokens == 1 else {"stride_xn": 1})},
-            {"num_warps": 4}, aligned=("M", "K", "stride_yn", "stride_xn" if tokens == 1 else "stride_xk"),
-            weight_bytes=block_m * block_e * 2.5,  # value + 4-bit gap
+            {"num_warps": 4}, aligned=("M", "CHUNKS_PER_SPLIT", "stride_yn", "stride_ys", "stride_xn" if tokens == 1 else "stride_xk"),
+            weight_bytes=block_m * 2 * CHUNK * 2.5,  # a pass: two chunks of 8 entries a row, value + 4-bit code
         ))  # fmt: skip
     from compress.kernels.nm_matmul import DOT_STAGES, FMA_CHUNK, fma_tiles
 

@@ -1,5 +1,6 @@
-"""DeltaSparseLinear (rows of value + 4-bit column gap entries): exact encoding, honest bytes,
-a pruning stage that writes it, and a checkpoint that loads back bit-exact."""
+"""DeltaSparseLinear (rows of value + 4-bit column advance entries in 32-row slices): exact
+encoding, split-K marks, honest bytes, a pruning stage that writes it, a checkpoint that loads
+back bit-exact, and a clear refusal of the earlier row-by-row layout."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 import compress
 from compress.errors import LlmpressError
-from compress.kernels.delta_matmul import ROW_ALIGN
+from compress.kernels.delta_matmul import CHUNK, MARK_CHUNKS, SLICE_ALIGN, SLICE_ROWS
 from compress.metrics import served_itemsize
 from compress.modules import DeltaSparseLinear, SparseLinear, build_module
 from conftest import tiny_model
@@ -26,22 +27,48 @@ def test_rows_encode_every_mask_exactly(sparsity):
     module = DeltaSparseLinear.from_dense(w * mask, mask, None)
     assert torch.equal(module.to_dense(), w * mask)
     assert torch.equal(module.mask(), mask)
-    starts = module.row_start.long()
-    assert bool(((starts[1:] - starts[:-1]) % ROW_ALIGN == 0).all()) and int(starts[-1]) == module.values.numel()
-    # the row with known gaps: 5 kept weights + 1 + 17 fillers, padded to one ROW_ALIGN
-    assert int(starts[8] - starts[7]) == ROW_ALIGN and module.nnz == int(mask.sum())
+    starts = module.slice_start.long()
+    assert starts.numel() == 1 + 1 and int(starts[-1]) == module.values.numel()  # 24 rows: one slice
+    assert int(starts[1]) % (SLICE_ROWS * SLICE_ALIGN) == 0 and module.nnz == int(mask.sum())
+    # every entry lies inside its row: padding advances 0, no column past in_features
+    _, row, col = module.columns()
+    assert int(col.max()) < 333 and int(col.min()) >= 0
 
 
-def test_bytes_count_entries_gaps_and_row_starts():
+def test_known_row_codes_and_marks():
+    """Row 1 keeps columns 0, 15, 16, 47 and 300: codes 0, 15, 1, then 15 + 15 + 1 (two fillers)
+    and 15·16 + 13 (16 fillers); its marks are its column before entries 0 and 256·m."""
+    w = torch.zeros(3, 700)
+    mask = torch.zeros(3, 700, dtype=torch.bool)
+    mask[1, [0, 15, 16, 47, 300]] = True
+    mask[2, ::2] = True  # 350 kept weights: the slice is 352 entries a row, two marks
+    w[mask] = torch.arange(1, int(mask.sum()) + 1, dtype=torch.float32)
+    module = DeltaSparseLinear.from_dense(w, mask, None)
+    position, row, col = module.columns()
+    codes = torch.stack([module.gaps & 0xF, module.gaps >> 4], 1).flatten()[position[row == 1]]
+    assert codes[:23].tolist() == [0, 15, 1, 15, 15, 1] + [15] * 16 + [13] and set(codes[23:].tolist()) == {0}
+    assert col[row == 1][:23].tolist()[-1] == 300 and module.values[position[row == 1]][:6].tolist() == [1, 2, 3, 0, 0, 4]
+    per_mark = MARK_CHUNKS * CHUNK
+    assert module.marks.shape == (SLICE_ROWS, 2)
+    assert module.marks[2].tolist() == [0, 2 * per_mark - 2]  # before row 2's entry 256 (column 512): column 510
+    assert module.marks[1].tolist() == [0, 300] and module.marks[0].tolist() == [0, 0]  # past a row's end: its last column
+
+
+def test_bytes_count_entries_codes_slice_starts_and_marks():
     torch.manual_seed(1)
     w = torch.randn(64, 1024, dtype=torch.bfloat16)
     mask = torch.rand(64, 1024) >= 0.5
     delta = DeltaSparseLinear.from_dense(w * mask, mask, None)
     entries = delta.values.numel()
-    assert delta.num_bytes() == entries * served_itemsize(torch.bfloat16) + entries // 2 + 4 * 65
+    assert delta.marks.shape == (64, 3)  # slices of ~560 entries a row: marks at 0, 256, 512
+    assert delta.num_bytes() == entries * served_itemsize(torch.bfloat16) + entries // 2 + 4 * 3 + 4 * 64 * 3
     bitmap = SparseLinear.from_dense(w, mask, None)
-    # at 50%: about 0.63 of dense against the bitmap's 0.56 (fillers and padding a few percent)
-    assert 0.62 < delta.num_bytes() / delta.dense_num_bytes() < 0.66
+    # a random mask: rows differ by ~16 kept weights and each slice is padded to its longest row
+    assert 0.62 < delta.num_bytes() / delta.dense_num_bytes() < 0.68
+    # 50% in every row, as Wanda and SparseGPT prune: about 0.63 of dense (+3% fillers and padding)
+    even = torch.zeros_like(mask).scatter_(1, torch.rand(64, 1024).topk(512, 1).indices, True)
+    even_delta = DeltaSparseLinear.from_dense(w * even, even, None)
+    assert 0.62 < even_delta.num_bytes() / even_delta.dense_num_bytes() < 0.655
     assert bitmap.num_bytes() < delta.num_bytes()
 
 
@@ -71,6 +98,13 @@ def test_pruning_stage_writes_delta_rows_and_the_checkpoint_round_trips(tokenize
     assert torch.allclose(expected, reference(ids, use_cache=False).logits, atol=1e-5)
     out = compress.save_compressed(model, tmp_path / "ckpt", tokenizer=tokenizer)
     assert torch.equal(compress.load(out)(ids, use_cache=False).logits, expected)
+
+
+def test_a_checkpoint_of_the_row_by_row_layout_is_refused_clearly():
+    module = DeltaSparseLinear.from_dense(torch.randn(4, 40), torch.rand(4, 40) > 0.5, None)
+    spec = {k: v for k, v in module.spec().items() if k not in ("layout", "marks")}
+    with pytest.raises(LlmpressError, match="compress the model again"):
+        build_module(spec, torch.float32)
 
 
 def test_tile_pattern_refuses_a_sparse_format():

@@ -10,6 +10,7 @@ import torch
 
 from compress import kernels
 from compress.kernels.bitmap_matmul import bitmap_matmul, split_offsets
+from compress.kernels.delta_matmul import delta_matmul
 from compress.kernels.ell_matmul import ell_matmul
 from compress.kernels.gqsa_matmul import gqsa_matmul
 from compress.kernels.int4_matmul import int4_matmul
@@ -330,6 +331,25 @@ def test_ell_kernel_unpacks_every_index_width(bits):
     y = ell_matmul(h, values.to(DEVICE), pack_bits(index, bits).to(DEVICE), bits)
     dense = torch.zeros(rows, atoms, dtype=torch.float64).scatter_add_(1, index, values.double())
     assert rel_err(y, h.double() @ dense.T.to(DEVICE)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,split_k", [(torch.float32, 1), (torch.bfloat16, 3), (torch.float16, 2)])
+def test_delta_kernel_marks_split_k_and_token_counts(dtype, split_k):
+    """Rows long enough for three marks (split-K programs start mid-row at them), a row with every
+    weight kept, rows emptied, a last slice with 5 of 32 rows, 1–64 tokens."""
+    torch.manual_seed(4)
+    w = torch.randn(37, 600)
+    mask = torch.rand(37, 600) >= 0.4
+    mask[0] = True
+    mask[3] = False
+    mask[36, :550] = False  # a short row beside long ones: padding that advances nothing
+    module = DeltaSparseLinear.from_dense((w * mask).to(dtype), mask, torch.randn(37).to(dtype)).to(DEVICE)
+    assert module.marks.shape[1] == 3  # the full row: 608 entries, a mark every 256
+    for tokens in (1, 7, 64):
+        x = torch.randn(tokens, 600).to(dtype).to(DEVICE)
+        y = delta_matmul(x, module.values, module.gaps, module.slice_start, module.marks, 37, module.bias, split_k=split_k)
+        ref = torch.nn.functional.linear(x.double(), module.to_dense().double(), module.bias.double())
+        assert y.dtype == dtype and rel_err(y, ref) < TOLERANCE[dtype], tokens
 
 
 @pytest.mark.parametrize("split_k", [1, 3])

@@ -52,10 +52,8 @@ _CUDA_CORE_PRODUCTS = (
 )
 OVER_BUDGET = {
     "bitmap BM64 BK64": "per-element decode (shift, mask, prefix sum, gather): 240 registers and 1.44 warp-instructions "
-    "per weight byte at 50% sparsity, 6.6x the budget; a compact row format (MACKO-style) would replace it (issue 22)",
-    "delta rows N1 BM64 BE32": "0.278 (int 0.180): per stored entry a gap nibble, a prefix sum along the row, a "
-    "64-bit address and a gathered activation; 5x fewer instructions per weight byte than the bitmap kernel, still 28% over",
-    "delta rows N4 BM16 BE32": "0.578: the same per-entry work, and the products grow with the tokens",
+    "per weight byte at 50% sparsity, 6.6x the budget; `sparse_format: delta` (32-row slices) is the unstructured "
+    "format served within it",
     "gqsa g128 N1 BM16 BN1": _CUDA_CORE_PRODUCTS,
     "gqsa g128 N16 BM2 BN16": _CUDA_CORE_PRODUCTS,
     "gqsa g16 N1 BM64 BN1": _CUDA_CORE_PRODUCTS,

@@ -1,17 +1,19 @@
-"""DeltaSparseLinear: unstructured sparse weights as rows of (value, 4-bit column gap) entries.
+"""DeltaSparseLinear: unstructured sparse weights as rows of (value, 4-bit column advance) entries.
 
-The row format of MACKO-SpMV, made for decode kernels that work per stored entry: each row lists
-its kept weights in column order; entry j carries the number of columns skipped since the
-previous entry (0–15, packed two per byte); a gap of 16 or more is bridged by zero-valued filler
-entries that skip 16 columns each. Rows are padded to a multiple of ROW_ALIGN entries with
-zero-valued entries (aligned wide loads, one mask per row and step in the kernel), and
-`row_start` (out + 1 int32) says where each row begins.
+The row format of MACKO-SpMV, laid out for a decode kernel that gives each row to one thread:
+each row lists its kept weights in column order; entry j carries the columns it advances past
+the previous entry (0–15, packed two per byte; the first advances from column 0); a longer step
+is bridged by zero-valued filler entries that advance 15 each. Rows come in slices of 32,
+padded with zero-valued entries that advance 0 to the slice's longest row (a multiple of 16
+entries), and are stored chunk-major (kernels/delta_matmul.py: a warp's 32 rows read 512
+contiguous bytes a chunk). `slice_start` (slices + 1, int32) says where each slice begins and
+`marks` (32·slices, marks, int32) where each row is (its column) every 256 entries, so split-K
+programs can start mid-row.
 
-Bytes = entries·(sizeof(value) + 1/2) + 4·(out + 1): at 50% sparsity in bf16 about 0.63 of dense
-(SparseLinear's bitmap: 0.5625), at 70% about 0.38 (0.36). More bytes than the bitmap, but a
-decode kernel that does a fixed amount of work per stored entry (eval/compile_kernels.py): the
-bitmap kernel's per-column decode issues 5x the instructions per weight byte. Choose it with
-`sparse_format: delta` on an unstructured pruning stage.
+Bytes = entries·(sizeof(value) + 1/2) + 4·(slices + 1) + 4·32·slices·marks: at 50% sparsity in
+bf16 about 0.64 of dense (SparseLinear's bitmap: 0.5625), at 70% about 0.39 (0.36). More bytes
+than the bitmap, but a decode kernel that does a fixed, small amount of work per stored entry
+(eval/compile_kernels.py). Choose it with `sparse_format: delta` on an unstructured pruning stage.
 """
 
 from __future__ import annotations
@@ -21,45 +23,66 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import LlmpressError
 from ..kernels import dispatch
-from ..kernels.delta_matmul import ROW_ALIGN
+from ..kernels.delta_matmul import CHUNK, MARK_CHUNKS, MAX_ADVANCE, SLICE_ALIGN, SLICE_ROWS
 from .base import CompressedLinear, register_format
 
-MAX_GAP = 15  # a 4-bit gap code; longer gaps take filler entries that skip MAX_GAP + 1 columns
+LAYOUT = "slices32"  # recorded in the spec: the layout of the module docstring
 
 
-def encode_rows(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(values (E,), gap codes (E,) uint8, row_start (out + 1,) int32) of the kept weights, rows
-    padded to multiples of ROW_ALIGN entries."""
-    rows, cols = mask.shape
+def _place(row: torch.Tensor, k: torch.Tensor, slice_start: torch.Tensor) -> torch.Tensor:
+    """Storage position of entry k of each row (chunk-major within the row's slice)."""
+    lane = row % SLICE_ROWS
+    return slice_start[row // SLICE_ROWS] + ((k // CHUNK) * SLICE_ROWS + lane) * CHUNK + k % CHUNK
+
+
+def encode_rows(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values (E,), codes (E,) uint8, slice_start (S + 1,) int32, marks (32·S, marks) int32) of
+    the kept weights."""
+    rows, _ = mask.shape
     device = weight.device
+    slices = (rows + SLICE_ROWS - 1) // SLICE_ROWS
     row_idx, col_idx = mask.nonzero(as_tuple=True)  # row-major: columns ascending within a row
     first = torch.ones_like(row_idx, dtype=torch.bool)
     first[1:] = row_idx[1:] != row_idx[:-1]
-    previous = torch.where(first, torch.full_like(col_idx, -1), torch.roll(col_idx, 1))
-    gap = col_idx - previous - 1
-    fillers = gap // (MAX_GAP + 1)
+    previous = torch.where(first, torch.zeros_like(col_idx), torch.roll(col_idx, 1))
+    advance = col_idx - previous
+    fillers = ((advance - 1) // MAX_ADVANCE).clamp_min(0)
     span = fillers + 1  # entries each kept weight takes: its fillers, then itself
-    # unpadded entries per row, then padded row starts
-    length = torch.zeros(rows, dtype=torch.long, device=device).index_add_(0, row_idx, span)
-    padded = (length + ROW_ALIGN - 1) // ROW_ALIGN * ROW_ALIGN
-    row_start = torch.zeros(rows + 1, dtype=torch.long, device=device)
-    row_start[1:] = torch.cumsum(padded, 0)
-    total = int(row_start[-1])
+    length = torch.zeros(slices * SLICE_ROWS, dtype=torch.long, device=device).index_add_(0, row_idx, span)
+    slice_len = length.view(slices, SLICE_ROWS).amax(1)
+    slice_len = (slice_len + SLICE_ALIGN - 1) // SLICE_ALIGN * SLICE_ALIGN
+    slice_start = torch.zeros(slices + 1, dtype=torch.long, device=device)
+    slice_start[1:] = torch.cumsum(slice_len * SLICE_ROWS, 0)
+    total = int(slice_start[-1])
     values = torch.zeros(total, dtype=weight.dtype, device=device)
     codes = torch.zeros(total, dtype=torch.uint8, device=device)
+    longest = int(slice_len.max()) if slices else 0
+    marks_per_row = max(1, -(-longest // (MARK_CHUNKS * CHUNK)))
+    marks = torch.zeros(slices * SLICE_ROWS, marks_per_row, dtype=torch.long, device=device)
     if row_idx.numel():
-        # position of each kept weight's block within its row
         span_end = torch.cumsum(span, 0)
         before_row = torch.cumsum(length, 0) - length  # unpadded entries of the rows above
-        block_start = row_start[row_idx] + (span_end - span - before_row[row_idx])
         entry_owner = torch.repeat_interleave(torch.arange(row_idx.numel(), device=device), span)
         within = torch.arange(entry_owner.numel(), device=device) - torch.repeat_interleave(span_end - span, span)
+        row = row_idx[entry_owner]
+        k = span_end[entry_owner] - span[entry_owner] - before_row[row] + within  # entry index in the row
         is_kept = within == fillers[entry_owner]
-        position = block_start[entry_owner] + within
-        codes[position] = torch.where(is_kept, gap[entry_owner] % (MAX_GAP + 1), MAX_GAP).to(torch.uint8)
+        code = torch.where(is_kept, advance[entry_owner] - MAX_ADVANCE * fillers[entry_owner], MAX_ADVANCE)
+        position = _place(row, k, slice_start)
+        codes[position] = code.to(torch.uint8)
         values[position[is_kept]] = weight[row_idx, col_idx]
-    return values, codes, row_start.to(torch.int32)
+        # each row's column before entry 256·m: past its last entry, the row's last column
+        col_after = torch.cumsum(code, 0)
+        col_after -= torch.cat([col_after.new_zeros(1), col_after])[before_row[row]]  # per-row running column
+        last = torch.zeros(slices * SLICE_ROWS, dtype=torch.long, device=device)
+        last[row] = col_after  # entries ascend within a row: the last write is the row's end
+        marks[:] = last[:, None]
+        per_mark = MARK_CHUNKS * CHUNK
+        boundary = (k % per_mark == 0)
+        marks[row[boundary], k[boundary] // per_mark] = col_after[boundary] - code[boundary]
+    return values, codes, slice_start.to(torch.int32), marks.to(torch.int32)
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -76,48 +99,63 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 class DeltaSparseLinear(CompressedLinear):
     format = "sparse_delta"
 
-    def __init__(self, in_features, out_features, entries, nnz, has_bias, dtype=torch.float32, device=None):
+    def __init__(self, in_features, out_features, entries, nnz, has_bias, dtype=torch.float32, device=None, marks: int = 1):
         super().__init__(in_features, out_features, has_bias, dtype, device)
-        if entries % ROW_ALIGN:
-            raise ValueError(f"{entries} entries: rows are padded to multiples of {ROW_ALIGN}")
+        slices = (out_features + SLICE_ROWS - 1) // SLICE_ROWS
+        if entries % (SLICE_ROWS * SLICE_ALIGN):
+            raise ValueError(f"{entries} entries: slices of {SLICE_ROWS} rows are padded to multiples of {SLICE_ALIGN} entries a row")
         self.nnz = nnz  # kept weights (entries also count fillers and padding)
         self.values = nn.Parameter(torch.empty(entries, dtype=dtype, device=device), requires_grad=False)
         self.register_buffer("gaps", torch.empty(entries // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("row_start", torch.empty(out_features + 1, dtype=torch.int32, device=device))
+        self.register_buffer("slice_start", torch.empty(slices + 1, dtype=torch.int32, device=device))
+        self.register_buffer("marks", torch.empty(slices * SLICE_ROWS, marks, dtype=torch.int32, device=device))
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None) -> "DeltaSparseLinear":
         out_features, in_features = weight.shape
-        values, codes, row_start = encode_rows(weight, mask)
-        module = cls(in_features, out_features, values.numel(), int(mask.sum()), bias is not None, weight.dtype, weight.device)
+        values, codes, slice_start, marks = encode_rows(weight, mask)
+        module = cls(
+            in_features, out_features, values.numel(), int(mask.sum()), bias is not None, weight.dtype, weight.device, marks.shape[1]
+        )  # fmt: skip
         module.values.data.copy_(values)
         module.gaps.copy_(pack_nibbles(codes))
-        module.row_start.copy_(row_start)
+        module.slice_start.copy_(slice_start)
+        module.marks.copy_(marks)
         if bias is not None:
             module.bias.data.copy_(bias)
         return module
 
-    def columns(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row, column) of every entry; padding past the last column gets columns >= in_features."""
-        codes = unpack_nibbles(self.gaps).long() + 1
-        starts = self.row_start.long()
-        row = torch.repeat_interleave(torch.arange(self.out_features, device=codes.device), starts[1:] - starts[:-1])
+    def columns(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(storage position, row, column) of every entry of the layer's rows, in row order
+        (fillers and padding included: they hold zeros)."""
+        codes = unpack_nibbles(self.gaps).long()
+        starts = self.slice_start.long()
+        position = torch.arange(codes.numel(), device=codes.device)
+        slice_of = torch.searchsorted(starts, position, right=True) - 1
+        local = position - starts[slice_of]
+        row = slice_of * SLICE_ROWS + (local // CHUNK) % SLICE_ROWS
+        k = (local // (SLICE_ROWS * CHUNK)) * CHUNK + local % CHUNK
+        order = torch.argsort(row * (int(local.max()) + 1 if local.numel() else 1) + k)
+        position, row, codes = position[order], row[order], codes[order]
         running = torch.cumsum(codes, 0)
-        before_row = torch.cat([running.new_zeros(1), running])[starts[:-1]]  # codes summed before each row
-        return row, running - before_row[row] - 1
+        first = torch.ones_like(row, dtype=torch.bool)
+        first[1:] = row[1:] != row[:-1]
+        row_offset = torch.cummax(torch.where(first, running - codes, torch.zeros_like(running)), 0).values
+        col = running - row_offset
+        keep = row < self.out_features  # the last slice's missing rows
+        return position[keep], row[keep], col[keep]
 
     def to_dense(self) -> torch.Tensor:
         dense = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype, device=self.values.device)
-        row, col = self.columns()
-        inside = col < self.in_features
-        dense.index_put_((row[inside], col[inside]), self.values[inside], accumulate=True)  # fillers and pads add zeros
+        position, row, col = self.columns()
+        dense.index_put_((row, col), self.values[position], accumulate=True)  # fillers and pads add zeros
         return dense
 
     def mask(self) -> torch.Tensor:
         """The kept weights (a kept weight that is exactly zero reads as pruned, like a filler)."""
         keep = torch.zeros(self.out_features, self.in_features, dtype=torch.bool, device=self.values.device)
-        row, col = self.columns()
-        real = (col < self.in_features) & (self.values != 0)
+        position, row, col = self.columns()
+        real = self.values[position] != 0
         keep[row[real], col[real]] = True
         return keep
 
@@ -128,11 +166,18 @@ class DeltaSparseLinear(CompressedLinear):
         return dispatch(self.format, self, x)
 
     def spec(self) -> dict[str, Any]:
-        return {**super().spec(), "entries": self.values.numel(), "nnz": self.nnz}
+        return {**super().spec(), "entries": self.values.numel(), "nnz": self.nnz, "marks": self.marks.shape[1], "layout": LAYOUT}
 
     @classmethod
     def from_spec(cls, spec, dtype, device=None):
-        return cls(spec["in_features"], spec["out_features"], spec["entries"], spec["nnz"], spec["bias"], dtype, device)
+        if spec.get("layout") != LAYOUT:
+            raise LlmpressError(
+                f"a sparse_delta layer of this checkpoint stores rows one after another ({spec.get('layout', 'row by row')!r}), "
+                f"the layout of an earlier llmpress; this install reads {LAYOUT!r} (32-row slices): compress the model again"
+            )
+        return cls(
+            spec["in_features"], spec["out_features"], spec["entries"], spec["nnz"], spec["bias"], dtype, device, spec["marks"]
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         fill = self.values.numel() / max(1, self.nnz) - 1
