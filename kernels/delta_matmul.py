@@ -13,7 +13,8 @@ row's column before every MARK_CHUNKS-th chunk, so split-K programs start mid-ro
 One thread owns one row: it turns its word of eight codes into eight columns by a running sum in
 registers (no shuffles, no shared memory), reads the activations there (the rows of a warp walk
 their columns in step, so a gather touches few L1 lines) and keeps fp32 partial sums; two chunks
-a loop pass. Bytes: 2.5 per entry (fp16/bf16), about 0.63 of dense at 50% sparsity, 0.38 at 70%.
+a loop pass. Bytes: 2.5 per entry (fp16/bf16): with fillers and padding about 0.65 of dense at 50%
+sparsity in every row, 0.39 at 70%.
 For more than one token the activations are read from a token-major fp32 copy (one wide load per
 entry for all of a tile's tokens, no conversions in the loop).
 """
