@@ -37,6 +37,20 @@ def _place(row: torch.Tensor, k: torch.Tensor, slice_start: torch.Tensor) -> tor
     return slice_start[row // SLICE_ROWS] + ((k // CHUNK) * SLICE_ROWS + lane) * CHUNK + k % CHUNK
 
 
+def _stored_rows(codes: torch.Tensor, slice_start: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(row, k, storage position, code, column) of every stored entry, padding included, row by
+    row; rows are their slice's length. `codes` (E,) unpacked, in storage order."""
+    row_len = ((slice_start[1:] - slice_start[:-1]) // SLICE_ROWS).repeat_interleave(SLICE_ROWS)
+    first = torch.cumsum(row_len, 0) - row_len
+    row = torch.repeat_interleave(torch.arange(row_len.numel(), device=codes.device), row_len)
+    k = torch.arange(row.numel(), device=codes.device) - first[row]
+    position = _place(row, k, slice_start)
+    code = codes[position].long()
+    running = torch.cumsum(code, 0)
+    col = running - torch.cat([running.new_zeros(1), running])[first[row]]  # the row's codes through each entry
+    return row, k, position, code, col
+
+
 def encode_rows(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(values (E,), codes (E,) uint8, slice_start (S + 1,) int32, marks (32·S, marks) int32) of
     the kept weights."""
@@ -73,15 +87,12 @@ def encode_rows(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
         position = _place(row, k, slice_start)
         codes[position] = code.to(torch.uint8)
         values[position[is_kept]] = weight[row_idx, col_idx]
-        # each row's column before entry 256·m: past its last entry, the row's last column
-        col_after = torch.cumsum(code, 0)
-        col_after -= torch.cat([col_after.new_zeros(1), col_after])[before_row[row]]  # per-row running column
-        last = torch.zeros(slices * SLICE_ROWS, dtype=torch.long, device=device)
-        last[row] = col_after  # entries ascend within a row: the last write is the row's end
-        marks[:] = last[:, None]
-        per_mark = MARK_CHUNKS * CHUNK
-        boundary = (k % per_mark == 0)
-        marks[row[boundary], k[boundary] // per_mark] = col_after[boundary] - code[boundary]
+        # each row's column before its entry 256·m; marks past the slice's end: the row's last column
+        row, k, _, code, col = _stored_rows(codes, slice_start)
+        ends = torch.zeros(slices * SLICE_ROWS, dtype=torch.long, device=device).scatter_reduce_(0, row, col, "amax")
+        marks[:] = ends[:, None]  # columns never decrease along a row: the largest is the last
+        boundary = k % (MARK_CHUNKS * CHUNK) == 0
+        marks[row[boundary], k[boundary] // (MARK_CHUNKS * CHUNK)] = col[boundary] - code[boundary]
     return values, codes, slice_start.to(torch.int32), marks.to(torch.int32)
 
 
@@ -128,20 +139,7 @@ class DeltaSparseLinear(CompressedLinear):
     def columns(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(storage position, row, column) of every entry of the layer's rows, in row order
         (fillers and padding included: they hold zeros)."""
-        codes = unpack_nibbles(self.gaps).long()
-        starts = self.slice_start.long()
-        position = torch.arange(codes.numel(), device=codes.device)
-        slice_of = torch.searchsorted(starts, position, right=True) - 1
-        local = position - starts[slice_of]
-        row = slice_of * SLICE_ROWS + (local // CHUNK) % SLICE_ROWS
-        k = (local // (SLICE_ROWS * CHUNK)) * CHUNK + local % CHUNK
-        order = torch.argsort(row * (int(local.max()) + 1 if local.numel() else 1) + k)
-        position, row, codes = position[order], row[order], codes[order]
-        running = torch.cumsum(codes, 0)
-        first = torch.ones_like(row, dtype=torch.bool)
-        first[1:] = row[1:] != row[:-1]
-        row_offset = torch.cummax(torch.where(first, running - codes, torch.zeros_like(running)), 0).values
-        col = running - row_offset
+        row, _, position, _, col = _stored_rows(unpack_nibbles(self.gaps), self.slice_start.long())
         keep = row < self.out_features  # the last slice's missing rows
         return position[keep], row[keep], col[keep]
 
