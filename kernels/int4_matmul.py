@@ -25,19 +25,16 @@ from __future__ import annotations
 import torch
 
 from .runtime import (
-    SplitK,
     cached_on,
     check_launch,
-    dot_in_fp32,
     flat_tokens,
     in_column_order,
     interpreting,
+    launch_group_dot,
     launch_refusal,
     output_like,
-    split_k_plan,
     storage_key,
     tl,
-    token_block,
     triton,
 )
 
@@ -214,19 +211,10 @@ def int4_matmul(
     if n == 0:
         return out
     step = step_groups(group, groups)
-    block_m = 32 if interpreting() else 64
-    block_n = token_block(n)
-    programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    splits, steps_per_split = split_k_plan(groups // step, programs, x.device, 4, split_k)
-    split = SplitK(out.view(n, m), splits)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
-    _int4_kernel[grid](
-        x2, qweight.view(torch.int32), scales.view(torch.int16) if ptx else scales, zeros, bias if bias is not None else scales,
-        split.target, m, n, groups, steps_per_split * step, x2.stride(0), split.target.stride(-2), split.split_stride,
-        HAS_BIAS=split.single and bias is not None, PTX=ptx, DOT_FP32=dot_in_fp32(x.dtype), GROUP=group, STEP_GROUPS=step,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1,
+    launch_group_dot(
+        _int4_kernel, x, x2, out, qweight.view(torch.int32), scales.view(torch.int16) if ptx else scales, zeros, bias, group,
+        split_k, step=step, PTX=ptx, STEP_GROUPS=step,
     )  # fmt: skip
-    split.finish(bias)
     return out
 
 

@@ -10,7 +10,7 @@ bit), the same for every byte, so nothing straddles and nothing is gathered. Byt
 
 Groups of 32 or more go to tensor cores at every token count (`_lowbit_dot_kernel`): each half's
 four streams joined back into column order in registers (tl.join keeps them in-thread),
-dequantized, one `tl.dot` per half; launched like the W8 kernel (`launch_group_dot`).
+dequantized, one `tl.dot` per half; launched like the W4 and W8 kernels (`launch_group_dot`).
 Even at one token this issues fewer instructions per weight byte than the CUDA-core kernel
 (0.589 against 0.964 for W2 g64, 0.644 against 0.856 for W3 on sm_90, eval/compile_kernels.py):
 the unpacking is the same and the products move off the FP pipes. Smaller groups run on CUDA

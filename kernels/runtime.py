@@ -313,22 +313,23 @@ def launch_group_lanes(kernel, x2: torch.Tensor, out: torch.Tensor, qweight, sca
 
 def launch_group_dot(
     kernel, x: torch.Tensor, x2: torch.Tensor, out: torch.Tensor, qweight, scales, zeros, bias, group: int, split_k: int | None,
-    **meta: int,
+    step: int = 1, **meta: int,
 ) -> None:  # fmt: skip
-    """Launch a group-quantized tensor-core kernel (W8 `_int8_dot_kernel`, W3/W2
+    """Launch a group-quantized tensor-core kernel (W4 `_int4_kernel`, W8 `_int8_dot_kernel`, W3/W2
     `_lowbit_dot_kernel`: the same arguments, plus the kernel's own constexprs in `meta`) over
-    (out_features × groups) codes: 64-row tiles, split-K over the groups."""
+    (out_features × groups) codes: 64-row tiles, split-K over the K steps of `step` groups each
+    (`step` divides the groups)."""
     m, groups = scales.shape
     n = x2.shape[0]
     block_m = 32 if interpreting() else 64
     block_n = token_block(n)
     programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    splits, per_split = split_k_plan(groups, programs, x.device, 4, split_k)
+    splits, steps_per_split = split_k_plan(groups // step, programs, x.device, 4, split_k)
     split = SplitK(out.view(n, m), splits)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
     kernel[grid](
         x2, qweight, scales, zeros, bias if bias is not None else scales, split.target,
-        m, n, groups, per_split, x2.stride(0), split.target.stride(-2), split.split_stride,
+        m, n, groups, steps_per_split * step, x2.stride(0), split.target.stride(-2), split.split_stride,
         HAS_BIAS=split.single and bias is not None, DOT_FP32=dot_in_fp32(x.dtype), GROUP=group,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1, **meta,
     )  # fmt: skip
