@@ -29,10 +29,10 @@ from .runtime import (
     check_launch,
     flat_tokens,
     in_column_order,
-    interpreting,
     launch_group_dot,
     launch_refusal,
     output_like,
+    ptx_applies,
     storage_key,
     tl,
     triton,
@@ -202,7 +202,7 @@ def int4_matmul(
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
     if ptx is None:
-        ptx = not interpreting() and x.dtype in (torch.float16, torch.bfloat16) and scales.dtype == x.dtype
+        ptx = ptx_applies(x, scales.dtype)
     elif ptx and (x.dtype not in (torch.float16, torch.bfloat16) or scales.dtype != x.dtype):
         raise ValueError(f"the PTX dequantization needs fp16 or bf16 inputs and scales of the same dtype, got {x.dtype} and {scales.dtype}")
     x2 = flat_tokens(x)

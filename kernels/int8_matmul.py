@@ -23,12 +23,12 @@ from .runtime import (
     check_launch,
     flat_tokens,
     in_column_order,
-    interpreting,
     launch_group_dot,
     launch_group_lanes,
     launch_refusal,
     next_pow2,
     output_like,
+    ptx_applies,
     tl,
     triton,
 )
@@ -233,7 +233,7 @@ def int8_matmul(
     out = output_like(x, m)
     if n == 0:
         return out
-    ptx = not interpreting() and x.dtype in (torch.float16, torch.bfloat16) and scales.dtype == x.dtype
+    ptx = ptx_applies(x, scales.dtype)
     if tensor_cores is None:  # with the PTX dequantization tensor cores issue fewer instructions even at one token
         tensor_cores = (n > FMA_MAX_TOKENS or ptx) and group >= 16 and group & (group - 1) == 0
     if tensor_cores:

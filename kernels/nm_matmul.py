@@ -36,6 +36,7 @@ from .runtime import (
     launch_refusal,
     next_pow2,
     output_like,
+    ptx_applies,
     storage_key,
     tl,
     triton,
@@ -242,7 +243,7 @@ def nm24_matmul(
     out = output_like(x, m)
     if n == 0:
         return out
-    ptx = not interpreting() and x.dtype in (torch.float16, torch.bfloat16) and values.dtype == x.dtype
+    ptx = ptx_applies(x, values.dtype)
     if tensor_cores is None:  # the PTX placement makes tensor cores cheaper even at one token (bf16 on CUDA cores: 0.131 integer)
         tensor_cores = n > FMA_MAX_TOKENS or ptx
     has_bias = bias is not None

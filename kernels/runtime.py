@@ -83,6 +83,12 @@ def dot_in_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or interpreting()
 
 
+def ptx_applies(x: torch.Tensor, stored: torch.dtype) -> bool:
+    """Whether a kernel's inline-PTX dequantization serves x: fp16/bf16 inputs whose stored 16-bit
+    floats (scales, values) have x's dtype, on a GPU (Triton's interpreter cannot run PTX)."""
+    return not interpreting() and x.dtype in (torch.float16, torch.bfloat16) and stored == x.dtype
+
+
 def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
