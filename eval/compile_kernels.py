@@ -151,25 +151,26 @@ def builds(dtype: str = "fp16") -> list[Build]:
             {"HAS_BIAS": False, "GROUP": group, "CHUNK": chunk, "BLOCK_M": block_m, "BLOCK_N": block_n},
             {"num_warps": 4}, aligned=("M", "K", "stride_xn", "stride_yn"), weight_bytes=block_m * chunk * (1 + 3 / group),
         ))  # fmt: skip
-    from compress.kernels.lowbit_matmul import lowbit_tiles
+    from compress.kernels.lowbit_matmul import LANES
 
     for bits in (3, 2):
         group = 64
         out.append(Build(
             f"lowbit W{bits} g{group} BM64 BN16 (tensor cores)", "lowbit_matmul:_lowbit_dot_kernel",
-            {"x_ptr": p, "q_ptr": "*u8", "s_ptr": p, "z_ptr": "*u8", "b_ptr": p, "y_ptr": p,
+            {"x_ptr": p, "q_ptr": "*i32", "s_ptr": p, "z_ptr": "*u8", "b_ptr": p, "y_ptr": p,
              **_ints("M", "N", "GROUPS", "GROUPS_PER_SPLIT", "stride_xn", "stride_yn", "stride_ys")},
             {"HAS_BIAS": False, "DOT_FP32": False, "GROUP": group, "BLOCK_M": 64, "BLOCK_N": 16, "BITS": bits},
             {"num_warps": 4, "num_stages": 1},
             aligned=("M", "GROUPS", "stride_xn", "stride_yn", "stride_ys"), weight_bytes=64 * (group * bits / 8 + 3),
         ))  # fmt: skip
-        block_n, block_m = lowbit_tiles(1, group)
+        # one token: the activations as prepared fp16 pairs (int32), four lanes a row, one group each a pass
         out.append(Build(
-            f"lowbit W{bits} g{group} N1 BM{block_m} BN{block_n}", "lowbit_matmul:_lowbit_kernel",
-            {"x_ptr": p, "q_ptr": "*u8", "s_ptr": p, "z_ptr": "*u8", "b_ptr": p, "y_ptr": p,
-             **_ints("M", "N", "K", "stride_xn", "stride_yn")},
-            {"HAS_BIAS": False, "BITS": bits, "GROUP": group, "BLOCK_M": block_m, "BLOCK_N": block_n},
-            {"num_warps": 4}, aligned=("M", "K", "stride_xn", "stride_yn"), weight_bytes=block_m * (group * bits / 8 + 3),
+            f"lowbit W{bits} g{group} N1 BM64 ({LANES} lanes a row, PTX pairs)", "lowbit_matmul:_lowbit_gemv_kernel",
+            {"x_ptr": "*i32", "q_ptr": "*i32", "s_ptr": p, "z_ptr": "*u8", "b_ptr": p, "y_ptr": p, "amax_ptr": "*fp32",
+             **_ints("M", "GROUPS", "GROUPS_PER_SPLIT", "stride_ys")},
+            {"HAS_BIAS": False, "PTX": True, "BITS": bits, "GROUP": group, "BLOCK_M": 64, "LANES": LANES},
+            {"num_warps": 4}, aligned=("M", "GROUPS", "GROUPS_PER_SPLIT", "stride_ys"),
+            weight_bytes=64 * LANES * (group * bits / 8 + 3),
         ))  # fmt: skip
     from compress.kernels.ell_matmul import ell_tiles
 

@@ -1,23 +1,28 @@
-"""W3/W2 group-quantized GEMM for decode: y = x·Ŵᵀ + b with Ŵ stored as LowBitLinear's codes.
+"""W3/W2 group-quantized GEMM: y = x·Ŵᵀ + b with Ŵ stored as LowBitLinear's codes.
 
-Ŵ[r, G] = (q − zero)·scale per group G of g input columns. A group's codes lie in bit planes
-(compress/modules/lowbit.py): g/4 bytes of low two bits (code 4j+p at bits 2p of byte j), then
-for W3 g/8 bytes of third bits, byte k serving low bytes k and k + g/8. Per group a program loads
-three aligned (rows × g/8) byte tiles: the low bytes of each half of the group and the third-bit
-bytes; code p of a low byte then comes out with one shift and one mask (two more for its third
-bit), the same for every byte, so nothing straddles and nothing is gathered. Bytes to float by the
-2^23 bit trick (no I2F), then (q − z)·s = q·s − z·s as one FMA.
+Ŵ[r, G] = (q − zero)·scale per group G of g input columns. A group's codes are 32-bit words
+(compress/modules/lowbit.py): g/16 low words, then for W3 g/32 words of third bits; low word u
+holds column 16u + c, c = 8h + 4s + p, at bit 16h + 8s + 2p, and the 16-bit third word u (the
+low or high half of third word u/2) holds its third bit at 8h + 2p + s.
 
-Groups of 32 or more go to tensor cores at every token count (`_lowbit_dot_kernel`): each half's
-four streams joined back into column order in registers (tl.join keeps them in-thread),
-dequantized, one `tl.dot` per half; launched like the W4 and W8 kernels (`launch_group_dot`).
-Even at one token this issues fewer instructions per weight byte than the CUDA-core kernel
-(0.589 against 0.964 for W2 g64, 0.644 against 0.856 for W3 on sm_90, eval/compile_kernels.py):
-the unpacking is the same and the products move off the FP pipes. Smaller groups run on CUDA
-cores (`_lowbit_kernel`): the eight streams (half × position p) each multiply the activation
-columns they hold, 4j + p of their half, into per-lane partial sums reduced after the loop.
-g must be 8 times a power of two (at least 32 for tensor cores). The reference is the dequantized
-weight (`expanded_reference`).
+One token (decode), fp16/bf16 (`_lowbit_gemv_kernel`): four lanes of a warp share a row, each
+reading one group per pass as 16-byte (W2) or 8-byte (W3) vectors, so a warp's loads cover eight
+rows' contiguous bytes. A word's 16 codes become eight pairs of 16-bit floats in PTX, two weights
+per instruction: the mask 0x00030003 << 2p (after a shift of the word by 8s) leaves columns
+(4s + p, 8 + 4s + p) at bits 2p of each half, LOP3 ORs in the exponent of 1024 (and for W3 the
+third bits, which one PRMT and two shifts of the third word put two bits above them), so the
+halves are the floats 1024 + 4^p·q; one HADD2 subtracts 1024 + 4^p·zero (exact), one HFMA2
+multiplies by the activations and accumulates. The activations come as a prepared fp16 copy in
+that pair order, scaled by 4^−p (so 4^p(q − z)·x4^−p = (q − z)·x) and by 1/max|x| (no fp16
+overflow whatever the activations' range); a group's pair sum goes to fp32, times the scale, and
+the row's sum times max|x|. Per weight 1.6 (W2) and 2.3 (W3) instructions, products included;
+partial sums within a group in fp16 (64 products at most for g = 128, each at most 7 in size).
+fp32 layers and Triton's interpreter (which cannot run PTX) run the same kernel with the pair
+arithmetic written in Triton, in fp32.
+
+More tokens, and fp32 layers at one token, go to tensor cores (`_lowbit_dot_kernel`): per group
+the codes in column order by shifts of the words, dequantized on chip, one `tl.dot`.
+The reference is the dequantized weight (`expanded_reference`).
 """
 
 from __future__ import annotations
@@ -25,85 +30,231 @@ from __future__ import annotations
 import torch
 
 from .runtime import (
+    SplitK,
     check_group_codes,
     check_launch,
     flat_tokens,
+    interpreting,
     launch_group_dot,
-    launch_group_lanes,
     launch_refusal,
-    next_pow2,
     output_like,
+    split_k_plan,
     tl,
     triton,
 )
 
+LANES = 4  # lanes of a warp sharing a row in the one-token kernel, one group each per pass
+NEG_FP16_BIAS2 = 0xE400E400 - (1 << 32)  # the fp16 pair (−1024, −1024) as int32
+
+
+def _pair_program(bits: int, odd: bool = False) -> str:
+    """PTX for one low word: $0 the updated pair sum; $1 the sum so far, $2 the word, $3 its third
+    word (W3; `odd`: the word's third bits are those rotated by 8), $4..$11 the activation pairs
+    4s + p, $12..$15 the pairs −(1024 + 4^p·zero)."""
+    lines = ["{", ".reg .b32 magic, m, t, v, d, acc, w1, h0, h1;", "mov.b32 magic, 0x64006400;", "mov.b32 acc, $1;", "shr.u32 w1, $2, 8;"]
+    if bits == 3:  # the third bits of columns (4s + p, 8 + 4s + p) to bits 2p + 2 of each half
+        lines += ["shf.r.wrap.b32 h0, $3, $3, 8;" if odd else "mov.b32 h0, $3;", "shr.u32 h1, h0, 1;"]
+    for s in range(2):
+        word, third = ("$2", "h0") if s == 0 else ("w1", "h1")
+        for p in range(4):
+            lines.append(f"mov.b32 m, 0x{0x00030003 << 2 * p:08x};")
+            if bits == 3:
+                lines += [f"mov.b32 t, 0x{0x00040004 << 2 * p:08x};", f"lop3.b32 t, {third}, t, magic, 0xEA;", f"lop3.b32 v, {word}, m, t, 0xEA;"]
+            else:
+                lines.append(f"lop3.b32 v, {word}, m, magic, 0xEA;")  # (word & m) | magic: 1024 + 4^p·q, two at once
+            lines += [f"add.rn.f16x2 d, v, ${12 + p};", f"fma.rn.f16x2 acc, d, ${4 + 4 * s + p}, acc;"]
+    return "\n".join(lines + ["mov.b32 $0, acc;", "}"])
+
+
+# the pairs −(1024 + 4^p·z), p = 1, 2, 3, from p = 0's by one exact fp16 FMA each (fp pipes, not
+# integer ones): −(1024 + z)·4^p + (4^p − 1)·1024
+_OFFSETS_PROGRAM = "\n".join(
+    ["{", ".reg .b32 scale, offset;"]
+    + [
+        line
+        for p, scale, offset in ((1, 0x4400, 0x6A00), (2, 0x4C00, 0x7380), (3, 0x5400, 0x7BE0))
+        for line in (f"mov.b32 scale, 0x{scale:04x}{scale:04x};", f"mov.b32 offset, 0x{offset:04x}{offset:04x};", f"fma.rn.f16x2 ${p - 1}, $3, scale, offset;")
+    ]
+    + ["}"]
+)
 
 if triton is not None:
+    OFFSETS = tl.constexpr(_OFFSETS_PROGRAM)
+    PAIRS_W2 = tl.constexpr(_pair_program(2))
+    PAIRS_W3 = tl.constexpr(_pair_program(3))
+    PAIRS_W3_ODD = tl.constexpr(_pair_program(3, odd=True))
+    _NEG_FP16_BIAS2 = tl.constexpr(NEG_FP16_BIAS2)
 
     @triton.jit
-    def _stream(low, high, p: tl.constexpr, half: tl.constexpr, BITS: tl.constexpr):
-        """Codes at position p of each low byte (int32), their third bit from `high` for W3."""
-        codes = (low >> (2 * p)) & 3
+    def _two(t):
+        """(…, 2) -> its two entries."""
+        return tl.split(t)
+
+    @triton.jit
+    def _four(t):
+        """(…, 4) -> its four entries, in order (each thread's own registers)."""
+        a, b = tl.split(tl.reshape(t, t.shape[:-1] + (2, 2)))
+        a0, a1 = tl.split(a)
+        b0, b1 = tl.split(b)
+        return a0, b0, a1, b1
+
+    @triton.jit
+    def _half_to_float(pair, HIGH: tl.constexpr):
+        """The low or high fp16 of an int32 pair, as fp32."""
+        bits = (pair >> 16) if HIGH else pair
+        return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def _code(low, third, h: tl.constexpr, s: tl.constexpr, p: tl.constexpr, ODD: tl.constexpr, BITS: tl.constexpr):
+        """The code of column 8h + 4s + p of a low word (int32), with its third bit for W3 (third:
+        the word's third word; ODD: an odd low word, whose third bits are 8 further)."""
+        codes = (low >> (16 * h + 8 * s + 2 * p)) & 3
         if BITS == 3:
-            codes = codes | (((high >> (4 * half + p)) & 1) << 2)
+            codes = codes | (((third >> ((16 * h + 2 * p + 2 + s + 8 * ODD) % 32)) & 1) << 2)
         return codes
+
+    @triton.jit
+    def _pair_fp32(acc, low, third, pair, zero, s: tl.constexpr, p: tl.constexpr, ODD: tl.constexpr, BITS: tl.constexpr):
+        """One pair of `_pair_program` in Triton arithmetic, in fp32: columns (4s + p, 8 + 4s + p)."""
+        d_lo = (_code(low, third, 0, s, p, ODD, BITS) - zero).to(tl.float32) * (1 << (2 * p))
+        d_hi = (_code(low, third, 1, s, p, ODD, BITS) - zero).to(tl.float32) * (1 << (2 * p))
+        return acc + d_lo * _half_to_float(pair, False) + d_hi * _half_to_float(pair, True)
+
+    @triton.jit
+    def _word_fp32(acc, low, third, x_lo, x_hi, zero, ODD: tl.constexpr, BITS: tl.constexpr):
+        """`_pair_program` in Triton arithmetic, in fp32: acc + Σ (q − z)·4^p·x' over the word."""
+        x0, x1, x2, x3 = _four(x_lo)
+        x4, x5, x6, x7 = _four(x_hi)
+        acc = _pair_fp32(acc, low, third, x0, zero, 0, 0, ODD, BITS)
+        acc = _pair_fp32(acc, low, third, x1, zero, 0, 1, ODD, BITS)
+        acc = _pair_fp32(acc, low, third, x2, zero, 0, 2, ODD, BITS)
+        acc = _pair_fp32(acc, low, third, x3, zero, 0, 3, ODD, BITS)
+        acc = _pair_fp32(acc, low, third, x4, zero, 1, 0, ODD, BITS)
+        acc = _pair_fp32(acc, low, third, x5, zero, 1, 1, ODD, BITS)
+        acc = _pair_fp32(acc, low, third, x6, zero, 1, 2, ODD, BITS)
+        return _pair_fp32(acc, low, third, x7, zero, 1, 3, ODD, BITS)
+
+    @triton.jit
+    def _word(acc, low, third32, x_ptrs, zero, nb0, nb1, nb2, nb3, ODD: tl.constexpr, BITS: tl.constexpr, PTX: tl.constexpr):
+        """One low word of every (row, lane): its 16 codes times their activations, into acc (an
+        fp16 pair sum as int32 on the PTX path, fp32 otherwise). x_ptrs: the word's eight
+        activation pairs, (rows, lanes, 4) pointers to the first four."""
+        x_lo = tl.load(x_ptrs)
+        x_hi = tl.load(x_ptrs + 4)
+        if PTX:
+            x0, x1, x2, x3 = _four(x_lo)
+            x4, x5, x6, x7 = _four(x_hi)
+            acc = tl.inline_asm_elementwise(
+                PAIRS_W2 if BITS == 2 else (PAIRS_W3_ODD if ODD else PAIRS_W3), "=r," + ",".join(["r"] * 15),
+                [acc, low, third32, x0, x1, x2, x3, x4, x5, x6, x7, nb0, nb1, nb2, nb3],
+                dtype=tl.int32, is_pure=True, pack=1,
+            )  # fmt: skip
+        else:
+            acc = _word_fp32(acc, low, third32, x_lo, x_hi, zero, ODD, BITS)
+        return acc
+
+    @triton.jit
+    def _lowbit_gemv_kernel(
+        x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, amax_ptr,
+        M, GROUPS, GROUPS_PER_SPLIT, stride_ys,
+        HAS_BIAS: tl.constexpr, PTX: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+        LANES: tl.constexpr,
+    ):  # fmt: skip
+        """One token. x_ptr: the prepared activation pairs (`gemv_activations`), int32; q_ptr:
+        the codes as int32 words (M, groups, g·bits/32); amax_ptr: max|x| (fp32)."""
+        LOW: tl.constexpr = GROUP // 16  # low words per group
+        WORDS: tl.constexpr = GROUP * BITS // 32
+        VEC: tl.constexpr = 4 if LOW >= 4 else LOW  # low words a load
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = tl.minimum(rm, M - 1)  # rows past M read row M − 1 and are never stored: no masks
+        lane = tl.arange(0, LANES)
+        vec = tl.arange(0, VEC)
+        four = tl.arange(0, 4)
+        row_sum = tl.zeros((BLOCK_M, LANES), dtype=tl.float32)
+        g_start = pid_k * GROUPS_PER_SPLIT
+        g_end = tl.minimum(g_start + GROUPS_PER_SPLIT, GROUPS)
+        for g0 in range(g_start, g_end, LANES):
+            group = tl.minimum(g0 + lane, GROUPS - 1)
+            slot = rows[:, None] * GROUPS + group[None, :]  # (rows, lanes)
+            scale = tl.load(s_ptr + slot).to(tl.float32)
+            scale = tl.where((g0 + lane < g_end)[None, :], scale, 0.0)  # lanes past the split's groups
+            zero = tl.load(z_ptr + slot).to(tl.int32)
+            nb0 = zero * 0x10001 + _NEG_FP16_BIAS2  # −(1024 + 4^p·z), twice, as fp16 bits
+            nb1, nb2, nb3 = nb0, nb0, nb0
+            if PTX:
+                nb1, nb2, nb3 = tl.inline_asm_elementwise(OFFSETS, "=r,=r,=r,r", [nb0], dtype=(tl.int32,) * 3, is_pure=True, pack=1)
+            acc = tl.zeros((BLOCK_M, LANES), dtype=tl.int32 if PTX else tl.float32)
+            x_word = (group * LOW)[None, :, None] * 8 + four[None, None, :] + tl.zeros((BLOCK_M, 1, 1), dtype=tl.int32)
+            for c in tl.static_range(0, LOW, VEC):
+                low = tl.load(q_ptr + slot[:, :, None] * WORDS + c + vec[None, None, :])
+                third = tl.zeros((BLOCK_M, LANES, 2), dtype=tl.int32)
+                if BITS == 3:  # the third words of these low words: VEC/2 of them (VEC >= 2 for W3)
+                    third = tl.load(q_ptr + slot[:, :, None] * WORDS + LOW + c // 2 + tl.arange(0, 2)[None, None, :] % (VEC // 2))
+                t0, t1 = _two(third)
+                if VEC == 1:
+                    acc = _word(acc, tl.reshape(low, (BLOCK_M, LANES)), t0, x_ptr + x_word + c * 8, zero, nb0, nb1, nb2, nb3, False, BITS, PTX)
+                elif VEC == 2:
+                    w0, w1 = _two(low)
+                    acc = _word(acc, w0, t0, x_ptr + x_word + c * 8, zero, nb0, nb1, nb2, nb3, False, BITS, PTX)
+                    acc = _word(acc, w1, t0, x_ptr + x_word + c * 8 + 8, zero, nb0, nb1, nb2, nb3, True, BITS, PTX)
+                else:
+                    w0, w1, w2, w3 = _four(low)
+                    acc = _word(acc, w0, t0, x_ptr + x_word + c * 8, zero, nb0, nb1, nb2, nb3, False, BITS, PTX)
+                    acc = _word(acc, w1, t0, x_ptr + x_word + c * 8 + 8, zero, nb0, nb1, nb2, nb3, True, BITS, PTX)
+                    acc = _word(acc, w2, t1, x_ptr + x_word + c * 8 + 16, zero, nb0, nb1, nb2, nb3, False, BITS, PTX)
+                    acc = _word(acc, w3, t1, x_ptr + x_word + c * 8 + 24, zero, nb0, nb1, nb2, nb3, True, BITS, PTX)
+            if PTX:
+                acc = _half_to_float(acc, False) + _half_to_float(acc, True)
+            row_sum += acc * scale
+        out = tl.sum(row_sum, axis=1) * tl.load(amax_ptr)
+        if HAS_BIAS:
+            out += tl.load(b_ptr + rm, mask=rm < M, other=0.0).to(tl.float32)
+        tl.store(y_ptr + pid_k * stride_ys + rm, out.to(y_ptr.dtype.element_ty), mask=rm < M)
+
+    @triton.jit
+    def _gemv_activations_kernel(x_ptr, pairs_ptr, amax_ptr, K, BLOCK: tl.constexpr):
+        """`gemv_activations` in one launch (one program): max|x|, then each 16-column block's
+        eight fp16 pairs (4s + p: columns 16u + 4s + p and 16u + 8 + 4s + p, times 4^−p/max|x|)."""
+        offsets = tl.arange(0, BLOCK)
+        largest = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            v = tl.load(x_ptr + k0 + offsets, mask=k0 + offsets < K, other=0.0).to(tl.float32)
+            largest = tl.maximum(largest, tl.abs(v))
+        amax = tl.maximum(tl.max(largest), 1.1754943508222875e-38)
+        tl.store(amax_ptr, amax)
+        for k0 in range(0, K, BLOCK):
+            e = k0 + offsets  # output half e: block e // 16, pair (e % 16) // 2 = 4s + p, half h = e % 2
+            pair = (e % 16) // 2
+            p = pair % 4
+            source = (e // 16) * 16 + 8 * (e % 2) + pair
+            v = tl.load(x_ptr + source, mask=e < K, other=0.0).to(tl.float32) / amax
+            tl.store(pairs_ptr + e, (v / (1 << (2 * p)).to(tl.float32)).to(tl.float16), mask=e < K)
+
+    @triton.jit
+    def _column_codes(low, third, BITS: tl.constexpr, ROWS: tl.constexpr, GROUP: tl.constexpr):
+        """A group's codes in column order (rows × g) from its low words (rows × g/16) and their
+        third words, odd words' rotated back (so every word reads its third bits where an even one
+        does). The joins keep every value in its thread: column 8h + 4s + 2p1 + p0 of a word is
+        element (h, s, p1, p0) of the last join, whose axis is the last of the four."""
+        a0 = tl.join(_code(low, third, 0, 0, 0, False, BITS), _code(low, third, 1, 0, 0, False, BITS))
+        a1 = tl.join(_code(low, third, 0, 0, 1, False, BITS), _code(low, third, 1, 0, 1, False, BITS))
+        a2 = tl.join(_code(low, third, 0, 0, 2, False, BITS), _code(low, third, 1, 0, 2, False, BITS))
+        a3 = tl.join(_code(low, third, 0, 0, 3, False, BITS), _code(low, third, 1, 0, 3, False, BITS))
+        b0 = tl.join(_code(low, third, 0, 1, 0, False, BITS), _code(low, third, 1, 1, 0, False, BITS))
+        b1 = tl.join(_code(low, third, 0, 1, 1, False, BITS), _code(low, third, 1, 1, 1, False, BITS))
+        b2 = tl.join(_code(low, third, 0, 1, 2, False, BITS), _code(low, third, 1, 1, 2, False, BITS))
+        b3 = tl.join(_code(low, third, 0, 1, 3, False, BITS), _code(low, third, 1, 1, 3, False, BITS))
+        # (…, h, s) per p, then p1, then p0
+        p0 = tl.join(tl.join(a0, b0), tl.join(a2, b2))
+        p1 = tl.join(tl.join(a1, b1), tl.join(a3, b3))
+        return tl.reshape(tl.join(p0, p1), (ROWS, GROUP))
 
     @triton.jit
     def _to_float(codes):
         """Small non-negative int32 codes to float32, exactly: the bits of 2^23 + q, minus 2^23."""
         return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-
-    @triton.jit
-    def _load_planes(q_ptr, row_bytes, row_ok, GROUP: tl.constexpr, BITS: tl.constexpr):
-        """(low bytes of the first half, of the second half, third-bit bytes) as int32 (rows × g/8)."""
-        j = tl.arange(0, GROUP // 8)
-        offsets = row_bytes[:, None] + j[None, :]
-        low_a = tl.load(q_ptr + offsets, mask=row_ok[:, None], other=0).to(tl.int32)
-        low_b = tl.load(q_ptr + offsets + GROUP // 8, mask=row_ok[:, None], other=0).to(tl.int32)
-        high = low_a
-        if BITS == 3:
-            high = tl.load(q_ptr + offsets + GROUP // 4, mask=row_ok[:, None], other=0).to(tl.int32)
-        return low_a, low_b, high
-
-    @triton.jit
-    def _lowbit_kernel(
-        x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
-        M, N, K, stride_xn, stride_yn,
-        HAS_BIAS: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):  # fmt: skip
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_ok = rm < M
-        n_ok = rn < N
-        j = tl.arange(0, GROUP // 8)
-        groups = K // GROUP
-        acc = tl.zeros((BLOCK_M, GROUP // 8, BLOCK_N), dtype=tl.float32)
-        for g in range(0, groups):
-            slot = rm * groups + g
-            low_a, low_b, high = _load_planes(q_ptr, slot * (GROUP * BITS // 8), m_ok, GROUP, BITS)
-            scale = tl.load(s_ptr + slot, mask=m_ok, other=0.0).to(tl.float32)[:, None]
-            offset = tl.load(z_ptr + slot, mask=m_ok, other=0).to(tl.float32)[:, None] * scale
-            x_cols = x_ptr + rn[None, None, :] * stride_xn + (g * GROUP + 4 * j)[None, :, None]
-            for p in tl.static_range(4):
-                w_a = _to_float(_stream(low_a, high, p, 0, BITS)) * scale - offset
-                w_b = _to_float(_stream(low_b, high, p, 1, BITS)) * scale - offset
-                x_a = tl.load(x_cols + p, mask=n_ok[None, None, :], other=0.0).to(tl.float32)
-                x_b = tl.load(x_cols + GROUP // 2 + p, mask=n_ok[None, None, :], other=0.0).to(tl.float32)
-                acc += w_a[:, :, None] * x_a + w_b[:, :, None] * x_b
-        out = tl.sum(acc, axis=1)
-        if HAS_BIAS:
-            out += tl.load(b_ptr + rm, mask=m_ok, other=0.0).to(tl.float32)[:, None]
-        tl.store(y_ptr + rn[None, :] * stride_yn + rm[:, None], out.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-
-    @triton.jit
-    def _half_in_order(low, high, half: tl.constexpr, BITS: tl.constexpr, ROWS: tl.constexpr, GROUP: tl.constexpr):
-        """A half group's codes in column order (rows × g/2): element (j, a, b) of the joins is
-        column 4j + 2a + b, which holds stream p = 2a + b."""
-        even = tl.join(_stream(low, high, 0, half, BITS), _stream(low, high, 2, half, BITS))
-        odd = tl.join(_stream(low, high, 1, half, BITS), _stream(low, high, 3, half, BITS))
-        return tl.reshape(tl.join(even, odd), (ROWS, GROUP // 2))
 
     @triton.jit
     def _dequant(codes, scale, zero, x_dtype: tl.constexpr, FP16: tl.constexpr):
@@ -121,53 +272,69 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BITS: tl.constexpr,
     ):  # fmt: skip
-        """Tensor cores for several tokens: per group, each half's codes in column order,
-        dequantized on chip, one `tl.dot` with the half's activation columns."""
-        tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and GROUP >= 32, "tl.dot needs tiles of at least 16")
+        """Tensor cores: per group, the codes in column order, dequantized on chip, one `tl.dot`
+        with the group's activation columns. q_ptr: the codes as int32 words."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_ok = rm < M
+        rows = tl.minimum(rm, M - 1)
         n_ok = rn < N
-        cols = tl.arange(0, GROUP // 2)
+        cols = tl.arange(0, GROUP)
+        LOW: tl.constexpr = GROUP // 16
+        WORDS: tl.constexpr = GROUP * BITS // 32
+        u = tl.arange(0, LOW)
         dot_dtype: tl.constexpr = tl.float32 if DOT_FP32 else x_ptr.dtype.element_ty
         fp16: tl.constexpr = (not DOT_FP32) and x_ptr.dtype.element_ty == tl.float16
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         g_start = pid_k * GROUPS_PER_SPLIT
         for g in range(g_start, tl.minimum(g_start + GROUPS_PER_SPLIT, GROUPS)):
-            slot = rm * GROUPS + g
-            low_a, low_b, high = _load_planes(q_ptr, slot * (GROUP * BITS // 8), m_ok, GROUP, BITS)
-            scale = tl.load(s_ptr + slot, mask=m_ok, other=0.0).to(tl.float32)[:, None]
-            zero = tl.load(z_ptr + slot, mask=m_ok, other=0).to(tl.float32)[:, None]
-            w_a = _dequant(_half_in_order(low_a, high, 0, BITS, BLOCK_M, GROUP), scale, zero, dot_dtype, fp16)
-            w_b = _dequant(_half_in_order(low_b, high, 1, BITS, BLOCK_M, GROUP), scale, zero, dot_dtype, fp16)
-            x_half = x_ptr + rn[None, :] * stride_xn + (g * GROUP + cols)[:, None]
-            x_a = tl.load(x_half, mask=n_ok[None, :], other=0.0).to(dot_dtype)
-            x_b = tl.load(x_half + GROUP // 2, mask=n_ok[None, :], other=0.0).to(dot_dtype)
+            slot = rows * GROUPS + g
+            low = tl.load(q_ptr + slot[:, None] * WORDS + u[None, :])
+            third = low
+            if BITS == 3:
+                third = tl.load(q_ptr + slot[:, None] * WORDS + LOW + u[None, :] // 2)
+                third = tl.where((u % 2 == 1)[None, :], ((third >> 8) & 0xFFFFFF) | (third << 24), third)
+            scale = tl.load(s_ptr + slot).to(tl.float32)[:, None]
+            zero = tl.load(z_ptr + slot).to(tl.float32)[:, None]
+            w = _dequant(_column_codes(low, third, BITS, BLOCK_M, GROUP), scale, zero, dot_dtype, fp16)
+            x = tl.load(x_ptr + rn[None, :] * stride_xn + (g * GROUP + cols)[:, None], mask=n_ok[None, :], other=0.0).to(dot_dtype)
             if DOT_FP32:
-                acc += tl.dot(w_a, x_a, input_precision="ieee")
-                acc += tl.dot(w_b, x_b, input_precision="ieee")
+                acc += tl.dot(w, x, input_precision="ieee")
             else:
-                acc += tl.dot(w_a, x_a)
-                acc += tl.dot(w_b, x_b)
+                acc += tl.dot(w, x)
         if HAS_BIAS:
-            acc += tl.load(b_ptr + rm, mask=m_ok, other=0.0).to(tl.float32)[:, None]
-        tl.store(y_ptr + pid_k * stride_ys + rn[None, :] * stride_yn + rm[:, None], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+            acc += tl.load(b_ptr + rm, mask=rm < M, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + pid_k * stride_ys + rn[None, :] * stride_yn + rm[:, None], acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & n_ok[None, :])
 
 
-def lowbit_group_supported(group: int, tensor_cores: bool) -> bool:
-    """g/8 a power of two (the streams' tile width), and for tensor cores g/2 ≥ 16 (a dot's K)."""
-    eighth = group // 8
-    return group % 8 == 0 and eighth & (eighth - 1) == 0 and (not tensor_cores or group >= 32)
+def lowbit_group_supported(group: int, bits: int) -> bool:
+    """Whole 32-bit words per group (g a multiple of 16, for W3 of 32) and g a power of two (a
+    tile's width)."""
+    return group % (32 if bits == 3 else 16) == 0 and group & (group - 1) == 0
 
 
-def lowbit_tiles(n: int, group: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_M): at most 4096 (rows × g × tokens) weights per program and step, as W8's
-    chunks, in (rows × g/8 × tokens) partial sums."""
-    block_n = min(16, next_pow2(n))
-    return block_n, max(2, min(64, 4096 // (group * block_n)))
+def gemv_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token's activations (K,) for `_lowbit_gemv_kernel`: (K/2,) int32 fp16 pairs, pair
+    4s + p of 16-column block u holding columns (16u + 4s + p, 16u + 8 + 4s + p), scaled by
+    4^−p / max|x|; and max|x| as a (1,) fp32 tensor. The PyTorch reference of
+    `_gemv_activations_kernel` (which the launcher runs: one launch instead of several)."""
+    xf = x.float()
+    amax = xf.abs().amax().clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
+    position = torch.tensor([1.0, 4.0, 16.0, 64.0], device=x.device)  # 4^p
+    pairs = (xf / amax).view(-1, 2, 2, 4) / position  # (block, h, s, p)
+    pairs = pairs.permute(0, 2, 3, 1).to(torch.float16).contiguous()  # (block, s, p, h)
+    return pairs.view(torch.int32).flatten(), amax
+
+
+def launch_gemv_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gemv_activations` by `_gemv_activations_kernel`."""
+    k = x.shape[-1]
+    pairs = torch.empty(k, dtype=torch.float16, device=x.device)
+    amax = torch.empty(1, dtype=torch.float32, device=x.device)
+    _gemv_activations_kernel[(1,)](x, pairs, amax, k, BLOCK=min(1024, triton.next_power_of_2(k)), num_warps=4)
+    return pairs.view(torch.int32), amax
 
 
 def lowbit_matmul(
@@ -179,18 +346,20 @@ def lowbit_matmul(
     bias: torch.Tensor | None = None,
     tensor_cores: bool | None = None,
     split_k: int | None = None,
+    ptx: bool | None = None,
 ) -> torch.Tensor:
     """y = x·Ŵᵀ + bias for LowBitLinear's storage: qweight (M, groups, g·bits/8) uint8, scales
-    (M, groups), zeros (M, groups) uint8; x (..., K) -> (..., M) with K = groups·g. Tensor cores
-    for groups of at least 32, CUDA cores for smaller ones; `tensor_cores` overrides."""
+    (M, groups), zeros (M, groups) uint8; x (..., K) -> (..., M) with K = groups·g. One fp16/bf16
+    token goes to the CUDA-core kernel (its PTX pair arithmetic on a GPU, `ptx` overrides), the
+    rest to tensor cores; `tensor_cores` overrides the choice."""
     check_launch(x, qweight, scales, zeros)
     if bits not in (2, 3):
         raise ValueError(f"lowbit_matmul reads 2- or 3-bit codes, not {bits}")
     m, groups, packed = qweight.shape
     group = packed * 8 // bits
     k = x.shape[-1]
-    if packed * 8 % bits or not lowbit_group_supported(group, False):
-        raise ValueError(f"the kernels take groups of 8 times a power of two, got {packed * 8 / bits:g}")
+    if packed * 8 % bits or not lowbit_group_supported(group, bits):
+        raise ValueError(f"the kernels take W{bits} groups of whole 32-bit words, a power of two, got {packed * 8 / bits:g}")
     if groups * group != k:
         raise ValueError(f"x has {k} features but the weight has {groups} groups of {group}")
     check_group_codes(qweight, scales, zeros)
@@ -199,22 +368,35 @@ def lowbit_matmul(
     out = output_like(x, m)
     if n == 0:
         return out
+    words = qweight.view(torch.int32)
     if tensor_cores is None:
-        tensor_cores = lowbit_group_supported(group, True)
+        tensor_cores = n > 1 or x.dtype == torch.float32
     if tensor_cores:
-        if not lowbit_group_supported(group, True):
-            raise ValueError(f"the tensor-core kernel needs a group of at least 32, got {group}")
-        launch_group_dot(_lowbit_dot_kernel, x, x2, out, qweight, scales, zeros, bias, group, split_k, BITS=bits)
+        launch_group_dot(_lowbit_dot_kernel, x, x2, out, words, scales, zeros, bias, group, split_k, BITS=bits)
         return out
-    block_n, block_m = lowbit_tiles(n, group)
-    launch_group_lanes(_lowbit_kernel, x2, out, qweight, scales, zeros, bias, block_n, block_m, BITS=bits, GROUP=group)
+    if n != 1 or x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"the CUDA-core kernel reads one fp16 or bf16 token, got {n} in {x.dtype}")
+    if ptx is None:
+        ptx = not interpreting() and x.dtype in (torch.float16, torch.bfloat16)
+    pairs, amax = launch_gemv_activations(x2[0])
+    block_m = 16 if interpreting() else 64
+    programs = triton.cdiv(m, block_m)
+    splits, per_split = split_k_plan(triton.cdiv(groups, LANES), programs, x.device, 2, split_k)
+    split = SplitK(out.view(1, m), splits)
+    _lowbit_gemv_kernel[(programs, splits)](
+        pairs, words, scales, zeros, bias if bias is not None else scales, split.target, amax,
+        m, groups, per_split * LANES, split.split_stride,
+        HAS_BIAS=split.single and bias is not None, PTX=ptx, BITS=bits, GROUP=group, BLOCK_M=block_m, LANES=LANES,
+        num_warps=4,
+    )  # fmt: skip
+    split.finish(bias)
     return out
 
 
 def lowbit_refusal(module, x: torch.Tensor) -> str | None:
     why = launch_refusal(x, module.qweight, module.scales)
-    if why is None and not lowbit_group_supported(module.group_size, False):
-        why = f"group size {module.group_size} is not 8 times a power of two"
+    if why is None and not lowbit_group_supported(module.group_size, module.bits):
+        why = f"group size {module.group_size} is not a power of two" + (" of at least 32" if module.bits == 3 else "")
     return why
 
 

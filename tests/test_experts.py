@@ -180,7 +180,7 @@ METHOD_STAGES = [
     [{"method": "gqsa", "ratio": 0.0, "group_size": 16}],
     [{"method": "mfac", "ratio": 0.5, "block_size": 32, "steps": 1}],
     [{"method": "magnitude", "pattern": "2:4"}, {"method": "eora", "rank": 4}],
-    [{"method": "gptq", "bits": 3, "group_size": 16, "blocksize": 32, "residual_rank": 2}],  # a stacked option
+    [{"method": "gptq", "bits": 3, "group_size": 32, "blocksize": 32, "residual_rank": 2}],  # a stacked option
 ]
 
 

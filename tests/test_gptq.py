@@ -60,13 +60,13 @@ def test_low_bit_codes_pack_at_their_width(bits):
     assert packed.dtype == torch.uint8 and packed.shape == (3, 5, 32 * bits // 8)
     assert torch.equal(unpack_codes(packed, bits), codes.to(torch.int32))
     assert not torch.equal(unpack_codes(packed, bits), unpack_codes(pack_codes(codes.roll(1, -1), bits), bits))
-    # the planes the kernels read: code 4j+p at bits 2p of low byte j; (W3) its third bit in byte j mod 4
-    # of the next plane, at bit p for the first half of the group and 4 + p for the second
+    # the words the kernels read: code 4j+p at bits 2p of low byte j; (W3) the third bits of the
+    # group's 32 columns in one 32-bit word, column 16o + 8h + 4s + p's at bit (16h + 2p + 2 + s + 8o) mod 32
     row = codes[0, 0].tolist()
     assert packed[0, 0, :8].tolist() == [sum((row[4 * j + p] & 3) << (2 * p) for p in range(4)) for j in range(8)]
     if bits == 3:
-        third = [sum(((row[4 * (k + 4 * h) + p] >> 2) & 1) << (4 * h + p) for h in range(2) for p in range(4)) for k in range(4)]
-        assert packed[0, 0, 8:].tolist() == third
+        third = sum(((row[c] >> 2) & 1) << ((16 * (c % 16 // 8) + 2 * (c % 4) + 2 + c % 8 // 4 + 8 * (c // 16)) % 32) for c in range(32))
+        assert packed[0, 0, 8:].tolist() == [(third >> (8 * i)) & 0xFF for i in range(4)]
 
 
 def test_w3_bytes_forward_and_round_trip():
@@ -87,8 +87,10 @@ def test_w3_bytes_forward_and_round_trip():
     old_layout = {k: v for k, v in module.spec().items() if k != "packing"}  # written before the bit planes
     with pytest.raises(LlmpressError, match="compress the model again"):
         build_module(old_layout, torch.float32)
-    with pytest.raises(ValueError, match="multiple of 8"):
-        GPTQConfig(bits=3, group_size=12, blocksize=48)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        GPTQConfig(bits=3, group_size=16, blocksize=48)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        GPTQConfig(bits=2, group_size=24, blocksize=48)
 
 
 def test_w4_is_gqsa_with_every_group_kept():

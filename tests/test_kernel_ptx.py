@@ -1,6 +1,7 @@
 """The inline PTX the kernels send to the GPU, run by a small emulator of the PTX instructions
-they use, against the references: W4's dequantization of 32-bit words (int4_matmul) and the 2:4
-kernel's placement of each group's two values into its four columns (nm_matmul).
+they use, against the references: W4's and W8's dequantization of 32-bit words (int4_matmul,
+int8_matmul), the 2:4 kernel's placement of each group's two values into its four columns
+(nm_matmul), and the W3/W2 one-token kernel's pair products (lowbit_matmul).
 
 Triton's interpreter cannot run inline PTX, so without a GPU this is what checks those programs:
 the PRMT selectors (and the 2:4 selector table), the LOP3 truth table, the exponent bits and the
@@ -28,19 +29,20 @@ def _halves(v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Te
     return low.double(), high.double()
 
 
-def _pack(low: torch.Tensor, high: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """float64 pairs rounded once to `dtype` (through fp32, exact for these values: checked)."""
+def _pack(low: torch.Tensor, high: torch.Tensor, dtype: torch.dtype, exact: bool = True) -> torch.Tensor:
+    """float64 pairs rounded to `dtype` (through fp32: exact for the dequantizations, checked; with
+    `exact=False`, as for products of arbitrary activations, within a rounding of the true one)."""
     out = []
     for h in (low, high):
-        assert torch.equal(h.float().double(), h), "the emulated FMA result is not exact in fp32"
+        assert not exact or torch.equal(h.float().double(), h), "the emulated FMA result is not exact in fp32"
         out.append(h.float().to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF)
     return out[0] | (out[1] << 16)
 
 
-def run_ptx(program: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Execute straight-line PTX (mov, shr, prmt, lop3, packed 16-bit fma) on int64 tensors holding
-    32-bit values, element-wise; returns the 16-bit outputs ($0..$7 that the program writes) as
-    int64 bit patterns."""
+def run_ptx(program: str, inputs: dict[str, torch.Tensor], exact: bool = True) -> dict[str, torch.Tensor]:
+    """Execute straight-line PTX (mov, shr, shf, prmt, lop3, packed 16-bit add and fma) on int64
+    tensors holding 32-bit values, element-wise; returns the outputs ($0..$7 that the program
+    writes) as int64 bit patterns. `exact`: every 16-bit float result must be exact (see `_pack`)."""
     regs = dict(inputs)
 
     def value(operand: str) -> torch.Tensor | int:
@@ -64,6 +66,9 @@ def run_ptx(program: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Te
             result = vals[0] + torch.zeros_like(next(iter(inputs.values()))) if isinstance(vals[0], int) else vals[0]
         elif op == "shr.u32":
             result = vals[0] >> vals[1]
+        elif op == "shf.r.wrap.b32":  # funnel shift of {b, a} right: with a = b, a rotation
+            a, b, shift = vals
+            result = ((b << 32 | a) >> (shift % 32)) & MASK32
         elif op == "prmt.b32":  # default mode: byte i of d is byte (selector nibble i) of {b, a}
             a, b, selector = (v + torch.zeros_like(next(iter(inputs.values()))) if isinstance(v, int) else v for v in vals)
             pool = torch.stack([(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)])
@@ -76,17 +81,17 @@ def run_ptx(program: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Te
                 if lut >> k & 1:
                     term = (a if k & 4 else ~a) & (b if k & 2 else ~b) & (c if k & 1 else ~c)
                     result = result | (term & MASK32)
-        elif op in ("fma.rn.f16x2", "fma.rn.bf16x2", "sub.rn.f16x2", "mul.rn.f16x2"):
+        elif op in ("fma.rn.f16x2", "fma.rn.bf16x2", "sub.rn.f16x2", "mul.rn.f16x2", "add.rn.f16x2"):
             dtype = torch.bfloat16 if "bf16" in op else torch.float16
             like = next(v for v in vals if not isinstance(v, int))
             halves = [_halves(v + torch.zeros_like(like), dtype) for v in vals]
             if op.startswith("fma"):
                 (a_lo, a_hi), (b_lo, b_hi), (c_lo, c_hi) = halves
-                result = _pack(a_lo * b_lo + c_lo, a_hi * b_hi + c_hi, dtype)
+                result = _pack(a_lo * b_lo + c_lo, a_hi * b_hi + c_hi, dtype, exact)
             else:
                 (a_lo, a_hi), (b_lo, b_hi) = halves
-                combine = (lambda a, b: a - b) if op.startswith("sub") else (lambda a, b: a * b)
-                result = _pack(combine(a_lo, b_lo), combine(a_hi, b_hi), dtype)
+                combine = {"sub": lambda a, b: a - b, "mul": lambda a, b: a * b, "add": lambda a, b: a + b}[op[:3]]
+                result = _pack(combine(a_lo, b_lo), combine(a_hi, b_hi), dtype, exact)
         elif op == "add.rn.f32":  # exact here (small integers): checked through fp64
             a, b = (v.to(torch.int32).view(torch.float32).double() for v in vals)
             total = a + b
@@ -171,3 +176,67 @@ def test_w8_word_ptx_dequantizes_every_code_exactly(dtype):
     got = torch.stack([out[f"${i}"].to(torch.int16).view(dtype) for i in range(4)], dim=1)
     expected = ((codes - zeros[:, None]).float() * scales.float()[:, None]).to(dtype)
     assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
+
+
+def _lowbit_offsets(zeros: torch.Tensor) -> list[torch.Tensor]:
+    """The kernel's four pairs −(1024 + 4^p·z): p = 0 by integer arithmetic, 1..3 by its PTX."""
+    from compress.kernels.lowbit_matmul import _OFFSETS_PROGRAM, NEG_FP16_BIAS2
+
+    nb0 = (zeros.to(torch.int64) * 0x10001 + NEG_FP16_BIAS2) & MASK32
+    out = run_ptx(_OFFSETS_PROGRAM, {"$3": nb0})
+    return [nb0, out["$0"], out["$1"], out["$2"]]
+
+
+def _lowbit_group(bits: int, codes: torch.Tensor, zeros: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Groups of 32 columns (two low words) through the one-token kernel's PTX, one per row of
+    codes (rows, 32), zeros (rows,) and activations x (rows, 32): the fp16 pair sums of
+    Σ (q − z)·x/max|x| over each group's columns, as float64 (rows,)."""
+    from compress.kernels.lowbit_matmul import _pair_program, gemv_activations
+    from compress.modules.lowbit import pack_codes
+
+    words = pack_codes(codes, bits).view(torch.int32).to(torch.int64) & MASK32  # (rows, 2 low [+ 1 third])
+    pairs = torch.stack([gemv_activations(row)[0] for row in x]).to(torch.int64).view(-1, 2, 8) & MASK32
+    nb = _lowbit_offsets(zeros)
+    acc = torch.zeros(codes.shape[0], dtype=torch.int64)
+    for u in range(2):
+        inputs = {"$1": acc, "$2": words[:, u], "$3": words[:, 2] if bits == 3 else acc}
+        inputs.update({f"${4 + i}": pairs[:, u, i] for i in range(8)})
+        inputs.update({f"${12 + p}": nb[p] for p in range(4)})
+        acc = run_ptx(_pair_program(bits, odd=u == 1), inputs, exact=False)["$0"]
+    low, high = _halves(acc, torch.float16)
+    return low + high
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_lowbit_pair_ptx_takes_every_code_from_its_bits(bits):
+    """Every code of every column of two low words (W3: with its third bits, odd word rotated),
+    every zero point: with a one-hot activation the pair sum is exactly q − z of that column; and
+    the offsets −(1024 + 4^p·z) are exact, bit for bit."""
+    levels = 1 << bits
+    columns = torch.arange(32).repeat_interleave(levels * levels)  # (column, code, zero) cases
+    case_codes = torch.arange(levels).repeat_interleave(levels).repeat(32)
+    case_zeros = torch.arange(levels).repeat(32 * levels)
+    rows = columns.numel()
+    codes = torch.randint(0, levels, (rows, 32), generator=torch.Generator().manual_seed(bits))
+    codes[torch.arange(rows), columns] = case_codes
+    x = torch.zeros(rows, 32)
+    x[torch.arange(rows), columns] = 1.0
+    nb = _lowbit_offsets(case_zeros)
+    for p in range(4):
+        expected = (-(1024 + 4**p * case_zeros)).to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
+        assert torch.equal(nb[p] & 0xFFFF, expected) and torch.equal(nb[p] >> 16, expected), p
+    assert torch.equal(_lowbit_group(bits, codes, case_zeros, x), (case_codes - case_zeros).double())
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_lowbit_pair_ptx_matches_the_dot_product(bits):
+    """Random codes, zero points and activations of a wide range: the PTX pair sums times max|x|
+    are Σ (q − z)·x within fp16 accumulation (64 rows of a 32-column group)."""
+    torch.manual_seed(2)
+    levels = 1 << bits
+    codes = torch.randint(0, levels, (64, 32))
+    zeros = torch.randint(0, levels, (64,))
+    x = torch.randn(32) * torch.logspace(-3, 2, 32)[torch.randperm(32)]
+    got = _lowbit_group(bits, codes, zeros, x.expand(64, 32)) * x.abs().max().double()
+    expected = ((codes - zeros[:, None]).double() * x.double()).sum(1)
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < 2e-3

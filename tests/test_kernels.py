@@ -157,7 +157,7 @@ def _modules(dtype):
         "W8 g16": _random_int8(24, 64, 16, dtype),
         "W3 g32": _random_lowbit(40, 96, 32, 3, dtype),
         "W2 g64": _random_lowbit(37, 128, 64, 2, dtype),
-        "W3 g16 (CUDA cores only)": _random_lowbit(20, 48, 16, 3, dtype),
+        "W2 g16": _random_lowbit(20, 48, 16, 2, dtype),
         "eora over sparse": eora,
         "tile 50% 16x32": _random_tile_sparse(48, 96, 16, 32, 16, dtype),
         "tile 75% 32x64 (keep 16)": _random_tile_sparse(64, 128, 32, 64, 16, dtype),
@@ -290,31 +290,51 @@ def test_int8_kernel_on_cuda_and_tensor_cores(monkeypatch):
 
 @pytest.mark.parametrize("bits", [2, 3])
 def test_lowbit_kernel_unpacks_every_code_on_both_paths(monkeypatch, bits):
-    """Random codes (every value at every position of the planes, both halves of a group), on CUDA
-    cores and tensor cores, with split-K; fp16 on the GPU's fp16 dot path."""
+    """Random codes (every value at every position of both kinds of words), on the one-token
+    CUDA-core kernel (fp16, bf16) and on tensor cores, with split-K; fp16 also on the GPU's fp16
+    dot path."""
     import compress.kernels.lowbit_matmul as lowbit
 
     levels = 1 << bits
-    m, k, group = 24, 128, 64
+    m, k, group = 24, 256, 64
     codes = torch.randint(0, levels, (m, k // group, group), generator=torch.Generator().manual_seed(bits))
     zeros = torch.randint(0, levels, (m, k // group))
-    for dtype in (torch.float32, torch.float16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # fp16 last: the interpreter's bf16 dot needs fp32
         if dtype == torch.float16:
             monkeypatch.setattr(runtime, "dot_in_fp32", lambda d: False)
         module = LowBitLinear.from_codes(codes, torch.rand(m, k // group).to(dtype) + 0.5, zeros, bits, torch.randn(m).to(dtype)).to(DEVICE)
-        assert (module.to_dense().cpu().reshape(m, -1, group) / module.scales.cpu()[..., None] + zeros[..., None]).round().long().equal(codes)
+        assert (module.to_dense().cpu().float().reshape(m, -1, group) / module.scales.cpu().float()[..., None] + zeros[..., None]).round().long().equal(codes)
         for tokens in (1, 6, 16):
-            x = torch.randn(tokens, k, device=DEVICE).to(dtype)
+            x = (torch.randn(tokens, k) * torch.logspace(-2, 1, k)).to(dtype).to(DEVICE)  # activations of a wide range
             ref = torch.nn.functional.linear(x.double(), module.to_dense().double(), module.bias.double())
-            for tensor_cores, split_k in ((False, None), (True, 1), (True, 2)):
+            paths = [(True, 1), (True, 2)] + ([(False, None), (False, 3)] if tokens == 1 and dtype != torch.float32 else [])
+            for tensor_cores, split_k in paths:
                 y = lowbit.lowbit_matmul(x, module.qweight, module.scales, module.zeros, bits, module.bias, tensor_cores=tensor_cores, split_k=split_k)
                 assert rel_err(y, ref) < TOLERANCE[dtype], (dtype, tokens, tensor_cores, split_k)
+    with pytest.raises(ValueError, match="one fp16 or bf16 token"):
+        lowbit.lowbit_matmul(x, module.qweight, module.scales, module.zeros, bits, tensor_cores=False)
     with pytest.raises(ValueError, match="2- or 3-bit"):
         lowbit.lowbit_matmul(x, module.qweight, module.scales, module.zeros, 4)
-    small_groups = _random_lowbit(8, 96, 24, bits, torch.float32)
+    with pytest.raises(ValueError, match=f"multiple of {32 if bits == 3 else 16}"):
+        _random_lowbit(8, 96, 24 if bits == 2 else 16, bits, torch.float32)
+    wide_groups = _random_lowbit(8, 96, 48 if bits == 2 else 96, bits, torch.float32)
     kernels.set_kernel_mode("triton")
-    with pytest.raises(RuntimeError, match="not 8 times a power of two"):
-        small_groups(torch.randn(2, 96, device=DEVICE))
+    with pytest.raises(RuntimeError, match="not a power of two"):
+        wide_groups(torch.randn(2, 96, device=DEVICE))
+
+
+def test_lowbit_activation_pairs_kernel_matches_its_reference():
+    """The one-launch preparation of a token's activations (max|x|, then pairs scaled by
+    4^−p/max|x|) gives the PyTorch reference's bits, over several chunks and a tiny input."""
+    from compress.kernels.lowbit_matmul import gemv_activations, launch_gemv_activations
+
+    for k, dtype in ((48, torch.float16), (2064, torch.bfloat16), (2048, torch.float32)):
+        x = (torch.randn(k) * torch.logspace(-4, 3, k)).to(dtype).to(DEVICE)
+        pairs, amax = launch_gemv_activations(x)
+        expected_pairs, expected_amax = gemv_activations(x)
+        assert torch.equal(amax, expected_amax) and torch.equal(pairs, expected_pairs), (k, dtype)
+    pairs, amax = launch_gemv_activations(torch.zeros(16, device=DEVICE))
+    assert amax.item() > 0 and not pairs.any()
 
 
 @pytest.mark.parametrize("bits", [5, 9, 10, 11, 13, 16])

@@ -60,12 +60,10 @@ OVER_BUDGET = {
     "gqsa g16 N4 BM32 BN4": _CUDA_CORE_PRODUCTS,
     "gqsa g16 N16 BM8 BN16": _CUDA_CORE_PRODUCTS,
     "gqsa g16 N4 BM32 BN4 (W4, no index)": _CUDA_CORE_PRODUCTS,
-    "lowbit W3 g64 BM64 BN16 (tensor cores)": "0.644 (int 0.475): 8/3 codes per byte, each out of its byte by a shift "
-    "and a mask, two more for its third bit, then converted: about 6 instructions per weight over 3/8 of a byte",
-    "lowbit W2 g64 BM64 BN16 (tensor cores)": "0.589 (int 0.349): four codes per byte, each a shift, a mask and a "
-    "conversion before the dot: the work per weight of W4's kernel over half the bytes",
-    "lowbit W3 g64 N1 BM64 BN1": "0.856: the W3 unpacking, and " + _CUDA_CORE_PRODUCTS,
-    "lowbit W2 g64 N1 BM64 BN1": "0.964: the W2 unpacking, and " + _CUDA_CORE_PRODUCTS,
+    "lowbit W3 g64 BM64 BN16 (tensor cores)": "0.56 (int 0.41): codes out of their words by shifts and masks, then "
+    "dequantized and through shared memory to the dot, over 3/8 of a byte a weight; one token goes to the CUDA-core "
+    "kernel, whose PTX pairs are within budget",
+    "lowbit W2 g64 BM64 BN16 (tensor cores)": "0.57 (int 0.35): the same over a quarter of a byte a weight",
     "2:4 N1 BM32 BN1 (CUDA cores) bf16": "0.131 integer (fp16: 0.109): bf16 values to fp32 cost integer shifts; on a GPU "
     "one token goes to the tensor-core path, whose PTX placement is within budget in both dtypes (0.124)",
     **{

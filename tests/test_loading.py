@@ -22,7 +22,7 @@ RECIPE = {  # one stage per format: gqsa, dict, tile_sparse (one layer each), lo
         {"method": "rocket", "ratio": 0.3, "targets": ["model.layers.0.mlp.up_proj"]},
         {"method": "whitened_svd", "ratio": 0.4, "targets": ["re:.*self_attn\\..*"]},
         {"method": "sparsegpt", "ratio": 0.5, "sparse_format": "delta", "targets": ["model.layers.0.mlp.gate_proj"]},
-        {"method": "gptq", "bits": 3, "group_size": 16, "blocksize": 32, "targets": ["model.layers.1.mlp.down_proj"]},
+        {"method": "gptq", "bits": 3, "group_size": 32, "blocksize": 32, "targets": ["model.layers.1.mlp.down_proj"]},
         {"method": "wanda", "pattern": "2:4", "targets": ["re:.*mlp\\..*"]},
         {"method": "eora", "rank": 4, "targets": ["re:.*layers\\.1\\.self_attn\\..*"]},
     ],
@@ -49,6 +49,45 @@ def test_every_format_round_trips_through_from_pretrained(checkpoint):
     assert torch.equal(auto(input_ids=ids).logits, model(input_ids=ids).logits)
     for name, module in compressed_modules(model).items():
         assert torch.equal(auto.get_submodule(name).to_dense(), module.to_dense()), name
+
+
+def test_w3_codes_of_the_earlier_layout_load_rewritten(checkpoint, tmp_path):
+    """A checkpoint written before W3 codes became 32-bit words (spec packing "planes": third bits
+    by byte, the group's halves paired) loads with the same weights; a layout it cannot rewrite
+    is refused with the fix."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from compress.modules.lowbit import pack_codes, unpack_codes
+
+    model, out = checkpoint
+    name = "model.layers.1.mlp.down_proj"
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    config = json.loads((old / "config.json").read_text())
+    spec = config["quantization_config"]["modules"][name]
+    assert spec["packing"] == "words" and spec["bits"] == 3
+    spec["packing"] = "planes"
+    (old / "config.json").write_text(json.dumps(config))
+    [weights_file] = old.glob("*.safetensors")
+    tensors = load_file(weights_file)
+    key = f"{name}.qweight"
+    codes = unpack_codes(tensors[key], 3)
+    group = codes.shape[-1]
+    low = pack_codes(codes, 2)  # the low plane is the same in both layouts
+    third = ((codes >> 2) & 1).unflatten(-1, (2, -1, 4))  # the earlier third plane: (half, byte, p)
+    high = (third[..., 0, :, :] << torch.arange(4)).sum(-1) | (third[..., 1, :, :] << (4 + torch.arange(4))).sum(-1)
+    tensors[key] = torch.cat([low, high.to(torch.uint8)], dim=-1)
+    assert not torch.equal(tensors[key], pack_codes(codes, 3)) and group % 32 == 0
+    save_file(tensors, weights_file, metadata={"format": "pt"})
+    loaded = AutoModelForCausalLM.from_pretrained(old)
+    assert torch.equal(loaded.get_submodule(name).to_dense(), model.get_submodule(name).to_dense())
+    spec["group_size"] = 16
+    (old / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LlmpressError, match="compress the model again"):
+        AutoModelForCausalLM.from_pretrained(old)
 
 
 def test_device_map_and_generate(checkpoint):

@@ -43,8 +43,9 @@ class GPTQConfig(ResidualOption, StageConfig):
     def _sizes(self):
         if self.group_size % 2:
             raise ValueError(f"group_size must be even, got {self.group_size}")
-        if self.bits < 4 and self.group_size % 8:
-            raise ValueError(f"{self.bits}-bit codes fill whole bytes of each bit plane: group_size must be a multiple of 8, got {self.group_size}")
+        words = 32 if self.bits == 3 else 16
+        if self.bits < 4 and self.group_size % words:
+            raise ValueError(f"{self.bits}-bit codes fill whole 32-bit words of each bit plane: group_size must be a multiple of {words}, got {self.group_size}")
         if self.blocksize % self.group_size:
             raise ValueError(f"blocksize {self.blocksize} must be a multiple of group_size {self.group_size}")
         return self
