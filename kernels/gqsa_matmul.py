@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .pairs import NEG_FP16_BIAS2, half_to_float, launch_gemv_activations, offsets_program, split2, split4
 from .runtime import (
     SplitK,
     check_launch,
@@ -80,6 +81,114 @@ if triton is not None:
         tl.store(y_ptr + pid_k * stride_ys + rn[None, :] * stride_yn + rm[:, None], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+LANES = 4  # lanes of a warp sharing a row in the one-token kernel, one kept group each per pass
+
+
+def _w4_pairs_program() -> str:
+    """PTX for one word of eight 4-bit codes (kernels/pairs.py, b = 4): $0 the updated pair sum;
+    $1 the sum so far, $2 the word, $3..$6 the activation pairs 2s + p (columns (2s + p, 4 + 2s + p)),
+    $7 and $8 the pairs −(1024 + z) and −(1024 + 16·z)."""
+    lines = ["{", ".reg .b32 magic, m, v, d, acc, w1;", "mov.b32 magic, 0x64006400;", "mov.b32 acc, $1;", "shr.u32 w1, $2, 8;"]
+    for s in range(2):
+        for p in range(2):
+            lines += [
+                f"mov.b32 m, 0x{0x000F000F << 4 * p:08x};",
+                f"lop3.b32 v, {'$2' if s == 0 else 'w1'}, m, magic, 0xEA;",  # (word & m) | magic: 1024 + 16^p·q, two at once
+                f"add.rn.f16x2 d, v, ${7 + p};",
+                f"fma.rn.f16x2 acc, d, ${3 + 2 * s + p}, acc;",
+            ]
+    return "\n".join(lines + ["mov.b32 $0, acc;", "}"])
+
+
+if triton is not None:
+    W4_PAIRS = tl.constexpr(_w4_pairs_program())
+    W4_OFFSETS = tl.constexpr(offsets_program(4))
+    _NEG_FP16_BIAS2 = tl.constexpr(NEG_FP16_BIAS2)
+
+    @triton.jit
+    def _w4_word(acc, word, x_ptrs, zero, nb0, nb1, PTX: tl.constexpr):
+        """One word of eight codes of every (row, lane), times its activation pairs (x_ptrs: the
+        four pairs' pointers, (rows, lanes, 4)), into acc (an fp16 pair sum as int32 on the PTX
+        path; fp32 in Triton arithmetic otherwise)."""
+        x0, x1, x2, x3 = split4(tl.load(x_ptrs))
+        if PTX:
+            acc = tl.inline_asm_elementwise(
+                W4_PAIRS, "=r,r,r,r,r,r,r,r,r", [acc, word, x0, x1, x2, x3, nb0, nb1], dtype=tl.int32, is_pure=True, pack=1
+            )
+        else:
+            acc = _w4_pair_fp32(acc, word, x0, zero, 0, 0)
+            acc = _w4_pair_fp32(acc, word, x1, zero, 0, 1)
+            acc = _w4_pair_fp32(acc, word, x2, zero, 1, 0)
+            acc = _w4_pair_fp32(acc, word, x3, zero, 1, 1)
+        return acc
+
+    @triton.jit
+    def _w4_pair_fp32(acc, word, pair, zero, s: tl.constexpr, p: tl.constexpr):
+        """One pair of `_w4_pairs_program` in Triton arithmetic, in fp32: columns (2s + p, 4 + 2s + p)."""
+        d_lo = (((word >> (8 * s + 4 * p)) & 0xF) - zero).to(tl.float32) * (1 << (4 * p))
+        d_hi = (((word >> (16 + 8 * s + 4 * p)) & 0xF) - zero).to(tl.float32) * (1 << (4 * p))
+        return acc + d_lo * half_to_float(pair, False) + d_hi * half_to_float(pair, True)
+
+    @triton.jit
+    def _gqsa_gemv_kernel(
+        x_ptr, q_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, amax_ptr,
+        M, KEPT, KEPT_PER_SPLIT, stride_ys,
+        HAS_BIAS: tl.constexpr, ALL_GROUPS: tl.constexpr, PTX: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+        LANES: tl.constexpr,
+    ):  # fmt: skip
+        """One token: four lanes a row, each one kept group a pass. x_ptr: the prepared activation
+        pairs (kernels/pairs.py, b = 4), int32; q_ptr: the codes as int32 words (M, kept, g/8)."""
+        WORDS: tl.constexpr = GROUP // 8
+        VEC: tl.constexpr = 4 if WORDS >= 4 else WORDS  # words a load
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = tl.minimum(rm, M - 1)  # rows past M read row M − 1 and are never stored: no masks
+        lane = tl.arange(0, LANES)
+        vec = tl.arange(0, VEC)
+        four = tl.arange(0, 4)
+        row_sum = tl.zeros((BLOCK_M, LANES), dtype=tl.float32)
+        j_start = pid_k * KEPT_PER_SPLIT
+        j_end = tl.minimum(j_start + KEPT_PER_SPLIT, KEPT)
+        for j0 in range(j_start, j_end, LANES):
+            j = tl.minimum(j0 + lane, KEPT - 1)
+            slot = rows[:, None] * KEPT + j[None, :]  # (rows, lanes)
+            if ALL_GROUPS:
+                group = slot * 0 + j[None, :]
+            else:
+                group = tl.load(g_ptr + slot).to(tl.int32)
+            scale = tl.load(s_ptr + slot).to(tl.float32)
+            scale = tl.where((j0 + lane < j_end)[None, :], scale, 0.0)  # lanes past the split's groups
+            zero = tl.load(z_ptr + slot).to(tl.int32)
+            nb0 = zero * 0x10001 + _NEG_FP16_BIAS2  # −(1024 + z), twice, as fp16 bits
+            nb1 = nb0
+            if PTX:
+                nb1 = tl.inline_asm_elementwise(W4_OFFSETS, "=r,r", [nb0], dtype=tl.int32, is_pure=True, pack=1)
+            acc = tl.zeros((BLOCK_M, LANES), dtype=tl.int32 if PTX else tl.float32)
+            x_word = (group * WORDS)[:, :, None] * 4 + four[None, None, :]  # the group's first word's pairs
+            for c in tl.static_range(0, WORDS, VEC):
+                words = tl.load(q_ptr + slot[:, :, None] * WORDS + c + vec[None, None, :])
+                if VEC == 1:
+                    acc = _w4_word(acc, tl.reshape(words, (BLOCK_M, LANES)), x_ptr + x_word + c * 4, zero, nb0, nb1, PTX)
+                elif VEC == 2:
+                    w0, w1 = split2(words)
+                    acc = _w4_word(acc, w0, x_ptr + x_word + c * 4, zero, nb0, nb1, PTX)
+                    acc = _w4_word(acc, w1, x_ptr + x_word + c * 4 + 4, zero, nb0, nb1, PTX)
+                else:
+                    w0, w1, w2, w3 = split4(words)
+                    acc = _w4_word(acc, w0, x_ptr + x_word + c * 4, zero, nb0, nb1, PTX)
+                    acc = _w4_word(acc, w1, x_ptr + x_word + c * 4 + 4, zero, nb0, nb1, PTX)
+                    acc = _w4_word(acc, w2, x_ptr + x_word + c * 4 + 8, zero, nb0, nb1, PTX)
+                    acc = _w4_word(acc, w3, x_ptr + x_word + c * 4 + 12, zero, nb0, nb1, PTX)
+            if PTX:
+                acc = half_to_float(acc, False) + half_to_float(acc, True)
+            row_sum += acc * scale
+        out = tl.sum(row_sum, axis=1) * tl.load(amax_ptr)
+        if HAS_BIAS:
+            out += tl.load(b_ptr + rm, mask=rm < M, other=0.0).to(tl.float32)
+        tl.store(y_ptr + pid_k * stride_ys + rm, out.to(y_ptr.dtype.element_ty), mask=rm < M)
+
+
 def gqsa_tiles(n: int, half: int) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_M) for n tokens and groups of 2·half columns: 2048 per-lane partial sums
     (rows × g × tokens) per program of 4 warps, 48–78 registers on sm_90; more rows per program
@@ -97,10 +206,13 @@ def gqsa_matmul(
     group_index: torch.Tensor | None,
     bias: torch.Tensor | None = None,
     split_k: int | None = None,
+    one_token: bool | None = None,
+    ptx: bool | None = None,
 ) -> torch.Tensor:
     """y = x·Ŵᵀ + bias for GQSALinear's storage: qweight (M, kept, g/2) uint8, scales (M, kept),
     zeros (M, kept) uint8, group_index (M, kept) integer, or None when every group is kept in
-    column order; x (..., K) -> (..., M)."""
+    column order; x (..., K) -> (..., M). One fp16/bf16 token goes to `_gqsa_gemv_kernel` (its
+    PTX pairs on a GPU; `one_token` and `ptx` override), the rest to `_gqsa_kernel`."""
     all_groups = group_index is None
     group_index = scales if all_groups else group_index  # an unread pointer when there is no index
     check_launch(x, qweight, scales, zeros, group_index)
@@ -125,6 +237,11 @@ def gqsa_matmul(
     out = output_like(x, m)
     if n == 0:
         return out
+    if one_token is None:
+        one_token = n == 1 and x.dtype in (torch.float16, torch.bfloat16) and group >= 8
+    if one_token:
+        _launch_gemv(x2, out, qweight, scales, zeros, group_index, bias, all_groups, group, split_k, ptx)
+        return out
     block_n, block_m = gqsa_tiles(n, half)
     block_m = 16 if interpreting() else block_m
     programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
@@ -140,6 +257,27 @@ def gqsa_matmul(
     )  # fmt: skip
     split.finish(bias)
     return out
+
+
+def _launch_gemv(x2, out, qweight, scales, zeros, group_index, bias, all_groups: bool, group: int, split_k, ptx) -> None:
+    """`_gqsa_gemv_kernel` for one fp16/bf16 token."""
+    m, kept = scales.shape
+    if x2.shape[0] != 1 or x2.dtype not in (torch.float16, torch.bfloat16) or group < 8:
+        raise ValueError(f"the one-token kernel reads one fp16 or bf16 token and groups of 8 or more, got {x2.shape[0]} in {x2.dtype}, g = {group}")
+    if ptx is None:
+        ptx = not interpreting()
+    pairs, amax = launch_gemv_activations(x2[0], 4)
+    block_m = 16 if interpreting() else 64
+    programs = triton.cdiv(m, block_m)
+    splits, per_split = split_k_plan(triton.cdiv(kept, LANES), programs, x2.device, 2, split_k)
+    split = SplitK(out.view(1, m), splits)
+    _gqsa_gemv_kernel[(programs, splits)](
+        pairs, qweight.view(torch.int32), scales, zeros, group_index, bias if bias is not None else scales, split.target, amax,
+        m, kept, per_split * LANES, split.split_stride,
+        HAS_BIAS=split.single and bias is not None, ALL_GROUPS=all_groups, PTX=ptx, GROUP=group, BLOCK_M=block_m, LANES=LANES,
+        num_warps=4,
+    )  # fmt: skip
+    split.finish(bias)
 
 
 def gqsa_refusal(module, x: torch.Tensor) -> str | None:

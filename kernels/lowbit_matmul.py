@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from .pairs import NEG_FP16_BIAS2, half_to_float, launch_gemv_activations, offsets_program, split2, split4
 from .runtime import (
     SplitK,
     check_group_codes,
@@ -44,7 +45,6 @@ from .runtime import (
 )
 
 LANES = 4  # lanes of a warp sharing a row in the one-token kernel, one group each per pass
-NEG_FP16_BIAS2 = 0xE400E400 - (1 << 32)  # the fp16 pair (−1024, −1024) as int32
 
 
 def _pair_program(bits: int, odd: bool = False) -> str:
@@ -66,43 +66,12 @@ def _pair_program(bits: int, odd: bool = False) -> str:
     return "\n".join(lines + ["mov.b32 $0, acc;", "}"])
 
 
-# the pairs −(1024 + 4^p·z), p = 1, 2, 3, from p = 0's by one exact fp16 FMA each (fp pipes, not
-# integer ones): −(1024 + z)·4^p + (4^p − 1)·1024
-_OFFSETS_PROGRAM = "\n".join(
-    ["{", ".reg .b32 scale, offset;"]
-    + [
-        line
-        for p, scale, offset in ((1, 0x4400, 0x6A00), (2, 0x4C00, 0x7380), (3, 0x5400, 0x7BE0))
-        for line in (f"mov.b32 scale, 0x{scale:04x}{scale:04x};", f"mov.b32 offset, 0x{offset:04x}{offset:04x};", f"fma.rn.f16x2 ${p - 1}, $3, scale, offset;")
-    ]
-    + ["}"]
-)
-
 if triton is not None:
-    OFFSETS = tl.constexpr(_OFFSETS_PROGRAM)
+    OFFSETS = tl.constexpr(offsets_program(2))
     PAIRS_W2 = tl.constexpr(_pair_program(2))
     PAIRS_W3 = tl.constexpr(_pair_program(3))
     PAIRS_W3_ODD = tl.constexpr(_pair_program(3, odd=True))
     _NEG_FP16_BIAS2 = tl.constexpr(NEG_FP16_BIAS2)
-
-    @triton.jit
-    def _two(t):
-        """(…, 2) -> its two entries."""
-        return tl.split(t)
-
-    @triton.jit
-    def _four(t):
-        """(…, 4) -> its four entries, in order (each thread's own registers)."""
-        a, b = tl.split(tl.reshape(t, t.shape[:-1] + (2, 2)))
-        a0, a1 = tl.split(a)
-        b0, b1 = tl.split(b)
-        return a0, b0, a1, b1
-
-    @triton.jit
-    def _half_to_float(pair, HIGH: tl.constexpr):
-        """The low or high fp16 of an int32 pair, as fp32."""
-        bits = (pair >> 16) if HIGH else pair
-        return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
     @triton.jit
     def _code(low, third, h: tl.constexpr, s: tl.constexpr, p: tl.constexpr, ODD: tl.constexpr, BITS: tl.constexpr):
@@ -118,13 +87,13 @@ if triton is not None:
         """One pair of `_pair_program` in Triton arithmetic, in fp32: columns (4s + p, 8 + 4s + p)."""
         d_lo = (_code(low, third, 0, s, p, ODD, BITS) - zero).to(tl.float32) * (1 << (2 * p))
         d_hi = (_code(low, third, 1, s, p, ODD, BITS) - zero).to(tl.float32) * (1 << (2 * p))
-        return acc + d_lo * _half_to_float(pair, False) + d_hi * _half_to_float(pair, True)
+        return acc + d_lo * half_to_float(pair, False) + d_hi * half_to_float(pair, True)
 
     @triton.jit
     def _word_fp32(acc, low, third, x_lo, x_hi, zero, ODD: tl.constexpr, BITS: tl.constexpr):
         """`_pair_program` in Triton arithmetic, in fp32: acc + Σ (q − z)·4^p·x' over the word."""
-        x0, x1, x2, x3 = _four(x_lo)
-        x4, x5, x6, x7 = _four(x_hi)
+        x0, x1, x2, x3 = split4(x_lo)
+        x4, x5, x6, x7 = split4(x_hi)
         acc = _pair_fp32(acc, low, third, x0, zero, 0, 0, ODD, BITS)
         acc = _pair_fp32(acc, low, third, x1, zero, 0, 1, ODD, BITS)
         acc = _pair_fp32(acc, low, third, x2, zero, 0, 2, ODD, BITS)
@@ -142,8 +111,8 @@ if triton is not None:
         x_lo = tl.load(x_ptrs)
         x_hi = tl.load(x_ptrs + 4)
         if PTX:
-            x0, x1, x2, x3 = _four(x_lo)
-            x4, x5, x6, x7 = _four(x_hi)
+            x0, x1, x2, x3 = split4(x_lo)
+            x4, x5, x6, x7 = split4(x_hi)
             acc = tl.inline_asm_elementwise(
                 PAIRS_W2 if BITS == 2 else (PAIRS_W3_ODD if ODD else PAIRS_W3), "=r," + ",".join(["r"] * 15),
                 [acc, low, third32, x0, x1, x2, x3, x4, x5, x6, x7, nb0, nb1, nb2, nb3],
@@ -192,45 +161,26 @@ if triton is not None:
                 third = tl.zeros((BLOCK_M, LANES, 2), dtype=tl.int32)
                 if BITS == 3:  # the third words of these low words: VEC/2 of them (VEC >= 2 for W3)
                     third = tl.load(q_ptr + slot[:, :, None] * WORDS + LOW + c // 2 + tl.arange(0, 2)[None, None, :] % (VEC // 2))
-                t0, t1 = _two(third)
+                t0, t1 = split2(third)
                 if VEC == 1:
                     acc = _word(acc, tl.reshape(low, (BLOCK_M, LANES)), t0, x_ptr + x_word + c * 8, zero, nb0, nb1, nb2, nb3, False, BITS, PTX)
                 elif VEC == 2:
-                    w0, w1 = _two(low)
+                    w0, w1 = split2(low)
                     acc = _word(acc, w0, t0, x_ptr + x_word + c * 8, zero, nb0, nb1, nb2, nb3, False, BITS, PTX)
                     acc = _word(acc, w1, t0, x_ptr + x_word + c * 8 + 8, zero, nb0, nb1, nb2, nb3, True, BITS, PTX)
                 else:
-                    w0, w1, w2, w3 = _four(low)
+                    w0, w1, w2, w3 = split4(low)
                     acc = _word(acc, w0, t0, x_ptr + x_word + c * 8, zero, nb0, nb1, nb2, nb3, False, BITS, PTX)
                     acc = _word(acc, w1, t0, x_ptr + x_word + c * 8 + 8, zero, nb0, nb1, nb2, nb3, True, BITS, PTX)
                     acc = _word(acc, w2, t1, x_ptr + x_word + c * 8 + 16, zero, nb0, nb1, nb2, nb3, False, BITS, PTX)
                     acc = _word(acc, w3, t1, x_ptr + x_word + c * 8 + 24, zero, nb0, nb1, nb2, nb3, True, BITS, PTX)
             if PTX:
-                acc = _half_to_float(acc, False) + _half_to_float(acc, True)
+                acc = half_to_float(acc, False) + half_to_float(acc, True)
             row_sum += acc * scale
         out = tl.sum(row_sum, axis=1) * tl.load(amax_ptr)
         if HAS_BIAS:
             out += tl.load(b_ptr + rm, mask=rm < M, other=0.0).to(tl.float32)
         tl.store(y_ptr + pid_k * stride_ys + rm, out.to(y_ptr.dtype.element_ty), mask=rm < M)
-
-    @triton.jit
-    def _gemv_activations_kernel(x_ptr, pairs_ptr, amax_ptr, K, BLOCK: tl.constexpr):
-        """`gemv_activations` in one launch (one program): max|x|, then each 16-column block's
-        eight fp16 pairs (4s + p: columns 16u + 4s + p and 16u + 8 + 4s + p, times 4^−p/max|x|)."""
-        offsets = tl.arange(0, BLOCK)
-        largest = tl.zeros((BLOCK,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK):
-            v = tl.load(x_ptr + k0 + offsets, mask=k0 + offsets < K, other=0.0).to(tl.float32)
-            largest = tl.maximum(largest, tl.abs(v))
-        amax = tl.maximum(tl.max(largest), 1.1754943508222875e-38)
-        tl.store(amax_ptr, amax)
-        for k0 in range(0, K, BLOCK):
-            e = k0 + offsets  # output half e: block e // 16, pair (e % 16) // 2 = 4s + p, half h = e % 2
-            pair = (e % 16) // 2
-            p = pair % 4
-            source = (e // 16) * 16 + 8 * (e % 2) + pair
-            v = tl.load(x_ptr + source, mask=e < K, other=0.0).to(tl.float32) / amax
-            tl.store(pairs_ptr + e, (v / (1 << (2 * p)).to(tl.float32)).to(tl.float16), mask=e < K)
 
     @triton.jit
     def _column_codes(low, third, BITS: tl.constexpr, ROWS: tl.constexpr, GROUP: tl.constexpr):
@@ -315,28 +265,6 @@ def lowbit_group_supported(group: int, bits: int) -> bool:
     return group % (32 if bits == 3 else 16) == 0 and group & (group - 1) == 0
 
 
-def gemv_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token's activations (K,) for `_lowbit_gemv_kernel`: (K/2,) int32 fp16 pairs, pair
-    4s + p of 16-column block u holding columns (16u + 4s + p, 16u + 8 + 4s + p), scaled by
-    4^−p / max|x|; and max|x| as a (1,) fp32 tensor. The PyTorch reference of
-    `_gemv_activations_kernel` (which the launcher runs: one launch instead of several)."""
-    xf = x.float()
-    amax = xf.abs().amax().clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
-    position = torch.tensor([1.0, 4.0, 16.0, 64.0], device=x.device)  # 4^p
-    pairs = (xf / amax).view(-1, 2, 2, 4) / position  # (block, h, s, p)
-    pairs = pairs.permute(0, 2, 3, 1).to(torch.float16).contiguous()  # (block, s, p, h)
-    return pairs.view(torch.int32).flatten(), amax
-
-
-def launch_gemv_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`gemv_activations` by `_gemv_activations_kernel`."""
-    k = x.shape[-1]
-    pairs = torch.empty(k, dtype=torch.float16, device=x.device)
-    amax = torch.empty(1, dtype=torch.float32, device=x.device)
-    _gemv_activations_kernel[(1,)](x, pairs, amax, k, BLOCK=min(1024, triton.next_power_of_2(k)), num_warps=4)
-    return pairs.view(torch.int32), amax
-
-
 def lowbit_matmul(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -378,7 +306,7 @@ def lowbit_matmul(
         raise ValueError(f"the CUDA-core kernel reads one fp16 or bf16 token, got {n} in {x.dtype}")
     if ptx is None:
         ptx = not interpreting() and x.dtype in (torch.float16, torch.bfloat16)
-    pairs, amax = launch_gemv_activations(x2[0])
+    pairs, amax = launch_gemv_activations(x2[0], 2)
     block_m = 16 if interpreting() else 64
     programs = triton.cdiv(m, block_m)
     splits, per_split = split_k_plan(triton.cdiv(groups, LANES), programs, x.device, 2, split_k)

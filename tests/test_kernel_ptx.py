@@ -180,10 +180,10 @@ def test_w8_word_ptx_dequantizes_every_code_exactly(dtype):
 
 def _lowbit_offsets(zeros: torch.Tensor) -> list[torch.Tensor]:
     """The kernel's four pairs −(1024 + 4^p·z): p = 0 by integer arithmetic, 1..3 by its PTX."""
-    from compress.kernels.lowbit_matmul import _OFFSETS_PROGRAM, NEG_FP16_BIAS2
+    from compress.kernels.pairs import NEG_FP16_BIAS2, offsets_program
 
     nb0 = (zeros.to(torch.int64) * 0x10001 + NEG_FP16_BIAS2) & MASK32
-    out = run_ptx(_OFFSETS_PROGRAM, {"$3": nb0})
+    out = run_ptx(offsets_program(2), {"$3": nb0})
     return [nb0, out["$0"], out["$1"], out["$2"]]
 
 
@@ -191,11 +191,12 @@ def _lowbit_group(bits: int, codes: torch.Tensor, zeros: torch.Tensor, x: torch.
     """Groups of 32 columns (two low words) through the one-token kernel's PTX, one per row of
     codes (rows, 32), zeros (rows,) and activations x (rows, 32): the fp16 pair sums of
     Σ (q − z)·x/max|x| over each group's columns, as float64 (rows,)."""
-    from compress.kernels.lowbit_matmul import _pair_program, gemv_activations
+    from compress.kernels.lowbit_matmul import _pair_program
+    from compress.kernels.pairs import gemv_activations
     from compress.modules.lowbit import pack_codes
 
     words = pack_codes(codes, bits).view(torch.int32).to(torch.int64) & MASK32  # (rows, 2 low [+ 1 third])
-    pairs = torch.stack([gemv_activations(row)[0] for row in x]).to(torch.int64).view(-1, 2, 8) & MASK32
+    pairs = torch.stack([gemv_activations(row, 2)[0] for row in x]).to(torch.int64).view(-1, 2, 8) & MASK32
     nb = _lowbit_offsets(zeros)
     acc = torch.zeros(codes.shape[0], dtype=torch.int64)
     for u in range(2):
@@ -238,5 +239,47 @@ def test_lowbit_pair_ptx_matches_the_dot_product(bits):
     zeros = torch.randint(0, levels, (64,))
     x = torch.randn(32) * torch.logspace(-3, 2, 32)[torch.randperm(32)]
     got = _lowbit_group(bits, codes, zeros, x.expand(64, 32)) * x.abs().max().double()
+    expected = ((codes - zeros[:, None]).double() * x.double()).sum(1)
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < 2e-3
+
+
+def _w4_pairs(codes: torch.Tensor, zeros: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Eight columns (one word) a row through the group-sparse W4 one-token PTX: the fp16 pair sum
+    of Σ (q − z)·x/max|x|, as float64 (rows,); codes (rows, 8), zeros (rows,), x (rows, 8)."""
+    from compress.kernels.gqsa_matmul import _w4_pairs_program
+    from compress.kernels.pairs import NEG_FP16_BIAS2, gemv_activations, offsets_program
+
+    words = pack_int4(codes).view(torch.int32).to(torch.int64).squeeze(-1) & MASK32
+    pairs = torch.stack([gemv_activations(row, 4)[0] for row in x]).to(torch.int64) & MASK32  # (rows, 4)
+    nb0 = (zeros.to(torch.int64) * 0x10001 + NEG_FP16_BIAS2) & MASK32
+    nb1 = run_ptx(offsets_program(4), {"$1": nb0})["$0"]
+    expected = (-(1024 + 16 * zeros)).to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
+    assert torch.equal(nb1, expected | expected << 16), "the offsets −(1024 + 16·z) are not exact"
+    inputs = {"$1": torch.zeros_like(words), "$2": words, "$7": nb0, "$8": nb1, **{f"${3 + i}": pairs[:, i] for i in range(4)}}
+    low, high = _halves(run_ptx(_w4_pairs_program(), inputs, exact=False)["$0"], torch.float16)
+    return low + high
+
+
+def test_gqsa_pair_ptx_takes_every_code_from_its_nibble():
+    """Every code and zero point in every column of a word: with a one-hot activation the pair
+    sum is exactly q − z of that column (and a wrong mask fails it)."""
+    columns = torch.arange(8).repeat_interleave(256)
+    case_codes = torch.arange(16).repeat_interleave(16).repeat(8)
+    case_zeros = torch.arange(16).repeat(128)
+    codes = torch.randint(0, 16, (columns.numel(), 8), generator=torch.Generator().manual_seed(4))
+    codes[torch.arange(columns.numel()), columns] = case_codes
+    x = torch.zeros(columns.numel(), 8)
+    x[torch.arange(columns.numel()), columns] = 1.0
+    assert torch.equal(_w4_pairs(codes, case_zeros, x), (case_codes - case_zeros).double())
+
+
+def test_gqsa_pair_ptx_matches_the_dot_product():
+    """Random codes, zero points and activations of a wide range: the pair sums times max|x| are
+    Σ (q − z)·x within fp16 accumulation."""
+    torch.manual_seed(5)
+    codes = torch.randint(0, 16, (64, 8))
+    zeros = torch.randint(0, 16, (64,))
+    x = torch.randn(8) * torch.logspace(-3, 2, 8)[torch.randperm(8)]
+    got = _w4_pairs(codes, zeros, x.expand(64, 8)) * x.abs().max().double()
     expected = ((codes - zeros[:, None]).double() * x.double()).sum(1)
     assert ((got - expected).abs().max() / expected.abs().max()).item() < 2e-3

@@ -323,18 +323,27 @@ def test_lowbit_kernel_unpacks_every_code_on_both_paths(monkeypatch, bits):
         wide_groups(torch.randn(2, 96, device=DEVICE))
 
 
-def test_lowbit_activation_pairs_kernel_matches_its_reference():
-    """The one-launch preparation of a token's activations (max|x|, then pairs scaled by
-    4^−p/max|x|) gives the PyTorch reference's bits, over several chunks and a tiny input."""
-    from compress.kernels.lowbit_matmul import gemv_activations, launch_gemv_activations
+@pytest.mark.parametrize("code_bits", [2, 4])
+def test_activation_pairs_kernel_matches_its_reference(code_bits):
+    """The one-launch preparation of a token's activations for the one-token W3/W2 (2-bit words)
+    and W4 (4-bit words) kernels, max|x| and then pairs scaled by 2^−b·p/max|x|, gives the PyTorch
+    reference's bits, over several chunks and a tiny input; the reference puts each column where
+    its word's pairs expect it."""
+    from compress.kernels.pairs import gemv_activations, launch_gemv_activations
 
     for k, dtype in ((48, torch.float16), (2064, torch.bfloat16), (2048, torch.float32)):
         x = (torch.randn(k) * torch.logspace(-4, 3, k)).to(dtype).to(DEVICE)
-        pairs, amax = launch_gemv_activations(x)
-        expected_pairs, expected_amax = gemv_activations(x)
+        pairs, amax = launch_gemv_activations(x, code_bits)
+        expected_pairs, expected_amax = gemv_activations(x, code_bits)
         assert torch.equal(amax, expected_amax) and torch.equal(pairs, expected_pairs), (k, dtype)
-    pairs, amax = launch_gemv_activations(torch.zeros(16, device=DEVICE))
+    pairs, amax = launch_gemv_activations(torch.zeros(16, device=DEVICE), code_bits)
     assert amax.item() > 0 and not pairs.any()
+    width, positions = 32 // code_bits, 8 // code_bits
+    pairs, amax = gemv_activations(torch.arange(1, 2 * width + 1, dtype=torch.float32), code_bits)
+    halves = pairs.view(torch.float16).float().view(2, positions * 2, 2) * amax  # (word, pair, half)
+    for i in range(2 * positions):
+        scale = 2.0 ** (code_bits * (i % positions))
+        assert halves[1, i].tolist() == [(width + i + 1) / scale, (width + width // 2 + i + 1) / scale]
 
 
 @pytest.mark.parametrize("bits", [5, 9, 10, 11, 13, 16])
@@ -380,6 +389,32 @@ def test_gqsa_kernel_split_k_and_token_counts(split_k):
         y = gqsa_matmul(x, module.qweight, module.scales, module.zeros, module.group_index, module.bias, split_k=split_k)
         ref = torch.nn.functional.linear(x.double(), module.to_dense().double(), module.bias.double())
         assert rel_err(y, ref) < 1e-5, tokens
+
+
+@pytest.mark.parametrize("group", [8, 16, 32, 64, 128])
+def test_gqsa_one_token_kernel_every_code_group_size_and_split(group):
+    """The one-token kernel (four lanes a row, PTX pairs on a GPU, the same pairs in Triton
+    arithmetic here): every code and zero point in every column of a word, kept groups that do and
+    do not fill the lanes, split-K, every group kept without an index, fp16 and bf16, activations
+    of a wide range; fp32 and several tokens go to the other kernel."""
+    from compress.kernels import gqsa_matmul as gm
+
+    k = 8 * group
+    for kept, all_groups in ((5, False), (8, True)):
+        codes = torch.randint(0, 16, (33, kept, group), generator=torch.Generator().manual_seed(group))
+        codes[:16, 0, :8] = torch.arange(16)[:, None]  # every code in every column of a word
+        zeros = torch.arange(33 * kept).reshape(33, kept) % 16
+        index = torch.stack([torch.randperm(8)[:kept].sort().values for _ in range(33)])
+        for dtype in (torch.float16, torch.bfloat16):
+            module = GQSALinear.from_codes(codes, (torch.rand(33, kept) * 0.1 + 0.01).to(dtype), zeros, index, k, torch.randn(33).to(dtype)).to(DEVICE)
+            assert (module.group_index is None) == all_groups
+            x = (torch.randn(1, k) * torch.logspace(-2, 1, k)).to(dtype).to(DEVICE)
+            ref = torch.nn.functional.linear(x.double(), module.to_dense().double(), module.bias.double())
+            for split_k in (1, 2):
+                y = gm.gqsa_matmul(x, module.qweight, module.scales, module.zeros, module.group_index, module.bias, split_k=split_k, one_token=True)
+                assert y.dtype == dtype and rel_err(y, ref) < TOLERANCE[dtype], (kept, dtype, split_k)
+    with pytest.raises(ValueError, match="one fp16 or bf16 token"):
+        gm.gqsa_matmul(x.float(), module.qweight, module.scales.float(), module.zeros, module.group_index, one_token=True)
 
 
 @pytest.mark.parametrize("split_k", [1, 3])

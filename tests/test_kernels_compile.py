@@ -54,9 +54,7 @@ OVER_BUDGET = {
     "bitmap BM64 BK64": "per-element decode (shift, mask, prefix sum, gather): 240 registers and 1.44 warp-instructions "
     "per weight byte at 50% sparsity, 6.6x the budget; `sparse_format: delta` (32-row slices) is the unstructured "
     "format served within it",
-    "gqsa g128 N1 BM16 BN1": _CUDA_CORE_PRODUCTS,
     "gqsa g128 N16 BM2 BN16": _CUDA_CORE_PRODUCTS,
-    "gqsa g16 N1 BM64 BN1": _CUDA_CORE_PRODUCTS,
     "gqsa g16 N4 BM32 BN4": _CUDA_CORE_PRODUCTS,
     "gqsa g16 N16 BM8 BN16": _CUDA_CORE_PRODUCTS,
     "gqsa g16 N4 BM32 BN4 (W4, no index)": _CUDA_CORE_PRODUCTS,

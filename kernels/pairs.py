@@ -1,0 +1,107 @@
+"""One token on CUDA cores, two weights per instruction: what the W3/W2 (lowbit_matmul) and the
+group-sparse W4 (gqsa_matmul) one-token kernels share.
+
+A 32-bit word of b-bit codes (b = 2: W3/W2's low bits, b = 4: W4) holds its 32/b columns at bits
+b·c. Masking it with (2^b − 1)·0x00010001 << b·p, after a shift by 8s, leaves columns
+(w/2·0 + i, w/2 + i) of the word's w = 32/b, pair i = (8/b)·s + p, at bits b·p of each 16-bit half;
+OR-ing in the exponent of 1024 (fp16 0x6400) makes the halves the floats 1024 + 2^(b·p)·q, exactly.
+A packed subtract of 1024 + 2^(b·p)·zero leaves 2^(b·p)·(q − z), and a packed FMA multiplies it by
+activations prepared in the same pair order and scaled by 2^−b·p / max|x| (`gemv_activations`),
+so the products are (q − z)·x / max|x|, summed in fp16 within a group (no overflow: |x'| <= 1) and
+in fp32 across groups. The kernels' PTX programs do this per word; their Triton-arithmetic twins
+(fp32, for the interpreter) read the same pairs.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+
+from .runtime import tl, triton
+
+NEG_FP16_BIAS2 = 0xE400E400 - (1 << 32)  # the fp16 pair (−1024, −1024) as int32
+
+
+def _fp16_bits(value: float) -> int:
+    return struct.unpack("<H", struct.pack("<e", value))[0]
+
+
+def offsets_program(code_bits: int) -> str:
+    """PTX: $0.. the pairs −(1024 + 2^(b·p)·z) for p = 1 .. 8/b − 1 from p = 0's in $(8/b − 1), one
+    exact fp16 FMA each (fp pipes, not integer ones): −(1024 + z)·2^(b·p) + (2^(b·p) − 1)·1024."""
+    positions = 8 // code_bits
+    lines = ["{", ".reg .b32 scale, offset;"]
+    for p in range(1, positions):
+        scale, offset = _fp16_bits(2.0 ** (code_bits * p)), _fp16_bits((2.0 ** (code_bits * p) - 1) * 1024)
+        lines += [
+            f"mov.b32 scale, 0x{scale:04x}{scale:04x};",
+            f"mov.b32 offset, 0x{offset:04x}{offset:04x};",
+            f"fma.rn.f16x2 ${p - 1}, ${positions - 1}, scale, offset;",
+        ]
+    return "\n".join(lines + ["}"])
+
+
+def gemv_activations(x: torch.Tensor, code_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token's activations (K,) in pair order for words of `code_bits`-bit codes: (K/2,) int32
+    fp16 pairs, pair i = (8/b)·s + p of word u holding columns (w·u + i, w·u + w/2 + i), w = 32/b,
+    scaled by 2^−b·p / max|x|; and max|x| as a (1,) fp32 tensor. The PyTorch reference of
+    `launch_gemv_activations` (one launch instead of several)."""
+    positions = 8 // code_bits
+    xf = x.float()
+    amax = xf.abs().amax().clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
+    scale = 2.0 ** (code_bits * torch.arange(positions, device=x.device, dtype=torch.float32))
+    pairs = (xf / amax).view(-1, 2, 2, positions) / scale  # (word, h, s, p)
+    pairs = pairs.permute(0, 2, 3, 1).to(torch.float16).contiguous()  # (word, s, p, h)
+    return pairs.view(torch.int32).flatten(), amax
+
+
+def launch_gemv_activations(x: torch.Tensor, code_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gemv_activations` by `_gemv_activations_kernel`."""
+    k = x.shape[-1]
+    pairs = torch.empty(k, dtype=torch.float16, device=x.device)
+    amax = torch.empty(1, dtype=torch.float32, device=x.device)
+    _gemv_activations_kernel[(1,)](x, pairs, amax, k, CODE_BITS=code_bits, BLOCK=min(1024, triton.next_power_of_2(k)), num_warps=4)
+    return pairs.view(torch.int32), amax
+
+
+if triton is not None:
+
+    @triton.jit
+    def split2(t):
+        """(…, 2) -> its two entries."""
+        return tl.split(t)
+
+    @triton.jit
+    def split4(t):
+        """(…, 4) -> its four entries, in order (each thread's own registers)."""
+        a, b = tl.split(tl.reshape(t, t.shape[:-1] + (2, 2)))
+        a0, a1 = tl.split(a)
+        b0, b1 = tl.split(b)
+        return a0, b0, a1, b1
+
+    @triton.jit
+    def half_to_float(pair, HIGH: tl.constexpr):
+        """The low or high fp16 of an int32 pair, as fp32."""
+        bits = (pair >> 16) if HIGH else pair
+        return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def _gemv_activations_kernel(x_ptr, pairs_ptr, amax_ptr, K, CODE_BITS: tl.constexpr, BLOCK: tl.constexpr):
+        """`gemv_activations` in one program: max|x|, then the pairs, half by half."""
+        WIDTH: tl.constexpr = 32 // CODE_BITS  # columns a word
+        POSITIONS: tl.constexpr = 8 // CODE_BITS
+        offsets = tl.arange(0, BLOCK)
+        largest = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            v = tl.load(x_ptr + k0 + offsets, mask=k0 + offsets < K, other=0.0).to(tl.float32)
+            largest = tl.maximum(largest, tl.abs(v))
+        amax = tl.maximum(tl.max(largest), 1.1754943508222875e-38)
+        tl.store(amax_ptr, amax)
+        for k0 in range(0, K, BLOCK):
+            e = k0 + offsets  # output half e: word e // WIDTH, pair (e % WIDTH) // 2, half e % 2
+            pair = (e % WIDTH) // 2
+            source = (e // WIDTH) * WIDTH + (WIDTH // 2) * (e % 2) + pair
+            scale = (1 << (CODE_BITS * (pair % POSITIONS))).to(tl.float32)
+            v = tl.load(x_ptr + source, mask=e < K, other=0.0).to(tl.float32) / amax
+            tl.store(pairs_ptr + e, (v / scale).to(tl.float16), mask=e < K)
