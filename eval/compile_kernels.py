@@ -108,15 +108,17 @@ def builds(dtype: str = "fp16") -> list[Build]:
     ))  # fmt: skip
     from compress.kernels.gqsa_matmul import LANES as GQSA_LANES, gqsa_tiles
 
-    for group in (128, 16):
-        # one token: the activations as prepared fp16 pairs (int32), four lanes a row, one kept group each a pass
+    for group, all_groups in ((128, False), (16, False), (128, True), (64, True), (32, True)):
+        # one token: the activations as prepared fp16 pairs (int32), four lanes a row, one kept group each a pass;
+        # every group kept (plain W4, no index): what int4_matmul sends one token to
         out.append(Build(
-            f"gqsa g{group} N1 BM64 ({GQSA_LANES} lanes a row, PTX pairs)", "gqsa_matmul:_gqsa_gemv_kernel",
-            {"x_ptr": "*i32", "q_ptr": "*i32", "s_ptr": p, "z_ptr": "*u8", "g_ptr": "*i16", "b_ptr": p, "y_ptr": p, "amax_ptr": "*fp32",
-             **_ints("M", "KEPT", "KEPT_PER_SPLIT", "stride_ys")},
-            {"HAS_BIAS": False, "ALL_GROUPS": False, "PTX": True, "GROUP": group, "BLOCK_M": 64, "LANES": GQSA_LANES},
+            f"gqsa g{group} N1 BM64 ({'W4, no index; ' if all_groups else ''}{GQSA_LANES} lanes a row, PTX pairs)",
+            "gqsa_matmul:_gqsa_gemv_kernel",
+            {"x_ptr": "*i32", "q_ptr": "*i32", "s_ptr": p, "z_ptr": "*u8", "g_ptr": p if all_groups else "*i16", "b_ptr": p, "y_ptr": p,
+             "amax_ptr": "*fp32", **_ints("M", "KEPT", "KEPT_PER_SPLIT", "stride_ys")},
+            {"HAS_BIAS": False, "ALL_GROUPS": all_groups, "PTX": True, "GROUP": group, "BLOCK_M": 64, "LANES": GQSA_LANES},
             {"num_warps": 4}, aligned=("M", "KEPT", "KEPT_PER_SPLIT", "stride_ys"),
-            weight_bytes=64 * GQSA_LANES * (group // 2 + 2 + 1 + 2),  # codes, scale, zero, group index
+            weight_bytes=64 * GQSA_LANES * (group // 2 + 2 + 1 + (0 if all_groups else 2)),  # codes, scale, zero, group index
         ))  # fmt: skip
     for group, tokens, all_groups in ((128, 16, False), (16, 4, False), (16, 16, False), (16, 4, True)):
         block_n, block_m = gqsa_tiles(tokens, group // 2)  # the launcher's own tiles for this many tokens

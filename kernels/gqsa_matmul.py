@@ -240,7 +240,7 @@ def gqsa_matmul(
     if one_token is None:
         one_token = n == 1 and x.dtype in (torch.float16, torch.bfloat16) and group >= 8
     if one_token:
-        _launch_gemv(x2, out, qweight, scales, zeros, group_index, bias, all_groups, group, split_k, ptx)
+        launch_one_token(x2, out, qweight, scales, zeros, None if all_groups else group_index, bias, split_k, ptx)
         return out
     block_n, block_m = gqsa_tiles(n, half)
     block_m = 16 if interpreting() else block_m
@@ -259,9 +259,12 @@ def gqsa_matmul(
     return out
 
 
-def _launch_gemv(x2, out, qweight, scales, zeros, group_index, bias, all_groups: bool, group: int, split_k, ptx) -> None:
-    """`_gqsa_gemv_kernel` for one fp16/bf16 token."""
+def launch_one_token(x2, out, qweight, scales, zeros, group_index, bias, split_k: int | None, ptx: bool | None) -> None:
+    """`_gqsa_gemv_kernel` for one fp16/bf16 token x2 (1, K) into out (..., M): GQSALinear's
+    storage, group_index None when every group is kept in order (also W4's int4_matmul)."""
     m, kept = scales.shape
+    group = 2 * qweight.shape[-1]
+    all_groups = group_index is None
     if x2.shape[0] != 1 or x2.dtype not in (torch.float16, torch.bfloat16) or group < 8:
         raise ValueError(f"the one-token kernel reads one fp16 or bf16 token and groups of 8 or more, got {x2.shape[0]} in {x2.dtype}, g = {group}")
     if ptx is None:
@@ -272,7 +275,7 @@ def _launch_gemv(x2, out, qweight, scales, zeros, group_index, bias, all_groups:
     splits, per_split = split_k_plan(triton.cdiv(kept, LANES), programs, x2.device, 2, split_k)
     split = SplitK(out.view(1, m), splits)
     _gqsa_gemv_kernel[(programs, splits)](
-        pairs, qweight.view(torch.int32), scales, zeros, group_index, bias if bias is not None else scales, split.target, amax,
+        pairs, qweight.view(torch.int32), scales, zeros, scales if all_groups else group_index, bias if bias is not None else scales, split.target, amax,
         m, kept, per_split * LANES, split.split_stride,
         HAS_BIAS=split.single and bias is not None, ALL_GROUPS=all_groups, PTX=ptx, GROUP=group, BLOCK_M=block_m, LANES=LANES,
         num_warps=4,

@@ -184,11 +184,15 @@ def int4_matmul(
     bias: torch.Tensor | None = None,
     split_k: int | None = None,
     ptx: bool | None = None,
+    one_token: bool | None = None,
 ) -> torch.Tensor:
     """y = x·Ŵᵀ + bias for W4 group quantization with every group kept in order: qweight
     (M, K/g, g/2) uint8, scales (M, K/g), zeros (M, K/g) uint8; x (..., K) -> (..., M).
     `ptx` (default: on a GPU, for fp16/bf16 inputs whose scales have the input's dtype) picks the
-    PTX dequantization."""
+    PTX dequantization. One fp16/bf16 token (`one_token` overrides) goes to the one-token CUDA-core
+    kernel of group-sparse W4 with every group kept (gqsa_matmul, PTX pairs: 0.12–0.13
+    warp-instructions per weight byte on sm_90 where this kernel's tensor-core path at one token
+    issues 0.19–0.21)."""
     check_launch(x, qweight, scales, zeros)
     m, groups, half = qweight.shape
     group = 2 * half
@@ -209,6 +213,13 @@ def int4_matmul(
     n = x2.shape[0]
     out = output_like(x, m)
     if n == 0:
+        return out
+    if one_token is None:
+        one_token = n == 1 and x.dtype in (torch.float16, torch.bfloat16)
+    if one_token:
+        from .gqsa_matmul import launch_one_token
+
+        launch_one_token(x2, out, qweight, scales, zeros, None, bias, split_k, ptx)
         return out
     step = step_groups(group, groups)
     launch_group_dot(

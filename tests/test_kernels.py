@@ -441,9 +441,9 @@ def test_int4_kernel_group_sizes_tokens_and_ragged_rows(dtype, group, groups):
     k = group * groups
     module = _random_gqsa(37, k, group, groups, dtype)
     dense = module.to_dense().double()
-    for tokens in (1, 7, 16, 64):
+    for tokens, one_token in ((1, None), (1, False), (7, None), (16, None), (64, None)):  # one fp16/bf16 token: the pair kernel
         x = torch.randn(tokens, k, device=DEVICE).to(dtype)
-        y = int4_matmul(x, module.qweight, module.scales, module.zeros, module.bias, split_k=2 if tokens == 7 else None)
+        y = int4_matmul(x, module.qweight, module.scales, module.zeros, module.bias, split_k=2 if tokens == 7 else None, one_token=one_token)
         assert y.dtype == dtype and y.shape == (tokens, 37)
         assert rel_err(y, torch.nn.functional.linear(x.double(), dense, module.bias.double())) < TOLERANCE[dtype], tokens
 
