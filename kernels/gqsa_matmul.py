@@ -5,16 +5,20 @@ reads its column-group index, g/2 bytes of packed 4-bit codes, a scale and a zer
 dequantizes on chip: Ŵ[r, G] = (q − zero)·scale. With all groups kept (group_index = 0..K/g−1)
 this is plain W4 group quantization (GPTQ-style storage), so one kernel serves both.
 
-Rows of a tile keep different groups, so each row reads its own activation columns (a group's
-columns are contiguous: wide loads, not a per-column gather): the products run on CUDA cores,
-each lane keeping partial sums over the group's columns that are reduced once after the loop
-(decode is memory-bound: about 0.56 + 4/g bytes per kept weight at fp16 scales, against 2 for
-dense fp16). Codes become floats by the 2^23 bit trick and (q − z)·s = q·s − z·s is one FMA.
-Split-K over the kept groups gives the SMs enough programs at decode.
-On sm_90 this loop issues 0.41–0.44 warp-instructions per weight byte at one token (g = 16) and
-0.60 at g = 128, about twice Hopper's 0.218: fp32 products and dequantization on CUDA cores cost
-about 6 instructions per weight (eval/compile_kernels.py); the tensor-core W4 kernel
-(int4_matmul) serves layers that keep every group.
+One fp16/bf16 token (`_gqsa_gemv_kernel`, also plain W4's from int4_matmul): four lanes of a warp
+share a row, each one kept group per pass; each 32-bit word of eight codes becomes four pairs of
+16-bit floats in PTX (kernels/pairs.py, b = 4: a LOP3 puts columns (2s + p, 4 + 2s + p) under the
+exponent of 1024, a packed subtract of 1024 + 16^p·zero, a packed FMA with the prepared activation
+pairs), fp16 sums within a group, fp32 across groups: 0.116–0.143 warp-instructions per weight
+byte on sm_90 (0.115–0.132 with every group kept). Rows keep different groups, so a warp's rows
+read their activations from different places: L1 traffic the static budget does not count.
+
+More tokens and fp32 layers (`_gqsa_kernel`): each row reads its own group's contiguous activation
+columns, the products on CUDA cores, each lane keeping partial sums over the group's columns that
+are reduced once after the loop; codes become floats by the 2^23 bit trick and (q − z)·s =
+q·s − z·s is one FMA. Rows keep different groups, so tensor cores (which need one operand shared
+by the tile's rows) do not apply: 1.0 warp-instructions per weight byte at 4 tokens, over Hopper's
+0.218. Split-K over the kept groups gives the SMs enough programs at decode.
 """
 
 from __future__ import annotations

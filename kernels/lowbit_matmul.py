@@ -2,21 +2,18 @@
 
 Ŵ[r, G] = (q − zero)·scale per group G of g input columns. A group's codes are 32-bit words
 (compress/modules/lowbit.py): g/16 low words, then for W3 g/32 words of third bits; low word u
-holds column 16u + c, c = 8h + 4s + p, at bit 16h + 8s + 2p, and the 16-bit third word u (the
-low or high half of third word u/2) holds its third bit at 8h + 2p + s.
+holds column 16u + c, c = 8h + 4s + p, at bit 16h + 8s + 2p, and third word v the third bits of
+low words 2v (column c's at bit 16h + 2p + 2 + s) and 2v + 1 (the same rotated by 8).
 
 One token (decode), fp16/bf16 (`_lowbit_gemv_kernel`): four lanes of a warp share a row, each
 reading one group per pass as 16-byte (W2) or 8-byte (W3) vectors, so a warp's loads cover eight
 rows' contiguous bytes. A word's 16 codes become eight pairs of 16-bit floats in PTX, two weights
-per instruction: the mask 0x00030003 << 2p (after a shift of the word by 8s) leaves columns
-(4s + p, 8 + 4s + p) at bits 2p of each half, LOP3 ORs in the exponent of 1024 (and for W3 the
-third bits, which one PRMT and two shifts of the third word put two bits above them), so the
-halves are the floats 1024 + 4^p·q; one HADD2 subtracts 1024 + 4^p·zero (exact), one HFMA2
-multiplies by the activations and accumulates. The activations come as a prepared fp16 copy in
-that pair order, scaled by 4^−p (so 4^p(q − z)·x4^−p = (q − z)·x) and by 1/max|x| (no fp16
-overflow whatever the activations' range); a group's pair sum goes to fp32, times the scale, and
-the row's sum times max|x|. Per weight 1.6 (W2) and 2.3 (W3) instructions, products included;
-partial sums within a group in fp16 (64 products at most for g = 128, each at most 7 in size).
+per instruction (kernels/pairs.py, b = 2): the mask 0x00030003 << 2p after a shift by 8s leaves
+columns (4s + p, 8 + 4s + p) at bits 2p of each half, a LOP3 ORs in the exponent of 1024 (for W3
+a second one the third bits, which the third word has two bits above them once shifted by s, odd
+words after a rotation by 8), one HADD2 subtracts 1024 + 4^p·zero, one HFMA2 multiplies by the
+prepared activations and accumulates. Per weight 1.6 (W2) and 2.3 (W3) instructions, products
+included; partial sums within a group in fp16 (at most 64 products of at most 7 in size, g = 128).
 fp32 layers and Triton's interpreter (which cannot run PTX) run the same kernel with the pair
 arithmetic written in Triton, in fp32.
 
