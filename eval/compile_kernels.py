@@ -106,7 +106,8 @@ def builds(dtype: str = "fp16") -> list[Build]:
         aligned=("M", "K", "K_PER_SPLIT", "BYTES_PER_ROW", "stride_xn", "stride_yn", "stride_ys"),
         weight_bytes=64 * 64 * (0.5 * 2 + 1 / 8),
     ))  # fmt: skip
-    from compress.kernels.gqsa_matmul import LANES as GQSA_LANES, gqsa_tiles
+    from compress.kernels.gqsa_matmul import gqsa_tiles
+    from compress.kernels.pairs import LANES as GQSA_LANES
 
     for group, all_groups in ((128, False), (16, False), (128, True), (64, True), (32, True)):
         # one token: the activations as prepared fp16 pairs (int32), four lanes a row, one kept group each a pass;
@@ -163,7 +164,7 @@ def builds(dtype: str = "fp16") -> list[Build]:
             {"HAS_BIAS": False, "GROUP": group, "CHUNK": chunk, "BLOCK_M": block_m, "BLOCK_N": block_n},
             {"num_warps": 4}, aligned=("M", "K", "stride_xn", "stride_yn"), weight_bytes=block_m * chunk * (1 + 3 / group),
         ))  # fmt: skip
-    from compress.kernels.lowbit_matmul import LANES
+    from compress.kernels.pairs import LANES
 
     for bits in (3, 2):
         group = 64

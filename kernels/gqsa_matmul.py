@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .pairs import NEG_FP16_BIAS2, half_to_float, launch_gemv_activations, offsets_program, split2, split4
+from .pairs import half_to_float, lane_groups, launch_one_token, offsets_program, pair_sum, split2, split4
 from .runtime import (
     SplitK,
     check_launch,
@@ -85,9 +85,6 @@ if triton is not None:
         tl.store(y_ptr + pid_k * stride_ys + rn[None, :] * stride_yn + rm[:, None], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-LANES = 4  # lanes of a warp sharing a row in the one-token kernel, one kept group each per pass
-
-
 def _w4_pairs_program() -> str:
     """PTX for one word of eight 4-bit codes (kernels/pairs.py, b = 4): $0 the updated pair sum;
     $1 the sum so far, $2 the word, $3..$6 the activation pairs 2s + p (columns (2s + p, 4 + 2s + p)),
@@ -107,7 +104,6 @@ def _w4_pairs_program() -> str:
 if triton is not None:
     W4_PAIRS = tl.constexpr(_w4_pairs_program())
     W4_OFFSETS = tl.constexpr(offsets_program(4))
-    _NEG_FP16_BIAS2 = tl.constexpr(NEG_FP16_BIAS2)
 
     @triton.jit
     def _w4_word(acc, word, x_ptrs, zero, nb0, nb1, PTX: tl.constexpr):
@@ -140,32 +136,27 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, ALL_GROUPS: tl.constexpr, PTX: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
         LANES: tl.constexpr,
     ):  # fmt: skip
-        """One token: four lanes a row, each one kept group a pass. x_ptr: the prepared activation
-        pairs (kernels/pairs.py, b = 4), int32; q_ptr: the codes as int32 words (M, kept, g/8)."""
+        """One token (`launch_one_token`): four lanes a row, each one kept group a pass. x_ptr: the
+        prepared activation pairs (kernels/pairs.py, b = 4), int32; q_ptr: the codes as int32
+        words (M, kept, g/8); amax_ptr: max|x| (fp32)."""
         WORDS: tl.constexpr = GROUP // 8
         VEC: tl.constexpr = 4 if WORDS >= 4 else WORDS  # words a load
         pid_m = tl.program_id(0)
         pid_k = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = tl.minimum(rm, M - 1)  # rows past M read row M − 1 and are never stored: no masks
-        lane = tl.arange(0, LANES)
         vec = tl.arange(0, VEC)
         four = tl.arange(0, 4)
         row_sum = tl.zeros((BLOCK_M, LANES), dtype=tl.float32)
         j_start = pid_k * KEPT_PER_SPLIT
         j_end = tl.minimum(j_start + KEPT_PER_SPLIT, KEPT)
         for j0 in range(j_start, j_end, LANES):
-            j = tl.minimum(j0 + lane, KEPT - 1)
-            slot = rows[:, None] * KEPT + j[None, :]  # (rows, lanes)
+            j, slot, scale, zero, nb0 = lane_groups(s_ptr, z_ptr, rows, j0, j_end, KEPT, LANES)
             if ALL_GROUPS:
                 group = slot * 0 + j[None, :]
             else:
                 group = tl.load(g_ptr + slot).to(tl.int32)
-            scale = tl.load(s_ptr + slot).to(tl.float32)
-            scale = tl.where((j0 + lane < j_end)[None, :], scale, 0.0)  # lanes past the split's groups
-            zero = tl.load(z_ptr + slot).to(tl.int32)
-            nb0 = zero * 0x10001 + _NEG_FP16_BIAS2  # −(1024 + z), twice, as fp16 bits
-            nb1 = nb0
+            nb1 = nb0  # −(1024 + 16^p·z), twice, as fp16 bits
             if PTX:
                 nb1 = tl.inline_asm_elementwise(W4_OFFSETS, "=r,r", [nb0], dtype=tl.int32, is_pure=True, pack=1)
             acc = tl.zeros((BLOCK_M, LANES), dtype=tl.int32 if PTX else tl.float32)
@@ -184,9 +175,7 @@ if triton is not None:
                     acc = _w4_word(acc, w1, x_ptr + x_word + c * 4 + 4, zero, nb0, nb1, PTX)
                     acc = _w4_word(acc, w2, x_ptr + x_word + c * 4 + 8, zero, nb0, nb1, PTX)
                     acc = _w4_word(acc, w3, x_ptr + x_word + c * 4 + 12, zero, nb0, nb1, PTX)
-            if PTX:
-                acc = half_to_float(acc, False) + half_to_float(acc, True)
-            row_sum += acc * scale
+            row_sum += pair_sum(acc, PTX) * scale
         out = tl.sum(row_sum, axis=1) * tl.load(amax_ptr)
         if HAS_BIAS:
             out += tl.load(b_ptr + rm, mask=rm < M, other=0.0).to(tl.float32)
@@ -244,7 +233,7 @@ def gqsa_matmul(
     if one_token is None:
         one_token = n == 1 and x.dtype in (torch.float16, torch.bfloat16) and group >= 8
     if one_token:
-        launch_one_token(x2, out, qweight, scales, zeros, None if all_groups else group_index, bias, split_k, ptx)
+        one_token_matmul(x2, out, qweight, scales, zeros, None if all_groups else group_index, bias, split_k, ptx)
         return out
     block_n, block_m = gqsa_tiles(n, half)
     block_m = 16 if interpreting() else block_m
@@ -263,28 +252,16 @@ def gqsa_matmul(
     return out
 
 
-def launch_one_token(x2, out, qweight, scales, zeros, group_index, bias, split_k: int | None, ptx: bool | None) -> None:
+def one_token_matmul(x2, out, qweight, scales, zeros, group_index, bias, split_k: int | None, ptx: bool | None) -> None:
     """`_gqsa_gemv_kernel` for one fp16/bf16 token x2 (1, K) into out (..., M): GQSALinear's
     storage, group_index None when every group is kept in order (also W4's int4_matmul)."""
-    m, kept = scales.shape
     group = 2 * qweight.shape[-1]
-    all_groups = group_index is None
     if x2.shape[0] != 1 or x2.dtype not in (torch.float16, torch.bfloat16) or group < 8:
         raise ValueError(f"the one-token kernel reads one fp16 or bf16 token and groups of 8 or more, got {x2.shape[0]} in {x2.dtype}, g = {group}")
-    if ptx is None:
-        ptx = not interpreting()
-    pairs, amax = launch_gemv_activations(x2[0], 4)
-    block_m = 16 if interpreting() else 64
-    programs = triton.cdiv(m, block_m)
-    splits, per_split = split_k_plan(triton.cdiv(kept, LANES), programs, x2.device, 2, split_k)
-    split = SplitK(out.view(1, m), splits)
-    _gqsa_gemv_kernel[(programs, splits)](
-        pairs, qweight.view(torch.int32), scales, zeros, scales if all_groups else group_index, bias if bias is not None else scales, split.target, amax,
-        m, kept, per_split * LANES, split.split_stride,
-        HAS_BIAS=split.single and bias is not None, ALL_GROUPS=all_groups, PTX=ptx, GROUP=group, BLOCK_M=block_m, LANES=LANES,
-        num_warps=4,
+    launch_one_token(
+        _gqsa_gemv_kernel, x2, out, qweight.view(torch.int32), scales, zeros, group_index, bias, split_k, 4,
+        ALL_GROUPS=group_index is None, PTX=not interpreting() if ptx is None else ptx, GROUP=group,
     )  # fmt: skip
-    split.finish(bias)
 
 
 def gqsa_refusal(module, x: torch.Tensor) -> str | None:

@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from .pairs import NEG_FP16_BIAS2, half_to_float, launch_gemv_activations, offsets_program, split2, split4
+from .pairs import half_to_float, lane_groups, launch_one_token, offsets_program, pair_sum, split2, split4
 from .runtime import (
-    SplitK,
     check_group_codes,
     check_launch,
     flat_tokens,
@@ -36,12 +35,10 @@ from .runtime import (
     launch_group_dot,
     launch_refusal,
     output_like,
-    split_k_plan,
     tl,
     triton,
 )
 
-LANES = 4  # lanes of a warp sharing a row in the one-token kernel, one group each per pass
 
 
 def _pair_program(bits: int, odd: bool = False) -> str:
@@ -68,7 +65,6 @@ if triton is not None:
     PAIRS_W2 = tl.constexpr(_pair_program(2))
     PAIRS_W3 = tl.constexpr(_pair_program(3))
     PAIRS_W3_ODD = tl.constexpr(_pair_program(3, odd=True))
-    _NEG_FP16_BIAS2 = tl.constexpr(NEG_FP16_BIAS2)
 
     @triton.jit
     def _code(low, third, h: tl.constexpr, s: tl.constexpr, p: tl.constexpr, ODD: tl.constexpr, BITS: tl.constexpr):
@@ -121,13 +117,14 @@ if triton is not None:
 
     @triton.jit
     def _lowbit_gemv_kernel(
-        x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, amax_ptr,
+        x_ptr, q_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, amax_ptr,
         M, GROUPS, GROUPS_PER_SPLIT, stride_ys,
         HAS_BIAS: tl.constexpr, PTX: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
         LANES: tl.constexpr,
     ):  # fmt: skip
-        """One token. x_ptr: the prepared activation pairs (`gemv_activations`), int32; q_ptr:
-        the codes as int32 words (M, groups, g·bits/32); amax_ptr: max|x| (fp32)."""
+        """One token (`launch_one_token`). x_ptr: the prepared activation pairs (kernels/pairs.py,
+        b = 2), int32; q_ptr: the codes as int32 words (M, groups, g·bits/32); g_ptr: unread (every
+        group is kept); amax_ptr: max|x| (fp32)."""
         LOW: tl.constexpr = GROUP // 16  # low words per group
         WORDS: tl.constexpr = GROUP * BITS // 32
         VEC: tl.constexpr = 4 if LOW >= 4 else LOW  # low words a load
@@ -135,20 +132,14 @@ if triton is not None:
         pid_k = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = tl.minimum(rm, M - 1)  # rows past M read row M − 1 and are never stored: no masks
-        lane = tl.arange(0, LANES)
         vec = tl.arange(0, VEC)
         four = tl.arange(0, 4)
         row_sum = tl.zeros((BLOCK_M, LANES), dtype=tl.float32)
         g_start = pid_k * GROUPS_PER_SPLIT
         g_end = tl.minimum(g_start + GROUPS_PER_SPLIT, GROUPS)
         for g0 in range(g_start, g_end, LANES):
-            group = tl.minimum(g0 + lane, GROUPS - 1)
-            slot = rows[:, None] * GROUPS + group[None, :]  # (rows, lanes)
-            scale = tl.load(s_ptr + slot).to(tl.float32)
-            scale = tl.where((g0 + lane < g_end)[None, :], scale, 0.0)  # lanes past the split's groups
-            zero = tl.load(z_ptr + slot).to(tl.int32)
-            nb0 = zero * 0x10001 + _NEG_FP16_BIAS2  # −(1024 + 4^p·z), twice, as fp16 bits
-            nb1, nb2, nb3 = nb0, nb0, nb0
+            group, slot, scale, zero, nb0 = lane_groups(s_ptr, z_ptr, rows, g0, g_end, GROUPS, LANES)
+            nb1, nb2, nb3 = nb0, nb0, nb0  # −(1024 + 4^p·z), twice, as fp16 bits
             if PTX:
                 nb1, nb2, nb3 = tl.inline_asm_elementwise(OFFSETS, "=r,=r,=r,r", [nb0], dtype=(tl.int32,) * 3, is_pure=True, pack=1)
             acc = tl.zeros((BLOCK_M, LANES), dtype=tl.int32 if PTX else tl.float32)
@@ -171,9 +162,7 @@ if triton is not None:
                     acc = _word(acc, w1, t0, x_ptr + x_word + c * 8 + 8, zero, nb0, nb1, nb2, nb3, True, BITS, PTX)
                     acc = _word(acc, w2, t1, x_ptr + x_word + c * 8 + 16, zero, nb0, nb1, nb2, nb3, False, BITS, PTX)
                     acc = _word(acc, w3, t1, x_ptr + x_word + c * 8 + 24, zero, nb0, nb1, nb2, nb3, True, BITS, PTX)
-            if PTX:
-                acc = half_to_float(acc, False) + half_to_float(acc, True)
-            row_sum += acc * scale
+            row_sum += pair_sum(acc, PTX) * scale
         out = tl.sum(row_sum, axis=1) * tl.load(amax_ptr)
         if HAS_BIAS:
             out += tl.load(b_ptr + rm, mask=rm < M, other=0.0).to(tl.float32)
@@ -302,19 +291,8 @@ def lowbit_matmul(
     if n != 1 or x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"the CUDA-core kernel reads one fp16 or bf16 token, got {n} in {x.dtype}")
     if ptx is None:
-        ptx = not interpreting() and x.dtype in (torch.float16, torch.bfloat16)
-    pairs, amax = launch_gemv_activations(x2[0], 2)
-    block_m = 16 if interpreting() else 64
-    programs = triton.cdiv(m, block_m)
-    splits, per_split = split_k_plan(triton.cdiv(groups, LANES), programs, x.device, 2, split_k)
-    split = SplitK(out.view(1, m), splits)
-    _lowbit_gemv_kernel[(programs, splits)](
-        pairs, words, scales, zeros, bias if bias is not None else scales, split.target, amax,
-        m, groups, per_split * LANES, split.split_stride,
-        HAS_BIAS=split.single and bias is not None, PTX=ptx, BITS=bits, GROUP=group, BLOCK_M=block_m, LANES=LANES,
-        num_warps=4,
-    )  # fmt: skip
-    split.finish(bias)
+        ptx = not interpreting()
+    launch_one_token(_lowbit_gemv_kernel, x2, out, words, scales, zeros, None, bias, split_k, 2, PTX=ptx, BITS=bits, GROUP=group)
     return out
 
 

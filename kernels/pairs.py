@@ -18,7 +18,9 @@ import struct
 
 import torch
 
-from .runtime import tl, triton
+from .runtime import SplitK, interpreting, split_k_plan, tl, triton
+
+LANES = 4  # lanes of a warp sharing a row in the one-token kernels, one group each per pass
 
 NEG_FP16_BIAS2 = 0xE400E400 - (1 << 32)  # the fp16 pair (−1024, −1024) as int32
 
@@ -65,7 +67,45 @@ def launch_gemv_activations(x: torch.Tensor, code_bits: int) -> tuple[torch.Tens
     return pairs.view(torch.int32), amax
 
 
+def launch_one_token(kernel, x2: torch.Tensor, out: torch.Tensor, words, scales, zeros, group_index, bias, split_k: int | None, code_bits: int, **meta) -> None:
+    """Launch a one-token pair kernel (W3/W2 `_lowbit_gemv_kernel`, W4 `_gqsa_gemv_kernel`: the
+    same arguments, plus the kernel's own constexprs in `meta`) for x2 (1, K) fp16/bf16 into out:
+    the activations' pairs prepared in one launch, 64-row programs (16 in the interpreter),
+    split-K over passes of LANES groups."""
+    m, groups = scales.shape
+    pairs, amax = launch_gemv_activations(x2[0], code_bits)
+    block_m = 16 if interpreting() else 64
+    programs = triton.cdiv(m, block_m)
+    splits, per_split = split_k_plan(triton.cdiv(groups, LANES), programs, x2.device, 2, split_k)
+    split = SplitK(out.view(1, m), splits)
+    kernel[(programs, splits)](
+        pairs, words, scales, zeros, scales if group_index is None else group_index, bias if bias is not None else scales,
+        split.target, amax, m, groups, per_split * LANES, split.split_stride,
+        HAS_BIAS=split.single and bias is not None, BLOCK_M=block_m, LANES=LANES, num_warps=4, **meta,
+    )  # fmt: skip
+    split.finish(bias)
+
+
 if triton is not None:
+    _NEG_FP16_BIAS2 = tl.constexpr(NEG_FP16_BIAS2)
+
+    @triton.jit
+    def lane_groups(s_ptr, z_ptr, rows, g0, g_end, GROUPS, LANES: tl.constexpr):
+        """A pass's groups g0 + lane of each (row, lane): (group, slot, scale, zero, −(1024 + z) as
+        an fp16 pair). Lanes past the split's groups read its last group with scale 0."""
+        lane = tl.arange(0, LANES)
+        group = tl.minimum(g0 + lane, GROUPS - 1)
+        slot = rows[:, None] * GROUPS + group[None, :]  # (rows, lanes)
+        scale = tl.where((g0 + lane < g_end)[None, :], tl.load(s_ptr + slot).to(tl.float32), 0.0)
+        zero = tl.load(z_ptr + slot).to(tl.int32)
+        return group, slot, scale, zero, zero * 0x10001 + _NEG_FP16_BIAS2
+
+    @triton.jit
+    def pair_sum(acc, PTX: tl.constexpr):
+        """A lane's sum over its group: the fp16 pair's two halves in fp32 (PTX), else acc."""
+        if PTX:
+            acc = half_to_float(acc, False) + half_to_float(acc, True)
+        return acc
 
     @triton.jit
     def split2(t):
