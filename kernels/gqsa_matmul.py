@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .pairs import half_to_float, lane_groups, launch_one_token, offsets_program, pair_sum, split2, split4
+from .pairs import half_to_float, lane_groups, launch_one_token, offsets_program, pair_sum, program_work, split2, split4, store_rows
 from .runtime import (
     SplitK,
     check_launch,
@@ -141,15 +141,10 @@ if triton is not None:
         words (M, kept, g/8); amax_ptr: max|x| (fp32)."""
         WORDS: tl.constexpr = GROUP // 8
         VEC: tl.constexpr = 4 if WORDS >= 4 else WORDS  # words a load
-        pid_m = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rows = tl.minimum(rm, M - 1)  # rows past M read row M − 1 and are never stored: no masks
+        rm, rows, j_start, j_end = program_work(M, KEPT, KEPT_PER_SPLIT, BLOCK_M)
         vec = tl.arange(0, VEC)
         four = tl.arange(0, 4)
         row_sum = tl.zeros((BLOCK_M, LANES), dtype=tl.float32)
-        j_start = pid_k * KEPT_PER_SPLIT
-        j_end = tl.minimum(j_start + KEPT_PER_SPLIT, KEPT)
         for j0 in range(j_start, j_end, LANES):
             j, slot, scale, zero, nb0 = lane_groups(s_ptr, z_ptr, rows, j0, j_end, KEPT, LANES)
             if ALL_GROUPS:
@@ -176,10 +171,7 @@ if triton is not None:
                     acc = _w4_word(acc, w2, x_ptr + x_word + c * 4 + 8, zero, nb0, nb1, PTX)
                     acc = _w4_word(acc, w3, x_ptr + x_word + c * 4 + 12, zero, nb0, nb1, PTX)
             row_sum += pair_sum(acc, PTX) * scale
-        out = tl.sum(row_sum, axis=1) * tl.load(amax_ptr)
-        if HAS_BIAS:
-            out += tl.load(b_ptr + rm, mask=rm < M, other=0.0).to(tl.float32)
-        tl.store(y_ptr + pid_k * stride_ys + rm, out.to(y_ptr.dtype.element_ty), mask=rm < M)
+        store_rows(row_sum, amax_ptr, b_ptr, y_ptr, rm, M, stride_ys, HAS_BIAS)
 
 
 def gqsa_tiles(n: int, half: int) -> tuple[int, int]:

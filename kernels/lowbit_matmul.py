@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .pairs import half_to_float, lane_groups, launch_one_token, offsets_program, pair_sum, split2, split4
+from .pairs import half_to_float, lane_groups, launch_one_token, offsets_program, pair_sum, program_work, split2, split4, store_rows
 from .runtime import (
     check_group_codes,
     check_launch,
@@ -128,15 +128,10 @@ if triton is not None:
         LOW: tl.constexpr = GROUP // 16  # low words per group
         WORDS: tl.constexpr = GROUP * BITS // 32
         VEC: tl.constexpr = 4 if LOW >= 4 else LOW  # low words a load
-        pid_m = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rows = tl.minimum(rm, M - 1)  # rows past M read row M − 1 and are never stored: no masks
+        rm, rows, g_start, g_end = program_work(M, GROUPS, GROUPS_PER_SPLIT, BLOCK_M)
         vec = tl.arange(0, VEC)
         four = tl.arange(0, 4)
         row_sum = tl.zeros((BLOCK_M, LANES), dtype=tl.float32)
-        g_start = pid_k * GROUPS_PER_SPLIT
-        g_end = tl.minimum(g_start + GROUPS_PER_SPLIT, GROUPS)
         for g0 in range(g_start, g_end, LANES):
             group, slot, scale, zero, nb0 = lane_groups(s_ptr, z_ptr, rows, g0, g_end, GROUPS, LANES)
             nb1, nb2, nb3 = nb0, nb0, nb0  # −(1024 + 4^p·z), twice, as fp16 bits
@@ -163,10 +158,7 @@ if triton is not None:
                     acc = _word(acc, w2, t1, x_ptr + x_word + c * 8 + 16, zero, nb0, nb1, nb2, nb3, False, BITS, PTX)
                     acc = _word(acc, w3, t1, x_ptr + x_word + c * 8 + 24, zero, nb0, nb1, nb2, nb3, True, BITS, PTX)
             row_sum += pair_sum(acc, PTX) * scale
-        out = tl.sum(row_sum, axis=1) * tl.load(amax_ptr)
-        if HAS_BIAS:
-            out += tl.load(b_ptr + rm, mask=rm < M, other=0.0).to(tl.float32)
-        tl.store(y_ptr + pid_k * stride_ys + rm, out.to(y_ptr.dtype.element_ty), mask=rm < M)
+        store_rows(row_sum, amax_ptr, b_ptr, y_ptr, rm, M, stride_ys, HAS_BIAS)
 
     @triton.jit
     def _column_codes(low, third, BITS: tl.constexpr, ROWS: tl.constexpr, GROUP: tl.constexpr):

@@ -90,6 +90,22 @@ if triton is not None:
     _NEG_FP16_BIAS2 = tl.constexpr(NEG_FP16_BIAS2)
 
     @triton.jit
+    def program_work(M, GROUPS, GROUPS_PER_SPLIT, BLOCK_M: tl.constexpr):
+        """This program's rows (rm), the rows it reads (those past M read row M − 1 and are never
+        stored, so no load needs a mask) and its split's groups [start, end)."""
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        start = tl.program_id(1) * GROUPS_PER_SPLIT
+        return rm, tl.minimum(rm, M - 1), start, tl.minimum(start + GROUPS_PER_SPLIT, GROUPS)
+
+    @triton.jit
+    def store_rows(row_sum, amax_ptr, b_ptr, y_ptr, rm, M, stride_ys, HAS_BIAS: tl.constexpr):
+        """y (this split's slot) = the lanes' sums times max|x|, plus the bias."""
+        out = tl.sum(row_sum, axis=1) * tl.load(amax_ptr)
+        if HAS_BIAS:
+            out += tl.load(b_ptr + rm, mask=rm < M, other=0.0).to(tl.float32)
+        tl.store(y_ptr + tl.program_id(1) * stride_ys + rm, out.to(y_ptr.dtype.element_ty), mask=rm < M)
+
+    @triton.jit
     def lane_groups(s_ptr, z_ptr, rows, g0, g_end, GROUPS, LANES: tl.constexpr):
         """A pass's groups g0 + lane of each (row, lane): (group, slot, scale, zero, −(1024 + z) as
         an fp16 pair). Lanes past the split's groups read its last group with scale 0."""
