@@ -179,7 +179,7 @@ def builds(dtype: str = "fp16") -> list[Build]:
         # one token: the activations as prepared fp16 pairs (int32), four lanes a row, one group each a pass
         out.append(Build(
             f"lowbit W{bits} g{group} N1 BM64 ({LANES} lanes a row, PTX pairs)", "lowbit_matmul:_lowbit_gemv_kernel",
-            {"x_ptr": "*i32", "q_ptr": "*i32", "s_ptr": p, "z_ptr": "*u8", "b_ptr": p, "y_ptr": p, "amax_ptr": "*fp32",
+            {"x_ptr": "*i32", "q_ptr": "*i32", "s_ptr": p, "z_ptr": "*u8", "g_ptr": p, "b_ptr": p, "y_ptr": p, "amax_ptr": "*fp32",
              **_ints("M", "GROUPS", "GROUPS_PER_SPLIT", "stride_ys")},
             {"HAS_BIAS": False, "PTX": True, "BITS": bits, "GROUP": group, "BLOCK_M": 64, "LANES": LANES},
             {"num_warps": 4}, aligned=("M", "GROUPS", "GROUPS_PER_SPLIT", "stride_ys"),

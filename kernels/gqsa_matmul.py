@@ -9,8 +9,9 @@ One fp16/bf16 token (`_gqsa_gemv_kernel`, also plain W4's from int4_matmul): fou
 share a row, each one kept group per pass; each 32-bit word of eight codes becomes four pairs of
 16-bit floats in PTX (kernels/pairs.py, b = 4: a LOP3 puts columns (2s + p, 4 + 2s + p) under the
 exponent of 1024, a packed subtract of 1024 + 16^p·zero, a packed FMA with the prepared activation
-pairs), fp16 sums within a group, fp32 across groups: 0.116–0.143 warp-instructions per weight
-byte on sm_90 (0.115–0.132 with every group kept). Rows keep different groups, so a warp's rows
+pairs), fp16 sums over a word's eight products, fp32 beyond (4e-4 relative error against the
+exact dot product in the emulated PTX, g = 128): 0.151–0.160 warp-instructions per weight byte on
+sm_90, every group kept or not. Rows keep different groups, so a warp's rows
 read their activations from different places: L1 traffic the static budget does not count.
 
 More tokens and fp32 layers (`_gqsa_kernel`): each row reads its own group's contiguous activation
@@ -86,17 +87,17 @@ if triton is not None:
 
 
 def _w4_pairs_program() -> str:
-    """PTX for one word of eight 4-bit codes (kernels/pairs.py, b = 4): $0 the updated pair sum;
-    $1 the sum so far, $2 the word, $3..$6 the activation pairs 2s + p (columns (2s + p, 4 + 2s + p)),
-    $7 and $8 the pairs −(1024 + z) and −(1024 + 16·z)."""
-    lines = ["{", ".reg .b32 magic, m, v, d, acc, w1;", "mov.b32 magic, 0x64006400;", "mov.b32 acc, $1;", "shr.u32 w1, $2, 8;"]
+    """PTX for one word of eight 4-bit codes (kernels/pairs.py, b = 4): $0 the word's pair sum
+    (an fp16 pair: its eight products, four a half); $1 the word, $2..$5 the activation pairs
+    2s + p (columns (2s + p, 4 + 2s + p)), $6 and $7 the pairs −(1024 + z) and −(1024 + 16·z)."""
+    lines = ["{", ".reg .b32 magic, m, v, d, acc, w1;", "mov.b32 magic, 0x64006400;", "mov.b32 acc, 0;", "shr.u32 w1, $1, 8;"]
     for s in range(2):
         for p in range(2):
             lines += [
                 f"mov.b32 m, 0x{0x000F000F << 4 * p:08x};",
-                f"lop3.b32 v, {'$2' if s == 0 else 'w1'}, m, magic, 0xEA;",  # (word & m) | magic: 1024 + 16^p·q, two at once
-                f"add.rn.f16x2 d, v, ${7 + p};",
-                f"fma.rn.f16x2 acc, d, ${3 + 2 * s + p}, acc;",
+                f"lop3.b32 v, {'$1' if s == 0 else 'w1'}, m, magic, 0xEA;",  # (word & m) | magic: 1024 + 16^p·q, two at once
+                f"add.rn.f16x2 d, v, ${6 + p};",
+                f"fma.rn.f16x2 acc, d, ${2 + 2 * s + p}, acc;",
             ]
     return "\n".join(lines + ["mov.b32 $0, acc;", "}"])
 
@@ -107,14 +108,14 @@ if triton is not None:
 
     @triton.jit
     def _w4_word(acc, word, x_ptrs, zero, nb0, nb1, PTX: tl.constexpr):
-        """One word of eight codes of every (row, lane), times its activation pairs (x_ptrs: the
-        four pairs' pointers, (rows, lanes, 4)), into acc (an fp16 pair sum as int32 on the PTX
-        path; fp32 in Triton arithmetic otherwise)."""
+        """acc (fp32) plus one word of eight codes of every (row, lane) times its activation pairs
+        (x_ptrs: the four pairs' pointers, (rows, lanes, 4)). The PTX sums a word's products in
+        fp16, then fp32 takes over: partial sums of four products stay small, so their rounding
+        does (4e-4 of the dot product where a group-long fp16 sum gave 1.4e-3, g = 128)."""
         x0, x1, x2, x3 = split4(tl.load(x_ptrs))
         if PTX:
-            acc = tl.inline_asm_elementwise(
-                W4_PAIRS, "=r,r,r,r,r,r,r,r,r", [acc, word, x0, x1, x2, x3, nb0, nb1], dtype=tl.int32, is_pure=True, pack=1
-            )
+            pair = tl.inline_asm_elementwise(W4_PAIRS, "=r,r,r,r,r,r,r,r", [word, x0, x1, x2, x3, nb0, nb1], dtype=tl.int32, is_pure=True, pack=1)
+            acc += pair_sum(pair, True)
         else:
             acc = _w4_pair_fp32(acc, word, x0, zero, 0, 0)
             acc = _w4_pair_fp32(acc, word, x1, zero, 0, 1)
@@ -154,7 +155,7 @@ if triton is not None:
             nb1 = nb0  # −(1024 + 16^p·z), twice, as fp16 bits
             if PTX:
                 nb1 = tl.inline_asm_elementwise(W4_OFFSETS, "=r,r", [nb0], dtype=tl.int32, is_pure=True, pack=1)
-            acc = tl.zeros((BLOCK_M, LANES), dtype=tl.int32 if PTX else tl.float32)
+            acc = tl.zeros((BLOCK_M, LANES), dtype=tl.float32)
             x_word = (group * WORDS)[:, :, None] * 4 + four[None, None, :]  # the group's first word's pairs
             for c in tl.static_range(0, WORDS, VEC):
                 words = tl.load(q_ptr + slot[:, :, None] * WORDS + c + vec[None, None, :])
@@ -170,7 +171,7 @@ if triton is not None:
                     acc = _w4_word(acc, w1, x_ptr + x_word + c * 4 + 4, zero, nb0, nb1, PTX)
                     acc = _w4_word(acc, w2, x_ptr + x_word + c * 4 + 8, zero, nb0, nb1, PTX)
                     acc = _w4_word(acc, w3, x_ptr + x_word + c * 4 + 12, zero, nb0, nb1, PTX)
-            row_sum += pair_sum(acc, PTX) * scale
+            row_sum += acc * scale
         store_rows(row_sum, amax_ptr, b_ptr, y_ptr, rm, M, stride_ys, HAS_BIAS)
 
 

@@ -190,7 +190,7 @@ def int4_matmul(
     (M, K/g, g/2) uint8, scales (M, K/g), zeros (M, K/g) uint8; x (..., K) -> (..., M).
     `ptx` (default: on a GPU, for fp16/bf16 inputs whose scales have the input's dtype) picks the
     PTX dequantization. One fp16/bf16 token (`one_token` overrides) goes to the one-token CUDA-core
-    kernel of group-sparse W4 with every group kept (gqsa_matmul, PTX pairs: 0.12–0.13
+    kernel of group-sparse W4 with every group kept (gqsa_matmul, PTX pairs: 0.15–0.16
     warp-instructions per weight byte on sm_90 where this kernel's tensor-core path at one token
     issues 0.19–0.21)."""
     check_launch(x, qweight, scales, zeros)

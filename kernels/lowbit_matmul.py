@@ -13,7 +13,9 @@ columns (4s + p, 8 + 4s + p) at bits 2p of each half, a LOP3 ORs in the exponent
 a second one the third bits, which the third word has two bits above them once shifted by s, odd
 words after a rotation by 8), one HADD2 subtracts 1024 + 4^p·zero, one HFMA2 multiplies by the
 prepared activations and accumulates. Per weight 1.6 (W2) and 2.3 (W3) instructions, products
-included; partial sums within a group in fp16 (at most 64 products of at most 7 in size, g = 128).
+included. Partial sums in fp16 over two words (W3) or four (W2), then fp32: against the exact dot
+product 6e-4 (W3 g64) and 1.4e-3 (W2 g64) relative error in the emulated PTX (fp16 tensor-core
+products with fp32 sums: ~3e-4), where W2's own quantization error is orders of magnitude larger.
 fp32 layers and Triton's interpreter (which cannot run PTX) run the same kernel with the pair
 arithmetic written in Triton, in fp32.
 
@@ -116,6 +118,22 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _words(w0, w1, w2, w3, t0, t1, x_ptrs, zero, nb0, nb1, nb2, nb3, COUNT: tl.constexpr, BITS: tl.constexpr, PTX: tl.constexpr):
+        """The fp32 sum of the first COUNT (1, 2 or 4) of four low words' products (t0: the third
+        word of w0 and w1, t1 of w2 and w3). Their fp16 pair sums go to fp32 after COUNT words:
+        W3 takes two (partial sums of 8 products a half: 8e-4 of the dot product where a
+        group-long fp16 sum gave 1.1e-3 at g = 128, for 0.010 more warp-instructions per weight
+        byte), W2 four, whose budget has no room for more (0.217 of 0.218)."""
+        acc = tl.zeros(w0.shape, dtype=tl.int32 if PTX else tl.float32)
+        acc = _word(acc, w0, t0, x_ptrs, zero, nb0, nb1, nb2, nb3, False, BITS, PTX)
+        if COUNT >= 2:
+            acc = _word(acc, w1, t0, x_ptrs + 8, zero, nb0, nb1, nb2, nb3, True, BITS, PTX)
+        if COUNT == 4:
+            acc = _word(acc, w2, t1, x_ptrs + 16, zero, nb0, nb1, nb2, nb3, False, BITS, PTX)
+            acc = _word(acc, w3, t1, x_ptrs + 24, zero, nb0, nb1, nb2, nb3, True, BITS, PTX)
+        return pair_sum(acc, PTX)
+
+    @triton.jit
     def _lowbit_gemv_kernel(
         x_ptr, q_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, amax_ptr,
         M, GROUPS, GROUPS_PER_SPLIT, stride_ys,
@@ -137,27 +155,33 @@ if triton is not None:
             nb1, nb2, nb3 = nb0, nb0, nb0  # −(1024 + 4^p·z), twice, as fp16 bits
             if PTX:
                 nb1, nb2, nb3 = tl.inline_asm_elementwise(OFFSETS, "=r,=r,=r,r", [nb0], dtype=(tl.int32,) * 3, is_pure=True, pack=1)
-            acc = tl.zeros((BLOCK_M, LANES), dtype=tl.int32 if PTX else tl.float32)
-            x_word = (group * LOW)[None, :, None] * 8 + four[None, None, :] + tl.zeros((BLOCK_M, 1, 1), dtype=tl.int32)
+            group_sum = tl.zeros((BLOCK_M, LANES), dtype=tl.float32)
+            x_word = x_ptr + (group * LOW)[None, :, None] * 8 + four[None, None, :] + tl.zeros((BLOCK_M, 1, 1), dtype=tl.int32)
             for c in tl.static_range(0, LOW, VEC):
                 low = tl.load(q_ptr + slot[:, :, None] * WORDS + c + vec[None, None, :])
                 third = tl.zeros((BLOCK_M, LANES, 2), dtype=tl.int32)
                 if BITS == 3:  # the third words of these low words: VEC/2 of them (VEC >= 2 for W3)
                     third = tl.load(q_ptr + slot[:, :, None] * WORDS + LOW + c // 2 + tl.arange(0, 2)[None, None, :] % (VEC // 2))
                 t0, t1 = split2(third)
+                x_c = x_word + c * 8
                 if VEC == 1:
-                    acc = _word(acc, tl.reshape(low, (BLOCK_M, LANES)), t0, x_ptr + x_word + c * 8, zero, nb0, nb1, nb2, nb3, False, BITS, PTX)
+                    w = tl.reshape(low, (BLOCK_M, LANES))
+                    part = _words(w, w, w, w, t0, t1, x_c, zero, nb0, nb1, nb2, nb3, 1, BITS, PTX)
                 elif VEC == 2:
                     w0, w1 = split2(low)
-                    acc = _word(acc, w0, t0, x_ptr + x_word + c * 8, zero, nb0, nb1, nb2, nb3, False, BITS, PTX)
-                    acc = _word(acc, w1, t0, x_ptr + x_word + c * 8 + 8, zero, nb0, nb1, nb2, nb3, True, BITS, PTX)
+                    part = _words(w0, w1, w1, w1, t0, t1, x_c, zero, nb0, nb1, nb2, nb3, 2, BITS, PTX)
                 else:
                     w0, w1, w2, w3 = split4(low)
-                    acc = _word(acc, w0, t0, x_ptr + x_word + c * 8, zero, nb0, nb1, nb2, nb3, False, BITS, PTX)
-                    acc = _word(acc, w1, t0, x_ptr + x_word + c * 8 + 8, zero, nb0, nb1, nb2, nb3, True, BITS, PTX)
-                    acc = _word(acc, w2, t1, x_ptr + x_word + c * 8 + 16, zero, nb0, nb1, nb2, nb3, False, BITS, PTX)
-                    acc = _word(acc, w3, t1, x_ptr + x_word + c * 8 + 24, zero, nb0, nb1, nb2, nb3, True, BITS, PTX)
-            row_sum += pair_sum(acc, PTX) * scale
+                    if BITS == 3:
+                        part = _words(w0, w1, w1, w1, t0, t1, x_c, zero, nb0, nb1, nb2, nb3, 2, BITS, PTX)
+                        part += _words(w2, w3, w3, w3, t1, t1, x_c + 16, zero, nb0, nb1, nb2, nb3, 2, BITS, PTX)
+                    else:
+                        part = _words(w0, w1, w2, w3, t0, t1, x_c, zero, nb0, nb1, nb2, nb3, 4, BITS, PTX)
+                if c == 0:  # assigned, not added to zeros (which costs an FADD the compiler may not drop)
+                    group_sum = part
+                else:
+                    group_sum += part
+            row_sum += group_sum * scale
         store_rows(row_sum, amax_ptr, b_ptr, y_ptr, rm, M, stride_ys, HAS_BIAS)
 
     @triton.jit

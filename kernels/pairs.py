@@ -7,8 +7,9 @@ b·c. Masking it with (2^b − 1)·0x00010001 << b·p, after a shift by 8s, leav
 OR-ing in the exponent of 1024 (fp16 0x6400) makes the halves the floats 1024 + 2^(b·p)·q, exactly.
 A packed subtract of 1024 + 2^(b·p)·zero leaves 2^(b·p)·(q − z), and a packed FMA multiplies it by
 activations prepared in the same pair order and scaled by 2^−b·p / max|x| (`gemv_activations`),
-so the products are (q − z)·x / max|x|, summed in fp16 within a group (no overflow: |x'| <= 1) and
-in fp32 across groups. The kernels' PTX programs do this per word; their Triton-arithmetic twins
+so the products are (q − z)·x / max|x|, summed in fp16 over a few words (no overflow: |x'| <= 1;
+the fewer, the smaller the rounding: W4 one word, W3 two, W2 four, as their budgets allow) and in
+fp32 beyond. The kernels' PTX programs do this per word; their Triton-arithmetic twins
 (fp32, for the interpreter) read the same pairs.
 """
 

@@ -255,7 +255,7 @@ def _w4_pairs(codes: torch.Tensor, zeros: torch.Tensor, x: torch.Tensor) -> torc
     nb1 = run_ptx(offsets_program(4), {"$1": nb0})["$0"]
     expected = (-(1024 + 16 * zeros)).to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
     assert torch.equal(nb1, expected | expected << 16), "the offsets −(1024 + 16·z) are not exact"
-    inputs = {"$1": torch.zeros_like(words), "$2": words, "$7": nb0, "$8": nb1, **{f"${3 + i}": pairs[:, i] for i in range(4)}}
+    inputs = {"$1": words, "$6": nb0, "$7": nb1, **{f"${2 + i}": pairs[:, i] for i in range(4)}}
     low, high = _halves(run_ptx(_w4_pairs_program(), inputs, exact=False)["$0"], torch.float16)
     return low + high
 
