@@ -113,7 +113,11 @@ def quantized_table(
 
 
 def embedding_options(
-    model: nn.Module, config: EmbeddingsConfig, stats: dict[str, torch.Tensor], gram: torch.Tensor | None = None
+    model: nn.Module,
+    config: EmbeddingsConfig,
+    stats: dict[str, torch.Tensor],
+    gram: torch.Tensor | None = None,
+    priced: dict[tuple[int, int], list[nn.Module]] | None = None,
 ) -> list[LevelResult]:
     """The embeddings as one knapsack item: its dense entry (sizes the budget, not an option) and
     one option per (bits, group size) in `config.choices`, in bytes as served, priced in the units of the
@@ -122,7 +126,9 @@ def embedding_options(
     Round-to-nearest errors are uncorrelated across columns, so a diagonal Fisher prices them.
     With `gram` (`method: gptq`) the head's table is quantized as it will be, against that Gram,
     and its errors are correlated on purpose (moved into directions the head's inputs do not
-    use): the head role is then priced through the Gram (`_GramFisher`), as the Linears' are."""
+    use): the head role is then priced through the Gram (`_GramFisher`), as the Linears' are.
+    `priced` (a dict) receives each option's quantized tables, keyed (bits, group size), so that
+    `quantize_embeddings` installs the chosen one instead of quantizing it again."""
     embedding, head, tied = _embedding_and_head(model, config)
     table = embedding.weight.detach()
     own_head = head if (head is not None and not tied and config.head) else None
@@ -155,6 +161,8 @@ def embedding_options(
             bias = own_head.bias if index == 1 and own_head.bias is not None else None
             reads_head = tied or index == 1  # the table the head reads: GPTQ against its input's Gram
             quantized = quantized_table(weight, bias, config.at(bits, group_size), head_gram if reads_head else None)
+            if priced is not None:
+                priced.setdefault((bits, group_size), []).append(quantized)
             delta = quantized.to_dense().to(weight.dtype) - weight
             nbytes += quantized.num_bytes()
             cost += sum(f.price(delta) for f in roles)
@@ -292,10 +300,13 @@ def _name_of(model: nn.Module, module: nn.Module) -> str:
     return next(name for name, m in model.named_modules() if m is module)
 
 
-def quantize_embeddings(model: nn.Module, config: EmbeddingsConfig, gram: torch.Tensor | None = None) -> dict[str, Any]:
+def quantize_embeddings(
+    model: nn.Module, config: EmbeddingsConfig, gram: torch.Tensor | None = None, priced: dict[tuple[int, int], list[nn.Module]] | None = None
+) -> dict[str, Any]:
     """Replace the input embedding (and the head) by quantized modules, in place; returns the
     report's `embeddings` section (names, bytes as served before and after, errors). `gram`: the
-    head input's Gram (`head_input_gram`), which `method: gptq` quantizes the head's table against."""
+    head input's Gram (`head_input_gram`), which `method: gptq` quantizes the head's table against.
+    `priced`: the tables `embedding_options` quantized for this setting, installed as they are."""
     head_gram = _gptq_gram(config, gram)
     if config.choices:
         raise LlmpressError(f"embeddings: bits or group_size is a list {config.choices}: the knapsack chooses one (config.at(bits, group_size))")
@@ -304,7 +315,8 @@ def quantize_embeddings(model: nn.Module, config: EmbeddingsConfig, gram: torch.
     head_name = _name_of(model, head) if head is not None else None
     weight = embedding.weight.data
     before = tensor_bytes(weight)
-    table = quantized_table(weight, None, config, head_gram if tied else None)
+    ready = list((priced or {}).get((config.bits, config.group_size), []))
+    table = ready.pop(0) if ready else quantized_table(weight, None, config, head_gram if tied else None)
     scale = getattr(embedding, "embed_scale", None)
     scale = float(scale) if scale is not None else None
     quantized = QuantizedEmbedding(table, scale, embedding.padding_idx)
@@ -322,7 +334,7 @@ def quantize_embeddings(model: nn.Module, config: EmbeddingsConfig, gram: torch.
         model.all_tied_weights_keys = {}
     elif head is not None and config.head:
         before += tensor_bytes(head.weight) + (tensor_bytes(head.bias) if head.bias is not None else 0)
-        head_table = quantized_table(head.weight.data, head.bias, config, head_gram)
+        head_table = ready.pop(0) if ready else quantized_table(head.weight.data, head.bias, config, head_gram)
         section["head_rel_error"] = relative_errors(head.weight.data, head_table.to_dense(), None)[0]
         set_submodule(model, head_name, head_table)
         after += head_table.num_bytes()

@@ -80,6 +80,9 @@ class CompressionRunner:
         self.recipe = recipe
         allocation = recipe.allocation
         self.knapsack = allocation if allocation is not None and allocation.strategy == "knapsack" else None
+        # the embeddings' options as quantized to price them, keyed (bits, group size): the chosen
+        # one is installed as it is (`quantize_embeddings`), not quantized a second time
+        self._priced_tables: dict[tuple[int, int], list[nn.Module]] = {}
         self.options = dict(
             device=device,
             offload_device=offload_device,
@@ -145,8 +148,8 @@ class CompressionRunner:
             return solve_allocation(profiles, self.knapsack, methods={i: stage_label(s) for i, s in enumerate(self.recipe.stages)})
         extra = None
         if self.recipe.embeddings is not None and self.recipe.embeddings.choices:
-            with torch.no_grad():
-                options = embedding_options(self.model, self.recipe.embeddings, fisher[EMBEDDING_STATS], head_gram)
+            with torch.no_grad():  # the options' tables are kept for the chosen one (`quantize_embeddings`)
+                options = embedding_options(self.model, self.recipe.embeddings, fisher[EMBEDDING_STATS], head_gram, self._priced_tables)
             extra = {embedding_name(self.model): options}
         return plan_allocation(self.profiler(), input_ids, self.knapsack, fisher, extra)
 
@@ -180,7 +183,8 @@ class CompressionRunner:
             fisher = self.fisher(input_ids, embeddings=chosen_by_knapsack) if stats is None else {}
         plan = self.plan(input_ids, fisher, profiles, gram)
         if chosen_by_knapsack:  # the knapsack chose the embeddings' bits along with the layers
-            embeddings = quantize_embeddings(self.model, chosen_setting(self.model, config, plan), gram)
+            embeddings = quantize_embeddings(self.model, chosen_setting(self.model, config, plan), gram, self._priced_tables)
+            self._priced_tables.clear()
         pipeline = self.pipeline
         if plan is not None:
             layer_configs = plan.layer_configs(self.recipe.stages, [c.level_field for c in pipeline.compressors])

@@ -141,11 +141,17 @@ def _recipe(**allocation):
     }
 
 
-def test_knapsack_picks_the_embeddings_bits_for_a_size(tokenizer, calib_text):
+def test_knapsack_picks_the_embeddings_bits_for_a_size(tokenizer, calib_text, monkeypatch):
     """A loose size keeps W8 embeddings, a tight one takes W4 (and what it saves goes to the
-    Linears); the model fits the size as served, and the report names the choice."""
+    Linears); the model fits the size as served, and the report names the choice. The table is
+    quantized once per option, to price it; the chosen one is installed, not quantized again."""
+    import compress.embeddings as embeddings
     from compress.api import compress_model
     from compress.report import model_size, report_markdown
+
+    quantized = []
+    original = embeddings.quantized_table
+    monkeypatch.setattr(embeddings, "quantized_table", lambda *a, **k: quantized.append(original(*a, **k)) or quantized[-1])
 
     with serving_dtype(torch.bfloat16):
         dense = model_size(tiny_model("llama"))["bytes"]
@@ -158,6 +164,8 @@ def test_knapsack_picks_the_embeddings_bits_for_a_size(tokenizer, calib_text):
         assert isinstance(table, QuantizedEmbedding)
         chosen[share] = report["embeddings"]["bits"]
         assert isinstance(table.table, Int8Linear if chosen[share] == 8 else GQSALinear)
+        assert len(quantized) == 2 and table.table is quantized[0 if chosen[share] == 8 else 1]  # the options: W8, W4
+        quantized.clear()
         entry = next(c for c in report["allocation"]["layers"] if c["name"] == "model.embed_tokens")
         assert entry["method"] == f"embeddings w{chosen[share]} g16" and entry["bytes"] == report["embeddings"]["bytes_after"]
         assert f"embeddings w{chosen[share]} g16" in report_markdown(report)
