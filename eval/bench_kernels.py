@@ -60,6 +60,25 @@ def random_gqsa(weight: torch.Tensor, group: int, keep_fraction: float) -> GQSAL
     return GQSALinear.from_codes(codes, scale.to(weight.dtype), zero, index, inp, None)
 
 
+class W4TensorCoresAtOneToken(GQSALinear):
+    """Plain W4 served by the tensor-core kernel at every token count: int4_matmul sends one
+    fp16/bf16 token to the one-token pair kernel instead (0.15 against 0.21 warp-instructions per
+    weight byte on sm_90, a static estimate); this case times the path it does not take."""
+
+    kernel_label = "triton_int4 (tensor cores at one token)"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from compress.kernels.int4_matmul import int4_matmul
+
+        return int4_matmul(x, self.qweight, self.scales, self.zeros, self.bias, one_token=False)
+
+
+def w4_tensor_cores(weight: torch.Tensor, group: int) -> W4TensorCoresAtOneToken:
+    module = random_gqsa(weight, group, 1.0)
+    module.__class__ = W4TensorCoresAtOneToken  # the same storage, the other kernel
+    return module
+
+
 def quantized(weight: torch.Tensor, bits: int, group: int) -> Int8Linear | LowBitLinear:
     """W8 or W3/W2 of the weight by round-to-nearest (one range per group: a speed fixture)."""
     grid = quantize_groups(weight.float(), bits, group, shrink_steps=1)
@@ -103,6 +122,7 @@ def cases(sparsities: list[float], tile: int) -> list[Case]:
     out.append(Case("torch 2:4 (cuSPARSELt)", _semi_structured, "2:4"))
     out.append(Case("2:4 (ours)", lambda w: SparseLinear.from_dense(w, _two_of_four(w), None, "2:4"), "ours"))
     out.append(Case("W4 g128", lambda w: random_gqsa(w, 128, 1.0), "ours"))
+    out.append(Case("W4 g128 tensor cores", lambda w: w4_tensor_cores(w, 128), "ours"))
     out.append(Case("GQSA W4S50 g16", lambda w: random_gqsa(w, 16, 0.5), "ours"))
     for bits in (8, 3, 2):
         out.append(Case(f"W{bits} g64", lambda w, bits=bits: quantized(w, bits, 64), "ours"))
@@ -171,6 +191,8 @@ def serving_kernel(obj, kind: str, x: torch.Tensor) -> str | None:
     """The kernel our module runs for x (the benchmark runs in `triton` mode on a GPU)."""
     if kind != "ours":
         return None
+    if hasattr(obj, "kernel_label"):
+        return obj.kernel_label
     from compress import kernels
 
     return kernels.select(obj.format, obj, x).name

@@ -14,7 +14,7 @@ def test_bench_kernels_runs_and_checks_every_format(tmp_path):
     result = json.loads((tmp_path / "results.json").read_text())
     rows = result["rows"]
     cases = {r["case"] for r in rows}
-    assert {"dense (cuBLAS)", "bitmap 50%", "tile 64x64 50%", "tile 64x128 90%", "W4 g128", "GQSA W4S50 g16", "low-rank 30%"} <= cases
+    assert {"dense (cuBLAS)", "bitmap 50%", "tile 64x64 50%", "tile 64x128 90%", "W4 g128", "W4 g128 tensor cores", "GQSA W4S50 g16", "low-rank 30%"} <= cases
     assert all("error" not in r and r["rel_err"] < 1e-5 for r in rows)
     limits = {r["case"]: r["byte_limit"] for r in rows}
     assert limits["tile 64x64 50%"] > limits["bitmap 50%"] > 1.5  # the tile index costs less than a bitmap
