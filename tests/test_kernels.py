@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from compress import kernels
 from compress.kernels.bitmap_matmul import bitmap_matmul, split_offsets
@@ -21,6 +23,7 @@ from compress.kernels.skinny_matmul import skinny_matmul, skinny_matmul_referenc
 from compress.compressors.masks import tile_mask
 from compress.kernels.tile_sparse_matmul import tile_sparse_matmul
 from compress.compressors.rtn import quantize_groups
+from compress.kernels.lowbit_matmul import _dequant as lowbit_dequant
 from compress.modules import DeltaSparseLinear, DictLinear, EoRALinear, GQSALinear, Int8Linear, LowBitLinear, LowRankLinear, SparseLinear, TileSparseLinear, pack_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -344,6 +347,30 @@ def test_activation_pairs_kernel_matches_its_reference(code_bits):
     for i in range(2 * positions):
         scale = 2.0 ** (code_bits * (i % positions))
         assert halves[1, i].tolist() == [(width + i + 1) / scale, (width + width // 2 + i + 1) / scale]
+
+
+@triton.jit
+def _lowbit_dequant_probe(c_ptr, s_ptr, z_ptr, o_ptr, DTYPE: tl.constexpr):
+    """The tensor-core W3/W2 kernel's dequantization of a (64, 8) tile, stored."""
+    i = tl.arange(0, 64)[:, None] * 8 + tl.arange(0, 8)[None, :]
+    scale = tl.load(s_ptr + tl.arange(0, 64)).to(tl.float32)[:, None]
+    zero = tl.load(z_ptr + tl.arange(0, 64)).to(tl.float32)[:, None]
+    tl.store(o_ptr + i, lowbit_dequant(tl.load(c_ptr + i), scale, zero, DTYPE, DTYPE == tl.float16))
+
+
+def test_lowbit_tensor_core_dequantization_in_fp16():
+    """The tensor-core W3/W2 kernel's fp16 dequantization (1024 + q under the exponent, minus
+    1024 + z, times the scale) is the reference's (q − z)·s rounded once, bit for bit, for every
+    code and zero point. (bf16 layers dequantize in fp32: the interpreter's bf16 arithmetic is
+    wrong, so a bf16 version of this trick could not be checked here.)"""
+    dtype = torch.float16
+    codes = torch.arange(512, dtype=torch.int32).reshape(64, 8) % 8
+    zeros = torch.arange(64, dtype=torch.int32) % 8
+    scales = (torch.rand(64) * 2.0 ** torch.randint(-10, 4, (64,)).float()).to(dtype)
+    out = torch.empty(64, 8, dtype=dtype, device=DEVICE)
+    _lowbit_dequant_probe[(1,)](codes.to(DEVICE), scales.to(DEVICE), zeros.to(torch.uint8).to(DEVICE), out, DTYPE=tl.float16)
+    expected = (codes.to(dtype) - zeros.to(dtype)[:, None]) * scales[:, None]
+    assert torch.equal(out.cpu().view(torch.int16), expected.view(torch.int16))
 
 
 @pytest.mark.parametrize("bits", [5, 9, 10, 11, 13, 16])
