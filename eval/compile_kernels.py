@@ -176,6 +176,7 @@ def builds(dtype: str = "fp16") -> list[Build]:
             {"num_warps": 4, "num_stages": 1},
             aligned=("M", "GROUPS", "stride_xn", "stride_yn", "stride_ys"), weight_bytes=64 * (group * bits / 8 + 3),
         ))  # fmt: skip
+    for bits, group in ((3, 64), (2, 64), (3, 128), (2, 128), (3, 32), (2, 32)):
         # one token: the activations as prepared fp16 pairs (int32), four lanes a row, one group each a pass
         out.append(Build(
             f"lowbit W{bits} g{group} N1 BM64 ({LANES} lanes a row, PTX pairs)", "lowbit_matmul:_lowbit_gemv_kernel",

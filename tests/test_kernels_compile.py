@@ -62,6 +62,12 @@ OVER_BUDGET = {
     "dequantized and through shared memory to the dot, over 3/8 of a byte a weight; one token goes to the CUDA-core "
     "kernel, whose PTX pairs are within budget",
     "lowbit W2 g64 BM64 BN16 (tensor cores)": "0.57 (int 0.35): the same over a quarter of a byte a weight",
+    **{
+        f"lowbit W{bits} g{group} N1 BM64 (4 lanes a row, PTX pairs)": "a group's own work (its scale, zero point and offsets, "
+        "the fp16 sums to fp32) over fewer bytes than at g = 64: W3 g32 0.258, W2 g32 0.232, W2 g128 0.219 (its fp16 sums "
+        "go to fp32 every four words); W3 g128 and both at g = 64 are within"
+        for bits, group in ((3, 32), (2, 32), (2, 128))
+    },
     "2:4 N1 BM32 BN1 (CUDA cores) bf16": "0.131 integer (fp16: 0.109): bf16 values to fp32 cost integer shifts; on a GPU "
     "one token goes to the tensor-core path, whose PTX placement is within budget in both dtypes (0.124)",
     **{
