@@ -109,19 +109,19 @@ def builds(dtype: str = "fp16") -> list[Build]:
     from compress.kernels.gqsa_matmul import gqsa_tiles
     from compress.kernels.pairs import LANES as GQSA_LANES
 
-    for group, all_groups in ((128, False), (16, False), (128, True), (64, True), (32, True)):
-        # one token: the activations as prepared fp16 pairs (int32), four lanes a row, one kept group each a pass;
-        # every group kept (plain W4, no index): what int4_matmul sends one token to
+    for group, all_groups, tokens in ((128, False, 1), (16, False, 1), (128, True, 1), (64, True, 1), (32, True, 1), (128, False, 2), (16, False, 2), (128, False, 4), (16, False, 4)):
+        # 1–4 tokens: the activations as prepared fp16 pairs (int32), four lanes a row, one kept group each a
+        # pass; every group kept (plain W4, no index): what int4_matmul sends one token to
         out.append(Build(
-            f"gqsa g{group} N1 BM64 ({'W4, no index; ' if all_groups else ''}{GQSA_LANES} lanes a row, PTX pairs)",
+            f"gqsa g{group} N{tokens} BM64 ({'W4, no index; ' if all_groups else ''}{GQSA_LANES} lanes a row, PTX pairs)",
             "gqsa_matmul:_gqsa_gemv_kernel",
             {"x_ptr": "*i32", "q_ptr": "*i32", "s_ptr": p, "z_ptr": "*u8", "g_ptr": p if all_groups else "*i16", "b_ptr": p, "y_ptr": p,
-             "amax_ptr": "*fp32", **_ints("M", "KEPT", "KEPT_PER_SPLIT", "stride_ys")},
-            {"HAS_BIAS": False, "ALL_GROUPS": all_groups, "PTX": True, "GROUP": group, "BLOCK_M": 64, "LANES": GQSA_LANES},
-            {"num_warps": 4}, aligned=("M", "KEPT", "KEPT_PER_SPLIT", "stride_ys"),
+             "amax_ptr": "*fp32", **_ints("M", "KEPT", "KEPT_PER_SPLIT", "stride_ys", "stride_xt", "stride_yt")},
+            {"HAS_BIAS": False, "ALL_GROUPS": all_groups, "PTX": True, "GROUP": group, "BLOCK_M": 64, "LANES": GQSA_LANES, "TOKENS": tokens},
+            {"num_warps": 4}, aligned=("M", "KEPT", "KEPT_PER_SPLIT", "stride_ys", "stride_xt", "stride_yt"),
             weight_bytes=64 * GQSA_LANES * (group // 2 + 2 + 1 + (0 if all_groups else 2)),  # codes, scale, zero, group index
         ))  # fmt: skip
-    for group, tokens, all_groups in ((128, 16, False), (16, 4, False), (16, 16, False), (16, 4, True)):
+    for group, tokens, all_groups in ((128, 16, False), (16, 16, False)):  # more tokens than the pair kernel takes
         block_n, block_m = gqsa_tiles(tokens, group // 2)  # the launcher's own tiles for this many tokens
         out.append(Build(
             f"gqsa g{group} N{tokens} BM{block_m} BN{block_n}" + (" (W4, no index)" if all_groups else ""), "gqsa_matmul:_gqsa_kernel",
@@ -181,8 +181,8 @@ def builds(dtype: str = "fp16") -> list[Build]:
         out.append(Build(
             f"lowbit W{bits} g{group} N1 BM64 ({LANES} lanes a row, PTX pairs)", "lowbit_matmul:_lowbit_gemv_kernel",
             {"x_ptr": "*i32", "q_ptr": "*i32", "s_ptr": p, "z_ptr": "*u8", "g_ptr": p, "b_ptr": p, "y_ptr": p, "amax_ptr": "*fp32",
-             **_ints("M", "GROUPS", "GROUPS_PER_SPLIT", "stride_ys")},
-            {"HAS_BIAS": False, "PTX": True, "BITS": bits, "GROUP": group, "BLOCK_M": 64, "LANES": LANES},
+             **_ints("M", "GROUPS", "GROUPS_PER_SPLIT", "stride_ys", "stride_xt", "stride_yt")},
+            {"HAS_BIAS": False, "PTX": True, "BITS": bits, "GROUP": group, "BLOCK_M": 64, "LANES": LANES, "TOKENS": 1},
             {"num_warps": 4}, aligned=("M", "GROUPS", "GROUPS_PER_SPLIT", "stride_ys"),
             weight_bytes=64 * LANES * (group * bits / 8 + 3),
         ))  # fmt: skip

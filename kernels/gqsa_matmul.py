@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .pairs import half_to_float, lane_groups, launch_one_token, offsets_program, pair_sum, program_work, split2, split4, store_rows
+from .pairs import half_to_float, lane_groups, launch_pair_kernel, offsets_program, pair_sum, program_work, split2, split4, store_rows
 from .runtime import (
     SplitK,
     check_launch,
@@ -86,24 +86,37 @@ if triton is not None:
         tl.store(y_ptr + pid_k * stride_ys + rn[None, :] * stride_yn + rm[:, None], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _w4_pairs_program() -> str:
-    """PTX for one word of eight 4-bit codes (kernels/pairs.py, b = 4): $0 the word's pair sum
-    (an fp16 pair: its eight products, four a half); $1 the word, $2..$5 the activation pairs
-    2s + p (columns (2s + p, 4 + 2s + p)), $6 and $7 the pairs −(1024 + z) and −(1024 + 16·z)."""
-    lines = ["{", ".reg .b32 magic, m, v, d, acc, w1;", "mov.b32 magic, 0x64006400;", "mov.b32 acc, 0;", "shr.u32 w1, $1, 8;"]
+def _w4_pairs_program(tokens: int = 1) -> str:
+    """PTX for one word of eight 4-bit codes (kernels/pairs.py, b = 4) against `tokens` tokens'
+    activation pairs. One token: $0 the word's pair sum (an fp16 pair: its eight products, four a
+    half); $1 the word, $2..$5 the activation pairs 2s + p (columns (2s + p, 4 + 2s + p)), $6 and
+    $7 the pairs −(1024 + z) and −(1024 + 16·z). T > 1 tokens: $0..$T−1 the tokens' updated pair
+    sums; then the sums so far, the word, 4T pairs (token by token) and the two offsets: the
+    dequantization is shared, the FMAs are one a token."""
+    t = tokens
+    first = t if t > 1 else 0  # the sums so far (several tokens)
+    word = f"${first + t}"
+    pairs = first + t + 1
+    offsets = pairs + 4 * t
+    lines = ["{", ".reg .b32 magic, m, v, d, w1;", ".reg .b32 " + ", ".join(f"a{i}" for i in range(t)) + ";", "mov.b32 magic, 0x64006400;"]
+    lines += [f"mov.b32 a{i}, {f'${t + i}' if t > 1 else 0};" for i in range(t)]
+    lines.append(f"shr.u32 w1, {word}, 8;")
     for s in range(2):
         for p in range(2):
             lines += [
                 f"mov.b32 m, 0x{0x000F000F << 4 * p:08x};",
-                f"lop3.b32 v, {'$1' if s == 0 else 'w1'}, m, magic, 0xEA;",  # (word & m) | magic: 1024 + 16^p·q, two at once
-                f"add.rn.f16x2 d, v, ${6 + p};",
-                f"fma.rn.f16x2 acc, d, ${2 + 2 * s + p}, acc;",
+                f"lop3.b32 v, {word if s == 0 else 'w1'}, m, magic, 0xEA;",  # (word & m) | magic: 1024 + 16^p·q, two at once
+                f"add.rn.f16x2 d, v, ${offsets + p};",
             ]
-    return "\n".join(lines + ["mov.b32 $0, acc;", "}"])
+            lines += [f"fma.rn.f16x2 a{i}, d, ${pairs + 4 * i + 2 * s + p}, a{i};" for i in range(t)]
+    return "\n".join(lines + [f"mov.b32 ${i}, a{i};" for i in range(t)] + ["}"])
 
 
 if triton is not None:
     W4_PAIRS = tl.constexpr(_w4_pairs_program())
+    W4_PAIRS_2 = tl.constexpr(_w4_pairs_program(2))
+    W4_PAIRS_3 = tl.constexpr(_w4_pairs_program(3))
+    W4_PAIRS_4 = tl.constexpr(_w4_pairs_program(4))
     W4_OFFSETS = tl.constexpr(offsets_program(4))
 
     @triton.jit
@@ -112,15 +125,12 @@ if triton is not None:
         (x_ptrs: the four pairs' pointers, (rows, lanes, 4)). The PTX sums a word's products in
         fp16, then fp32 takes over: partial sums of four products stay small, so their rounding
         does (4e-4 of the dot product where a group-long fp16 sum gave 1.4e-3, g = 128)."""
-        x0, x1, x2, x3 = split4(tl.load(x_ptrs))
         if PTX:
+            x0, x1, x2, x3 = split4(tl.load(x_ptrs))
             pair = tl.inline_asm_elementwise(W4_PAIRS, "=r,r,r,r,r,r,r,r", [word, x0, x1, x2, x3, nb0, nb1], dtype=tl.int32, is_pure=True, pack=1)
             acc += pair_sum(pair, True)
         else:
-            acc = _w4_pair_fp32(acc, word, x0, zero, 0, 0)
-            acc = _w4_pair_fp32(acc, word, x1, zero, 0, 1)
-            acc = _w4_pair_fp32(acc, word, x2, zero, 1, 0)
-            acc = _w4_pair_fp32(acc, word, x3, zero, 1, 1)
+            acc = _w4_word_fp32(acc, word, x_ptrs, zero)
         return acc
 
     @triton.jit
@@ -131,21 +141,99 @@ if triton is not None:
         return acc + d_lo * half_to_float(pair, False) + d_hi * half_to_float(pair, True)
 
     @triton.jit
+    def _w4_word_fp32(acc, word, x_ptrs, zero):
+        """`_w4_pairs_program` in Triton arithmetic for one token: acc (fp32) plus the word's products."""
+        x0, x1, x2, x3 = split4(tl.load(x_ptrs))
+        acc = _w4_pair_fp32(acc, word, x0, zero, 0, 0)
+        acc = _w4_pair_fp32(acc, word, x1, zero, 0, 1)
+        acc = _w4_pair_fp32(acc, word, x2, zero, 1, 0)
+        return _w4_pair_fp32(acc, word, x3, zero, 1, 1)
+
+    @triton.jit
+    def _w4_word_tokens(a0, a1, a2, a3, word, x_ptrs, stride_xt, zero, nb0, nb1, TOKENS: tl.constexpr, PTX: tl.constexpr):
+        """One word against TOKENS (2–4) tokens' pairs (token t's at x_ptrs + t·stride_xt): the
+        tokens' sums a0..a3 updated (fp16 pairs as int32 on the PTX path, fp32 otherwise; sums of
+        tokens past TOKENS pass through)."""
+        if PTX:
+            x00, x01, x02, x03 = split4(tl.load(x_ptrs))
+            x10, x11, x12, x13 = split4(tl.load(x_ptrs + stride_xt))
+            if TOKENS == 2:
+                a0, a1 = tl.inline_asm_elementwise(
+                    W4_PAIRS_2, "=r,=r," + ",".join(["r"] * 13), [a0, a1, word, x00, x01, x02, x03, x10, x11, x12, x13, nb0, nb1],
+                    dtype=(tl.int32, tl.int32), is_pure=True, pack=1,
+                )  # fmt: skip
+            else:
+                x20, x21, x22, x23 = split4(tl.load(x_ptrs + 2 * stride_xt))
+                if TOKENS == 3:
+                    a0, a1, a2 = tl.inline_asm_elementwise(
+                        W4_PAIRS_3, "=r,=r,=r," + ",".join(["r"] * 18),
+                        [a0, a1, a2, word, x00, x01, x02, x03, x10, x11, x12, x13, x20, x21, x22, x23, nb0, nb1],
+                        dtype=(tl.int32,) * 3, is_pure=True, pack=1,
+                    )  # fmt: skip
+                else:
+                    x30, x31, x32, x33 = split4(tl.load(x_ptrs + 3 * stride_xt))
+                    a0, a1, a2, a3 = tl.inline_asm_elementwise(
+                        W4_PAIRS_4, "=r,=r,=r,=r," + ",".join(["r"] * 23),
+                        [a0, a1, a2, a3, word, x00, x01, x02, x03, x10, x11, x12, x13, x20, x21, x22, x23, x30, x31, x32, x33, nb0, nb1],
+                        dtype=(tl.int32,) * 4, is_pure=True, pack=1,
+                    )  # fmt: skip
+        else:
+            a0 = _w4_word_fp32(a0, word, x_ptrs, zero)
+            a1 = _w4_word_fp32(a1, word, x_ptrs + stride_xt, zero)
+            if TOKENS >= 3:
+                a2 = _w4_word_fp32(a2, word, x_ptrs + 2 * stride_xt, zero)
+            if TOKENS == 4:
+                a3 = _w4_word_fp32(a3, word, x_ptrs + 3 * stride_xt, zero)
+        return a0, a1, a2, a3
+
+    @triton.jit
+    def _w4_chunk(s0, s1, s2, s3, w0, w1, w2, w3, x_ptrs, stride_xt, zero, nb0, nb1, COUNT: tl.constexpr, TOKENS: tl.constexpr, PTX: tl.constexpr):
+        """The first COUNT (1, 2 or 4) of four words against the tokens' pairs (x_ptrs: the first
+        word's), added to the tokens' fp32 group sums s0..s3. One token: each word's fp16 pair sum
+        goes to fp32 (`_w4_word`); several: the chunk's, so the per-token conversions do not
+        outweigh the shared dequantization."""
+        if TOKENS == 1:
+            s0 = _w4_word(s0, w0, x_ptrs, zero, nb0, nb1, PTX)
+            if COUNT >= 2:
+                s0 = _w4_word(s0, w1, x_ptrs + 4, zero, nb0, nb1, PTX)
+            if COUNT == 4:
+                s0 = _w4_word(s0, w2, x_ptrs + 8, zero, nb0, nb1, PTX)
+                s0 = _w4_word(s0, w3, x_ptrs + 12, zero, nb0, nb1, PTX)
+        else:
+            a0 = tl.zeros(w0.shape, dtype=tl.int32 if PTX else tl.float32)
+            a1, a2, a3 = a0, a0, a0
+            a0, a1, a2, a3 = _w4_word_tokens(a0, a1, a2, a3, w0, x_ptrs, stride_xt, zero, nb0, nb1, TOKENS, PTX)
+            if COUNT >= 2:
+                a0, a1, a2, a3 = _w4_word_tokens(a0, a1, a2, a3, w1, x_ptrs + 4, stride_xt, zero, nb0, nb1, TOKENS, PTX)
+            if COUNT == 4:
+                a0, a1, a2, a3 = _w4_word_tokens(a0, a1, a2, a3, w2, x_ptrs + 8, stride_xt, zero, nb0, nb1, TOKENS, PTX)
+                a0, a1, a2, a3 = _w4_word_tokens(a0, a1, a2, a3, w3, x_ptrs + 12, stride_xt, zero, nb0, nb1, TOKENS, PTX)
+            s0 += pair_sum(a0, PTX)
+            s1 += pair_sum(a1, PTX)
+            if TOKENS >= 3:
+                s2 += pair_sum(a2, PTX)
+            if TOKENS == 4:
+                s3 += pair_sum(a3, PTX)
+        return s0, s1, s2, s3
+
+    @triton.jit
     def _gqsa_gemv_kernel(
         x_ptr, q_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, amax_ptr,
-        M, KEPT, KEPT_PER_SPLIT, stride_ys,
+        M, KEPT, KEPT_PER_SPLIT, stride_ys, stride_xt, stride_yt,
         HAS_BIAS: tl.constexpr, ALL_GROUPS: tl.constexpr, PTX: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-        LANES: tl.constexpr,
+        LANES: tl.constexpr, TOKENS: tl.constexpr,
     ):  # fmt: skip
-        """One token (`launch_one_token`): four lanes a row, each one kept group a pass. x_ptr: the
-        prepared activation pairs (kernels/pairs.py, b = 4), int32; q_ptr: the codes as int32
-        words (M, kept, g/8); amax_ptr: max|x| (fp32)."""
+        """One to four tokens (`launch_pair_kernel`): four lanes a row, each one kept group a pass.
+        x_ptr: the prepared activation pairs (kernels/pairs.py, b = 4), int32, stride_xt a token;
+        q_ptr: the codes as int32 words (M, kept, g/8); amax_ptr: max|x| per token (fp32);
+        stride_yt: a token's outputs."""
         WORDS: tl.constexpr = GROUP // 8
         VEC: tl.constexpr = 4 if WORDS >= 4 else WORDS  # words a load
         rm, rows, j_start, j_end = program_work(M, KEPT, KEPT_PER_SPLIT, BLOCK_M)
         vec = tl.arange(0, VEC)
         four = tl.arange(0, 4)
-        row_sum = tl.zeros((BLOCK_M, LANES), dtype=tl.float32)
+        r0 = tl.zeros((BLOCK_M, LANES), dtype=tl.float32)  # the tokens' lane sums
+        r1, r2, r3 = r0, r0, r0
         for j0 in range(j_start, j_end, LANES):
             j, slot, scale, zero, nb0 = lane_groups(s_ptr, z_ptr, rows, j0, j_end, KEPT, LANES)
             if ALL_GROUPS:
@@ -155,24 +243,40 @@ if triton is not None:
             nb1 = nb0  # −(1024 + 16^p·z), twice, as fp16 bits
             if PTX:
                 nb1 = tl.inline_asm_elementwise(W4_OFFSETS, "=r,r", [nb0], dtype=tl.int32, is_pure=True, pack=1)
-            acc = tl.zeros((BLOCK_M, LANES), dtype=tl.float32)
-            x_word = (group * WORDS)[:, :, None] * 4 + four[None, None, :]  # the group's first word's pairs
+            s0 = tl.zeros((BLOCK_M, LANES), dtype=tl.float32)  # the tokens' sums over the group
+            s1, s2, s3 = s0, s0, s0
+            x_word = x_ptr + (group * WORDS)[:, :, None] * 4 + four[None, None, :]  # the group's first word's pairs
             for c in tl.static_range(0, WORDS, VEC):
                 words = tl.load(q_ptr + slot[:, :, None] * WORDS + c + vec[None, None, :])
                 if VEC == 1:
-                    acc = _w4_word(acc, tl.reshape(words, (BLOCK_M, LANES)), x_ptr + x_word + c * 4, zero, nb0, nb1, PTX)
+                    w = tl.reshape(words, (BLOCK_M, LANES))
+                    s0, s1, s2, s3 = _w4_chunk(s0, s1, s2, s3, w, w, w, w, x_word + c * 4, stride_xt, zero, nb0, nb1, 1, TOKENS, PTX)
                 elif VEC == 2:
                     w0, w1 = split2(words)
-                    acc = _w4_word(acc, w0, x_ptr + x_word + c * 4, zero, nb0, nb1, PTX)
-                    acc = _w4_word(acc, w1, x_ptr + x_word + c * 4 + 4, zero, nb0, nb1, PTX)
+                    s0, s1, s2, s3 = _w4_chunk(s0, s1, s2, s3, w0, w1, w1, w1, x_word + c * 4, stride_xt, zero, nb0, nb1, 2, TOKENS, PTX)
                 else:
                     w0, w1, w2, w3 = split4(words)
-                    acc = _w4_word(acc, w0, x_ptr + x_word + c * 4, zero, nb0, nb1, PTX)
-                    acc = _w4_word(acc, w1, x_ptr + x_word + c * 4 + 4, zero, nb0, nb1, PTX)
-                    acc = _w4_word(acc, w2, x_ptr + x_word + c * 4 + 8, zero, nb0, nb1, PTX)
-                    acc = _w4_word(acc, w3, x_ptr + x_word + c * 4 + 12, zero, nb0, nb1, PTX)
-            row_sum += acc * scale
-        store_rows(row_sum, amax_ptr, b_ptr, y_ptr, rm, M, stride_ys, HAS_BIAS)
+                    s0, s1, s2, s3 = _w4_chunk(s0, s1, s2, s3, w0, w1, w2, w3, x_word + c * 4, stride_xt, zero, nb0, nb1, 4, TOKENS, PTX)
+            r0 += s0 * scale
+            if TOKENS >= 2:
+                r1 += s1 * scale
+            if TOKENS >= 3:
+                r2 += s2 * scale
+            if TOKENS == 4:
+                r3 += s3 * scale
+        store_rows(r0, amax_ptr, b_ptr, y_ptr, rm, M, stride_ys, HAS_BIAS)
+        if TOKENS >= 2:
+            store_rows(r1, amax_ptr + 1, b_ptr, y_ptr + stride_yt, rm, M, stride_ys, HAS_BIAS)
+        if TOKENS >= 3:
+            store_rows(r2, amax_ptr + 2, b_ptr, y_ptr + 2 * stride_yt, rm, M, stride_ys, HAS_BIAS)
+        if TOKENS == 4:
+            store_rows(r3, amax_ptr + 3, b_ptr, y_ptr + 3 * stride_yt, rm, M, stride_ys, HAS_BIAS)
+
+
+# tokens the pair kernel takes: the dequantization is shared and each token adds one packed FMA
+# per two weights; at 4 tokens sm_90 issues about the budget (see compile_kernels), beyond it
+# the products outgrow it on CUDA cores
+PAIR_MAX_TOKENS = 4
 
 
 def gqsa_tiles(n: int, half: int) -> tuple[int, int]:
@@ -192,13 +296,14 @@ def gqsa_matmul(
     group_index: torch.Tensor | None,
     bias: torch.Tensor | None = None,
     split_k: int | None = None,
-    one_token: bool | None = None,
+    pairs: bool | None = None,
     ptx: bool | None = None,
 ) -> torch.Tensor:
     """y = x·Ŵᵀ + bias for GQSALinear's storage: qweight (M, kept, g/2) uint8, scales (M, kept),
     zeros (M, kept) uint8, group_index (M, kept) integer, or None when every group is kept in
-    column order; x (..., K) -> (..., M). One fp16/bf16 token goes to `_gqsa_gemv_kernel` (its
-    PTX pairs on a GPU; `one_token` and `ptx` override), the rest to `_gqsa_kernel`."""
+    column order; x (..., K) -> (..., M). Up to PAIR_MAX_TOKENS fp16/bf16 tokens go to
+    `_gqsa_gemv_kernel` (its PTX pairs on a GPU; `pairs` and `ptx` override), the rest to
+    `_gqsa_kernel`."""
     all_groups = group_index is None
     group_index = scales if all_groups else group_index  # an unread pointer when there is no index
     check_launch(x, qweight, scales, zeros, group_index)
@@ -223,10 +328,10 @@ def gqsa_matmul(
     out = output_like(x, m)
     if n == 0:
         return out
-    if one_token is None:
-        one_token = n == 1 and x.dtype in (torch.float16, torch.bfloat16) and group >= 8
-    if one_token:
-        one_token_matmul(x2, out, qweight, scales, zeros, None if all_groups else group_index, bias, split_k, ptx)
+    if pairs is None:
+        pairs = n <= PAIR_MAX_TOKENS and x.dtype in (torch.float16, torch.bfloat16) and group >= 8
+    if pairs:
+        pair_matmul(x2, out, qweight, scales, zeros, None if all_groups else group_index, bias, split_k, ptx)
         return out
     block_n, block_m = gqsa_tiles(n, half)
     block_m = 16 if interpreting() else block_m
@@ -245,13 +350,15 @@ def gqsa_matmul(
     return out
 
 
-def one_token_matmul(x2, out, qweight, scales, zeros, group_index, bias, split_k: int | None, ptx: bool | None) -> None:
-    """`_gqsa_gemv_kernel` for one fp16/bf16 token x2 (1, K) into out (..., M): GQSALinear's
+def pair_matmul(x2, out, qweight, scales, zeros, group_index, bias, split_k: int | None, ptx: bool | None) -> None:
+    """`_gqsa_gemv_kernel` for 1–4 fp16/bf16 tokens x2 (T, K) into out (..., M): GQSALinear's
     storage, group_index None when every group is kept in order (also W4's int4_matmul)."""
     group = 2 * qweight.shape[-1]
-    if x2.shape[0] != 1 or x2.dtype not in (torch.float16, torch.bfloat16) or group < 8:
-        raise ValueError(f"the one-token kernel reads one fp16 or bf16 token and groups of 8 or more, got {x2.shape[0]} in {x2.dtype}, g = {group}")
-    launch_one_token(
+    if not 1 <= x2.shape[0] <= PAIR_MAX_TOKENS or x2.dtype not in (torch.float16, torch.bfloat16) or group < 8:
+        raise ValueError(
+            f"the pair kernel reads 1 to {PAIR_MAX_TOKENS} fp16 or bf16 tokens and groups of 8 or more, got {x2.shape[0]} in {x2.dtype}, g = {group}"
+        )
+    launch_pair_kernel(
         _gqsa_gemv_kernel, x2, out, qweight.view(torch.int32), scales, zeros, group_index, bias, split_k, 4,
         ALL_GROUPS=group_index is None, PTX=not interpreting() if ptx is None else ptx, GROUP=group,
     )  # fmt: skip

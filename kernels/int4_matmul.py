@@ -217,9 +217,9 @@ def int4_matmul(
     if one_token is None:
         one_token = n == 1 and x.dtype in (torch.float16, torch.bfloat16)
     if one_token:
-        from .gqsa_matmul import one_token_matmul
+        from .gqsa_matmul import pair_matmul
 
-        one_token_matmul(x2, out, qweight, scales, zeros, None, bias, split_k, ptx)
+        pair_matmul(x2, out, qweight, scales, zeros, None, bias, split_k, ptx)
         return out
     step = step_groups(group, groups)
     launch_group_dot(

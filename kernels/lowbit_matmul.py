@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .pairs import half_to_float, lane_groups, launch_one_token, offsets_program, pair_sum, program_work, split2, split4, store_rows
+from .pairs import half_to_float, lane_groups, launch_pair_kernel, offsets_program, pair_sum, program_work, split2, split4, store_rows
 from .runtime import (
     check_group_codes,
     check_launch,
@@ -136,11 +136,11 @@ if triton is not None:
     @triton.jit
     def _lowbit_gemv_kernel(
         x_ptr, q_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, amax_ptr,
-        M, GROUPS, GROUPS_PER_SPLIT, stride_ys,
+        M, GROUPS, GROUPS_PER_SPLIT, stride_ys, stride_xt, stride_yt,
         HAS_BIAS: tl.constexpr, PTX: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-        LANES: tl.constexpr,
+        LANES: tl.constexpr, TOKENS: tl.constexpr,
     ):  # fmt: skip
-        """One token (`launch_one_token`). x_ptr: the prepared activation pairs (kernels/pairs.py,
+        """One token (`launch_pair_kernel`; TOKENS is 1, stride_xt and stride_yt unread). x_ptr: the prepared activation pairs (kernels/pairs.py,
         b = 2), int32; q_ptr: the codes as int32 words (M, groups, g·bits/32); g_ptr: unread (every
         group is kept); amax_ptr: max|x| (fp32)."""
         LOW: tl.constexpr = GROUP // 16  # low words per group
@@ -308,7 +308,7 @@ def lowbit_matmul(
         raise ValueError(f"the CUDA-core kernel reads one fp16 or bf16 token, got {n} in {x.dtype}")
     if ptx is None:
         ptx = not interpreting()
-    launch_one_token(_lowbit_gemv_kernel, x2, out, words, scales, zeros, None, bias, split_k, 2, PTX=ptx, BITS=bits, GROUP=group)
+    launch_pair_kernel(_lowbit_gemv_kernel, x2, out, words, scales, zeros, None, bias, split_k, 2, PTX=ptx, BITS=bits, GROUP=group)
     return out
 
 

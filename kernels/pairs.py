@@ -60,29 +60,33 @@ def gemv_activations(x: torch.Tensor, code_bits: int) -> tuple[torch.Tensor, tor
 
 
 def launch_gemv_activations(x: torch.Tensor, code_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`gemv_activations` by `_gemv_activations_kernel`."""
-    k = x.shape[-1]
-    pairs = torch.empty(k, dtype=torch.float16, device=x.device)
-    amax = torch.empty(1, dtype=torch.float32, device=x.device)
-    _gemv_activations_kernel[(1,)](x, pairs, amax, k, CODE_BITS=code_bits, BLOCK=min(1024, triton.next_power_of_2(k)), num_warps=4)
-    return pairs.view(torch.int32), amax
+    """`gemv_activations` of each token (row) of x (T, K) or (K,) by `_gemv_activations_kernel`,
+    one program a token: pairs (T, K/2) and max|x| (T,) (flat for one (K,) token)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    tokens, k = x2.shape
+    pairs = torch.empty(tokens, k, dtype=torch.float16, device=x.device)
+    amax = torch.empty(tokens, dtype=torch.float32, device=x.device)
+    _gemv_activations_kernel[(tokens,)](x2, pairs, amax, k, CODE_BITS=code_bits, BLOCK=min(1024, triton.next_power_of_2(k)), num_warps=4)
+    pairs = pairs.view(torch.int32)
+    return (pairs.flatten(), amax) if x.dim() == 1 else (pairs, amax)
 
 
-def launch_one_token(kernel, x2: torch.Tensor, out: torch.Tensor, words, scales, zeros, group_index, bias, split_k: int | None, code_bits: int, **meta) -> None:
-    """Launch a one-token pair kernel (W3/W2 `_lowbit_gemv_kernel`, W4 `_gqsa_gemv_kernel`: the
-    same arguments, plus the kernel's own constexprs in `meta`) for x2 (1, K) fp16/bf16 into out:
-    the activations' pairs prepared in one launch, 64-row programs (16 in the interpreter),
-    split-K over passes of LANES groups."""
+def launch_pair_kernel(kernel, x2: torch.Tensor, out: torch.Tensor, words, scales, zeros, group_index, bias, split_k: int | None, code_bits: int, **meta) -> None:
+    """Launch a pair kernel (W3/W2 `_lowbit_gemv_kernel` for one token, W4 `_gqsa_gemv_kernel`
+    for up to four: the same arguments, plus the kernel's own constexprs in `meta`) for x2
+    (T, K) fp16/bf16 into out (…, M): the activations' pairs prepared in one launch, 64-row
+    programs (16 in the interpreter), split-K over passes of LANES groups."""
     m, groups = scales.shape
-    pairs, amax = launch_gemv_activations(x2[0], code_bits)
+    tokens = x2.shape[0]
+    pairs, amax = launch_gemv_activations(x2, code_bits)
     block_m = 16 if interpreting() else 64
     programs = triton.cdiv(m, block_m)
     splits, per_split = split_k_plan(triton.cdiv(groups, LANES), programs, x2.device, 2, split_k)
-    split = SplitK(out.view(1, m), splits)
+    split = SplitK(out.view(tokens, m), splits)
     kernel[(programs, splits)](
         pairs, words, scales, zeros, scales if group_index is None else group_index, bias if bias is not None else scales,
-        split.target, amax, m, groups, per_split * LANES, split.split_stride,
-        HAS_BIAS=split.single and bias is not None, BLOCK_M=block_m, LANES=LANES, num_warps=4, **meta,
+        split.target, amax, m, groups, per_split * LANES, split.split_stride, pairs.shape[1], split.target.stride(-2),
+        HAS_BIAS=split.single and bias is not None, BLOCK_M=block_m, LANES=LANES, TOKENS=tokens, num_warps=4, **meta,
     )  # fmt: skip
     split.finish(bias)
 
@@ -100,7 +104,8 @@ if triton is not None:
 
     @triton.jit
     def store_rows(row_sum, amax_ptr, b_ptr, y_ptr, rm, M, stride_ys, HAS_BIAS: tl.constexpr):
-        """y (this split's slot) = the lanes' sums times max|x|, plus the bias."""
+        """y (this split's slot; one token's: amax_ptr and y_ptr point at it) = the lanes' sums
+        times max|x|, plus the bias."""
         out = tl.sum(row_sum, axis=1) * tl.load(amax_ptr)
         if HAS_BIAS:
             out += tl.load(b_ptr + rm, mask=rm < M, other=0.0).to(tl.float32)
@@ -145,8 +150,12 @@ if triton is not None:
 
     @triton.jit
     def _gemv_activations_kernel(x_ptr, pairs_ptr, amax_ptr, K, CODE_BITS: tl.constexpr, BLOCK: tl.constexpr):
-        """`gemv_activations` in one program: max|x|, then the pairs, half by half."""
+        """`gemv_activations` of token program_id(0): max|x|, then the pairs, half by half."""
         WIDTH: tl.constexpr = 32 // CODE_BITS  # columns a word
+        token = tl.program_id(0)
+        x_ptr += token * K
+        pairs_ptr += token * K
+        amax_ptr += token
         POSITIONS: tl.constexpr = 8 // CODE_BITS
         offsets = tl.arange(0, BLOCK)
         largest = tl.zeros((BLOCK,), dtype=tl.float32)

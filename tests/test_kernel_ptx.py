@@ -283,3 +283,33 @@ def test_gqsa_pair_ptx_matches_the_dot_product():
     got = _w4_pairs(codes, zeros, x.expand(64, 8)) * x.abs().max().double()
     expected = ((codes - zeros[:, None]).double() * x.double()).sum(1)
     assert ((got - expected).abs().max() / expected.abs().max()).item() < 2e-3
+
+
+@pytest.mark.parametrize("tokens", [2, 3, 4])
+def test_gqsa_pair_ptx_for_several_tokens_is_the_one_token_program_per_token(tokens):
+    """The several-token program shares the dequantization and gives each token exactly what the
+    one-token program gives it (the same FMAs in the same order), from sums carried in."""
+    from compress.kernels.gqsa_matmul import _w4_pairs_program
+    from compress.kernels.pairs import NEG_FP16_BIAS2, gemv_activations, offsets_program
+
+    torch.manual_seed(6)
+    rows = 256
+    codes, zeros = torch.randint(0, 16, (rows, 8)), torch.randint(0, 16, (rows,))
+    words = pack_int4(codes).view(torch.int32).to(torch.int64).squeeze(-1) & MASK32
+    nb0 = (zeros.to(torch.int64) * 0x10001 + NEG_FP16_BIAS2) & MASK32
+    nb1 = run_ptx(offsets_program(4), {"$1": nb0})["$0"]
+    x = torch.randn(tokens, rows, 8) * torch.logspace(-2, 1, 8)
+    pairs = [torch.stack([gemv_activations(row, 4)[0] for row in x[t]]).to(torch.int64) & MASK32 for t in range(tokens)]
+    carried = [torch.randint(0, 1 << 14, (rows,), dtype=torch.int64) | 0x3C003C00 for _ in range(tokens)]  # fp16 pairs in [1, 2)
+    inputs = {f"${tokens + t}": carried[t] for t in range(tokens)}
+    inputs[f"${2 * tokens}"] = words
+    inputs.update({f"${2 * tokens + 1 + 4 * t + i}": pairs[t][:, i] for t in range(tokens) for i in range(4)})
+    inputs.update({f"${6 * tokens + 1}": nb0, f"${6 * tokens + 2}": nb1})
+    program = _w4_pairs_program(tokens)
+    assert program.count("lop3") == 4 and program.count("add.rn.f16x2") == 4 and program.count("fma.rn.f16x2") == 4 * tokens
+    several = run_ptx(program, inputs, exact=False)
+    for t in range(tokens):  # the one-token program from the same carried sum: its body after `mov acc, 0`
+        one = _w4_pairs_program().replace("mov.b32 a0, 0;", "mov.b32 a0, $8;")
+        assert one != _w4_pairs_program()
+        single = run_ptx(one, {"$1": words, "$6": nb0, "$7": nb1, "$8": carried[t], **{f"${2 + i}": pairs[t][:, i] for i in range(4)}}, exact=False)
+        assert torch.equal(several[f"${t}"], single["$0"]), t

@@ -419,11 +419,11 @@ def test_gqsa_kernel_split_k_and_token_counts(split_k):
 
 
 @pytest.mark.parametrize("group", [8, 16, 32, 64, 128])
-def test_gqsa_one_token_kernel_every_code_group_size_and_split(group):
-    """The one-token kernel (four lanes a row, PTX pairs on a GPU, the same pairs in Triton
-    arithmetic here): every code and zero point in every column of a word, kept groups that do and
-    do not fill the lanes, split-K, every group kept without an index, fp16 and bf16, activations
-    of a wide range; fp32 and several tokens go to the other kernel."""
+def test_gqsa_pair_kernel_every_code_group_size_tokens_and_split(group):
+    """The pair kernel for 1–4 tokens (four lanes a row, PTX pairs on a GPU, the same pairs in
+    Triton arithmetic here): every code and zero point in every column of a word, kept groups that
+    do and do not fill the lanes, split-K, every group kept without an index, fp16 and bf16,
+    activations of a wide range; fp32 and more tokens go to the other kernel."""
     from compress.kernels import gqsa_matmul as gm
 
     k = 8 * group
@@ -435,13 +435,16 @@ def test_gqsa_one_token_kernel_every_code_group_size_and_split(group):
         for dtype in (torch.float16, torch.bfloat16):
             module = GQSALinear.from_codes(codes, (torch.rand(33, kept) * 0.1 + 0.01).to(dtype), zeros, index, k, torch.randn(33).to(dtype)).to(DEVICE)
             assert (module.group_index is None) == all_groups
-            x = (torch.randn(1, k) * torch.logspace(-2, 1, k)).to(dtype).to(DEVICE)
-            ref = torch.nn.functional.linear(x.double(), module.to_dense().double(), module.bias.double())
-            for split_k in (1, 2):
-                y = gm.gqsa_matmul(x, module.qweight, module.scales, module.zeros, module.group_index, module.bias, split_k=split_k, one_token=True)
-                assert y.dtype == dtype and rel_err(y, ref) < TOLERANCE[dtype], (kept, dtype, split_k)
-    with pytest.raises(ValueError, match="one fp16 or bf16 token"):
-        gm.gqsa_matmul(x.float(), module.qweight, module.scales.float(), module.zeros, module.group_index, one_token=True)
+            # (the interpreter's cost grows with the group: the larger ones take fewer cases)
+            for tokens, split_k in ((1, 1), (1, 2), (2, 2), (3, 1), (4, 2)) if group <= 32 else ((1, 2), (4, 1)):
+                x = (torch.randn(tokens, k) * torch.logspace(-2, 1, k)).to(dtype).to(DEVICE)
+                ref = torch.nn.functional.linear(x.double(), module.to_dense().double(), module.bias.double())
+                y = gm.gqsa_matmul(x, module.qweight, module.scales, module.zeros, module.group_index, module.bias, split_k=split_k, pairs=True)
+                assert y.dtype == dtype and rel_err(y, ref) < TOLERANCE[dtype], (kept, dtype, tokens, split_k)
+    with pytest.raises(ValueError, match="1 to 4 fp16 or bf16 tokens"):
+        gm.gqsa_matmul(x.float(), module.qweight, module.scales.float(), module.zeros, module.group_index, pairs=True)
+    with pytest.raises(ValueError, match="1 to 4 fp16 or bf16 tokens"):
+        gm.gqsa_matmul(torch.cat([x, x]), module.qweight, module.scales, module.zeros, module.group_index, pairs=True)
 
 
 @pytest.mark.parametrize("split_k", [1, 3])

@@ -55,9 +55,13 @@ OVER_BUDGET = {
     "per weight byte at 50% sparsity, 6.6x the budget; `sparse_format: delta` (32-row slices) is the unstructured "
     "format served within it",
     "gqsa g128 N16 BM2 BN16": _CUDA_CORE_PRODUCTS,
-    "gqsa g16 N4 BM32 BN4": _CUDA_CORE_PRODUCTS,
+    **{
+        f"gqsa g{group} N4 BM64 (4 lanes a row, PTX pairs)": "0.27 (1.0 before the pair kernel): the dequantization "
+        "is shared by the tokens, but each adds a packed FMA per two weights, a load of its pairs and its fp16-to-fp32 "
+        "sums; two tokens are within (0.17-0.19). Rows keep different groups, so tensor cores do not apply"
+        for group in (128, 16)
+    },
     "gqsa g16 N16 BM8 BN16": _CUDA_CORE_PRODUCTS,
-    "gqsa g16 N4 BM32 BN4 (W4, no index)": _CUDA_CORE_PRODUCTS,
     "lowbit W3 g64 BM64 BN16 (tensor cores)": "0.56 (int 0.41): codes out of their words by shifts and masks, then "
     "dequantized and through shared memory to the dot, over 3/8 of a byte a weight; one token goes to the CUDA-core "
     "kernel, whose PTX pairs are within budget",
