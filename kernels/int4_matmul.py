@@ -205,10 +205,6 @@ def int4_matmul(
     for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
-    if ptx is None:
-        ptx = ptx_applies(x, scales.dtype)
-    elif ptx and (x.dtype not in (torch.float16, torch.bfloat16) or scales.dtype != x.dtype):
-        raise ValueError(f"the PTX dequantization needs fp16 or bf16 inputs and scales of the same dtype, got {x.dtype} and {scales.dtype}")
     x2 = flat_tokens(x)
     n = x2.shape[0]
     out = output_like(x, m)
@@ -216,11 +212,15 @@ def int4_matmul(
         return out
     if one_token is None:
         one_token = n == 1 and x.dtype in (torch.float16, torch.bfloat16)
-    if one_token:
+    if one_token:  # its own PTX (scales are read in any dtype): `ptx` as given
         from .gqsa_matmul import pair_matmul
 
         pair_matmul(x2, out, qweight, scales, zeros, None, bias, split_k, ptx)
         return out
+    if ptx is None:
+        ptx = ptx_applies(x, scales.dtype)
+    elif ptx and (x.dtype not in (torch.float16, torch.bfloat16) or scales.dtype != x.dtype):
+        raise ValueError(f"the PTX dequantization needs fp16 or bf16 inputs and scales of the same dtype, got {x.dtype} and {scales.dtype}")
     step = step_groups(group, groups)
     launch_group_dot(
         _int4_kernel, x, x2, out, qweight.view(torch.int32), scales.view(torch.int16) if ptx else scales, zeros, bias, group,

@@ -42,7 +42,6 @@ from .runtime import (
 )
 
 
-
 def _pair_program(bits: int, odd: bool = False) -> str:
     """PTX for one low word: $0 the updated pair sum; $1 the sum so far, $2 the word, $3 its third
     word (W3; `odd`: the word's third bits are those rotated by 8), $4..$11 the activation pairs
@@ -140,9 +139,9 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, PTX: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
         LANES: tl.constexpr, TOKENS: tl.constexpr,
     ):  # fmt: skip
-        """One token (`launch_pair_kernel`; TOKENS is 1, stride_xt and stride_yt unread). x_ptr: the prepared activation pairs (kernels/pairs.py,
-        b = 2), int32; q_ptr: the codes as int32 words (M, groups, g·bits/32); g_ptr: unread (every
-        group is kept); amax_ptr: max|x| (fp32)."""
+        """One token (`launch_pair_kernel`; TOKENS is 1, stride_xt and stride_yt unread). x_ptr:
+        the prepared activation pairs (kernels/pairs.py, b = 2), int32; q_ptr: the codes as int32
+        words (M, groups, g·bits/32); g_ptr: unread (every group is kept); amax_ptr: max|x| (fp32)."""
         LOW: tl.constexpr = GROUP // 16  # low words per group
         WORDS: tl.constexpr = GROUP * BITS // 32
         VEC: tl.constexpr = 4 if LOW >= 4 else LOW  # low words a load

@@ -2,8 +2,8 @@
 group-sparse W4 (gqsa_matmul) one-token kernels share.
 
 A 32-bit word of b-bit codes (b = 2: W3/W2's low bits, b = 4: W4) holds its 32/b columns at bits
-b·c. Masking it with (2^b − 1)·0x00010001 << b·p, after a shift by 8s, leaves columns
-(w/2·0 + i, w/2 + i) of the word's w = 32/b, pair i = (8/b)·s + p, at bits b·p of each 16-bit half;
+b·c. Masking it with (2^b − 1)·0x00010001 << b·p, after a shift by 8s, leaves columns (i, w/2 + i)
+of the word's w = 32/b, pair i = (8/b)·s + p, at bits b·p of each 16-bit half;
 OR-ing in the exponent of 1024 (fp16 0x6400) makes the halves the floats 1024 + 2^(b·p)·q, exactly.
 A packed subtract of 1024 + 2^(b·p)·zero leaves 2^(b·p)·(q − z), and a packed FMA multiplies it by
 activations prepared in the same pair order and scaled by 2^−b·p / max|x| (`gemv_activations`),
@@ -19,11 +19,10 @@ import struct
 
 import torch
 
+from .int4_matmul import NEG_FP16_BIAS2  # the fp16 pair (−1024, −1024) as int32
 from .runtime import SplitK, interpreting, split_k_plan, tl, triton
 
 LANES = 4  # lanes of a warp sharing a row in the one-token kernels, one group each per pass
-
-NEG_FP16_BIAS2 = 0xE400E400 - (1 << 32)  # the fp16 pair (−1024, −1024) as int32
 
 
 def _fp16_bits(value: float) -> int:

@@ -304,8 +304,8 @@ if triton is not None:
 
 
 def launch_group_lanes(kernel, x2: torch.Tensor, out: torch.Tensor, qweight, scales, zeros, bias, block_n: int, block_m: int, **meta) -> None:
-    """Launch a group-quantized CUDA-core kernel (W8 `_int8_kernel`, W3/W2 `_lowbit_kernel`: the same
-    arguments, plus the kernel's own constexprs in `meta`). Token tiles vary fastest in the grid,
+    """Launch a group-quantized CUDA-core kernel (W8 `_int8_kernel`: its arguments, plus the
+    kernel's own constexprs in `meta`). Token tiles vary fastest in the grid,
     so the programs sharing a weight tile run together and it is read from HBM once."""
     m, n, k = out.shape[-1], x2.shape[0], x2.shape[1]
     block_m = 16 if interpreting() else block_m
