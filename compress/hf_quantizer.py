@@ -26,7 +26,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .checkpoint_check import FORMAT_VERSION
 from .embeddings import build_for_loading, tie_after_loading
 from .experts import linearize_experts
-from .modules import LowBitLinear, build_module, tie_shared_dictionaries
+from .modules import CompressedLinear, build_module, tie_shared_dictionaries
 from .targets import set_submodule
 
 QUANT_METHOD = "llmpress"
@@ -101,8 +101,8 @@ class LlmpressHfQuantizer(HfQuantizer):
         tie_shared_dictionaries(model)  # layers sharing one stored dictionary (CoSpaDi groups)
         tie_after_loading(model)  # an output head reading the quantized embedding table
         for module in model.modules():
-            if isinstance(module, LowBitLinear):
-                module.upgrade_packing()  # W3 codes of a checkpoint written before their 32-bit-word layout
+            if isinstance(module, CompressedLinear):
+                module.after_loading()  # layouts of earlier checkpoints (W3 codes, dictionary index rows) rewritten
         return model
 
     def is_serializable(self, safe_serialization=None):

@@ -186,12 +186,26 @@ def builds(dtype: str = "fp16") -> list[Build]:
             {"num_warps": 4}, aligned=("M", "GROUPS", "GROUPS_PER_SPLIT", "stride_ys"),
             weight_bytes=64 * LANES * (group * bits / 8 + 3),
         ))  # fmt: skip
-    from compress.kernels.ell_matmul import ell_tiles
+    from compress.kernels.ell_matmul import LANES as ELL_LANES, ell_tiles, gemv_tiles
 
-    for scaled, tokens in ((False, 1), (False, 4), (True, 1), (True, 4)):
-        block_n, block_s, block_m = ell_tiles(tokens, 64)
+    # dictionary coefficients at decode: h (k atoms) held whole and gathered on chip; k as large
+    # as the kernel holds for the token count (ell_matmul.GEMV_H_BYTES)
+    for bits, tokens, atoms, scaled in ((10, 1, 4096, False), (10, 2, 4096, False), (10, 4, 1024, False),
+                                        (11, 1, 4096, False), (10, 1, 4096, True), (10, 2, 4096, True), (10, 4, 1024, True)):  # fmt: skip
+        chunk, block_m = gemv_tiles(bits)
         out.append(Build(
-            f"ell (dict coefficients, 10-bit indices) N{tokens} BM{block_m} BS{block_s}" + (" int8" if scaled else ""), "ell_matmul:_ell_kernel",
+            f"ell (dict coefficients, {bits}-bit indices) N{tokens} k{atoms} ({ELL_LANES} lanes a row, h gathered on chip)"
+            + (" int8" if scaled else ""), "ell_matmul:_ell_gemv_kernel",
+            {"h_ptr": p, "v_ptr": "*i8" if scaled else p, "w_ptr": "*i32", "sc_ptr": p, "b_ptr": p, "y_ptr": p,
+             **_ints("M", "S", "K", "ROW_WORDS", "stride_hn", "stride_yn")},
+            {"HAS_BIAS": False, "SCALED": scaled, "BITS": bits, "TOKENS": tokens, "BLOCK_M": block_m, "LANES": ELL_LANES,
+             "CHUNK": chunk, "K_BLOCK": atoms}, {"num_warps": 4},
+            aligned=("M", "S", "stride_hn", "stride_yn"), weight_bytes=block_m * ELL_LANES * chunk * ((1 if scaled else 2) + bits / 8),
+        ))  # fmt: skip
+    for scaled in (False, True):  # more tokens, or a dictionary too large to hold: gathered from L1
+        block_n, block_s, block_m = ell_tiles(16, 64)
+        out.append(Build(
+            f"ell (dict coefficients, 10-bit indices) N16 BM{block_m} BS{block_s}" + (" int8" if scaled else ""), "ell_matmul:_ell_kernel",
             {"h_ptr": p, "v_ptr": "*i8" if scaled else p, "i_ptr": "*u8", "sc_ptr": p, "b_ptr": p, "y_ptr": p,
              **_ints("M", "N", "S", "ROW_BYTES", "stride_hn", "stride_yn")},
             {"HAS_BIAS": False, "SCALED": scaled, "BITS": 10, "TWO_BYTES": True, "BLOCK_M": block_m, "BLOCK_N": block_n,

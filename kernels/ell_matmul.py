@@ -2,15 +2,19 @@
 
 Two launches: the dense dictionary product h = x·Dᵀ (k atoms, a skinny GEMM with split-K), then
 the ELL product y[n, r] = Σ_j C_val[r, j]·h[n, C_idx[r, j]]: every output row has the same
-number s of coefficients, so a tile of rows does equal work; each row gathers its s entries of the
-(tokens × k) activation h, which is small and stays in L1/L2. Indices are bit-packed, b bits each
-(DictLinear): index j of a row is bits j·b.. of the row's bytes, read as two bytes where every
-index of that width fits in two (b ≤ 10, 12, 16), else three, shifted and masked on chip. Each
-lane keeps partial sums over its coefficients, reduced once after the loop. Bytes read: k·in
-dictionary values plus out·s·(value + b/8), against out·in for the dense weight. On sm_90 the loop
-issues 0.28 warp-instructions per weight byte at one token (0.92 per byte at 4 tokens before the
-per-lane sums and two-byte indices, 0.51 after): over Hopper's 0.218, the per-coefficient index
-unpacking and activation gather dominate (eval/compile_kernels.py).
+number s of coefficients, so a tile of rows does equal work. Indices are bit-packed, b bits each
+(DictLinear): index j of a row is bits j·b.. of the row's bytes, rows padded to whole 32-bit
+words. Bytes read: k·in dictionary values plus out·s·(value + b/8), against out·in for the dense
+weight.
+
+Decode (1–4 tokens, `_ell_gemv_kernel`): four lanes share a row, each a chunk of 16 coefficients
+(32 for odd b: a chunk's indices fill whole words) per pass: one 16-byte load of its values, the
+b/2 words of its indices read as words and split by constant funnel shifts, and the atoms'
+activations gathered from shared memory (`tl.gather` of the token's h, which a program holds
+whole: up to 16 KB, `GEMV_H_BYTES`). On sm_90 its loop issues 0.10–0.22 warp-instructions per
+weight byte (1–4 tokens, bf16 coefficients; eval/compile_kernels.py), within Hopper's 0.218.
+More tokens, or dictionaries too large to hold, take `_ell_kernel`, which gathers from global
+memory (L1) and unpacks each index from bytes (0.28 per weight byte at one token, 0.51 at four).
 """
 
 from __future__ import annotations
@@ -74,6 +78,110 @@ if triton is not None:
         tl.store(y_ptr + rn[None, :] * stride_yn + rm[:, None], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+    @triton.jit
+    def _atom(words, j: tl.constexpr, ok, row_words, BITS: tl.constexpr, K_BLOCK: tl.constexpr):
+        """Index j of a chunk whose indices start at bit 0 of `words` (pointers to its first word,
+        `row_words` of them left in the row): one or two word loads (a word loaded again is one
+        load after CSE) and a funnel shift. The mask keeps any index within the K_BLOCK gathered
+        (the padding of a row's last word and words past it read as index 0)."""
+        w: tl.constexpr = j * BITS // 32
+        shift: tl.constexpr = j * BITS % 32
+        low = tl.load(words + w, mask=ok & (w < row_words), other=0).to(tl.uint32, bitcast=True)
+        if shift + BITS > 32:
+            high = tl.load(words + w + 1, mask=ok & (w + 1 < row_words), other=0).to(tl.uint32, bitcast=True)
+            low = (low >> shift) | (high << (32 - shift))
+        else:
+            low = low >> shift
+        return (low & (min(1 << BITS, K_BLOCK) - 1)).to(tl.int32)
+
+    # A chunk's indices as one tensor (..., 2, 2, ...) whose row-major position p holds index
+    # o + s·p: each level joins the even positions' tensor with the odd ones' (tl.join adds the
+    # new, fastest-varying dimension).
+    @triton.jit
+    def _atoms2(words, o: tl.constexpr, s: tl.constexpr, ok, left, BITS: tl.constexpr, K_BLOCK: tl.constexpr):
+        return tl.join(_atom(words, o, ok, left, BITS, K_BLOCK), _atom(words, o + s, ok, left, BITS, K_BLOCK))
+
+    @triton.jit
+    def _atoms4(words, o: tl.constexpr, s: tl.constexpr, ok, left, BITS: tl.constexpr, K_BLOCK: tl.constexpr):
+        return tl.join(_atoms2(words, o, 2 * s, ok, left, BITS, K_BLOCK), _atoms2(words, o + s, 2 * s, ok, left, BITS, K_BLOCK))
+
+    @triton.jit
+    def _atoms8(words, o: tl.constexpr, s: tl.constexpr, ok, left, BITS: tl.constexpr, K_BLOCK: tl.constexpr):
+        return tl.join(_atoms4(words, o, 2 * s, ok, left, BITS, K_BLOCK), _atoms4(words, o + s, 2 * s, ok, left, BITS, K_BLOCK))
+
+    @triton.jit
+    def _atoms16(words, o: tl.constexpr, s: tl.constexpr, ok, left, BITS: tl.constexpr, K_BLOCK: tl.constexpr):
+        return tl.join(_atoms8(words, o, 2 * s, ok, left, BITS, K_BLOCK), _atoms8(words, o + s, 2 * s, ok, left, BITS, K_BLOCK))
+
+    @triton.jit
+    def _token_sums(h, atoms, values, ROWS: tl.constexpr):
+        """Each (row, lane)'s sum over 16 coefficients of value · h[atom], h gathered on chip."""
+        return tl.sum((values * tl.gather(h, atoms, 0).to(tl.float32)).reshape(ROWS, 16), axis=1)
+
+    @triton.jit
+    def _store_token(y_ptr, sums, rm, m_ok, scale, bias, BLOCK_M: tl.constexpr, LANES: tl.constexpr):
+        row = tl.sum(sums.reshape(BLOCK_M, LANES), axis=1) * scale + bias
+        tl.store(y_ptr + rm, row.to(y_ptr.dtype.element_ty), mask=m_ok)
+
+    @triton.jit
+    def _ell_gemv_kernel(
+        h_ptr, v_ptr, w_ptr, sc_ptr, b_ptr, y_ptr,
+        M, S, K, ROW_WORDS, stride_hn, stride_yn,
+        HAS_BIAS: tl.constexpr, SCALED: tl.constexpr, BITS: tl.constexpr, TOKENS: tl.constexpr,
+        BLOCK_M: tl.constexpr, LANES: tl.constexpr, CHUNK: tl.constexpr, K_BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """1–4 tokens: `LANES` lanes a row (BLOCK_M·LANES = 128: one (row, lane) a thread), a chunk
+        of CHUNK coefficients each per pass, in halves of 16; the tokens' h rows held whole
+        (K_BLOCK) and gathered from shared memory."""
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = rm < M
+        lane = tl.arange(0, LANES)
+        jj = tl.arange(0, 16)
+        kk = tl.arange(0, K_BLOCK)
+        ROWS: tl.constexpr = BLOCK_M * LANES
+        h0 = tl.load(h_ptr + kk, mask=kk < K, other=0.0)
+        h1 = h0
+        h2 = h0
+        h3 = h0
+        if TOKENS > 1:
+            h1 = tl.load(h_ptr + stride_hn + kk, mask=kk < K, other=0.0)
+        if TOKENS > 2:
+            h2 = tl.load(h_ptr + 2 * stride_hn + kk, mask=kk < K, other=0.0)
+        if TOKENS > 3:
+            h3 = tl.load(h_ptr + 3 * stride_hn + kk, mask=kk < K, other=0.0)
+        acc0 = tl.zeros([ROWS], tl.float32)
+        acc1 = tl.zeros([ROWS], tl.float32)
+        acc2 = tl.zeros([ROWS], tl.float32)
+        acc3 = tl.zeros([ROWS], tl.float32)
+        for c0 in range(0, S, CHUNK * LANES):
+            first = c0 + lane * CHUNK  # each lane's first coefficient
+            ok = m_ok[:, None] & (first[None, :] < S)
+            word = first * BITS // 32  # the lane's first index word
+            words = w_ptr + rm[:, None] * ROW_WORDS + word[None, :]
+            left = ROW_WORDS - word[None, :]
+            for half in tl.static_range(CHUNK // 16):  # odd widths: two halves of 16 (registers)
+                column = first[None, :, None] + 16 * half + jj[None, None, :]
+                values = tl.load(v_ptr + rm[:, None, None] * S + column, mask=m_ok[:, None, None] & (column < S), other=0)
+                values = values.to(tl.float32).reshape(ROWS * 16)
+                atoms = _atoms16(words, 16 * half, 1, ok, left, BITS, K_BLOCK).reshape(ROWS * 16)
+                acc0 += _token_sums(h0, atoms, values, ROWS)
+                if TOKENS > 1:
+                    acc1 += _token_sums(h1, atoms, values, ROWS)
+                if TOKENS > 2:
+                    acc2 += _token_sums(h2, atoms, values, ROWS)
+                if TOKENS > 3:
+                    acc3 += _token_sums(h3, atoms, values, ROWS)
+        scale = tl.load(sc_ptr + rm, mask=m_ok, other=0.0).to(tl.float32) if SCALED else 1.0
+        bias = tl.load(b_ptr + rm, mask=m_ok, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+        _store_token(y_ptr, acc0, rm, m_ok, scale, bias, BLOCK_M, LANES)
+        if TOKENS > 1:
+            _store_token(y_ptr + stride_yn, acc1, rm, m_ok, scale, bias, BLOCK_M, LANES)
+        if TOKENS > 2:
+            _store_token(y_ptr + 2 * stride_yn, acc2, rm, m_ok, scale, bias, BLOCK_M, LANES)
+        if TOKENS > 3:
+            _store_token(y_ptr + 3 * stride_yn, acc3, rm, m_ok, scale, bias, BLOCK_M, LANES)
+
+
 def index_fits_two_bytes(bits: int) -> bool:
     """Whether every `bits`-bit index of a packed row lies within two bytes: index j starts at bit
     j·bits, whose offset in its byte is a multiple of gcd(bits, 8), at most 8 − gcd(bits, 8)."""
@@ -81,11 +189,34 @@ def index_fits_two_bytes(bits: int) -> bool:
 
 
 def ell_tiles(n: int, s: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_S, BLOCK_M): 4096 per-lane partial sums (rows × coefficients × tokens) per
-    program of 4 warps."""
+    """(BLOCK_N, BLOCK_S, BLOCK_M) of `_ell_kernel`: 4096 per-lane partial sums (rows × coefficients
+    × tokens) per program of 4 warps."""
     block_n = min(16, next_pow2(n))
     block_s = min(16, next_pow2(s))
     return block_n, block_s, max(2, min(64, 4096 // (block_s * block_n)))
+
+
+GEMV_MAX_TOKENS = 4
+LANES = 4
+# The most bytes of h (tokens × atoms rounded up to a power of two) a decode program holds, by
+# token count, for even index widths: what keeps its sm_90 build within 128 registers and the
+# budget (eval/compile_kernels.py). Odd widths (chunks of 32 coefficients) hold 8 KB at any count.
+GEMV_H_BYTES = {1: 16384, 2: 16384, 3: 12288, 4: 8192}
+GEMV_H_BYTES_ODD = 8192
+
+
+def gemv_tiles(bits: int) -> tuple[int, int]:
+    """(CHUNK, BLOCK_M) of `_ell_gemv_kernel`: a chunk fills whole index words (16 indices of an
+    even width, 32 of an odd one); one (row, lane) a thread of 4 warps."""
+    return (16 if bits % 2 == 0 else 32), 128 // LANES
+
+
+def gemv_fits(tokens: int, atoms: int, element_size: int, bits: int) -> bool:
+    """Whether `_ell_gemv_kernel` takes this call: at most four tokens whose h rows it can hold."""
+    if tokens > GEMV_MAX_TOKENS:
+        return False
+    limit = GEMV_H_BYTES[tokens] if bits % 2 == 0 else GEMV_H_BYTES_ODD
+    return tokens * next_pow2(atoms) * element_size <= limit
 
 
 def ell_matmul(
@@ -95,10 +226,12 @@ def ell_matmul(
     bits: int,
     bias: torch.Tensor | None = None,
     scales: torch.Tensor | None = None,
+    gemv: bool | None = None,
 ) -> torch.Tensor:
     """y[..., r] = scale_r·Σ_j values[r, j]·h[..., index[r, j]] + bias; h (..., k), values (M, s)
     floats (no scales) or int8 codes with `scales` (M,), and the indices bit-packed `bits` each
-    into packed_index (M, ceil(s·bits/8)) uint8."""
+    into packed_index (M, row bytes) uint8, rows padded to whole 32-bit words (`packed_row_bytes`).
+    `gemv`: force (True) or forbid (False) the decode kernel; None picks it where it fits."""
     check_launch(h, values, packed_index)
     if (scales is None) != values.is_floating_point() or (scales is not None and values.dtype != torch.int8):
         raise ValueError("values are floats without scales, or int8 codes with a scale per row")
@@ -107,22 +240,45 @@ def ell_matmul(
     m, s = values.shape if values.dim() == 2 else (None, None)
     if m is None or packed_index.dim() != 2 or packed_index.shape[0] != m:
         raise ValueError(f"values {tuple(values.shape)} must be (out, s) and the packed index (out, bytes)")
-    if not 1 <= bits <= 16 or packed_index.shape[1] != (s * bits + 7) // 8:
-        raise ValueError(f"packed index of {packed_index.shape[1]} bytes per row does not hold {s} indices of {bits} bits")
+    row_bytes = (s * bits + 31) // 32 * 4  # DictLinear's packed_row_bytes
+    if not 1 <= bits <= 16 or packed_index.shape[1] != row_bytes:
+        raise ValueError(
+            f"packed index of {packed_index.shape[1]} bytes per row does not hold {s} indices of {bits} bits "
+            f"in whole 32-bit words ({row_bytes} bytes)"
+        )
     if not (values.is_contiguous() and packed_index.is_contiguous()):
         raise ValueError("values and index must be contiguous")
     if packed_index.dtype != torch.uint8:
         raise ValueError(f"the packed index must be uint8, got {packed_index.dtype}")
     h2 = flat_tokens(h)
-    n = h2.shape[0]
+    n, atoms = h2.shape
     out = output_like(h, m)
     if n == 0:
+        return out
+    scale_arg, bias_arg = scales if scales is not None else h2, bias if bias is not None else h2
+    fits = gemv_fits(n, atoms, h2.element_size(), bits)
+    if gemv and not fits:
+        raise ValueError(
+            f"the decode kernel takes at most {GEMV_MAX_TOKENS} tokens whose h rows fit a program "
+            f"(GEMV_H_BYTES), not {n} of {atoms} atoms in {h2.dtype}"
+        )
+    if gemv is None:
+        gemv = fits
+    if gemv:
+        chunk, block_m = gemv_tiles(bits)
+        words = packed_index.view(torch.int32)
+        _ell_gemv_kernel[(triton.cdiv(m, block_m),)](
+            h2, values, words, scale_arg, bias_arg, out,
+            m, s, atoms, words.shape[1], h2.stride(0), m,
+            HAS_BIAS=bias is not None, SCALED=scales is not None, BITS=bits, TOKENS=n,
+            BLOCK_M=block_m, LANES=LANES, CHUNK=chunk, K_BLOCK=next_pow2(atoms), num_warps=4,
+        )  # fmt: skip
         return out
     block_n, block_s, block_m = ell_tiles(n, s)
     block_m = 16 if interpreting() else block_m
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _ell_kernel[grid](
-        h2, values, packed_index, scales if scales is not None else h2, bias if bias is not None else h2, out,
+        h2, values, packed_index, scale_arg, bias_arg, out,
         m, n, s, packed_index.shape[1], h2.stride(0), m,
         HAS_BIAS=bias is not None, SCALED=scales is not None, BITS=bits, TWO_BYTES=index_fits_two_bytes(bits),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=block_s, num_warps=4,

@@ -75,12 +75,17 @@ OVER_BUDGET = {
     "2:4 N1 BM32 BN1 (CUDA cores) bf16": "0.131 integer (fp16: 0.109): bf16 values to fp32 cost integer shifts; on a GPU "
     "one token goes to the tensor-core path, whose PTX placement is within budget in both dtypes (0.124)",
     **{
-        f"ell (dict coefficients, 10-bit indices) N{n} BM64 BS16{kind}": "every coefficient unpacks its 10-bit atom "
-        "index from two byte loads and gathers its atom's activation (0.28 per weight byte at one token, 0.51 at four; "
-        "int8 coefficients 0.38 and 0.75: the same work over fewer bytes)"
-        for n in (1, 4)
+        f"ell (dict coefficients, 10-bit indices) N16 BM16 BS16{kind}": "the fallback past four tokens (or a dictionary "
+        "too large to hold on chip): every coefficient unpacks its index from bytes and gathers its atom's activation "
+        "from L1 for each token (1.26 per weight byte, int8 1.95); on CUDA cores 16 tokens cost 16 FMAs per "
+        "coefficient, over budget by construction"
         for kind in ("", " int8")
     },
+    "ell (dict coefficients, 10-bit indices) N4 k1024 (4 lanes a row, h gathered on chip) int8": "0.302: int8 "
+    "coefficients take a third fewer bytes, not fewer gathers, conversions or sums per token; one token is within "
+    "(0.136), two in fp16 (0.217)",
+    "ell (dict coefficients, 10-bit indices) N2 k4096 (4 lanes a row, h gathered on chip) int8 bf16": "0.126 integer "
+    "(fp16: 0.098): the same work over int8 coefficients' fewer bytes, and bf16 h to fp32 by integer shifts",
 }
 
 

@@ -90,6 +90,34 @@ def test_w3_codes_of_the_earlier_layout_load_rewritten(checkpoint, tmp_path):
         AutoModelForCausalLM.from_pretrained(old)
 
 
+def test_dictionary_index_rows_of_the_earlier_layout_load_padded(checkpoint, tmp_path):
+    """A checkpoint written before dictionary index rows were whole 32-bit words (no spec
+    "index_rows": rows of ceil(s·b/8) bytes) loads, its rows padded, with the same weights."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model, out = checkpoint
+    name = "model.layers.0.mlp.up_proj"
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    config = json.loads((old / "config.json").read_text())
+    spec = config["quantization_config"]["modules"][name]
+    assert spec["format"] == "dict" and spec.pop("index_rows") == "words"
+    (old / "config.json").write_text(json.dumps(config))
+    [weights_file] = old.glob("*.safetensors")
+    tensors = load_file(weights_file)
+    key = f"{name}.coef_index"
+    byte_rows = (spec["nnz_per_row"] * spec["index_bits"] + 7) // 8
+    assert tensors[key].shape[1] > byte_rows  # the words' padding this test removes
+    tensors[key] = tensors[key][:, :byte_rows].contiguous()
+    save_file(tensors, weights_file, metadata={"format": "pt"})
+    loaded = AutoModelForCausalLM.from_pretrained(old).get_submodule(name)
+    assert loaded.coef_index.shape == model.get_submodule(name).coef_index.shape
+    assert torch.equal(loaded.to_dense(), model.get_submodule(name).to_dense())
+
+
 def test_device_map_and_generate(checkpoint):
     model, out = checkpoint
     placed = compress.load(out, device_map="auto")

@@ -74,6 +74,10 @@ class CompressedLinear(nn.Module):
     def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype, device=None) -> "CompressedLinear":
         raise NotImplementedError
 
+    def after_loading(self) -> None:
+        """Called once a checkpoint's tensors are in: a format whose layout changed rewrites the
+        earlier layout here (the loader calls it for every compressed module)."""
+
     # --- sizes, counted honestly ------------------------------------------------------------
     def num_values(self) -> int:
         """Stored numbers that carry the weight: factors, nonzeros, scales, bias. No index bits."""

@@ -1,8 +1,9 @@
 """DictLinear: Ŵ = C·D, a dense dictionary D of k atoms and a row-sparse coefficient matrix C.
 
 Stored as `atoms` (k × in) and, per output row, exactly s coefficients: `coef_values` (out × s)
-and their atom indices packed to b = ceil(log2 k) bits each, `coef_index` (out × ceil(s·b/8)
-bytes, little-endian bit order: index j occupies bits j·b .. j·b+b−1 of its row): an ELL layout,
+and their atom indices packed to b = ceil(log2 k) bits each, `coef_index` (out × 4·ceil(s·b/32)
+bytes, little-endian bit order: index j occupies bits j·b .. j·b+b−1 of its row, rows padded to
+whole 32-bit words, which the decode kernel loads and splits by shifts): an ELL layout,
 what a kernel reads row by row, unpacking on chip. With k = 640 atoms an index costs 10 bits, not
 the 16 of an int16, which in bf16 would cost as much as the coefficient itself. The forward never
 forms Ŵ (out × in): y = (x·Dᵀ)·Cᵀ, where C is scattered to its dense (out × k) form, k < in, on
@@ -37,7 +38,8 @@ def index_bits(num_atoms: int) -> int:
 
 
 def packed_row_bytes(nnz_per_row: int, bits: int) -> int:
-    return (nnz_per_row * bits + 7) // 8
+    """Bytes of a row's packed indices: whole 32-bit words, which the decode kernel reads."""
+    return (nnz_per_row * bits + 31) // 32 * 4
 
 
 def pack_bits(index: torch.Tensor, bits: int) -> torch.Tensor:
@@ -56,6 +58,9 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     stream = ((packed.long()[..., None] >> torch.arange(8, device=packed.device)) & 1).reshape(rows, -1)
     stream = stream[:, : count * bits].reshape(rows, count, bits)
     return (stream << torch.arange(bits, device=packed.device)).sum(-1)
+
+
+INDEX_ROWS = "words"  # spec "index_rows"; checkpoints without it padded rows to bytes only
 
 
 def index_bytes(out_features: int, nnz_per_row: int, num_atoms: int) -> int:
@@ -100,6 +105,7 @@ class DictLinear(CompressedLinear):
         self.index_bits = index_bits(num_atoms)
         row_bytes = packed_row_bytes(nnz_per_row, self.index_bits)
         self.register_buffer("coef_index", torch.empty(out_features, row_bytes, dtype=torch.uint8, device=device))
+        self.stored_index_rows = INDEX_ROWS  # "bytes" for a layer of an earlier checkpoint until `after_loading`
 
     @classmethod
     def from_factors(
@@ -183,7 +189,10 @@ class DictLinear(CompressedLinear):
         return dispatch("dict", self, x)
 
     def spec(self) -> dict[str, Any]:
-        spec = {**super().spec(), "num_atoms": self.num_atoms, "nnz_per_row": self.nnz_per_row, "index_bits": self.index_bits}
+        spec = {
+            **super().spec(), "num_atoms": self.num_atoms, "nnz_per_row": self.nnz_per_row, "index_bits": self.index_bits,
+            "index_rows": INDEX_ROWS,
+        }  # fmt: skip
         if self.coefficient_bits != 16:
             spec["coefficient_bits"] = self.coefficient_bits
         if self.atoms_from is not None:
@@ -197,10 +206,22 @@ class DictLinear(CompressedLinear):
                 "this dict layer stores its atom indices unpacked (uint8/int16), the layout of llmpress checkpoints "
                 "written before indices were bit-packed; compress the model again"
             )
-        return cls(
+        module = cls(
             spec["in_features"], spec["out_features"], spec["num_atoms"], spec["nnz_per_row"], spec["bias"],
             dtype, device, atoms_from=spec.get("atoms_from"), coefficient_bits=spec.get("coefficient_bits", 16),
         )  # fmt: skip
+        if spec.get("index_rows") != INDEX_ROWS:  # rows of whole bytes: loaded as stored, padded by after_loading
+            row_bytes = (module.nnz_per_row * module.index_bits + 7) // 8
+            module.coef_index = torch.empty(module.out_features, row_bytes, dtype=torch.uint8, device=device)
+            module.stored_index_rows = "bytes"
+        return module
+
+    def after_loading(self) -> None:
+        """Pad index rows loaded from a checkpoint written before rows were whole words."""
+        if self.stored_index_rows != INDEX_ROWS:
+            padding = packed_row_bytes(self.nnz_per_row, self.index_bits) - self.coef_index.shape[1]
+            self.coef_index = torch.nn.functional.pad(self.coef_index, (0, padding))
+            self.stored_index_rows = INDEX_ROWS
 
     def extra_repr(self) -> str:
         shared = f", atoms_from={self.atoms_from}" if self.atoms_from else ""

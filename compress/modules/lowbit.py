@@ -102,7 +102,7 @@ class LowBitLinear(CompressedLinear):
         self.register_buffer("qweight", torch.empty(out_features, groups, packed, dtype=torch.uint8, device=device))
         self.scales = nn.Parameter(torch.empty(out_features, groups, dtype=dtype, device=device), requires_grad=False)
         self.register_buffer("zeros", torch.empty(out_features, groups, dtype=torch.uint8, device=device))
-        self.stored_packing = PACKING  # PLANES for a layer of an earlier checkpoint until `upgrade_packing`
+        self.stored_packing = PACKING  # PLANES for a layer of an earlier checkpoint until `after_loading`
 
     @classmethod
     def from_codes(cls, codes, scales, zeros, bits: int, bias: torch.Tensor | None = None) -> LowBitLinear:
@@ -149,7 +149,7 @@ class LowBitLinear(CompressedLinear):
         return cls(spec["in_features"], spec["out_features"], group, bits, spec["bias"], dtype, device)
 
     @torch.no_grad()
-    def upgrade_packing(self) -> None:
+    def after_loading(self) -> None:
         """Rewrite codes loaded in the earlier layout (PLANES) into this one; called once the
         checkpoint's weights are in (hf_quantizer). W2's bytes are the same in both."""
         if self.stored_packing == PLANES and self.bits == 3:
