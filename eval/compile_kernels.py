@@ -186,21 +186,23 @@ def builds(dtype: str = "fp16") -> list[Build]:
             {"num_warps": 4}, aligned=("M", "GROUPS", "GROUPS_PER_SPLIT", "stride_ys"),
             weight_bytes=64 * LANES * (group * bits / 8 + 3),
         ))  # fmt: skip
-    from compress.kernels.ell_matmul import LANES as ELL_LANES, ell_tiles, gemv_tiles
+    from compress.kernels.ell_matmul import LANES as ELL_LANES, ell_tiles, gemv_tiles, gemv_warps
 
-    # dictionary coefficients at decode: h (k atoms) held whole and gathered on chip; k as large
-    # as the kernel holds for the token count (ell_matmul.GEMV_H_BYTES)
-    for bits, tokens, atoms, scaled in ((10, 1, 4096, False), (10, 2, 4096, False), (10, 4, 1024, False),
-                                        (11, 1, 4096, False), (10, 1, 4096, True), (10, 2, 4096, True), (10, 4, 1024, True)):  # fmt: skip
-        chunk, block_m = gemv_tiles(bits)
+    # dictionary coefficients at decode: h (k atoms) held whole in fp32 and gathered on chip; k as
+    # large as the kernel holds for the token count (4 warps up to 16 KB of h, 8 up to 32 KB)
+    for bits, tokens, atoms, scaled in ((10, 1, 4096, False), (10, 1, 8192, False), (10, 2, 4096, False), (10, 4, 2048, False),
+                                        (11, 1, 8192, False), (11, 4, 2048, False), (10, 1, 8192, True), (10, 4, 2048, True)):  # fmt: skip
+        warps = gemv_warps(tokens, atoms)
+        chunk, block_m = gemv_tiles(bits, warps)
         out.append(Build(
-            f"ell (dict coefficients, {bits}-bit indices) N{tokens} k{atoms} ({ELL_LANES} lanes a row, h gathered on chip)"
+            f"ell (dict coefficients, {bits}-bit indices) N{tokens} k{atoms} BM{block_m} ({ELL_LANES} lanes a row, h gathered on chip)"
             + (" int8" if scaled else ""), "ell_matmul:_ell_gemv_kernel",
             {"h_ptr": p, "v_ptr": "*i8" if scaled else p, "w_ptr": "*i32", "sc_ptr": p, "b_ptr": p, "y_ptr": p,
-             **_ints("M", "S", "K", "ROW_WORDS", "stride_hn", "stride_yn")},
+             **_ints("M", "S", "K", "ROW_WORDS", "S_PER_SPLIT", "stride_hn", "stride_yn", "stride_ys")},
             {"HAS_BIAS": False, "SCALED": scaled, "BITS": bits, "TOKENS": tokens, "BLOCK_M": block_m, "LANES": ELL_LANES,
-             "CHUNK": chunk, "K_BLOCK": atoms}, {"num_warps": 4},
-            aligned=("M", "S", "stride_hn", "stride_yn"), weight_bytes=block_m * ELL_LANES * chunk * ((1 if scaled else 2) + bits / 8),
+             "CHUNK": chunk, "K_BLOCK": atoms}, {"num_warps": warps},
+            aligned=("M", "S", "S_PER_SPLIT", "stride_hn", "stride_yn", "stride_ys"),
+            weight_bytes=block_m * ELL_LANES * chunk * ((1 if scaled else 2) + bits / 8),
         ))  # fmt: skip
     for scaled in (False, True):  # more tokens, or a dictionary too large to hold: gathered from L1
         block_n, block_s, block_m = ell_tiles(16, 64)

@@ -9,12 +9,13 @@ weight.
 
 Decode (1–4 tokens, `_ell_gemv_kernel`): four lanes share a row, each a chunk of 16 coefficients
 (32 for odd b: a chunk's indices fill whole words) per pass: one 16-byte load of its values, the
-b/2 words of its indices read as words and split by constant funnel shifts, and the atoms'
+b/2 words of its indices read as words and split by constant funnel shifts, the atoms'
 activations gathered from shared memory (`tl.gather` of the token's h, which a program holds
-whole: up to 16 KB, `GEMV_H_BYTES`). On sm_90 its loop issues 0.10–0.22 warp-instructions per
-weight byte (1–4 tokens, bf16 coefficients; eval/compile_kernels.py), within Hopper's 0.218.
-More tokens, or dictionaries too large to hold, take `_ell_kernel`, which gathers from global
-memory (L1) and unpacks each index from bytes (0.28 per weight byte at one token, 0.51 at four).
+whole in fp32: up to 32 KB, `GEMV_H_BYTES`), and a chain of FMAs; split-K fills the GPU. On sm_90
+its loop issues 0.11–0.21 warp-instructions per weight byte (1–4 tokens, float or int8
+coefficients; eval/compile_kernels.py), within Hopper's 0.218. More tokens, or dictionaries too
+large to hold, take `_ell_kernel`, which gathers from global memory (L1) and unpacks each index
+from bytes (0.28 per weight byte at one token, 1.26 at 16).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import math
 import torch
 
 from .runtime import (
+    SplitK,
     check_launch,
     expanded_weight,
     flat_tokens,
@@ -31,6 +33,7 @@ from .runtime import (
     launch_refusal,
     next_pow2,
     output_like,
+    split_k_plan,
     tl,
     triton,
 )
@@ -113,10 +116,42 @@ if triton is not None:
     def _atoms16(words, o: tl.constexpr, s: tl.constexpr, ok, left, BITS: tl.constexpr, K_BLOCK: tl.constexpr):
         return tl.join(_atoms8(words, o, 2 * s, ok, left, BITS, K_BLOCK), _atoms8(words, o + s, 2 * s, ok, left, BITS, K_BLOCK))
 
+    # acc + Σ_j v_j·g_j over the last dimension (2, 4, 8, 16) as a chain of FMAs: tl.sum would
+    # build a tree (a multiply and an add for half the products, 1.5 instructions a product)
     @triton.jit
-    def _token_sums(h, atoms, values, ROWS: tl.constexpr):
-        """Each (row, lane)'s sum over 16 coefficients of value · h[atom], h gathered on chip."""
-        return tl.sum((values * tl.gather(h, atoms, 0).to(tl.float32)).reshape(ROWS, 16), axis=1)
+    def _fma2(acc, v, g):
+        v0, v1 = tl.split(v)
+        g0, g1 = tl.split(g)
+        return acc + v0 * g0 + v1 * g1
+
+    @triton.jit
+    def _fma4(acc, v, g, ROWS: tl.constexpr):
+        v0, v1 = tl.split(v.reshape(ROWS, 2, 2))
+        g0, g1 = tl.split(g.reshape(ROWS, 2, 2))
+        return _fma2(_fma2(acc, v0, g0), v1, g1)
+
+    @triton.jit
+    def _fma8(acc, v, g, ROWS: tl.constexpr):
+        v0, v1 = tl.split(v.reshape(ROWS, 4, 2))
+        g0, g1 = tl.split(g.reshape(ROWS, 4, 2))
+        return _fma4(_fma4(acc, v0, g0, ROWS), v1, g1, ROWS)
+
+    @triton.jit
+    def _fma16(acc, v, g, ROWS: tl.constexpr):
+        v0, v1 = tl.split(v.reshape(ROWS, 8, 2))
+        g0, g1 = tl.split(g.reshape(ROWS, 8, 2))
+        return _fma8(_fma8(acc, v0, g0, ROWS), v1, g1, ROWS)
+
+    @triton.jit
+    def _token_fma(acc, h, atoms, values, ROWS: tl.constexpr):
+        """acc + each (row, lane)'s sum over 16 coefficients of value · h[atom], h gathered on chip."""
+        gathered = tl.gather(h, atoms, 0).to(tl.float32).reshape(ROWS, 16)
+        return _fma16(acc, values.reshape(ROWS, 16), gathered, ROWS)
+
+    @triton.jit
+    def _held(h_ptr, kk, K):
+        """A token's h row as the program holds it: in fp32, converted once (not per gather)."""
+        return tl.load(h_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
 
     @triton.jit
     def _store_token(y_ptr, sums, rm, m_ok, scale, bias, BLOCK_M: tl.constexpr, LANES: tl.constexpr):
@@ -126,51 +161,55 @@ if triton is not None:
     @triton.jit
     def _ell_gemv_kernel(
         h_ptr, v_ptr, w_ptr, sc_ptr, b_ptr, y_ptr,
-        M, S, K, ROW_WORDS, stride_hn, stride_yn,
+        M, S, K, ROW_WORDS, S_PER_SPLIT, stride_hn, stride_yn, stride_ys,
         HAS_BIAS: tl.constexpr, SCALED: tl.constexpr, BITS: tl.constexpr, TOKENS: tl.constexpr,
         BLOCK_M: tl.constexpr, LANES: tl.constexpr, CHUNK: tl.constexpr, K_BLOCK: tl.constexpr,
     ):  # fmt: skip
-        """1–4 tokens: `LANES` lanes a row (BLOCK_M·LANES = 128: one (row, lane) a thread), a chunk
-        of CHUNK coefficients each per pass, in halves of 16; the tokens' h rows held whole
-        (K_BLOCK) and gathered from shared memory."""
+        """1–4 tokens: `LANES` lanes a row (BLOCK_M·LANES = the threads: one (row, lane) each), a
+        chunk of CHUNK coefficients each per pass, in halves of 16; the tokens' h rows held whole
+        in fp32 (K_BLOCK) and gathered from shared memory. Program (i, j) takes rows block i and
+        the coefficients [j·S_PER_SPLIT, (j + 1)·S_PER_SPLIT) of each, into split j's slot of y."""
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        start = tl.program_id(1) * S_PER_SPLIT
+        end = tl.minimum(start + S_PER_SPLIT, S)
+        y_ptr += tl.program_id(1) * stride_ys
         m_ok = rm < M
         lane = tl.arange(0, LANES)
         jj = tl.arange(0, 16)
         kk = tl.arange(0, K_BLOCK)
         ROWS: tl.constexpr = BLOCK_M * LANES
-        h0 = tl.load(h_ptr + kk, mask=kk < K, other=0.0)
+        h0 = _held(h_ptr, kk, K)
         h1 = h0
         h2 = h0
         h3 = h0
         if TOKENS > 1:
-            h1 = tl.load(h_ptr + stride_hn + kk, mask=kk < K, other=0.0)
+            h1 = _held(h_ptr + stride_hn, kk, K)
         if TOKENS > 2:
-            h2 = tl.load(h_ptr + 2 * stride_hn + kk, mask=kk < K, other=0.0)
+            h2 = _held(h_ptr + 2 * stride_hn, kk, K)
         if TOKENS > 3:
-            h3 = tl.load(h_ptr + 3 * stride_hn + kk, mask=kk < K, other=0.0)
+            h3 = _held(h_ptr + 3 * stride_hn, kk, K)
         acc0 = tl.zeros([ROWS], tl.float32)
         acc1 = tl.zeros([ROWS], tl.float32)
         acc2 = tl.zeros([ROWS], tl.float32)
         acc3 = tl.zeros([ROWS], tl.float32)
-        for c0 in range(0, S, CHUNK * LANES):
+        for c0 in range(start, end, CHUNK * LANES):
             first = c0 + lane * CHUNK  # each lane's first coefficient
-            ok = m_ok[:, None] & (first[None, :] < S)
+            ok = m_ok[:, None] & (first[None, :] < end)
             word = first * BITS // 32  # the lane's first index word
             words = w_ptr + rm[:, None] * ROW_WORDS + word[None, :]
             left = ROW_WORDS - word[None, :]
             for half in tl.static_range(CHUNK // 16):  # odd widths: two halves of 16 (registers)
                 column = first[None, :, None] + 16 * half + jj[None, None, :]
-                values = tl.load(v_ptr + rm[:, None, None] * S + column, mask=m_ok[:, None, None] & (column < S), other=0)
+                values = tl.load(v_ptr + rm[:, None, None] * S + column, mask=m_ok[:, None, None] & (column < end), other=0)
                 values = values.to(tl.float32).reshape(ROWS * 16)
                 atoms = _atoms16(words, 16 * half, 1, ok, left, BITS, K_BLOCK).reshape(ROWS * 16)
-                acc0 += _token_sums(h0, atoms, values, ROWS)
+                acc0 = _token_fma(acc0, h0, atoms, values, ROWS)
                 if TOKENS > 1:
-                    acc1 += _token_sums(h1, atoms, values, ROWS)
+                    acc1 = _token_fma(acc1, h1, atoms, values, ROWS)
                 if TOKENS > 2:
-                    acc2 += _token_sums(h2, atoms, values, ROWS)
+                    acc2 = _token_fma(acc2, h2, atoms, values, ROWS)
                 if TOKENS > 3:
-                    acc3 += _token_sums(h3, atoms, values, ROWS)
+                    acc3 = _token_fma(acc3, h3, atoms, values, ROWS)
         scale = tl.load(sc_ptr + rm, mask=m_ok, other=0.0).to(tl.float32) if SCALED else 1.0
         bias = tl.load(b_ptr + rm, mask=m_ok, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
         _store_token(y_ptr, acc0, rm, m_ok, scale, bias, BLOCK_M, LANES)
@@ -198,25 +237,24 @@ def ell_tiles(n: int, s: int) -> tuple[int, int, int]:
 
 GEMV_MAX_TOKENS = 4
 LANES = 4
-# The most bytes of h (tokens × atoms rounded up to a power of two) a decode program holds, by
-# token count, for even index widths: what keeps its sm_90 build within 128 registers and the
-# budget (eval/compile_kernels.py). Odd widths (chunks of 32 coefficients) hold 8 KB at any count.
-GEMV_H_BYTES = {1: 16384, 2: 16384, 3: 12288, 4: 8192}
-GEMV_H_BYTES_ODD = 8192
+GEMV_H_BYTES = 32768  # the tokens' h rows (fp32, atoms rounded up to a power of two) a decode program holds
 
 
-def gemv_tiles(bits: int) -> tuple[int, int]:
+def gemv_tiles(bits: int, warps: int) -> tuple[int, int]:
     """(CHUNK, BLOCK_M) of `_ell_gemv_kernel`: a chunk fills whole index words (16 indices of an
-    even width, 32 of an odd one); one (row, lane) a thread of 4 warps."""
-    return (16 if bits % 2 == 0 else 32), 128 // LANES
+    even width, 32 of an odd one); one (row, lane) a thread."""
+    return (16 if bits % 2 == 0 else 32), 32 * warps // LANES
 
 
-def gemv_fits(tokens: int, atoms: int, element_size: int, bits: int) -> bool:
-    """Whether `_ell_gemv_kernel` takes this call: at most four tokens whose h rows it can hold."""
-    if tokens > GEMV_MAX_TOKENS:
-        return False
-    limit = GEMV_H_BYTES[tokens] if bits % 2 == 0 else GEMV_H_BYTES_ODD
-    return tokens * next_pow2(atoms) * element_size <= limit
+def gemv_warps(tokens: int, atoms: int) -> int | None:
+    """The warps of the `_ell_gemv_kernel` program that takes this call (4 while the tokens' fp32 h
+    rows take at most 16 KB, 8 up to 32 KB: h is spread over the program's registers before it
+    goes to shared memory, and 8 warps keep every sm_90 build within 128 registers), or None:
+    more than four tokens, or a dictionary too large to hold."""
+    held = tokens * next_pow2(atoms) * 4
+    if tokens > GEMV_MAX_TOKENS or held > GEMV_H_BYTES:
+        return None
+    return 4 if held <= GEMV_H_BYTES // 2 else 8
 
 
 def ell_matmul(
@@ -227,11 +265,13 @@ def ell_matmul(
     bias: torch.Tensor | None = None,
     scales: torch.Tensor | None = None,
     gemv: bool | None = None,
+    split_k: int | None = None,
 ) -> torch.Tensor:
     """y[..., r] = scale_r·Σ_j values[r, j]·h[..., index[r, j]] + bias; h (..., k), values (M, s)
     floats (no scales) or int8 codes with `scales` (M,), and the indices bit-packed `bits` each
     into packed_index (M, row bytes) uint8, rows padded to whole 32-bit words (`packed_row_bytes`).
-    `gemv`: force (True) or forbid (False) the decode kernel; None picks it where it fits."""
+    `gemv`: force (True) or forbid (False) the decode kernel; None picks it where it fits; it
+    splits each row's coefficients over `split_k` programs (None: enough to fill the GPU)."""
     check_launch(h, values, packed_index)
     if (scales is None) != values.is_floating_point() or (scales is not None and values.dtype != torch.int8):
         raise ValueError("values are floats without scales, or int8 codes with a scale per row")
@@ -256,23 +296,28 @@ def ell_matmul(
     if n == 0:
         return out
     scale_arg, bias_arg = scales if scales is not None else h2, bias if bias is not None else h2
-    fits = gemv_fits(n, atoms, h2.element_size(), bits)
-    if gemv and not fits:
+    warps = gemv_warps(n, atoms)
+    if gemv and warps is None:
         raise ValueError(
-            f"the decode kernel takes at most {GEMV_MAX_TOKENS} tokens whose h rows fit a program "
-            f"(GEMV_H_BYTES), not {n} of {atoms} atoms in {h2.dtype}"
+            f"the decode kernel takes at most {GEMV_MAX_TOKENS} tokens whose fp32 h rows fit a program "
+            f"({GEMV_H_BYTES} bytes), not {n} of {atoms} atoms"
         )
     if gemv is None:
-        gemv = fits
+        gemv = warps is not None
     if gemv:
-        chunk, block_m = gemv_tiles(bits)
+        chunk, block_m = gemv_tiles(bits, warps)
+        block_m = 32 if interpreting() else block_m  # the interpreter runs a program's threads one by one
+        programs = triton.cdiv(m, block_m)
+        splits, per_split = split_k_plan(triton.cdiv(s, chunk * LANES), programs, h2.device, 2, split_k)
+        split = SplitK(out.view(n, m), splits)
         words = packed_index.view(torch.int32)
-        _ell_gemv_kernel[(triton.cdiv(m, block_m),)](
-            h2, values, words, scale_arg, bias_arg, out,
-            m, s, atoms, words.shape[1], h2.stride(0), m,
-            HAS_BIAS=bias is not None, SCALED=scales is not None, BITS=bits, TOKENS=n,
-            BLOCK_M=block_m, LANES=LANES, CHUNK=chunk, K_BLOCK=next_pow2(atoms), num_warps=4,
+        _ell_gemv_kernel[(programs, splits)](
+            h2, values, words, scale_arg, bias_arg, split.target,
+            m, s, atoms, words.shape[1], per_split * chunk * LANES, h2.stride(0), m, split.split_stride,
+            HAS_BIAS=split.single and bias is not None, SCALED=scales is not None, BITS=bits, TOKENS=n,
+            BLOCK_M=block_m, LANES=LANES, CHUNK=chunk, K_BLOCK=next_pow2(atoms), num_warps=warps,
         )  # fmt: skip
+        split.finish(bias)
         return out
     block_n, block_s, block_m = ell_tiles(n, s)
     block_m = 16 if interpreting() else block_m

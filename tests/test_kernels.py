@@ -379,7 +379,7 @@ def test_ell_kernels_unpack_every_index_width(bits, gemv):
     """Both ELL kernels on every index width: the byte-reading one (two bytes for 5, 9, 10, 16;
     three for 11, 13) and the decode one (words split by funnel shifts; chunks of 32 indices for
     odd widths). Rows of 13 coefficients: a chunk's tail past the row's end."""
-    from compress.kernels.ell_matmul import gemv_fits, index_fits_two_bytes
+    from compress.kernels.ell_matmul import gemv_warps, index_fits_two_bytes
     from compress.modules.dictionary import pack_bits
 
     assert index_fits_two_bytes(bits) == (bits in (5, 9, 10, 16))
@@ -387,45 +387,40 @@ def test_ell_kernels_unpack_every_index_width(bits, gemv):
     index = torch.randint(0, atoms, (rows, s))
     index[0, :] = atoms - 1  # every bit of the widest index
     values = torch.randn(rows, s)
-    tokens = 3 if not gemv else 2 if gemv_fits(2, atoms, 4, bits) else 1
-    assert not gemv or gemv_fits(1, atoms, 4, bits)
+    tokens = 3 if not gemv else 2
+    assert not gemv or gemv_warps(2, atoms) is not None
     h = torch.randn(tokens, atoms, device=DEVICE)
     y = ell_matmul(h, values.to(DEVICE), pack_bits(index, bits).to(DEVICE), bits, gemv=gemv)
     dense = torch.zeros(rows, atoms, dtype=torch.float64).scatter_add_(1, index, values.double())
     assert rel_err(y, h.double() @ dense.T.to(DEVICE)) < 1e-5
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("int8", [False, True])
-def test_ell_decode_kernel_one_to_four_tokens(dtype, int8):
+@pytest.mark.parametrize("dtype,int8,split_k", [(torch.float32, False, 1), (torch.float16, True, 2), (torch.bfloat16, False, 3)])
+def test_ell_decode_kernel_one_to_four_tokens(dtype, int8, split_k):
     """The decode ELL kernel for 1–4 tokens (one h row each, gathered on chip), ragged rows (70
     rows: a last program of 6; 150 coefficients: a pass with one lane's chunk cut short and lanes
-    past the row's end), a bias, int8 coefficients with row scales; h from a dictionary of 600
-    atoms (a 1024-wide tile with 424 masked)."""
-    from compress.kernels.ell_matmul import gemv_fits
-
+    past the row's end; split-K programs starting mid-row at a pass), a bias (added once over the
+    splits), int8 coefficients with row scales; h from a dictionary of 600 atoms (a 1024-wide tile
+    with 424 masked)."""
     torch.manual_seed(3)
     module = _random_dict(70, 32, 600, 150, dtype, int8=int8)
     if not int8:
         module.bias = torch.nn.Parameter(torch.randn(70).to(dtype).to(DEVICE), requires_grad=False)
     for tokens in (1, 2, 3, 4):
         h = torch.randn(tokens, 600).to(dtype).to(DEVICE)
-        limit = {1: 16384, 2: 16384, 3: 12288, 4: 8192}[tokens]
-        assert gemv_fits(tokens, 600, h.element_size(), 10) == (tokens * 1024 * h.element_size() <= limit)
-        if not gemv_fits(tokens, 600, h.element_size(), 10):
-            continue
-        y = ell_matmul(h, module.coef_values, module.coef_index, module.index_bits, module.bias, module.coef_scales, gemv=True)
+        y = ell_matmul(h, module.coef_values, module.coef_index, module.index_bits, module.bias, module.coef_scales, gemv=True, split_k=split_k)
         ref = torch.nn.functional.linear(h.double(), module.dense_coefficients().double(), module.bias.double())
         assert y.shape == (tokens, 70) and y.dtype == dtype
         assert rel_err(y, ref) < TOLERANCE[dtype], tokens
 
 
 def test_ell_decode_kernel_refuses_what_it_cannot_hold():
-    from compress.kernels.ell_matmul import gemv_fits
+    """4 warps while the tokens' fp32 h rows take 16 KB, 8 up to 32 KB, else the other kernel."""
+    from compress.kernels.ell_matmul import gemv_warps
 
-    assert gemv_fits(1, 8192, 2, 14) and gemv_fits(4, 1024, 2, 10) and gemv_fits(2, 2048, 4, 12)
-    assert gemv_fits(1, 4096, 2, 13) and not gemv_fits(1, 8192, 2, 13)  # odd widths: 8 KB
-    assert not gemv_fits(5, 64, 2, 6) and not gemv_fits(1, 8193, 2, 14) and not gemv_fits(4, 1025, 2, 10)
+    assert gemv_warps(1, 4096) == gemv_warps(2, 2048) == gemv_warps(4, 1000) == 4
+    assert gemv_warps(1, 8192) == gemv_warps(2, 3000) == gemv_warps(4, 2048) == 8
+    assert gemv_warps(5, 64) is None and gemv_warps(1, 8193) is None and gemv_warps(4, 2049) is None
     module = _random_dict(8, 16, 40, 4, torch.float32)
     with pytest.raises(ValueError, match="at most 4 tokens"):
         ell_matmul(torch.randn(5, 40, device=DEVICE), module.coef_values, module.coef_index, module.index_bits, gemv=True)

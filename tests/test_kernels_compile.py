@@ -81,11 +81,6 @@ OVER_BUDGET = {
         "coefficient, over budget by construction"
         for kind in ("", " int8")
     },
-    "ell (dict coefficients, 10-bit indices) N4 k1024 (4 lanes a row, h gathered on chip) int8": "0.302: int8 "
-    "coefficients take a third fewer bytes, not fewer gathers, conversions or sums per token; one token is within "
-    "(0.136), two in fp16 (0.217)",
-    "ell (dict coefficients, 10-bit indices) N2 k4096 (4 lanes a row, h gathered on chip) int8 bf16": "0.126 integer "
-    "(fp16: 0.098): the same work over int8 coefficients' fewer bytes, and bf16 h to fp32 by integer shifts",
 }
 
 
