@@ -198,7 +198,7 @@ def builds(dtype: str = "fp16") -> list[Build]:
             f"ell (dict coefficients, {bits}-bit indices) N{tokens} k{atoms} BM{block_m} ({ELL_LANES} lanes a row, h gathered on chip)"
             + (" int8" if scaled else ""), "ell_matmul:_ell_gemv_kernel",
             {"h_ptr": p, "v_ptr": "*i8" if scaled else p, "w_ptr": "*i32", "sc_ptr": p, "b_ptr": p, "y_ptr": p,
-             **_ints("M", "S", "K", "ROW_WORDS", "S_PER_SPLIT", "stride_hn", "stride_yn", "stride_ys")},
+             **_ints("M", "N", "S", "K", "ROW_WORDS", "S_PER_SPLIT", "stride_hn", "stride_yn", "stride_ys")},
             {"HAS_BIAS": False, "SCALED": scaled, "BITS": bits, "TOKENS": tokens, "BLOCK_M": block_m, "LANES": ELL_LANES,
              "CHUNK": chunk, "K_BLOCK": atoms}, {"num_warps": warps},
             aligned=("M", "S", "S_PER_SPLIT", "stride_hn", "stride_yn", "stride_ys"),

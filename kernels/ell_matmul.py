@@ -7,15 +7,17 @@ number s of coefficients, so a tile of rows does equal work. Indices are bit-pac
 words. Bytes read: k·in dictionary values plus out·s·(value + b/8), against out·in for the dense
 weight.
 
-Decode (1–4 tokens, `_ell_gemv_kernel`): four lanes share a row, each a chunk of 16 coefficients
-(32 for odd b: a chunk's indices fill whole words) per pass: one 16-byte load of its values, the
-b/2 words of its indices read as words and split by constant funnel shifts, the atoms'
-activations gathered from shared memory (`tl.gather` of the token's h, which a program holds
-whole in fp32: up to 32 KB, `GEMV_H_BYTES`), and a chain of FMAs; split-K fills the GPU. On sm_90
-its loop issues 0.11–0.21 warp-instructions per weight byte (1–4 tokens, float or int8
-coefficients; eval/compile_kernels.py), within Hopper's 0.218. More tokens, or dictionaries too
-large to hold, take `_ell_kernel`, which gathers from global memory (L1) and unpacks each index
-from bytes (0.28 per weight byte at one token, 1.26 at 16).
+Decode (`_ell_gemv_kernel`): four lanes share a row, each a chunk of 16 coefficients (32 for odd
+b: a chunk's indices fill whole words) per pass: one 16-byte load of its values, the b/2 words of
+its indices read as words and split by constant funnel shifts, the atoms' activations gathered
+from shared memory (`tl.gather` of the token's h, which a program holds whole in fp32: up to 32
+KB, `GEMV_H_BYTES`), and a chain of FMAs; split-K fills the GPU. A program takes up to four
+tokens; more go in token groups side by side in one launch (`gemv_token_group`), the groups of a
+row block reading its bytes from HBM once and from L2 after. On sm_90 its loop issues 0.10–0.21
+warp-instructions per weight byte (a group of 1–4 tokens, float or int8 coefficients;
+eval/compile_kernels.py), within Hopper's 0.218. Where groups would cost more (a dictionary too
+large to hold, many groups of one or two tokens), `_ell_kernel` gathers from global memory (L1)
+and unpacks each index from bytes (0.28 per weight byte at one token, 1.26 at 16).
 """
 
 from __future__ import annotations
@@ -149,45 +151,50 @@ if triton is not None:
         return _fma16(acc, values.reshape(ROWS, 16), gathered, ROWS)
 
     @triton.jit
-    def _held(h_ptr, kk, K):
-        """A token's h row as the program holds it: in fp32, converted once (not per gather)."""
-        return tl.load(h_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+    def _held(h_ptr, kk, K, present):
+        """A token's h row as the program holds it: in fp32, converted once (not per gather);
+        zeros for a token that is not `present` (past N in the last token group)."""
+        return tl.load(h_ptr + kk, mask=kk < tl.where(present, K, 0), other=0.0).to(tl.float32)
 
     @triton.jit
-    def _store_token(y_ptr, sums, rm, m_ok, scale, bias, BLOCK_M: tl.constexpr, LANES: tl.constexpr):
+    def _store_token(y_ptr, sums, rm, m_ok, scale, bias, present, BLOCK_M: tl.constexpr, LANES: tl.constexpr):
         row = tl.sum(sums.reshape(BLOCK_M, LANES), axis=1) * scale + bias
-        tl.store(y_ptr + rm, row.to(y_ptr.dtype.element_ty), mask=m_ok)
+        tl.store(y_ptr + rm, row.to(y_ptr.dtype.element_ty), mask=tl.where(present, m_ok, False))
 
     @triton.jit
     def _ell_gemv_kernel(
         h_ptr, v_ptr, w_ptr, sc_ptr, b_ptr, y_ptr,
-        M, S, K, ROW_WORDS, S_PER_SPLIT, stride_hn, stride_yn, stride_ys,
+        M, N, S, K, ROW_WORDS, S_PER_SPLIT, stride_hn, stride_yn, stride_ys,
         HAS_BIAS: tl.constexpr, SCALED: tl.constexpr, BITS: tl.constexpr, TOKENS: tl.constexpr,
         BLOCK_M: tl.constexpr, LANES: tl.constexpr, CHUNK: tl.constexpr, K_BLOCK: tl.constexpr,
     ):  # fmt: skip
         """1–4 tokens: `LANES` lanes a row (BLOCK_M·LANES = the threads: one (row, lane) each), a
         chunk of CHUNK coefficients each per pass, in halves of 16; the tokens' h rows held whole
         in fp32 (K_BLOCK) and gathered from shared memory. Program (i, j) takes rows block i and
-        the coefficients [j·S_PER_SPLIT, (j + 1)·S_PER_SPLIT) of each, into split j's slot of y."""
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        start = tl.program_id(1) * S_PER_SPLIT
+        the coefficients [j·S_PER_SPLIT, (j + 1)·S_PER_SPLIT) of each, into split j's slot of y,
+        for token group t = program_id(0) (tokens t·TOKENS .. of N: the groups of a row block run
+        side by side, so its bytes come from HBM once and from L2 for the others)."""
+        first_token = tl.program_id(0) * TOKENS
+        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        start = tl.program_id(2) * S_PER_SPLIT
         end = tl.minimum(start + S_PER_SPLIT, S)
-        y_ptr += tl.program_id(1) * stride_ys
+        h_ptr += first_token * stride_hn
+        y_ptr += tl.program_id(2) * stride_ys + first_token * stride_yn
         m_ok = rm < M
         lane = tl.arange(0, LANES)
         jj = tl.arange(0, 16)
         kk = tl.arange(0, K_BLOCK)
         ROWS: tl.constexpr = BLOCK_M * LANES
-        h0 = _held(h_ptr, kk, K)
+        h0 = _held(h_ptr, kk, K, first_token < N)
         h1 = h0
         h2 = h0
         h3 = h0
         if TOKENS > 1:
-            h1 = _held(h_ptr + stride_hn, kk, K)
+            h1 = _held(h_ptr + stride_hn, kk, K, first_token + 1 < N)
         if TOKENS > 2:
-            h2 = _held(h_ptr + 2 * stride_hn, kk, K)
+            h2 = _held(h_ptr + 2 * stride_hn, kk, K, first_token + 2 < N)
         if TOKENS > 3:
-            h3 = _held(h_ptr + 3 * stride_hn, kk, K)
+            h3 = _held(h_ptr + 3 * stride_hn, kk, K, first_token + 3 < N)
         acc0 = tl.zeros([ROWS], tl.float32)
         acc1 = tl.zeros([ROWS], tl.float32)
         acc2 = tl.zeros([ROWS], tl.float32)
@@ -212,13 +219,13 @@ if triton is not None:
                     acc3 = _token_fma(acc3, h3, atoms, values, ROWS)
         scale = tl.load(sc_ptr + rm, mask=m_ok, other=0.0).to(tl.float32) if SCALED else 1.0
         bias = tl.load(b_ptr + rm, mask=m_ok, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-        _store_token(y_ptr, acc0, rm, m_ok, scale, bias, BLOCK_M, LANES)
+        _store_token(y_ptr, acc0, rm, m_ok, scale, bias, first_token < N, BLOCK_M, LANES)
         if TOKENS > 1:
-            _store_token(y_ptr + stride_yn, acc1, rm, m_ok, scale, bias, BLOCK_M, LANES)
+            _store_token(y_ptr + stride_yn, acc1, rm, m_ok, scale, bias, first_token + 1 < N, BLOCK_M, LANES)
         if TOKENS > 2:
-            _store_token(y_ptr + 2 * stride_yn, acc2, rm, m_ok, scale, bias, BLOCK_M, LANES)
+            _store_token(y_ptr + 2 * stride_yn, acc2, rm, m_ok, scale, bias, first_token + 2 < N, BLOCK_M, LANES)
         if TOKENS > 3:
-            _store_token(y_ptr + 3 * stride_yn, acc3, rm, m_ok, scale, bias, BLOCK_M, LANES)
+            _store_token(y_ptr + 3 * stride_yn, acc3, rm, m_ok, scale, bias, first_token + 3 < N, BLOCK_M, LANES)
 
 
 def index_fits_two_bytes(bits: int) -> bool:
@@ -255,6 +262,19 @@ def gemv_warps(tokens: int, atoms: int) -> int | None:
     if tokens > GEMV_MAX_TOKENS or held > GEMV_H_BYTES:
         return None
     return 4 if held <= GEMV_H_BYTES // 2 else 8
+
+
+def gemv_token_group(tokens: int, atoms: int) -> int | None:
+    """Tokens per `_ell_gemv_kernel` program for this call: all of them up to four, else the most
+    of 4, 2, 1 whose h rows a program holds, in groups run side by side (one launch). None where
+    the groups would cost more than `_ell_kernel`, which unpacks each index once for up to 16
+    tokens: by the sm_90 builds (0.11 / 0.13 / 0.17–0.21 warp-instructions per weight byte for a
+    group of 1 / 2 / 4 against 0.28 at one token and 1.26 at 16), up to 4·t groups of t."""
+    for group in (4, 2, 1):
+        if gemv_warps(min(group, tokens), atoms) is not None:
+            group = min(group, tokens)
+            return group if -(-tokens // group) <= 4 * group else None
+    return None
 
 
 def ell_matmul(
@@ -296,25 +316,26 @@ def ell_matmul(
     if n == 0:
         return out
     scale_arg, bias_arg = scales if scales is not None else h2, bias if bias is not None else h2
-    warps = gemv_warps(n, atoms)
-    if gemv and warps is None:
+    group = gemv_token_group(n, atoms)
+    if gemv and group is None:
         raise ValueError(
-            f"the decode kernel takes at most {GEMV_MAX_TOKENS} tokens whose fp32 h rows fit a program "
-            f"({GEMV_H_BYTES} bytes), not {n} of {atoms} atoms"
+            f"the decode kernel takes groups of at most {GEMV_MAX_TOKENS} tokens whose fp32 h rows fit a program "
+            f"({GEMV_H_BYTES} bytes): not {n} tokens of {atoms} atoms"
         )
     if gemv is None:
-        gemv = warps is not None
+        gemv = group is not None
     if gemv:
+        warps = gemv_warps(group, atoms)
         chunk, block_m = gemv_tiles(bits, warps)
         block_m = 32 if interpreting() else block_m  # the interpreter runs a program's threads one by one
-        programs = triton.cdiv(m, block_m)
-        splits, per_split = split_k_plan(triton.cdiv(s, chunk * LANES), programs, h2.device, 2, split_k)
+        groups, programs = triton.cdiv(n, group), triton.cdiv(m, block_m)
+        splits, per_split = split_k_plan(triton.cdiv(s, chunk * LANES), programs * groups, h2.device, 2, split_k)
         split = SplitK(out.view(n, m), splits)
         words = packed_index.view(torch.int32)
-        _ell_gemv_kernel[(programs, splits)](
+        _ell_gemv_kernel[(groups, programs, splits)](
             h2, values, words, scale_arg, bias_arg, split.target,
-            m, s, atoms, words.shape[1], per_split * chunk * LANES, h2.stride(0), m, split.split_stride,
-            HAS_BIAS=split.single and bias is not None, SCALED=scales is not None, BITS=bits, TOKENS=n,
+            m, n, s, atoms, words.shape[1], per_split * chunk * LANES, h2.stride(0), m, split.split_stride,
+            HAS_BIAS=split.single and bias is not None, SCALED=scales is not None, BITS=bits, TOKENS=group,
             BLOCK_M=block_m, LANES=LANES, CHUNK=chunk, K_BLOCK=next_pow2(atoms), num_warps=warps,
         )  # fmt: skip
         split.finish(bias)

@@ -397,7 +397,7 @@ def test_ell_kernels_unpack_every_index_width(bits, gemv):
 
 @pytest.mark.parametrize("dtype,int8,split_k", [(torch.float32, False, 1), (torch.float16, True, 2), (torch.bfloat16, False, 3)])
 def test_ell_decode_kernel_one_to_four_tokens(dtype, int8, split_k):
-    """The decode ELL kernel for 1–4 tokens (one h row each, gathered on chip), ragged rows (70
+    """The decode ELL kernel for 1–4 tokens and 7 in two groups (one h row each, gathered on chip), ragged rows (70
     rows: a last program of 6; 150 coefficients: a pass with one lane's chunk cut short and lanes
     past the row's end; split-K programs starting mid-row at a pass), a bias (added once over the
     splits), int8 coefficients with row scales; h from a dictionary of 600 atoms (a 1024-wide tile
@@ -406,7 +406,7 @@ def test_ell_decode_kernel_one_to_four_tokens(dtype, int8, split_k):
     module = _random_dict(70, 32, 600, 150, dtype, int8=int8)
     if not int8:
         module.bias = torch.nn.Parameter(torch.randn(70).to(dtype).to(DEVICE), requires_grad=False)
-    for tokens in (1, 2, 3, 4):
+    for tokens in (1, 2, 3, 4, 7):  # 7: a group of 4 and a group of 3 (a token past the end)
         h = torch.randn(tokens, 600).to(dtype).to(DEVICE)
         y = ell_matmul(h, module.coef_values, module.coef_index, module.index_bits, module.bias, module.coef_scales, gemv=True, split_k=split_k)
         ref = torch.nn.functional.linear(h.double(), module.dense_coefficients().double(), module.bias.double())
@@ -415,15 +415,19 @@ def test_ell_decode_kernel_one_to_four_tokens(dtype, int8, split_k):
 
 
 def test_ell_decode_kernel_refuses_what_it_cannot_hold():
-    """4 warps while the tokens' fp32 h rows take 16 KB, 8 up to 32 KB, else the other kernel."""
-    from compress.kernels.ell_matmul import gemv_warps
+    """4 warps while the tokens' fp32 h rows take 16 KB, 8 up to 32 KB; more tokens in groups of
+    the most a program holds, up to 4·t groups of t; else the other kernel."""
+    from compress.kernels.ell_matmul import gemv_token_group, gemv_warps
 
     assert gemv_warps(1, 4096) == gemv_warps(2, 2048) == gemv_warps(4, 1000) == 4
     assert gemv_warps(1, 8192) == gemv_warps(2, 3000) == gemv_warps(4, 2048) == 8
     assert gemv_warps(5, 64) is None and gemv_warps(1, 8193) is None and gemv_warps(4, 2049) is None
-    module = _random_dict(8, 16, 40, 4, torch.float32)
-    with pytest.raises(ValueError, match="at most 4 tokens"):
-        ell_matmul(torch.randn(5, 40, device=DEVICE), module.coef_values, module.coef_index, module.index_bits, gemv=True)
+    assert gemv_token_group(3, 2048) == 3 and gemv_token_group(16, 2048) == 4 and gemv_token_group(64, 1024) == 4
+    assert gemv_token_group(16, 4096) == 2 and gemv_token_group(17, 4096) is None
+    assert gemv_token_group(4, 8192) == 1 and gemv_token_group(5, 8192) is None and gemv_token_group(1, 8193) is None
+    module = _random_dict(8, 16, 9000, 4, torch.float32)
+    with pytest.raises(ValueError, match="groups of at most 4 tokens"):
+        ell_matmul(torch.randn(1, 9000, device=DEVICE), module.coef_values, module.coef_index, module.index_bits, gemv=True)
 
 
 @pytest.mark.parametrize("dtype,split_k", [(torch.float32, 1), (torch.bfloat16, 3), (torch.float16, 2)])

@@ -75,10 +75,10 @@ OVER_BUDGET = {
     "2:4 N1 BM32 BN1 (CUDA cores) bf16": "0.131 integer (fp16: 0.109): bf16 values to fp32 cost integer shifts; on a GPU "
     "one token goes to the tensor-core path, whose PTX placement is within budget in both dtypes (0.124)",
     **{
-        f"ell (dict coefficients, 10-bit indices) N16 BM16 BS16{kind}": "the fallback past four tokens (or a dictionary "
-        "too large to hold on chip): every coefficient unpacks its index from bytes and gathers its atom's activation "
-        "from L1 for each token (1.26 per weight byte, int8 1.95); on CUDA cores 16 tokens cost 16 FMAs per "
-        "coefficient, over budget by construction"
+        f"ell (dict coefficients, 10-bit indices) N16 BM16 BS16{kind}": "the fallback where the decode kernel's token "
+        "groups would cost more (a dictionary too large to hold on chip, or more than 4·t groups of t tokens): every "
+        "coefficient unpacks its index from bytes and gathers its atom's activation from L1 for each token (1.26 per "
+        "weight byte, int8 1.95); on CUDA cores 16 tokens cost 16 FMAs per coefficient, over budget by construction"
         for kind in ("", " int8")
     },
 }
