@@ -200,8 +200,9 @@ def builds(dtype: str = "fp16") -> list[Build]:
             {"h_ptr": p, "v_ptr": "*i8" if scaled else p, "w_ptr": "*i32", "sc_ptr": p, "b_ptr": p, "y_ptr": p,
              **_ints("M", "N", "S", "K", "ROW_WORDS", "S_PER_SPLIT", "stride_hn", "stride_yn", "stride_ys")},
             {"HAS_BIAS": False, "SCALED": scaled, "BITS": bits, "TOKENS": tokens, "BLOCK_M": block_m, "LANES": ELL_LANES,
-             "CHUNK": chunk, "K_BLOCK": atoms}, {"num_warps": warps},
-            aligned=("M", "S", "S_PER_SPLIT", "stride_hn", "stride_yn", "stride_ys"),
+             "CHUNK": chunk, "K_BLOCK": atoms, "S_ALIGN": 16 if scaled else 8}, {"num_warps": warps},
+            # s: a multiple of 8 (16 for int8 coefficients), what the dictionary compressors choose
+            aligned=("M", "S_PER_SPLIT", "stride_hn", "stride_yn", "stride_ys"),
             weight_bytes=block_m * ELL_LANES * chunk * ((1 if scaled else 2) + bits / 8),
         ))  # fmt: skip
     for scaled in (False, True):  # more tokens, or a dictionary too large to hold: gathered from L1

@@ -166,7 +166,7 @@ if triton is not None:
         h_ptr, v_ptr, w_ptr, sc_ptr, b_ptr, y_ptr,
         M, N, S, K, ROW_WORDS, S_PER_SPLIT, stride_hn, stride_yn, stride_ys,
         HAS_BIAS: tl.constexpr, SCALED: tl.constexpr, BITS: tl.constexpr, TOKENS: tl.constexpr,
-        BLOCK_M: tl.constexpr, LANES: tl.constexpr, CHUNK: tl.constexpr, K_BLOCK: tl.constexpr,
+        BLOCK_M: tl.constexpr, LANES: tl.constexpr, CHUNK: tl.constexpr, K_BLOCK: tl.constexpr, S_ALIGN: tl.constexpr,
     ):  # fmt: skip
         """1–4 tokens: `LANES` lanes a row (BLOCK_M·LANES = the threads: one (row, lane) each), a
         chunk of CHUNK coefficients each per pass, in halves of 16; the tokens' h rows held whole
@@ -176,8 +176,11 @@ if triton is not None:
         side by side, so its bytes come from HBM once and from L2 for the others)."""
         first_token = tl.program_id(0) * TOKENS
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        # S itself, known to the compiler as a multiple of S_ALIGN (8 or 16 where it is one, as the
+        # dictionary compressors make it): the value loads and their masks then go 16 bytes at a time
+        ROW_VALUES = S // S_ALIGN * S_ALIGN
         start = tl.program_id(2) * S_PER_SPLIT
-        end = tl.minimum(start + S_PER_SPLIT, S)
+        end = tl.minimum(start + S_PER_SPLIT, ROW_VALUES)
         h_ptr += first_token * stride_hn
         y_ptr += tl.program_id(2) * stride_ys + first_token * stride_yn
         m_ok = rm < M
@@ -207,7 +210,7 @@ if triton is not None:
             left = ROW_WORDS - word[None, :]
             for half in tl.static_range(CHUNK // 16):  # odd widths: two halves of 16 (registers)
                 column = first[None, :, None] + 16 * half + jj[None, None, :]
-                values = tl.load(v_ptr + rm[:, None, None] * S + column, mask=m_ok[:, None, None] & (column < end), other=0)
+                values = tl.load(v_ptr + rm[:, None, None] * ROW_VALUES + column, mask=m_ok[:, None, None] & (column < end), other=0)
                 values = values.to(tl.float32).reshape(ROWS * 16)
                 atoms = _atoms16(words, 16 * half, 1, ok, left, BITS, K_BLOCK).reshape(ROWS * 16)
                 acc0 = _token_fma(acc0, h0, atoms, values, ROWS)
@@ -336,7 +339,7 @@ def ell_matmul(
             h2, values, words, scale_arg, bias_arg, split.target,
             m, n, s, atoms, words.shape[1], per_split * chunk * LANES, h2.stride(0), m, split.split_stride,
             HAS_BIAS=split.single and bias is not None, SCALED=scales is not None, BITS=bits, TOKENS=group,
-            BLOCK_M=block_m, LANES=LANES, CHUNK=chunk, K_BLOCK=next_pow2(atoms), num_warps=warps,
+            BLOCK_M=block_m, LANES=LANES, CHUNK=chunk, K_BLOCK=next_pow2(atoms), S_ALIGN=16 if s % 16 == 0 else 8 if s % 8 == 0 else 1, num_warps=warps,
         )  # fmt: skip
         split.finish(bias)
         return out

@@ -38,6 +38,20 @@ def test_dictionary_shape_fits_the_budget(ratio, ks):
         assert k == s == rank_for_ratio(out_f, in_f, ratio)  # plain low rank
 
 
+def test_dictionary_shape_rounds_coefficients_for_vector_loads():
+    """With values_multiple m, s (if >= 8·m and < k) becomes a multiple of m and k takes the freed
+    budget; small s and plain low rank (s = k) are left alone."""
+    out_f, in_f = 1536, 576
+    k, s = dictionary_shape(out_f, in_f, 0.3, 2.0, max_atoms=in_f)
+    k8, s8 = dictionary_shape(out_f, in_f, 0.3, 2.0, max_atoms=in_f, values_multiple=8)
+    k16, s16 = dictionary_shape(out_f, in_f, 0.3, 2.0, max_atoms=in_f, values_multiple=16)
+    assert s % 16 != 0 and s8 == s - s % 8 and s16 == s - s % 16
+    for kk, ss in ((k8, s8), (k16, s16)):
+        assert kk >= k and kk * in_f + ss * out_f <= 0.7 * out_f * in_f < (kk + 1) * in_f + ss * out_f
+    assert dictionary_shape(96, 64, 0.3, 2.0, max_atoms=64, values_multiple=8) == dictionary_shape(96, 64, 0.3, 2.0, max_atoms=64)
+    assert dictionary_shape(out_f, in_f, 0.3, 1.0, max_atoms=in_f, values_multiple=8) == dictionary_shape(out_f, in_f, 0.3, 1.0, max_atoms=in_f)
+
+
 def test_invalid_shapes_give_clear_errors():
     with pytest.raises(LlmpressError, match=r"ratio must be in \(0, 1\)"):
         dictionary_shape(8, 8, 1.2, 2.0)

@@ -395,15 +395,17 @@ def test_ell_kernels_unpack_every_index_width(bits, gemv):
     assert rel_err(y, h.double() @ dense.T.to(DEVICE)) < 1e-5
 
 
-@pytest.mark.parametrize("dtype,int8,split_k", [(torch.float32, False, 1), (torch.float16, True, 2), (torch.bfloat16, False, 3)])
-def test_ell_decode_kernel_one_to_four_tokens(dtype, int8, split_k):
+@pytest.mark.parametrize(
+    "dtype,int8,split_k,s", [(torch.float32, False, 1, 150), (torch.float16, True, 2, 144), (torch.bfloat16, False, 3, 152)]
+)
+def test_ell_decode_kernel_one_to_four_tokens(dtype, int8, split_k, s):
     """The decode ELL kernel for 1–4 tokens and 7 in two groups (one h row each, gathered on chip), ragged rows (70
-    rows: a last program of 6; 150 coefficients: a pass with one lane's chunk cut short and lanes
-    past the row's end; split-K programs starting mid-row at a pass), a bias (added once over the
-    splits), int8 coefficients with row scales; h from a dictionary of 600 atoms (a 1024-wide tile
-    with 424 masked)."""
+    rows: a last program of 6; 150, 144 or 152 coefficients (rows aligned to 1, 16 or 8 values): a
+    pass with one lane's chunk cut short and lanes past the row's end; split-K programs starting
+    mid-row at a pass), a bias (added once over the splits), int8 coefficients with row scales; h
+    from a dictionary of 600 atoms (a 1024-wide tile with 424 masked)."""
     torch.manual_seed(3)
-    module = _random_dict(70, 32, 600, 150, dtype, int8=int8)
+    module = _random_dict(70, 32, 600, s, dtype, int8=int8)
     if not int8:
         module.bias = torch.nn.Parameter(torch.randn(70).to(dtype).to(DEVICE), requires_grad=False)
     for tokens in (1, 2, 3, 4, 7):  # 7: a group of 4 and a group of 3 (a token past the end)

@@ -119,7 +119,8 @@ def cospadi_factorize(weights: list[torch.Tensor], grams: list[torch.Tensor], co
     gram = sum(g.double() / g.diagonal().mean().clamp_min(1e-30) for g in grams) / len(grams)
     stacked = torch.cat([w.double() for w in weights])
     # dictionary stored once: k·in + g·out·s <= (1 - ratio)·g·out·in
-    k, s = dictionary_shape(stacked.shape[0], in_f, config.ratio, config.ks, max_atoms=min(stacked.shape))
+    multiple = 16 if config.coefficient_bits == 8 else 8  # rows of coefficients 16-byte aligned (decode kernel)
+    k, s = dictionary_shape(stacked.shape[0], in_f, config.ratio, config.ks, max_atoms=min(stacked.shape), values_multiple=multiple)
     factors, errors = cospadi_dictionary(stacked, gram, k, s, config, name)
     scales = factors.row_scales.split(out_f) if factors.row_scales is not None else [None] * len(weights)
     parts = zip(factors.values.split(out_f), factors.support.split(out_f), scales)

@@ -159,9 +159,10 @@ def rocket_best(spec: WhitenedSpectrum, ratio: float, config: RocketConfig) -> D
     """The candidate ks with the lowest calibration-weighted error at this ratio."""
     out_f, in_f = spec.a.shape
     best, reasons = None, []
+    multiple = 16 if config.coefficient_bits == 8 else 8  # rows of coefficients 16-byte aligned (decode kernel)
     for ks in config.ks:
         try:
-            k, s = dictionary_shape(out_f, in_f, ratio, ks, max_atoms=min(out_f, in_f))
+            k, s = dictionary_shape(out_f, in_f, ratio, ks, max_atoms=min(out_f, in_f), values_multiple=multiple)
         except LlmpressError as err:
             reasons.append(str(err))
             continue

@@ -13,12 +13,17 @@ import torch
 from ..errors import LlmpressError
 
 
-def dictionary_shape(out_features: int, in_features: int, ratio: float, ks: float, max_atoms: int | None = None):
+def dictionary_shape(
+    out_features: int, in_features: int, ratio: float, ks: float, max_atoms: int | None = None, values_multiple: int = 1
+):
     """(k atoms, s nonzeros per row) keeping at most (1 − ratio) of the out·in weights.
 
     Storage is k·in (atoms) + s·out (coefficients) with s ≈ k/ks, so
     k = (1 − ratio)·out·in / (in + out/ks); ks = 1 is plain low rank (s = k). When k is capped
     (at `max_atoms`, e.g. the rank available to an eigenbasis), s takes what the budget leaves.
+    With `values_multiple` m, an s < k of at least 8·m is rounded down to a multiple of m and the
+    atoms take the budget it frees: a row's coefficients then start on a 16-byte boundary (m = 8
+    for 16-bit values, 16 for int8), which the decode kernel's vector loads need.
     """
     if not 0.0 < ratio < 1.0:
         raise LlmpressError(f"dictionary ratio must be in (0, 1) (fraction of weights removed), got {ratio}")
@@ -34,6 +39,11 @@ def dictionary_shape(out_features: int, in_features: int, ratio: float, ks: floa
             f"ratio {ratio} with ks {ks} leaves no room for a dictionary on a {out_features}x{in_features} layer "
             f"(k={k} atoms, s={s} per row); use a smaller ratio or ks"
         )
+    if values_multiple > 1 and 8 * values_multiple <= s < k:
+        s -= s % values_multiple
+        k = max(k, int((budget - s * out_features) // in_features))
+        if max_atoms is not None:
+            k = min(k, max_atoms)
     return k, s
 
 
