@@ -1,8 +1,12 @@
 """Loading compressed checkpoints where users load models: every format round-trips through
 from_pretrained, device_map placement, generate, and export to a plain dense HF checkpoint."""
 
+import json
+import shutil
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -51,28 +55,35 @@ def test_every_format_round_trips_through_from_pretrained(checkpoint):
         assert torch.equal(auto.get_submodule(name).to_dense(), module.to_dense()), name
 
 
+class EarlierCheckpoint:
+    """A copy of a saved checkpoint to rewrite into an earlier layout: one module's spec in
+    config.json and the tensors of its weights file, written back by `save`."""
+
+    def __init__(self, out, tmp_path, name: str):
+        self.dir = tmp_path / "old"
+        shutil.copytree(out, self.dir)
+        self.config = json.loads((self.dir / "config.json").read_text())
+        self.spec = self.config["quantization_config"]["modules"][name]
+        [self.weights_file] = self.dir.glob("*.safetensors")
+        self.tensors = load_file(self.weights_file)
+
+    def save(self) -> None:
+        (self.dir / "config.json").write_text(json.dumps(self.config))
+        save_file(self.tensors, self.weights_file, metadata={"format": "pt"})
+
+
 def test_w3_codes_of_the_earlier_layout_load_rewritten(checkpoint, tmp_path):
     """A checkpoint written before W3 codes became 32-bit words (spec packing "planes": third bits
     by byte, the group's halves paired) loads with the same weights; a layout it cannot rewrite
     is refused with the fix."""
-    import json
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
     from compress.modules.lowbit import pack_codes, unpack_codes
 
     model, out = checkpoint
     name = "model.layers.1.mlp.down_proj"
-    old = tmp_path / "old"
-    shutil.copytree(out, old)
-    config = json.loads((old / "config.json").read_text())
-    spec = config["quantization_config"]["modules"][name]
+    old = EarlierCheckpoint(out, tmp_path, name)
+    spec, tensors = old.spec, old.tensors
     assert spec["packing"] == "words" and spec["bits"] == 3
     spec["packing"] = "planes"
-    (old / "config.json").write_text(json.dumps(config))
-    [weights_file] = old.glob("*.safetensors")
-    tensors = load_file(weights_file)
     key = f"{name}.qweight"
     codes = unpack_codes(tensors[key], 3)
     group = codes.shape[-1]
@@ -81,39 +92,28 @@ def test_w3_codes_of_the_earlier_layout_load_rewritten(checkpoint, tmp_path):
     high = (third[..., 0, :, :] << torch.arange(4)).sum(-1) | (third[..., 1, :, :] << (4 + torch.arange(4))).sum(-1)
     tensors[key] = torch.cat([low, high.to(torch.uint8)], dim=-1)
     assert not torch.equal(tensors[key], pack_codes(codes, 3)) and group % 32 == 0
-    save_file(tensors, weights_file, metadata={"format": "pt"})
-    loaded = AutoModelForCausalLM.from_pretrained(old)
+    old.save()
+    loaded = AutoModelForCausalLM.from_pretrained(old.dir)
     assert torch.equal(loaded.get_submodule(name).to_dense(), model.get_submodule(name).to_dense())
     spec["group_size"] = 16
-    (old / "config.json").write_text(json.dumps(config))
+    old.save()
     with pytest.raises(LlmpressError, match="compress the model again"):
-        AutoModelForCausalLM.from_pretrained(old)
+        AutoModelForCausalLM.from_pretrained(old.dir)
 
 
 def test_dictionary_index_rows_of_the_earlier_layout_load_padded(checkpoint, tmp_path):
     """A checkpoint written before dictionary index rows were whole 32-bit words (no spec
     "index_rows": rows of ceil(s·b/8) bytes) loads, its rows padded, with the same weights."""
-    import json
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
     model, out = checkpoint
     name = "model.layers.0.mlp.up_proj"
-    old = tmp_path / "old"
-    shutil.copytree(out, old)
-    config = json.loads((old / "config.json").read_text())
-    spec = config["quantization_config"]["modules"][name]
-    assert spec["format"] == "dict" and spec.pop("index_rows") == "words"
-    (old / "config.json").write_text(json.dumps(config))
-    [weights_file] = old.glob("*.safetensors")
-    tensors = load_file(weights_file)
+    old = EarlierCheckpoint(out, tmp_path, name)
+    assert old.spec["format"] == "dict" and old.spec.pop("index_rows") == "words"
     key = f"{name}.coef_index"
-    byte_rows = (spec["nnz_per_row"] * spec["index_bits"] + 7) // 8
-    assert tensors[key].shape[1] > byte_rows  # the words' padding this test removes
-    tensors[key] = tensors[key][:, :byte_rows].contiguous()
-    save_file(tensors, weights_file, metadata={"format": "pt"})
-    loaded = AutoModelForCausalLM.from_pretrained(old).get_submodule(name)
+    byte_rows = (old.spec["nnz_per_row"] * old.spec["index_bits"] + 7) // 8
+    assert old.tensors[key].shape[1] > byte_rows  # the words' padding this test removes
+    old.tensors[key] = old.tensors[key][:, :byte_rows].contiguous()
+    old.save()
+    loaded = AutoModelForCausalLM.from_pretrained(old.dir).get_submodule(name)
     assert loaded.coef_index.shape == model.get_submodule(name).coef_index.shape
     assert torch.equal(loaded.to_dense(), model.get_submodule(name).to_dense())
 
