@@ -330,8 +330,9 @@ def ell_matmul(
     if gemv:
         warps = gemv_warps(group, atoms)
         chunk, block_m = gemv_tiles(bits, warps)
-        block_m = 32 if interpreting() else block_m  # the interpreter runs a program's threads one by one
+        block_m = 32 if interpreting() else block_m  # smaller programs: more of the interpreter's checks per second
         groups, programs = triton.cdiv(n, group), triton.cdiv(m, block_m)
+        s_align = 16 if s % 16 == 0 else 8 if s % 8 == 0 else 1  # rows of values 16-byte aligned where 8 | s
         splits, per_split = split_k_plan(triton.cdiv(s, chunk * LANES), programs * groups, h2.device, 2, split_k)
         split = SplitK(out.view(n, m), splits)
         words = packed_index.view(torch.int32)
@@ -339,7 +340,7 @@ def ell_matmul(
             h2, values, words, scale_arg, bias_arg, split.target,
             m, n, s, atoms, words.shape[1], per_split * chunk * LANES, h2.stride(0), m, split.split_stride,
             HAS_BIAS=split.single and bias is not None, SCALED=scales is not None, BITS=bits, TOKENS=group,
-            BLOCK_M=block_m, LANES=LANES, CHUNK=chunk, K_BLOCK=next_pow2(atoms), S_ALIGN=16 if s % 16 == 0 else 8 if s % 8 == 0 else 1, num_warps=warps,
+            BLOCK_M=block_m, LANES=LANES, CHUNK=chunk, K_BLOCK=next_pow2(atoms), S_ALIGN=s_align, num_warps=warps,
         )  # fmt: skip
         split.finish(bias)
         return out
