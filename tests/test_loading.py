@@ -118,6 +118,22 @@ def test_dictionary_index_rows_of_the_earlier_layout_load_padded(checkpoint, tmp
     assert torch.equal(loaded.to_dense(), model.get_submodule(name).to_dense())
 
 
+def test_an_offloaded_tensor_of_an_earlier_layout_is_refused(checkpoint):
+    """A tensor left on the meta device (a device_map offloaded it) cannot be rewritten on load:
+    the loader says so and how to fix it, instead of serving the old layout."""
+    from compress.modules import build_module
+
+    model, _ = checkpoint
+    spec = model.get_submodule("model.layers.0.mlp.up_proj").spec()
+    del spec["index_rows"]
+    module = build_module(spec, torch.float32, device="meta")
+    with pytest.raises(LlmpressError, match="offloaded by the device_map.*save it again"):
+        module.after_loading()
+    spec = {**model.get_submodule("model.layers.1.mlp.down_proj").spec(), "packing": "planes"}
+    with pytest.raises(LlmpressError, match="offloaded by the device_map"):
+        build_module(spec, torch.float32, device="meta").after_loading()
+
+
 def test_device_map_and_generate(checkpoint):
     model, out = checkpoint
     placed = compress.load(out, device_map="auto")

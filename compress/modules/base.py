@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..errors import LlmpressError
 from ..kernels import forget_cpu_cache, forget_kernel_choice
 from ..metrics import served_itemsize, tensor_bytes
 
@@ -77,6 +78,16 @@ class CompressedLinear(nn.Module):
     def after_loading(self) -> None:
         """Called once a checkpoint's tensors are in: a format whose layout changed rewrites the
         earlier layout here (the loader calls it for every compressed module)."""
+
+    def check_rewritable(self, tensor: torch.Tensor, what: str) -> None:
+        """An earlier layout is rewritten in memory: a tensor a device_map offloaded (left on the
+        meta device, loaded by hooks at each call) cannot be, and would be read in the old layout."""
+        if tensor.is_meta:
+            raise LlmpressError(
+                f"{type(self).__name__}: this checkpoint stores {what} in an earlier layout, rewritten on load, but "
+                "the tensor was offloaded by the device_map; load the checkpoint once without offloading and save "
+                "it again (compress.save_compressed) to store the current layout"
+            )
 
     # --- sizes, counted honestly ------------------------------------------------------------
     def num_values(self) -> int:

@@ -219,6 +219,7 @@ class DictLinear(CompressedLinear):
     def after_loading(self) -> None:
         """Pad index rows loaded from a checkpoint written before rows were whole words."""
         if self.stored_index_rows != INDEX_ROWS:
+            self.check_rewritable(self.coef_index, "atom indices")
             padding = packed_row_bytes(self.nnz_per_row, self.index_bits) - self.coef_index.shape[1]
             self.coef_index = torch.nn.functional.pad(self.coef_index, (0, padding))
             self.stored_index_rows = INDEX_ROWS

@@ -153,6 +153,7 @@ class LowBitLinear(CompressedLinear):
         """Rewrite codes loaded in the earlier layout (PLANES) into this one; called once the
         checkpoint's weights are in (hf_quantizer). W2's bytes are the same in both."""
         if self.stored_packing == PLANES and self.bits == 3:
+            self.check_rewritable(self.qweight, "W3 codes")
             self.qweight.copy_(pack_codes(unpack_planes(self.qweight, 3), 3))
         self.stored_packing = PACKING
 
