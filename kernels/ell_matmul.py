@@ -231,6 +231,12 @@ if triton is not None:
             _store_token(y_ptr + 3 * stride_yn, acc3, rm, m_ok, scale, bias, first_token + 3 < N, BLOCK_M, LANES)
 
 
+def packed_row_bytes(nnz_per_row: int, bits: int) -> int:
+    """Bytes of a row's packed indices (DictLinear): whole 32-bit words, which `_ell_gemv_kernel`
+    loads and splits by shifts."""
+    return (nnz_per_row * bits + 31) // 32 * 4
+
+
 def index_fits_two_bytes(bits: int) -> bool:
     """Whether every `bits`-bit index of a packed row lies within two bytes: index j starts at bit
     j·bits, whose offset in its byte is a multiple of gcd(bits, 8), at most 8 − gcd(bits, 8)."""
@@ -273,9 +279,8 @@ def gemv_token_group(tokens: int, atoms: int) -> int | None:
     the groups would cost more than `_ell_kernel`, which unpacks each index once for up to 16
     tokens: by the sm_90 builds (0.11 / 0.13 / 0.17–0.21 warp-instructions per weight byte for a
     group of 1 / 2 / 4 against 0.28 at one token and 1.26 at 16), up to 4·t groups of t."""
-    for group in (4, 2, 1):
-        if gemv_warps(min(group, tokens), atoms) is not None:
-            group = min(group, tokens)
+    for group in (min(4, tokens), min(2, tokens), 1):
+        if gemv_warps(group, atoms) is not None:
             return group if -(-tokens // group) <= 4 * group else None
     return None
 
@@ -303,7 +308,7 @@ def ell_matmul(
     m, s = values.shape if values.dim() == 2 else (None, None)
     if m is None or packed_index.dim() != 2 or packed_index.shape[0] != m:
         raise ValueError(f"values {tuple(values.shape)} must be (out, s) and the packed index (out, bytes)")
-    row_bytes = (s * bits + 31) // 32 * 4  # DictLinear's packed_row_bytes
+    row_bytes = packed_row_bytes(s, bits)
     if not 1 <= bits <= 16 or packed_index.shape[1] != row_bytes:
         raise ValueError(
             f"packed index of {packed_index.shape[1]} bytes per row does not hold {s} indices of {bits} bits "

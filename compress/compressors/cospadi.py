@@ -41,6 +41,7 @@ from .rocket import DictionaryFactors, int8_coefficients, rocket_whitened
 from .sparse_coding import (
     batch_omp,
     code_on_support,
+    coefficient_row_multiple,
     dense_coefficients,
     dictionary_shape,
     ksvd_update,
@@ -119,7 +120,7 @@ def cospadi_factorize(weights: list[torch.Tensor], grams: list[torch.Tensor], co
     gram = sum(g.double() / g.diagonal().mean().clamp_min(1e-30) for g in grams) / len(grams)
     stacked = torch.cat([w.double() for w in weights])
     # dictionary stored once: k·in + g·out·s <= (1 - ratio)·g·out·in
-    multiple = 16 if config.coefficient_bits == 8 else 8  # rows of coefficients 16-byte aligned (decode kernel)
+    multiple = coefficient_row_multiple(config.coefficient_bits)
     k, s = dictionary_shape(stacked.shape[0], in_f, config.ratio, config.ks, max_atoms=min(stacked.shape), values_multiple=multiple)
     factors, errors = cospadi_dictionary(stacked, gram, k, s, config, name)
     scales = factors.row_scales.split(out_f) if factors.row_scales is not None else [None] * len(weights)

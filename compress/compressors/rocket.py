@@ -37,6 +37,7 @@ from .base import (
 )
 from .residual import ResidualOption
 from .sparse_coding import (
+    coefficient_row_multiple,
     dense_coefficients,
     dictionary_shape,
     refit_dictionary,
@@ -159,7 +160,7 @@ def rocket_best(spec: WhitenedSpectrum, ratio: float, config: RocketConfig) -> D
     """The candidate ks with the lowest calibration-weighted error at this ratio."""
     out_f, in_f = spec.a.shape
     best, reasons = None, []
-    multiple = 16 if config.coefficient_bits == 8 else 8  # rows of coefficients 16-byte aligned (decode kernel)
+    multiple = coefficient_row_multiple(config.coefficient_bits)
     for ks in config.ks:
         try:
             k, s = dictionary_shape(out_f, in_f, ratio, ks, max_atoms=min(out_f, in_f), values_multiple=multiple)

@@ -13,6 +13,12 @@ import torch
 from ..errors import LlmpressError
 
 
+def coefficient_row_multiple(coefficient_bits: int) -> int:
+    """Coefficients per 16 bytes (8 of 16 bits, 16 int8): the multiple of s that starts every row
+    of coefficients on a 16-byte boundary, for the decode kernel's vector loads."""
+    return 128 // coefficient_bits
+
+
 def dictionary_shape(
     out_features: int, in_features: int, ratio: float, ks: float, max_atoms: int | None = None, values_multiple: int = 1
 ):

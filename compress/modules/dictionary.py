@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..kernels import dispatch
+from ..kernels.ell_matmul import packed_row_bytes
 from .base import CompressedLinear, register_format
 
 
@@ -35,11 +36,6 @@ def index_bits(num_atoms: int) -> int:
     if bits > 16:
         raise ValueError(f"{num_atoms} atoms: indices wider than 16 bits are not supported")
     return bits
-
-
-def packed_row_bytes(nnz_per_row: int, bits: int) -> int:
-    """Bytes of a row's packed indices: whole 32-bit words, which the decode kernel reads."""
-    return (nnz_per_row * bits + 31) // 32 * 4
 
 
 def pack_bits(index: torch.Tensor, bits: int) -> torch.Tensor:
