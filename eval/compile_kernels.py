@@ -106,30 +106,25 @@ def builds(dtype: str = "fp16") -> list[Build]:
         aligned=("M", "K", "K_PER_SPLIT", "BYTES_PER_ROW", "stride_xn", "stride_yn", "stride_ys"),
         weight_bytes=64 * 64 * (0.5 * 2 + 1 / 8),
     ))  # fmt: skip
-    from compress.kernels.gqsa_matmul import gqsa_tiles
-    from compress.kernels.pairs import LANES as GQSA_LANES
+    from compress.kernels.gqsa_matmul import PAIR_GROUP_TOKENS
+    from compress.kernels.pairs import LANES as GQSA_LANES, token_groups
 
-    for group, all_groups, tokens in ((128, False, 1), (16, False, 1), (128, True, 1), (64, True, 1), (32, True, 1), (128, False, 2), (16, False, 2), (128, False, 4), (16, False, 4)):
-        # 1–4 tokens: the activations as prepared fp16 pairs (int32), four lanes a row, one kept group each a
-        # pass; every group kept (plain W4, no index): what int4_matmul sends one token to
+    for group, all_groups, tokens in ((128, False, 1), (16, False, 1), (128, True, 1), (64, True, 1), (32, True, 1), (128, False, 2),
+                                      (16, False, 2), (128, False, 4), (16, False, 4), (128, False, 16), (16, False, 16)):  # fmt: skip
+        # the activations as prepared fp16 pairs (int32), four lanes a row, one kept group each a pass; every group
+        # kept (plain W4, no index): what int4_matmul sends one token to. More than four tokens: groups of up to
+        # four, each a program over the same rows, so each HBM byte is worked on once per group
+        per_group, groups = token_groups(tokens, PAIR_GROUP_TOKENS)
         out.append(Build(
-            f"gqsa g{group} N{tokens} BM64 ({'W4, no index; ' if all_groups else ''}{GQSA_LANES} lanes a row, PTX pairs)",
+            f"gqsa g{group} N{tokens} BM64 ({'W4, no index; ' if all_groups else ''}{GQSA_LANES} lanes a row, PTX pairs"
+            + (f", {groups} groups of {per_group} tokens" if groups > 1 else "") + ")",
             "gqsa_matmul:_gqsa_gemv_kernel",
             {"x_ptr": "*i32", "q_ptr": "*i32", "s_ptr": p, "z_ptr": "*u8", "g_ptr": p if all_groups else "*i16", "b_ptr": p, "y_ptr": p,
-             "amax_ptr": "*fp32", **_ints("M", "KEPT", "KEPT_PER_SPLIT", "stride_ys", "stride_xt", "stride_yt")},
-            {"HAS_BIAS": False, "ALL_GROUPS": all_groups, "PTX": True, "GROUP": group, "BLOCK_M": 64, "LANES": GQSA_LANES, "TOKENS": tokens},
+             "amax_ptr": "*fp32", **_ints("M", "N", "KEPT", "KEPT_PER_SPLIT", "stride_ys", "stride_xt", "stride_yt")},
+            {"HAS_BIAS": False, "ALL_GROUPS": all_groups, "PTX": True, "GROUP": group, "BLOCK_M": 64, "LANES": GQSA_LANES, "TOKENS": per_group,
+             "GROUPED": groups > 1},
             {"num_warps": 4}, aligned=("M", "KEPT", "KEPT_PER_SPLIT", "stride_ys", "stride_xt", "stride_yt"),
-            weight_bytes=64 * GQSA_LANES * (group // 2 + 2 + 1 + (0 if all_groups else 2)),  # codes, scale, zero, group index
-        ))  # fmt: skip
-    for group, tokens, all_groups in ((128, 16, False), (16, 16, False)):  # more tokens than the pair kernel takes
-        block_n, block_m = gqsa_tiles(tokens, group // 2)  # the launcher's own tiles for this many tokens
-        out.append(Build(
-            f"gqsa g{group} N{tokens} BM{block_m} BN{block_n}" + (" (W4, no index)" if all_groups else ""), "gqsa_matmul:_gqsa_kernel",
-            {"x_ptr": p, "q_ptr": "*u8", "s_ptr": p, "z_ptr": "*u8", "g_ptr": p if all_groups else "*i16", "b_ptr": p,
-             "y_ptr": p, **_ints("M", "N", "KEPT", "KEPT_PER_SPLIT", "stride_xn", "stride_yn", "stride_ys")},
-            {"HAS_BIAS": False, "ALL_GROUPS": all_groups, "GROUP": group, "BLOCK_M": block_m, "BLOCK_N": block_n},
-            {"num_warps": 4}, aligned=("M", "stride_xn", "stride_yn", "stride_ys"),
-            weight_bytes=block_m * (group // 2 + 2 + 1 + (0 if all_groups else 2)),  # codes, scale, zero, group index
+            weight_bytes=64 * GQSA_LANES * (group // 2 + 2 + 1 + (0 if all_groups else 2)) / groups,  # codes, scale, zero, group index
         ))  # fmt: skip
     from compress.kernels.int4_matmul import step_groups
 
@@ -176,15 +171,17 @@ def builds(dtype: str = "fp16") -> list[Build]:
             {"num_warps": 4, "num_stages": 1},
             aligned=("M", "GROUPS", "stride_xn", "stride_yn", "stride_ys"), weight_bytes=64 * (group * bits / 8 + 3),
         ))  # fmt: skip
-    for bits, group in ((3, 64), (2, 64), (3, 128), (2, 128), (3, 32), (2, 32)):
-        # one token: the activations as prepared fp16 pairs (int32), four lanes a row, one group each a pass
+    for bits, group, tokens in ((3, 64, 1), (2, 64, 1), (3, 128, 1), (2, 128, 1), (3, 32, 1), (2, 32, 1), (3, 64, 2), (2, 64, 2)):
+        # the activations as prepared fp16 pairs (int32), four lanes a row, one group each a pass; two tokens: one a
+        # program, each HBM byte worked on twice
         out.append(Build(
-            f"lowbit W{bits} g{group} N1 BM64 ({LANES} lanes a row, PTX pairs)", "lowbit_matmul:_lowbit_gemv_kernel",
+            f"lowbit W{bits} g{group} N{tokens} BM64 ({LANES} lanes a row, PTX pairs" + (f", {tokens} programs of one token" if tokens > 1 else "") + ")",
+            "lowbit_matmul:_lowbit_gemv_kernel",
             {"x_ptr": "*i32", "q_ptr": "*i32", "s_ptr": p, "z_ptr": "*u8", "g_ptr": p, "b_ptr": p, "y_ptr": p, "amax_ptr": "*fp32",
-             **_ints("M", "GROUPS", "GROUPS_PER_SPLIT", "stride_ys", "stride_xt", "stride_yt")},
-            {"HAS_BIAS": False, "PTX": True, "BITS": bits, "GROUP": group, "BLOCK_M": 64, "LANES": LANES, "TOKENS": 1},
-            {"num_warps": 4}, aligned=("M", "GROUPS", "GROUPS_PER_SPLIT", "stride_ys"),
-            weight_bytes=64 * LANES * (group * bits / 8 + 3),
+             **_ints("M", "N", "GROUPS", "GROUPS_PER_SPLIT", "stride_ys", "stride_xt", "stride_yt")},
+            {"HAS_BIAS": False, "PTX": True, "BITS": bits, "GROUP": group, "BLOCK_M": 64, "LANES": LANES, "TOKENS": 1, "GROUPED": tokens > 1},
+            {"num_warps": 4}, aligned=("M", "GROUPS", "GROUPS_PER_SPLIT", "stride_ys", "stride_xt", "stride_yt"),
+            weight_bytes=64 * LANES * (group * bits / 8 + 3) / tokens,
         ))  # fmt: skip
     from compress.kernels.ell_matmul import LANES as ELL_LANES, ell_tiles, gemv_tiles, gemv_warps
 

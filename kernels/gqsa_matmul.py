@@ -5,21 +5,25 @@ reads its column-group index, g/2 bytes of packed 4-bit codes, a scale and a zer
 dequantizes on chip: Ŵ[r, G] = (q − zero)·scale. With all groups kept (group_index = 0..K/g−1)
 this is plain W4 group quantization (GPTQ-style storage), so one kernel serves both.
 
-One fp16/bf16 token (`_gqsa_gemv_kernel`, also plain W4's from int4_matmul): four lanes of a warp
-share a row, each one kept group per pass; each 32-bit word of eight codes becomes four pairs of
-16-bit floats in PTX (kernels/pairs.py, b = 4: a LOP3 puts columns (2s + p, 4 + 2s + p) under the
-exponent of 1024, a packed subtract of 1024 + 16^p·zero, a packed FMA with the prepared activation
-pairs), fp16 sums over a word's eight products, fp32 beyond (4e-4 relative error against the
-exact dot product in the emulated PTX, g = 128): 0.151–0.160 warp-instructions per weight byte on
-sm_90, every group kept or not. Rows keep different groups, so a warp's rows
-read their activations from different places: L1 traffic the static budget does not count.
+fp16/bf16 tokens (`_gqsa_gemv_kernel`, also plain W4's one token from int4_matmul): four lanes of
+a warp share a row, each one kept group per pass; each 32-bit word of eight codes becomes four
+pairs of 16-bit floats in PTX (kernels/pairs.py, b = 4: a LOP3 puts columns (2s + p, 4 + 2s + p)
+under the exponent of 1024, a packed subtract of 1024 + 16^p·zero, a packed FMA with the prepared
+activation pairs), fp16 sums over a word's eight products, fp32 beyond (4e-4 relative error
+against the exact dot product in the emulated PTX, g = 128): 0.151–0.160 warp-instructions per
+weight byte on sm_90 at one token, every group kept or not. A program takes up to four tokens
+(the dequantization shared, a packed FMA per two weights and token: 0.27 at four); more go in
+groups of four side by side in one launch. Rows keep different groups, so a warp's rows read
+their activations from different places (L1 traffic the static budget does not count), and
+tensor cores (which need one operand shared by the tile's rows) do not apply: on CUDA cores a
+token costs at least half a packed FMA per weight, so beyond about four tokens no kernel of this
+format stays within Hopper's 0.218 warp-instructions per weight byte (16 tokens: about 1.1).
 
-More tokens and fp32 layers (`_gqsa_kernel`): each row reads its own group's contiguous activation
-columns, the products on CUDA cores, each lane keeping partial sums over the group's columns that
-are reduced once after the loop; codes become floats by the 2^23 bit trick and (q − z)·s =
-q·s − z·s is one FMA. Rows keep different groups, so tensor cores (which need one operand shared
-by the tile's rows) do not apply: 1.0 warp-instructions per weight byte at 4 tokens, over Hopper's
-0.218. Split-K over the kept groups gives the SMs enough programs at decode.
+fp32 layers and groups under 8 columns (`_gqsa_kernel`): each row reads its own group's
+contiguous activation columns, the products on CUDA cores, each lane keeping partial sums over
+the group's columns that are reduced once after the loop; codes become floats by the 2^23 bit
+trick and (q − z)·s = q·s − z·s is one FMA. Split-K over the kept groups gives the SMs enough
+programs at decode.
 """
 
 from __future__ import annotations
@@ -219,17 +223,21 @@ if triton is not None:
     @triton.jit
     def _gqsa_gemv_kernel(
         x_ptr, q_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, amax_ptr,
-        M, KEPT, KEPT_PER_SPLIT, stride_ys, stride_xt, stride_yt,
+        M, N, KEPT, KEPT_PER_SPLIT, stride_ys, stride_xt, stride_yt,
         HAS_BIAS: tl.constexpr, ALL_GROUPS: tl.constexpr, PTX: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-        LANES: tl.constexpr, TOKENS: tl.constexpr,
+        LANES: tl.constexpr, TOKENS: tl.constexpr, GROUPED: tl.constexpr,
     ):  # fmt: skip
-        """One to four tokens (`launch_pair_kernel`): four lanes a row, each one kept group a pass.
-        x_ptr: the prepared activation pairs (kernels/pairs.py, b = 4), int32, stride_xt a token;
-        q_ptr: the codes as int32 words (M, kept, g/8); amax_ptr: max|x| per token (fp32);
-        stride_yt: a token's outputs."""
+        """A group of one to four tokens of N (`launch_pair_kernel`): four lanes a row, each one
+        kept group a pass. x_ptr: the prepared activation pairs (kernels/pairs.py, b = 4), int32,
+        stride_xt a token; q_ptr: the codes as int32 words (M, kept, g/8); amax_ptr: max|x| per
+        token (fp32); stride_yt: a token's outputs."""
         WORDS: tl.constexpr = GROUP // 8
         VEC: tl.constexpr = 4 if WORDS >= 4 else WORDS  # words a load
-        rm, rows, j_start, j_end = program_work(M, KEPT, KEPT_PER_SPLIT, BLOCK_M)
+        first, rm, rows, j_start, j_end = program_work(M, KEPT, KEPT_PER_SPLIT, BLOCK_M, TOKENS)
+        if GROUPED:  # several token groups: this one's pointers (a single group reads them as given)
+            x_ptr += first * stride_xt
+            amax_ptr += first
+            y_ptr += first * stride_yt
         vec = tl.arange(0, VEC)
         four = tl.arange(0, 4)
         r0 = tl.zeros((BLOCK_M, LANES), dtype=tl.float32)  # the tokens' lane sums
@@ -264,19 +272,21 @@ if triton is not None:
                 r2 += s2 * scale
             if TOKENS == 4:
                 r3 += s3 * scale
-        store_rows(r0, amax_ptr, b_ptr, y_ptr, rm, M, stride_ys, HAS_BIAS)
+        store_rows(r0, amax_ptr, b_ptr, y_ptr, rm, M, first, N, stride_ys, HAS_BIAS, GROUPED)
         if TOKENS >= 2:
-            store_rows(r1, amax_ptr + 1, b_ptr, y_ptr + stride_yt, rm, M, stride_ys, HAS_BIAS)
+            store_rows(r1, amax_ptr + 1, b_ptr, y_ptr + stride_yt, rm, M, first + 1, N, stride_ys, HAS_BIAS, GROUPED)
         if TOKENS >= 3:
-            store_rows(r2, amax_ptr + 2, b_ptr, y_ptr + 2 * stride_yt, rm, M, stride_ys, HAS_BIAS)
+            store_rows(r2, amax_ptr + 2, b_ptr, y_ptr + 2 * stride_yt, rm, M, first + 2, N, stride_ys, HAS_BIAS, GROUPED)
         if TOKENS == 4:
-            store_rows(r3, amax_ptr + 3, b_ptr, y_ptr + 3 * stride_yt, rm, M, stride_ys, HAS_BIAS)
+            store_rows(r3, amax_ptr + 3, b_ptr, y_ptr + 3 * stride_yt, rm, M, first + 3, N, stride_ys, HAS_BIAS, GROUPED)
 
 
-# tokens the pair kernel takes: the dequantization is shared and each token adds one packed FMA
-# per two weights; at 4 tokens sm_90 issues about the budget (see compile_kernels), beyond it
-# the products outgrow it on CUDA cores
-PAIR_MAX_TOKENS = 4
+# tokens one program of the pair kernel takes: the dequantization is shared and each token adds
+# one packed FMA per two weights; at 4 tokens sm_90 issues 0.27 warp-instructions per weight byte
+# (see compile_kernels). More tokens go in groups of up to four side by side in one launch, each
+# group a program over the same rows (the bytes from L2 after the first): 16 tokens cost about
+# four times 0.27, where `_gqsa_kernel` took 4.2–6.7.
+PAIR_GROUP_TOKENS = 4
 
 
 def gqsa_tiles(n: int, half: int) -> tuple[int, int]:
@@ -301,9 +311,9 @@ def gqsa_matmul(
 ) -> torch.Tensor:
     """y = x·Ŵᵀ + bias for GQSALinear's storage: qweight (M, kept, g/2) uint8, scales (M, kept),
     zeros (M, kept) uint8, group_index (M, kept) integer, or None when every group is kept in
-    column order; x (..., K) -> (..., M). Up to PAIR_MAX_TOKENS fp16/bf16 tokens go to
-    `_gqsa_gemv_kernel` (its PTX pairs on a GPU; `pairs` and `ptx` override), the rest to
-    `_gqsa_kernel`."""
+    column order; x (..., K) -> (..., M). fp16/bf16 tokens go to `_gqsa_gemv_kernel` in groups
+    of up to PAIR_GROUP_TOKENS (its PTX pairs on a GPU; `pairs` and `ptx` override), fp32 ones
+    and groups under 8 columns to `_gqsa_kernel`."""
     all_groups = group_index is None
     group_index = scales if all_groups else group_index  # an unread pointer when there is no index
     check_launch(x, qweight, scales, zeros, group_index)
@@ -329,7 +339,7 @@ def gqsa_matmul(
     if n == 0:
         return out
     if pairs is None:
-        pairs = n <= PAIR_MAX_TOKENS and x.dtype in (torch.float16, torch.bfloat16) and group >= 8
+        pairs = x.dtype in (torch.float16, torch.bfloat16) and group >= 8
     if pairs:
         pair_matmul(x2, out, qweight, scales, zeros, None if all_groups else group_index, bias, split_k, ptx)
         return out
@@ -351,15 +361,14 @@ def gqsa_matmul(
 
 
 def pair_matmul(x2, out, qweight, scales, zeros, group_index, bias, split_k: int | None, ptx: bool | None) -> None:
-    """`_gqsa_gemv_kernel` for 1–4 fp16/bf16 tokens x2 (T, K) into out (..., M): GQSALinear's
-    storage, group_index None when every group is kept in order (also W4's int4_matmul)."""
+    """`_gqsa_gemv_kernel` for fp16/bf16 tokens x2 (T, K), in groups of up to PAIR_GROUP_TOKENS,
+    into out (..., M): GQSALinear's storage, group_index None when every group is kept in order
+    (also W4's int4_matmul)."""
     group = 2 * qweight.shape[-1]
-    if not 1 <= x2.shape[0] <= PAIR_MAX_TOKENS or x2.dtype not in (torch.float16, torch.bfloat16) or group < 8:
-        raise ValueError(
-            f"the pair kernel reads 1 to {PAIR_MAX_TOKENS} fp16 or bf16 tokens and groups of 8 or more, got {x2.shape[0]} in {x2.dtype}, g = {group}"
-        )
+    if x2.dtype not in (torch.float16, torch.bfloat16) or group < 8:
+        raise ValueError(f"the pair kernel reads fp16 or bf16 tokens and groups of 8 or more, got {x2.dtype}, g = {group}")
     launch_pair_kernel(
-        _gqsa_gemv_kernel, x2, out, qweight.view(torch.int32), scales, zeros, group_index, bias, split_k, 4,
+        _gqsa_gemv_kernel, x2, out, qweight.view(torch.int32), scales, zeros, group_index, bias, split_k, 4, PAIR_GROUP_TOKENS,
         ALL_GROUPS=group_index is None, PTX=not interpreting() if ptx is None else ptx, GROUP=group,
     )  # fmt: skip
 

@@ -19,8 +19,11 @@ products with fp32 sums: ~3e-4), where W2's own quantization error is orders of 
 fp32 layers and Triton's interpreter (which cannot run PTX) run the same kernel with the pair
 arithmetic written in Triton, in fp32.
 
-More tokens, and fp32 layers at one token, go to tensor cores (`_lowbit_dot_kernel`): per group
-the codes in column order by shifts of the words, dequantized on chip, one `tl.dot`.
+Two tokens run the same kernel once each, side by side in one launch (the second reads the
+bytes from L2): twice 0.21 warp-instructions per weight byte is still under the tensor-core
+kernel's 0.56–0.72 at any token count. More tokens, and fp32 layers, go to tensor cores
+(`_lowbit_dot_kernel`): per group the codes in column order by shifts of the words, dequantized
+on chip, one `tl.dot`.
 The reference is the dequantized weight (`expanded_reference`).
 """
 
@@ -135,17 +138,22 @@ if triton is not None:
     @triton.jit
     def _lowbit_gemv_kernel(
         x_ptr, q_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, amax_ptr,
-        M, GROUPS, GROUPS_PER_SPLIT, stride_ys, stride_xt, stride_yt,
+        M, N, GROUPS, GROUPS_PER_SPLIT, stride_ys, stride_xt, stride_yt,
         HAS_BIAS: tl.constexpr, PTX: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-        LANES: tl.constexpr, TOKENS: tl.constexpr,
+        LANES: tl.constexpr, TOKENS: tl.constexpr, GROUPED: tl.constexpr,
     ):  # fmt: skip
-        """One token (`launch_pair_kernel`; TOKENS is 1, stride_xt and stride_yt unread). x_ptr:
-        the prepared activation pairs (kernels/pairs.py, b = 2), int32; q_ptr: the codes as int32
-        words (M, groups, g·bits/32); g_ptr: unread (every group is kept); amax_ptr: max|x| (fp32)."""
+        """Token program_id(0) of N (`launch_pair_kernel`, groups of TOKENS = 1). x_ptr: the
+        prepared activation pairs (kernels/pairs.py, b = 2), int32, stride_xt a token; q_ptr: the
+        codes as int32 words (M, groups, g·bits/32); g_ptr: unread (every group is kept);
+        amax_ptr: max|x| per token (fp32); stride_yt: a token's outputs."""
         LOW: tl.constexpr = GROUP // 16  # low words per group
         WORDS: tl.constexpr = GROUP * BITS // 32
         VEC: tl.constexpr = 4 if LOW >= 4 else LOW  # low words a load
-        rm, rows, g_start, g_end = program_work(M, GROUPS, GROUPS_PER_SPLIT, BLOCK_M)
+        token, rm, rows, g_start, g_end = program_work(M, GROUPS, GROUPS_PER_SPLIT, BLOCK_M, TOKENS)
+        if GROUPED:  # several tokens, one a program (one token: none, which costs the loop two instructions less)
+            x_ptr += token * stride_xt
+            amax_ptr += token
+            y_ptr += token * stride_yt
         vec = tl.arange(0, VEC)
         four = tl.arange(0, 4)
         row_sum = tl.zeros((BLOCK_M, LANES), dtype=tl.float32)
@@ -181,7 +189,7 @@ if triton is not None:
                 else:
                     group_sum += part
             row_sum += group_sum * scale
-        store_rows(row_sum, amax_ptr, b_ptr, y_ptr, rm, M, stride_ys, HAS_BIAS)
+        store_rows(row_sum, amax_ptr, b_ptr, y_ptr, rm, M, token, N, stride_ys, HAS_BIAS, GROUPED)
 
     @triton.jit
     def _column_codes(low, third, BITS: tl.constexpr, ROWS: tl.constexpr, GROUP: tl.constexpr):
@@ -260,6 +268,11 @@ if triton is not None:
         tl.store(y_ptr + pid_k * stride_ys + rn[None, :] * stride_yn + rm[:, None], acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & n_ok[None, :])
 
 
+# tokens the CUDA-core kernel takes (one program a token): each costs 0.21 warp-instructions per
+# weight byte on sm_90 (eval/compile_kernels.py), the tensor-core kernel 0.56–0.72 at any count
+PAIR_MAX_TOKENS = 2
+
+
 def lowbit_group_supported(group: int, bits: int) -> bool:
     """Whole 32-bit words per group (g a multiple of 16, for W3 of 32) and g a power of two (a
     tile's width)."""
@@ -278,9 +291,9 @@ def lowbit_matmul(
     ptx: bool | None = None,
 ) -> torch.Tensor:
     """y = x·Ŵᵀ + bias for LowBitLinear's storage: qweight (M, groups, g·bits/8) uint8, scales
-    (M, groups), zeros (M, groups) uint8; x (..., K) -> (..., M) with K = groups·g. One fp16/bf16
-    token goes to the CUDA-core kernel (its PTX pair arithmetic on a GPU, `ptx` overrides), the
-    rest to tensor cores; `tensor_cores` overrides the choice."""
+    (M, groups), zeros (M, groups) uint8; x (..., K) -> (..., M) with K = groups·g. Up to
+    PAIR_MAX_TOKENS fp16/bf16 tokens go to the CUDA-core kernel (its PTX pair arithmetic on a
+    GPU, `ptx` overrides), the rest to tensor cores; `tensor_cores` overrides the choice."""
     check_launch(x, qweight, scales, zeros)
     if bits not in (2, 3):
         raise ValueError(f"lowbit_matmul reads 2- or 3-bit codes, not {bits}")
@@ -299,12 +312,12 @@ def lowbit_matmul(
         return out
     words = qweight.view(torch.int32)
     if tensor_cores is None:
-        tensor_cores = n > 1 or x.dtype == torch.float32
+        tensor_cores = n > PAIR_MAX_TOKENS or x.dtype == torch.float32
     if tensor_cores:
         launch_group_dot(_lowbit_dot_kernel, x, x2, out, words, scales, zeros, bias, group, split_k, BITS=bits)
         return out
-    if n != 1 or x.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"the CUDA-core kernel reads one fp16 or bf16 token, got {n} in {x.dtype}")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"the CUDA-core kernel reads fp16 or bf16 tokens, got {x.dtype}")
     if ptx is None:
         ptx = not interpreting()
     launch_pair_kernel(_lowbit_gemv_kernel, x2, out, words, scales, zeros, None, bias, split_k, 2, PTX=ptx, BITS=bits, GROUP=group)

@@ -58,34 +58,56 @@ def gemv_activations(x: torch.Tensor, code_bits: int) -> tuple[torch.Tensor, tor
     return pairs.view(torch.int32).flatten(), amax
 
 
-def launch_gemv_activations(x: torch.Tensor, code_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def launch_gemv_activations(x: torch.Tensor, code_bits: int, padded_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`gemv_activations` of each token (row) of x (T, K) or (K,) by `_gemv_activations_kernel`,
-    one program a token: pairs (T, K/2) and max|x| (T,) (flat for one (K,) token)."""
+    one program a token: pairs (T, K/2) and max|x| (T,) (flat for one (K,) token). With
+    `padded_tokens` > T the rows past T are zero pairs with max|x| = 1 (a last token group's
+    missing tokens: read, never stored)."""
     x2 = x.reshape(-1, x.shape[-1])
     tokens, k = x2.shape
-    pairs = torch.empty(tokens, k, dtype=torch.float16, device=x.device)
-    amax = torch.empty(tokens, dtype=torch.float32, device=x.device)
+    padded = max(tokens, padded_tokens or 0)
+    pairs = torch.empty(padded, k, dtype=torch.float16, device=x.device)
+    amax = torch.empty(padded, dtype=torch.float32, device=x.device)
+    if padded > tokens:
+        pairs[tokens:].zero_()
+        amax[tokens:] = 1.0
     _gemv_activations_kernel[(tokens,)](x2, pairs, amax, k, CODE_BITS=code_bits, BLOCK=min(1024, triton.next_power_of_2(k)), num_warps=4)
     pairs = pairs.view(torch.int32)
     return (pairs.flatten(), amax) if x.dim() == 1 else (pairs, amax)
 
 
-def launch_pair_kernel(kernel, x2: torch.Tensor, out: torch.Tensor, words, scales, zeros, group_index, bias, split_k: int | None, code_bits: int, **meta) -> None:
-    """Launch a pair kernel (W3/W2 `_lowbit_gemv_kernel` for one token, W4 `_gqsa_gemv_kernel`
-    for up to four: the same arguments, plus the kernel's own constexprs in `meta`) for x2
-    (T, K) fp16/bf16 into out (…, M): the activations' pairs prepared in one launch, 64-row
-    programs (16 in the interpreter), split-K over passes of LANES groups."""
+def token_groups(tokens: int, most: int) -> tuple[int, int]:
+    """(tokens a group, groups) for `tokens` in groups of at most `most`, as even as they come
+    (7 tokens by 4: two groups of 4, the last one short; 5: two of 3), so that the fewest
+    tokens are padding."""
+    groups = -(-tokens // most)
+    return -(-tokens // groups), groups
+
+
+def launch_pair_kernel(
+    kernel, x2: torch.Tensor, out: torch.Tensor, words, scales, zeros, group_index, bias, split_k: int | None, code_bits: int,
+    group_tokens: int = 1, **meta,
+) -> None:  # fmt: skip
+    """Launch a pair kernel (W3/W2 `_lowbit_gemv_kernel`, group-sparse W4 `_gqsa_gemv_kernel`:
+    the same arguments, plus the kernel's own constexprs in `meta`) for x2 (T, K) fp16/bf16
+    into out (…, M): the activations' pairs prepared in one launch, 64-row programs (16 in the
+    interpreter), split-K over passes of LANES groups, and the tokens in groups of at most
+    `group_tokens` (what one program takes), side by side in one launch: the token group is
+    program_id(0), so the programs of one row block run together and read its bytes from HBM
+    once (the others from L2)."""
     m, groups = scales.shape
     tokens = x2.shape[0]
-    pairs, amax = launch_gemv_activations(x2, code_bits)
+    per_group, token_group_count = token_groups(tokens, group_tokens)
+    pairs, amax = launch_gemv_activations(x2, code_bits, per_group * token_group_count)
     block_m = 16 if interpreting() else 64
     programs = triton.cdiv(m, block_m)
-    splits, per_split = split_k_plan(triton.cdiv(groups, LANES), programs, x2.device, 2, split_k)
+    splits, per_split = split_k_plan(triton.cdiv(groups, LANES), programs * token_group_count, x2.device, 2, split_k)
     split = SplitK(out.view(tokens, m), splits)
-    kernel[(programs, splits)](
+    kernel[(token_group_count, programs, splits)](
         pairs, words, scales, zeros, scales if group_index is None else group_index, bias if bias is not None else scales,
-        split.target, amax, m, groups, per_split * LANES, split.split_stride, pairs.shape[1], split.target.stride(-2),
-        HAS_BIAS=split.single and bias is not None, BLOCK_M=block_m, LANES=LANES, TOKENS=tokens, num_warps=4, **meta,
+        split.target, amax, m, tokens, groups, per_split * LANES, split.split_stride, pairs.shape[1], split.target.stride(-2),
+        HAS_BIAS=split.single and bias is not None, BLOCK_M=block_m, LANES=LANES, TOKENS=per_group,
+        GROUPED=token_group_count > 1, num_warps=4, **meta,
     )  # fmt: skip
     split.finish(bias)
 
@@ -94,21 +116,26 @@ if triton is not None:
     _NEG_FP16_BIAS2 = tl.constexpr(NEG_FP16_BIAS2)
 
     @triton.jit
-    def program_work(M, GROUPS, GROUPS_PER_SPLIT, BLOCK_M: tl.constexpr):
-        """This program's rows (rm), the rows it reads (those past M read row M − 1 and are never
-        stored, so no load needs a mask) and its split's groups [start, end)."""
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        start = tl.program_id(1) * GROUPS_PER_SPLIT
-        return rm, tl.minimum(rm, M - 1), start, tl.minimum(start + GROUPS_PER_SPLIT, GROUPS)
+    def program_work(M, GROUPS, GROUPS_PER_SPLIT, BLOCK_M: tl.constexpr, TOKENS: tl.constexpr):
+        """This program's first token (its token group's, program_id(0)), its rows (rm), the rows
+        it reads (those past M read row M − 1 and are never stored, so no load needs a mask) and
+        its split's groups [start, end)."""
+        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        start = tl.program_id(2) * GROUPS_PER_SPLIT
+        return tl.program_id(0) * TOKENS, rm, tl.minimum(rm, M - 1), start, tl.minimum(start + GROUPS_PER_SPLIT, GROUPS)
 
     @triton.jit
-    def store_rows(row_sum, amax_ptr, b_ptr, y_ptr, rm, M, stride_ys, HAS_BIAS: tl.constexpr):
-        """y (this split's slot; one token's: amax_ptr and y_ptr point at it) = the lanes' sums
-        times max|x|, plus the bias."""
+    def store_rows(row_sum, amax_ptr, b_ptr, y_ptr, rm, M, token, N, stride_ys, HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr):
+        """y (this split's slot; token `token`'s: amax_ptr and y_ptr point at it) = the lanes'
+        sums times max|x|, plus the bias; nothing for a padding token (token >= N), which only a
+        launch of several token groups has."""
         out = tl.sum(row_sum, axis=1) * tl.load(amax_ptr)
+        rows = M
+        if GROUPED:
+            rows = tl.where(token < N, M, 0)  # a mask from a scalar, in a form the interpreter takes
         if HAS_BIAS:
-            out += tl.load(b_ptr + rm, mask=rm < M, other=0.0).to(tl.float32)
-        tl.store(y_ptr + tl.program_id(1) * stride_ys + rm, out.to(y_ptr.dtype.element_ty), mask=rm < M)
+            out += tl.load(b_ptr + rm, mask=rm < rows, other=0.0).to(tl.float32)
+        tl.store(y_ptr + tl.program_id(2) * stride_ys + rm, out.to(y_ptr.dtype.element_ty), mask=rm < rows)
 
     @triton.jit
     def lane_groups(s_ptr, z_ptr, rows, g0, g_end, GROUPS, LANES: tl.constexpr):

@@ -293,9 +293,9 @@ def test_int8_kernel_on_cuda_and_tensor_cores(monkeypatch):
 
 @pytest.mark.parametrize("bits", [2, 3])
 def test_lowbit_kernel_unpacks_every_code_on_both_paths(monkeypatch, bits):
-    """Random codes (every value at every position of both kinds of words), on the one-token
-    CUDA-core kernel (fp16, bf16) and on tensor cores, with split-K; fp16 also on the GPU's fp16
-    dot path."""
+    """Random codes (every value at every position of both kinds of words), on the CUDA-core
+    kernel for one and two tokens (fp16, bf16) and on tensor cores, with split-K; fp16 also on
+    the GPU's fp16 dot path."""
     import compress.kernels.lowbit_matmul as lowbit
 
     levels = 1 << bits
@@ -307,15 +307,15 @@ def test_lowbit_kernel_unpacks_every_code_on_both_paths(monkeypatch, bits):
             monkeypatch.setattr(runtime, "dot_in_fp32", lambda d: False)
         module = LowBitLinear.from_codes(codes, torch.rand(m, k // group).to(dtype) + 0.5, zeros, bits, torch.randn(m).to(dtype)).to(DEVICE)
         assert (module.to_dense().cpu().float().reshape(m, -1, group) / module.scales.cpu().float()[..., None] + zeros[..., None]).round().long().equal(codes)
-        for tokens in (1, 6, 16):
+        for tokens in (1, 2, 6, 16):  # two: the CUDA-core kernel once a token, in one launch
             x = (torch.randn(tokens, k) * torch.logspace(-2, 1, k)).to(dtype).to(DEVICE)  # activations of a wide range
             ref = torch.nn.functional.linear(x.double(), module.to_dense().double(), module.bias.double())
-            paths = [(True, 1), (True, 2)] + ([(False, None), (False, 3)] if tokens == 1 and dtype != torch.float32 else [])
+            paths = [(True, 1), (True, 2)] + ([(False, None), (False, 3)] if tokens in (1, 2) and dtype != torch.float32 else [])
             for tensor_cores, split_k in paths:
                 y = lowbit.lowbit_matmul(x, module.qweight, module.scales, module.zeros, bits, module.bias, tensor_cores=tensor_cores, split_k=split_k)
                 assert rel_err(y, ref) < TOLERANCE[dtype], (dtype, tokens, tensor_cores, split_k)
-    with pytest.raises(ValueError, match="one fp16 or bf16 token"):
-        lowbit.lowbit_matmul(x, module.qweight, module.scales, module.zeros, bits, tensor_cores=False)
+    with pytest.raises(ValueError, match="fp16 or bf16 tokens"):
+        lowbit.lowbit_matmul(x.float(), module.qweight, module.scales.float(), module.zeros, bits, tensor_cores=False)
     with pytest.raises(ValueError, match="2- or 3-bit"):
         lowbit.lowbit_matmul(x, module.qweight, module.scales, module.zeros, 4)
     with pytest.raises(ValueError, match=f"multiple of {32 if bits == 3 else 16}"):
@@ -463,12 +463,15 @@ def test_gqsa_kernel_split_k_and_token_counts(split_k):
 
 @pytest.mark.parametrize("group", [8, 16, 32, 64, 128])
 def test_gqsa_pair_kernel_every_code_group_size_tokens_and_split(group):
-    """The pair kernel for 1–4 tokens (four lanes a row, PTX pairs on a GPU, the same pairs in
-    Triton arithmetic here): every code and zero point in every column of a word, kept groups that
-    do and do not fill the lanes, split-K, every group kept without an index, fp16 and bf16,
-    activations of a wide range; fp32 and more tokens go to the other kernel."""
+    """The pair kernel (four lanes a row, PTX pairs on a GPU, the same pairs in Triton arithmetic
+    here) for 1–4 tokens in one program and more in token groups side by side (5: two groups of 3,
+    the last with a padding token; 7: 4 + 3; 16: four of 4): every code and zero point in every
+    column of a word, kept groups that do and do not fill the lanes, split-K, every group kept
+    without an index, fp16 and bf16, activations of a wide range; fp32 goes to the other kernel."""
     from compress.kernels import gqsa_matmul as gm
+    from compress.kernels.pairs import token_groups
 
+    assert [token_groups(n, 4) for n in (1, 3, 4, 5, 7, 8, 9, 16, 17)] == [(1, 1), (3, 1), (4, 1), (3, 2), (4, 2), (4, 2), (3, 3), (4, 4), (4, 5)]
     k = 8 * group
     for kept, all_groups in ((5, False), (8, True)):
         codes = torch.randint(0, 16, (33, kept, group), generator=torch.Generator().manual_seed(group))
@@ -479,15 +482,14 @@ def test_gqsa_pair_kernel_every_code_group_size_tokens_and_split(group):
             module = GQSALinear.from_codes(codes, (torch.rand(33, kept) * 0.1 + 0.01).to(dtype), zeros, index, k, torch.randn(33).to(dtype)).to(DEVICE)
             assert (module.group_index is None) == all_groups
             # (the interpreter's cost grows with the group: the larger ones take fewer cases)
-            for tokens, split_k in ((1, 1), (1, 2), (2, 2), (3, 1), (4, 2)) if group <= 32 else ((1, 2), (4, 1)):
+            cases = ((1, 1), (1, 2), (2, 2), (3, 1), (4, 2), (5, 1), (7, 2), (16, 1)) if group <= 32 else ((1, 2), (4, 1), (5, 2))
+            for tokens, split_k in cases:
                 x = (torch.randn(tokens, k) * torch.logspace(-2, 1, k)).to(dtype).to(DEVICE)
                 ref = torch.nn.functional.linear(x.double(), module.to_dense().double(), module.bias.double())
                 y = gm.gqsa_matmul(x, module.qweight, module.scales, module.zeros, module.group_index, module.bias, split_k=split_k, pairs=True)
                 assert y.dtype == dtype and rel_err(y, ref) < TOLERANCE[dtype], (kept, dtype, tokens, split_k)
-    with pytest.raises(ValueError, match="1 to 4 fp16 or bf16 tokens"):
+    with pytest.raises(ValueError, match="fp16 or bf16 tokens"):
         gm.gqsa_matmul(x.float(), module.qweight, module.scales.float(), module.zeros, module.group_index, pairs=True)
-    with pytest.raises(ValueError, match="1 to 4 fp16 or bf16 tokens"):
-        gm.gqsa_matmul(torch.cat([x, x]), module.qweight, module.scales, module.zeros, module.group_index, pairs=True)
 
 
 @pytest.mark.parametrize("split_k", [1, 3])
