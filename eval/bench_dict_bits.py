@@ -1,14 +1,15 @@
-"""Dictionary layers with float or int8 coefficients: bytes as served against perplexity.
+"""Dictionary layers with float or int8 coefficients and float or W8 atoms: bytes as served against perplexity.
 
     python -m compress.eval.bench_dict_bits --model models/SmolLM2-135M-Instruct.Q4_1.gguf \\
         --calib ../shared/data/wikitext2/valid.txt --eval ../shared/data/wikitext2/test.txt \\
         --out eval/results/dictionary/int8-coefficients
 
-For each method (rocket, cospadi) and ratio of values removed, one run with `coefficient_bits: 16`
-(coefficients in bf16) and one with 8 (int8 codes with a scale per row, the dictionary refit to
-them), dense statistics from `--num-samples` × `--seq-len` calibration tokens, every decoder
-Linear. Bytes are the decoder Linears' as served in bf16 (atoms, coefficients, scales, packed
-indices). Writes OUT/results.json and OUT/results.md and prints the table.
+For each method (rocket, cospadi) and ratio of values removed, one run per storage: coefficients
+and atoms in bf16; int8 coefficients (codes with a scale per row, the dictionary refit to them);
+int8 coefficients and W8 atoms (`atom_bits: 8`: groups of 64 columns with a scale and zero point);
+dense statistics from `--num-samples` × `--seq-len` calibration tokens, every decoder Linear.
+Bytes are the decoder Linears' as served in bf16 (atoms, coefficients, scales, packed indices).
+Writes OUT/results.json and OUT/results.md and prints the table.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ import time
 from pathlib import Path
 
 import torch
+
+
+# (coefficient_bits, atom_bits) of each run
+STORAGES = ((16, 16), (8, 16), (8, 8))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,16 +51,16 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for method in args.methods:
         for ratio in args.ratios:
-            for bits in (16, 8):
-                stage = {"method": method, "ratio": ratio, "coefficient_bits": bits, "targets": ["Linear"], "ignore": ["lm_head"]}
-                recipe = {"name": f"{method}-{round(100 * ratio)}-c{bits}", "calibration": calibration, "stages": [stage]}
+            for bits, atom_bits in STORAGES:
+                stage = {"method": method, "ratio": ratio, "coefficient_bits": bits, "atom_bits": atom_bits, "targets": ["Linear"], "ignore": ["lm_head"]}
+                recipe = {"name": f"{method}-{round(100 * ratio)}-c{bits}-a{atom_bits}", "calibration": calibration, "stages": [stage]}
                 start = time.perf_counter()
                 model, report = compress_model(copy.deepcopy(dense), recipe, dataset=args.calib, tokenizer=tokenizer, progress=False)
                 seconds = time.perf_counter() - start
                 ppl = perplexity(model, tokenizer, args.eval, seq_len=args.eval_seq_len, max_windows=args.max_windows, progress=False)
                 s = report["summary"]
                 row = {
-                    "method": method, "ratio": ratio, "coefficient_bits": bits, "perplexity": round(ppl.perplexity, 4),
+                    "method": method, "ratio": ratio, "coefficient_bits": bits, "atom_bits": atom_bits, "perplexity": round(ppl.perplexity, 4),
                     "values_removed": round(s["nominal_ratio_removed"], 4), "bytes_before": s["bytes_before"],
                     "bytes_after": s["bytes_after"], "bytes_removed": round(s["storage_ratio_removed"], 4),
                     "mean_weighted_error": s["mean_rel_weighted_error"], "compress_seconds": round(seconds, 1),
@@ -63,20 +68,21 @@ def main(argv: list[str] | None = None) -> None:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     lines = [
-        "| method | values removed | coefficients | bf16 bytes (decoder Linears) | bytes removed | weighted error | perplexity | s |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| method | values removed | coefficients | atoms | bf16 bytes (decoder Linears) | bytes removed | weighted error | perplexity | s |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         kind = "int8 + row scale" if r["coefficient_bits"] == 8 else "bf16"
+        atoms = "W8 g64" if r.get("atom_bits", 16) == 8 else "bf16"
         lines.append(
-            f"| {r['method']} | {100 * r['values_removed']:.1f}% | {kind} | {r['bytes_before'] / 1e6:.1f} → {r['bytes_after'] / 1e6:.1f} MB "
+            f"| {r['method']} | {100 * r['values_removed']:.1f}% | {kind} | {atoms} | {r['bytes_before'] / 1e6:.1f} → {r['bytes_after'] / 1e6:.1f} MB "
             f"| {100 * r['bytes_removed']:.1f}% | {r['mean_weighted_error']:.4f} | {r['perplexity']:.2f} | {r['compress_seconds']:.0f} |"
         )
     table = "\n".join(lines)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
-    (out / "results.md").write_text(f"# Dictionary coefficients in bf16 or int8 (perplexity on {args.max_windows} x {args.eval_seq_len} tokens)\n\n{table}\n")
+    (out / "results.md").write_text(f"# Dictionary coefficients and atoms in bf16 or 8 bits (perplexity on {args.max_windows} x {args.eval_seq_len} tokens)\n\n{table}\n")
     print(table)
 
 

@@ -39,6 +39,7 @@ from .runtime import (
     tl,
     triton,
 )
+from .int8_matmul import int8_matmul
 from .skinny_matmul import skinny_matmul
 
 if triton is not None:
@@ -361,24 +362,30 @@ def ell_matmul(
     return out
 
 
-def dict_matmul(x, atoms, values, packed_index, bits, bias=None, scales=None) -> torch.Tensor:
-    """y = x·(C·D)ᵀ + bias with D = atoms (k × in) and C given as ELL values (out × s; int8 codes
-    with `scales` per row) and bit-packed atom indices."""
-    return ell_matmul(skinny_matmul(x, atoms), values, packed_index, bits, bias, scales)
+def _project(module, x: torch.Tensor) -> torch.Tensor:
+    """h = x·Dᵀ: the skinny GEMM on float atoms, the W8 kernel on W8 ones (Int8Linear's layout)."""
+    store = module.atom_store()
+    if store.atom_bits == 8:
+        return int8_matmul(x, store.atom_codes, store.atom_scales, store.atom_zeros)
+    return skinny_matmul(x, store.atoms)
 
 
 def dict_refusal(module, x: torch.Tensor) -> str | None:
-    return launch_refusal(x, module.dictionary(), module.coef_values)
+    store = module.atom_store()
+    why = launch_refusal(x, store.atoms if store.atom_bits == 16 else store.atom_scales, module.coef_values)
+    if why is None and store.atom_bits == 8 and store.atom_group % 2:
+        why = f"W8 atoms in groups of {store.atom_group} (odd)"
+    return why
 
 
 def dict_forward_triton(module, x: torch.Tensor) -> torch.Tensor:
-    return dict_matmul(
-        x, module.dictionary(), module.coef_values, module.coef_index, module.index_bits, module.bias, module.coef_scales
-    )
+    return ell_matmul(_project(module, x), module.coef_values, module.coef_index, module.index_bits, module.bias, module.coef_scales)
 
 
 def dict_reference(module, x: torch.Tensor) -> torch.Tensor:
     """PyTorch reference: project on the atoms, then apply the dense coefficient matrix."""
-    atoms = module.dictionary().to(x.device)  # a group's owner may sit on another device (device_map)
+    store = module.atom_store()
+    atoms = store.atoms if store.atom_bits == 16 else expanded_weight(store, store.atom_scales.dtype, "atoms", store.dictionary)
+    atoms = atoms.to(x.device)  # a group's owner may sit on another device (device_map)
     coefficients = expanded_weight(module, module.coefficient_dtype, "coefficients", module.dense_coefficients)
     return torch.nn.functional.linear(torch.nn.functional.linear(x, atoms), coefficients, module.bias)

@@ -110,15 +110,19 @@ def _random_gqsa(m: int, k: int, group: int, kept: int, dtype) -> GQSALinear:
     return GQSALinear.from_codes(codes, scales, zeros, index, k, torch.randn(m).to(dtype)).to(DEVICE)
 
 
-def _random_dict(m: int, k: int, atoms: int, s: int, dtype, int8: bool = False) -> DictLinear:
+def _random_dict(m: int, k: int, atoms: int, s: int, dtype, int8: bool = False, w8_atoms: bool = False) -> DictLinear:
     index = torch.stack([torch.randperm(atoms)[:s] for _ in range(m)])
+    grid = None
+    if w8_atoms:  # the atoms as W8 groups of 32 columns (Int8Linear's layout): x·Dᵀ on the W8 kernel
+        codes, scales, zeros = quantize_groups(torch.randn(atoms, k), 8, 32)
+        grid = (codes, scales.to(dtype), zeros)
     if int8:  # int8 coefficient codes with a scale per row, and a bias
         codes = torch.randint(-127, 128, (m, s), dtype=torch.int8)
         return DictLinear.from_factors(
-            torch.randn(atoms, k).to(dtype), codes, index, torch.randn(m).to(dtype), scales=(torch.rand(m) / 64).to(dtype)
+            torch.randn(atoms, k).to(dtype), codes, index, torch.randn(m).to(dtype), scales=(torch.rand(m) / 64).to(dtype), atom_grid=grid
         ).to(DEVICE)
     return DictLinear.from_factors(
-        torch.randn(atoms, k).to(dtype), torch.randn(m, s).to(dtype), index, None
+        torch.randn(atoms, k).to(dtype), torch.randn(m, s).to(dtype), index, None, atom_grid=grid
     ).to(DEVICE)
 
 
@@ -156,6 +160,8 @@ def _modules(dtype):
         "dict k=300 (int16 index)": _random_dict(36, 64, 300, 5, dtype),
         "dict k=20": _random_dict(36, 64, 20, 20, dtype),
         "dict k=300 int8 coefficients": _random_dict(36, 64, 300, 5, dtype, int8=True),
+        "dict k=40 W8 atoms": _random_dict(36, 64, 40, 8, dtype, w8_atoms=True),
+        "dict k=300 W8 atoms, int8 coefficients": _random_dict(36, 64, 300, 5, dtype, int8=True, w8_atoms=True),
         "W8 g32": _random_int8(40, 96, 32, dtype),
         "W8 g16": _random_int8(24, 64, 16, dtype),
         "W3 g32": _random_lowbit(40, 96, 32, 3, dtype),

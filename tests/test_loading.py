@@ -16,14 +16,14 @@ from compress.modules import FORMATS, CompressedLinear
 from compress.report import compressed_modules
 from conftest import tiny_model
 
-RECIPE = {  # one stage per format: gqsa, dict, tile_sparse (one layer each), lowrank (attention), sparse_delta (one layer), lowbit (W3, one layer), sparse_bitmap (mlp), eora on block 1's attention;
+RECIPE = {  # one stage per format: gqsa, dict (W8 atoms), tile_sparse (one layer each), lowrank (attention), sparse_delta (one layer), lowbit (W3, one layer), sparse_bitmap (mlp), eora on block 1's attention;
     # int8: the (tied) embedding table, which the head reads
     "calibration": {"num_samples": 3, "seq_len": 32},
     "embeddings": {"bits": 8, "group_size": 32},
     "stages": [
         {"method": "sparsegpt", "ratio": 0.5, "pattern": "tile", "tile_rows": 16, "tile_cols": 32, "targets": ["model.layers.0.self_attn.o_proj"]},
         {"method": "gqsa", "ratio": 0.5, "group_size": 16, "targets": ["model.layers.0.mlp.down_proj"]},
-        {"method": "rocket", "ratio": 0.3, "targets": ["model.layers.0.mlp.up_proj"]},
+        {"method": "rocket", "ratio": 0.3, "atom_bits": 8, "targets": ["model.layers.0.mlp.up_proj"]},  # W8 atoms
         {"method": "whitened_svd", "ratio": 0.4, "targets": ["re:.*self_attn\\..*"]},
         {"method": "sparsegpt", "ratio": 0.5, "sparse_format": "delta", "targets": ["model.layers.0.mlp.gate_proj"]},
         {"method": "gptq", "bits": 3, "group_size": 32, "blocksize": 32, "targets": ["model.layers.1.mlp.down_proj"]},
@@ -48,6 +48,7 @@ def test_every_format_round_trips_through_from_pretrained(checkpoint):
     model, out = checkpoint
     formats = {m.format for m in compressed_modules(model).values()}
     assert formats == set(FORMATS) == {"gqsa", "dict", "lowrank", "sparse_bitmap", "eora", "tile_sparse", "sparse_delta", "int8", "lowbit"}
+    assert model.get_submodule("model.layers.0.mlp.up_proj").atom_bits == 8  # the dictionary's atoms as W8 codes
     ids = torch.randint(0, 300, (2, 16))
     auto = AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(auto(input_ids=ids).logits, model(input_ids=ids).logits)

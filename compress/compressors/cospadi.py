@@ -37,7 +37,7 @@ from .base import (
     register_compressor,
 )
 from .residual import ResidualOption
-from .rocket import DictionaryFactors, int8_coefficients, rocket_whitened
+from .rocket import AtomBitsOption, DictionaryFactors, int8_coefficients, rocket_whitened
 from .sparse_coding import (
     batch_omp,
     code_on_support,
@@ -53,7 +53,7 @@ from .whitening import WhitenedSpectrum
 logger = logging.getLogger("compress")
 
 
-class CoSpaDiConfig(ResidualOption, StageConfig):
+class CoSpaDiConfig(AtomBitsOption, ResidualOption, StageConfig):
     method: str = "cospadi"
     ratio: float = Field(gt=0.0, lt=1.0, description="fraction of the layer's (or group's) weights removed")
     ks: float = Field(default=2.0, ge=1.0, description="atoms per kept coefficient (1 = low rank)")
@@ -125,7 +125,9 @@ def cospadi_factorize(weights: list[torch.Tensor], grams: list[torch.Tensor], co
     factors, errors = cospadi_dictionary(stacked, gram, k, s, config, name)
     scales = factors.row_scales.split(out_f) if factors.row_scales is not None else [None] * len(weights)
     parts = zip(factors.values.split(out_f), factors.support.split(out_f), scales)
-    return [DictionaryFactors(factors.atoms, v, i, config.ks, factors.rel_weighted_error, sc) for v, i, sc in parts], errors
+    return [
+        DictionaryFactors(factors.atoms, v, i, config.ks, factors.rel_weighted_error, sc, factors.atom_grid) for v, i, sc in parts
+    ], errors
 
 
 @flush_denormals()
@@ -140,7 +142,11 @@ def cospadi_dictionary(weight: torch.Tensor, gram: torch.Tensor, k: int, s: int,
         residual = spectrum.a - dense_coefficients(values, support, k) @ atoms_w
         errors.append(float(residual.norm() / spectrum.a.norm().clamp_min(1e-30)))
     error = errors[-1] if scales is not None else min(errors)
-    return DictionaryFactors(atoms_w @ spectrum.white.s_inv, values, support, config.ks, error, scales), errors
+    factors = DictionaryFactors(atoms_w @ spectrum.white.s_inv, values, support, config.ks, error, scales)
+    if config.atom_bits == 8:
+        factors = factors.with_int8_atoms(spectrum.a, spectrum.white.s)
+        errors.append(factors.rel_weighted_error)
+    return factors, errors
 
 
 @register_compressor

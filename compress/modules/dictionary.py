@@ -10,8 +10,9 @@ forms Ŵ (out × in): y = (x·Dᵀ)·Cᵀ, where C is scattered to its dense (ou
 the PyTorch path.
 
 Coefficients are floats in the model's dtype, or (`coefficient_bits: 8`) int8 codes with one
-scale per row: in bf16 the coefficient values are most of a dictionary layer's bytes, and int8
-halves them.
+scale per row: int8 halves their bytes. Atoms likewise (`atom_bits: 8`): W8 codes in groups of
+`atom_group` input columns with a scale and zero point each, Int8Linear's storage, so x·Dᵀ runs
+on the W8 kernel; at k = 2s the atoms are two thirds of a square layer's values.
 
 Several layers may share one dictionary (CoSpaDi's group mode). Only the first layer of a group
 (the owner) stores the atoms; the others name it in their spec (`atoms_from`) and read its
@@ -59,6 +60,14 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 INDEX_ROWS = "words"  # spec "index_rows"; checkpoints without it padded rows to bytes only
 
 
+ATOM_GROUP = 64  # input columns per W8 atom group: the W8 layers' own size
+
+
+def atom_group_size(in_features: int) -> int:
+    """W8 atoms' group: ATOM_GROUP input columns, or the whole row where ATOM_GROUP does not divide it."""
+    return ATOM_GROUP if in_features % ATOM_GROUP == 0 else in_features
+
+
 def index_bytes(out_features: int, nnz_per_row: int, num_atoms: int) -> int:
     """Stored bytes of a layer's packed atom indices."""
     return out_features * packed_row_bytes(nnz_per_row, index_bits(num_atoms))
@@ -79,17 +88,30 @@ class DictLinear(CompressedLinear):
         device=None,
         atoms_from: str | None = None,
         coefficient_bits: int = 16,
+        atom_bits: int = 16,
+        atom_group: int | None = None,
     ):
         super().__init__(in_features, out_features, has_bias, dtype, device)
         if coefficient_bits not in (8, 16):
             raise ValueError(f"coefficient_bits must be 16 (floats) or 8 (int8 with a scale per row), got {coefficient_bits}")
+        if atom_bits not in (8, 16):
+            raise ValueError(f"atom_bits must be 16 (floats) or 8 (W8 groups with a scale and zero point), got {atom_bits}")
         self.num_atoms = num_atoms
         self.nnz_per_row = nnz_per_row
         self.atoms_from = atoms_from
         self.coefficient_bits = coefficient_bits
+        self.atom_bits = atom_bits
+        self.atom_group = (atom_group or atom_group_size(in_features)) if atom_bits == 8 else None
         self._owner: list[DictLinear] = []  # a plain list: the owner is not a submodule of this one
-        if atoms_from is None:
+        if atoms_from is None and atom_bits == 16:
             self.atoms = nn.Parameter(torch.empty(num_atoms, in_features, dtype=dtype, device=device), requires_grad=False)
+        elif atoms_from is None:  # W8 codes, Int8Linear's layout: (k, in/g, g), a scale and zero point per group
+            if in_features % self.atom_group:
+                raise ValueError(f"atom_group {self.atom_group} must divide in_features {in_features}")
+            groups = in_features // self.atom_group
+            self.register_buffer("atom_codes", torch.empty(num_atoms, groups, self.atom_group, dtype=torch.uint8, device=device))
+            self.atom_scales = nn.Parameter(torch.empty(num_atoms, groups, dtype=dtype, device=device), requires_grad=False)
+            self.register_buffer("atom_zeros", torch.empty(num_atoms, groups, dtype=torch.uint8, device=device))
         if coefficient_bits == 16:  # in the model's dtype
             self.coef_values = nn.Parameter(
                 torch.empty(out_features, nnz_per_row, dtype=dtype, device=device), requires_grad=False
@@ -113,19 +135,33 @@ class DictLinear(CompressedLinear):
         owner: DictLinear | None = None,
         owner_name: str | None = None,
         scales: torch.Tensor | None = None,
+        atom_grid: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> DictLinear:
         """Build from atoms (k × in), values and indices (out × s); with `owner`, share its atoms.
-        With `scales` (out,), `values` are int8 codes and a coefficient is code · scale of its row."""
-        num_atoms, in_features = (owner.num_atoms, owner.in_features) if owner is not None else atoms.shape
+        With `scales` (out,), `values` are int8 codes and a coefficient is code · scale of its row.
+        With `atom_grid` (W8 codes (k, in/g, g), scales and zero points (k, in/g)), the atoms are
+        stored as those codes (`atoms` is then unused and may be None)."""
+        if owner is not None:
+            num_atoms, in_features, atom_bits, atom_group = owner.num_atoms, owner.in_features, owner.atom_bits, owner.atom_group
+        elif atom_grid is not None:
+            codes = atom_grid[0]
+            num_atoms, in_features, atom_bits, atom_group = codes.shape[0], codes.shape[1] * codes.shape[2], 8, codes.shape[2]
+        else:
+            (num_atoms, in_features), atom_bits, atom_group = atoms.shape, 16, None
         dtype = values.dtype if scales is None else scales.dtype
         module = cls(
             in_features, values.shape[0], num_atoms, values.shape[1], bias is not None, dtype, values.device,
             atoms_from=owner_name if owner is not None else None, coefficient_bits=16 if scales is None else 8,
+            atom_bits=atom_bits, atom_group=atom_group,
         )  # fmt: skip
-        if owner is None:
-            module.atoms.data.copy_(atoms)
-        else:
+        if owner is not None:
             module.tie(owner)
+        elif atom_grid is not None:
+            module.atom_codes.copy_(atom_grid[0].to(torch.uint8))
+            module.atom_scales.data.copy_(atom_grid[1])
+            module.atom_zeros.copy_(atom_grid[2].to(torch.uint8))
+        else:
+            module.atoms.data.copy_(atoms)
         module.coef_values.data.copy_(values)
         if scales is not None:
             module.coef_scales.data.copy_(scales)
@@ -138,19 +174,31 @@ class DictLinear(CompressedLinear):
 
     def tie(self, owner: DictLinear) -> None:
         """Read atoms from `owner` (the layer that stores this group's dictionary)."""
-        if owner.atoms_from is not None or owner.num_atoms != self.num_atoms or owner.in_features != self.in_features:
-            raise ValueError(f"cannot share atoms with {owner!r}: not a dictionary owner of the same shape")
+        if (
+            owner.atoms_from is not None or owner.num_atoms != self.num_atoms or owner.in_features != self.in_features
+            or (owner.atom_bits, owner.atom_group) != (self.atom_bits, self.atom_group)
+        ):  # fmt: skip
+            raise ValueError(f"cannot share atoms with {owner!r}: not a dictionary owner of the same shape and storage")
         self._owner[:] = [owner]
 
-    def dictionary(self) -> torch.Tensor:
+    def atom_store(self) -> DictLinear:
+        """The layer that stores this layer's atoms: itself, or its group's owner."""
         if self.atoms_from is None:
-            return self.atoms
+            return self
         if not self._owner:
             raise RuntimeError(
                 f"this DictLinear shares the dictionary of {self.atoms_from!r} but was never tied to it; "
                 "load checkpoints with compress.load or AutoModelForCausalLM.from_pretrained after `import compress`"
             )
-        return self._owner[0].atoms
+        return self._owner[0]
+
+    def dictionary(self) -> torch.Tensor:
+        """The atoms (k × in) as floats: the stored ones, or the W8 codes dequantized (each call)."""
+        store = self.atom_store()
+        if store.atom_bits == 16:
+            return store.atoms
+        codes = store.atom_codes.to(store.atom_scales.dtype)
+        return ((codes - store.atom_zeros.to(codes.dtype)[..., None]) * store.atom_scales[..., None]).flatten(-2)
 
     def atom_index(self) -> torch.Tensor:
         """The (out × s) atom indices, unpacked."""
@@ -173,8 +221,11 @@ class DictLinear(CompressedLinear):
         return dense.scatter_(1, self.atom_index(), self.coefficients())
 
     def num_values(self) -> int:
-        """Atoms (the owner's), coefficients, their row scales and the bias (indices are metadata)."""
-        atoms = self.num_atoms * self.in_features if self.atoms_from is None else 0
+        """Atoms (the owner's; W8 ones with their scales and zero points), coefficients, their row
+        scales and the bias (indices are metadata)."""
+        atoms = 0
+        if self.atoms_from is None:
+            atoms = self.num_atoms * self.in_features + (2 * self.atom_scales.numel() if self.atom_bits == 8 else 0)
         scales = self.out_features if self.coef_scales is not None else 0
         return atoms + self.coef_values.numel() + scales + (self.out_features if self.bias is not None else 0)
 
@@ -191,6 +242,8 @@ class DictLinear(CompressedLinear):
         }  # fmt: skip
         if self.coefficient_bits != 16:
             spec["coefficient_bits"] = self.coefficient_bits
+        if self.atom_bits != 16:
+            spec["atom_bits"], spec["atom_group"] = self.atom_bits, self.atom_group
         if self.atoms_from is not None:
             spec["atoms_from"] = self.atoms_from
         return spec
@@ -205,6 +258,7 @@ class DictLinear(CompressedLinear):
         module = cls(
             spec["in_features"], spec["out_features"], spec["num_atoms"], spec["nnz_per_row"], spec["bias"],
             dtype, device, atoms_from=spec.get("atoms_from"), coefficient_bits=spec.get("coefficient_bits", 16),
+            atom_bits=spec.get("atom_bits", 16), atom_group=spec.get("atom_group"),
         )  # fmt: skip
         if spec.get("index_rows") != INDEX_ROWS:  # rows of whole bytes: loaded as stored, padded by after_loading
             row_bytes = (module.nnz_per_row * module.index_bits + 7) // 8
@@ -223,6 +277,7 @@ class DictLinear(CompressedLinear):
     def extra_repr(self) -> str:
         shared = f", atoms_from={self.atoms_from}" if self.atoms_from else ""
         bits = f", coefficient_bits={self.coefficient_bits}" if self.coefficient_bits != 16 else ""
+        bits += f", atom_bits=8, atom_group={self.atom_group}" if self.atom_bits == 8 else ""
         return super().extra_repr() + f", atoms={self.num_atoms}, nnz_per_row={self.nnz_per_row}{shared}{bits}"
 
 
