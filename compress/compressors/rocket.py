@@ -184,16 +184,17 @@ def int8_coefficients(a: torch.Tensor, values: torch.Tensor, support: torch.Tens
 
 
 def rocket_step(
-    spec: WhitenedSpectrum, k: int, s: int, alpha: float, ridge: float, ks: float, coefficient_bits: int = 16, atom_bits: int = 16
+    spec: WhitenedSpectrum, k: int, s: int, alpha: float, ridge: float, ks: float, coefficient_bits: int = 16
 ) -> DictionaryFactors:
     """ROCKET's factors (atoms mapped back to the original space) for k atoms, s per row."""
     atoms_w, values, support, error, scales = rocket_whitened(spec, k, s, alpha, ridge, coefficient_bits)
-    factors = DictionaryFactors(atoms_w @ spec.white.s_inv, values, support, ks, error, scales)
-    return factors.with_int8_atoms(spec.a, spec.white.s) if atom_bits == 8 else factors
+    return DictionaryFactors(atoms_w @ spec.white.s_inv, values, support, ks, error, scales)
 
 
 def rocket_best(spec: WhitenedSpectrum, ratio: float, config: RocketConfig) -> DictionaryFactors:
-    """The candidate ks with the lowest calibration-weighted error at this ratio."""
+    """The candidate ks with the lowest calibration-weighted error at this ratio (W8 atoms: chosen
+    with float atoms, then quantized once; 8 bits move the error little, and one GPTQ sweep per
+    candidate doubled the compression time)."""
     out_f, in_f = spec.a.shape
     best, reasons = None, []
     multiple = coefficient_row_multiple(config.coefficient_bits)
@@ -203,12 +204,12 @@ def rocket_best(spec: WhitenedSpectrum, ratio: float, config: RocketConfig) -> D
         except LlmpressError as err:
             reasons.append(str(err))
             continue
-        factors = rocket_step(spec, k, s, config.alpha, config.ridge, ks, config.coefficient_bits, config.atom_bits)
+        factors = rocket_step(spec, k, s, config.alpha, config.ridge, ks, config.coefficient_bits)
         if best is None or factors.rel_weighted_error < best.rel_weighted_error:
             best = factors
     if best is None:
         raise LlmpressError("; ".join(reasons))
-    return best
+    return best.with_int8_atoms(spec.a, spec.white.s) if config.atom_bits == 8 else best
 
 
 @register_compressor
