@@ -487,9 +487,10 @@ def test_gqsa_pair_kernel_every_code_group_size_tokens_and_split(group):
         for dtype in (torch.float16, torch.bfloat16):
             module = GQSALinear.from_codes(codes, (torch.rand(33, kept) * 0.1 + 0.01).to(dtype), zeros, index, k, torch.randn(33).to(dtype)).to(DEVICE)
             assert (module.group_index is None) == all_groups
-            # (the interpreter's cost grows with the group: the larger ones take fewer cases)
-            cases = ((1, 1), (1, 2), (2, 2), (3, 1), (4, 2), (5, 1), (7, 2), (16, 1)) if group <= 32 else ((1, 2), (4, 1), (5, 2))
-            for tokens, split_k in cases:
+            # (the interpreter's cost grows with the group and the tokens: the token groups are spread over the sizes)
+            groups_case = {8: (16, 1), 16: (7, 2), 32: (5, 1), 64: (5, 2), 128: (1, 2)}[group]
+            cases = ((1, 1), (1, 2), (2, 2), (3, 1), (4, 2)) if group <= 32 else ((4, 1),)
+            for tokens, split_k in cases + (groups_case,):
                 x = (torch.randn(tokens, k) * torch.logspace(-2, 1, k)).to(dtype).to(DEVICE)
                 ref = torch.nn.functional.linear(x.double(), module.to_dense().double(), module.bias.double())
                 y = gm.gqsa_matmul(x, module.qweight, module.scales, module.zeros, module.group_index, module.bias, split_k=split_k, pairs=True)
