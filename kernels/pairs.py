@@ -1,5 +1,6 @@
-"""One token on CUDA cores, two weights per instruction: what the W3/W2 (lowbit_matmul) and the
-group-sparse W4 (gqsa_matmul) one-token kernels share.
+"""Decode on CUDA cores, two weights per instruction: what the W3/W2 (lowbit_matmul) and the
+group-sparse W4 (gqsa_matmul) pair kernels share (a program takes one token, or up to four for W4
+sharing the dequantization; more tokens go in token groups side by side in one launch).
 
 A 32-bit word of b-bit codes (b = 2: W3/W2's low bits, b = 4: W4) holds its 32/b columns at bits
 b·c. Masking it with (2^b − 1)·0x00010001 << b·p, after a shift by 8s, leaves columns (i, w/2 + i)
