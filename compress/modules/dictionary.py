@@ -29,6 +29,7 @@ from torch import nn
 from ..kernels import dispatch
 from ..kernels.ell_matmul import packed_row_bytes
 from .base import CompressedLinear, register_format
+from .int8 import dequantize_groups
 
 
 def index_bits(num_atoms: int) -> int:
@@ -197,8 +198,7 @@ class DictLinear(CompressedLinear):
         store = self.atom_store()
         if store.atom_bits == 16:
             return store.atoms
-        codes = store.atom_codes.to(store.atom_scales.dtype)
-        return ((codes - store.atom_zeros.to(codes.dtype)[..., None]) * store.atom_scales[..., None]).flatten(-2)
+        return dequantize_groups(store.atom_codes, store.atom_scales, store.atom_zeros)
 
     def atom_index(self) -> torch.Tensor:
         """The (out × s) atom indices, unpacked."""

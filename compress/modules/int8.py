@@ -18,6 +18,13 @@ from ..kernels import dispatch
 from .base import CompressedLinear, register_format
 
 
+def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """(rows, groups·g) values in the scales' dtype of W8 codes (rows, groups, g) with a scale and
+    zero point per group (rows, groups): Int8Linear's rows, DictLinear's W8 atoms."""
+    values = codes.to(scales.dtype)
+    return ((values - zeros.to(scales.dtype)[..., None]) * scales[..., None]).flatten(-2)
+
+
 @register_format
 class Int8Linear(CompressedLinear):
     format = "int8"
@@ -46,9 +53,7 @@ class Int8Linear(CompressedLinear):
 
     def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """(n, in) dequantized rows `rows` (an embedding lookup reads only these)."""
-        codes = self.qweight[rows].to(self.scales.dtype)
-        values = (codes - self.zeros[rows].to(self.scales.dtype)[..., None]) * self.scales[rows][..., None]
-        return values.flatten(-2)
+        return dequantize_groups(self.qweight[rows], self.scales[rows], self.zeros[rows])
 
     def to_dense(self) -> torch.Tensor:
         return self.dequantize_rows(torch.arange(self.out_features, device=self.qweight.device))
