@@ -79,6 +79,26 @@ def w4_tensor_cores(weight: torch.Tensor, group: int) -> W4TensorCoresAtOneToken
     return module
 
 
+class GQSAPairsAtEveryCount(GQSALinear):
+    """Group-sparse W4 served by the pair kernel at every token count (token groups of up to four
+    beyond four): from DOT_MIN_TOKENS tokens gqsa_matmul takes tensor cores instead (0.44 against
+    1.1 warp-instructions per weight byte at 16 tokens, g = 16, a static estimate); this case
+    times the path it does not take."""
+
+    kernel_label = "triton_gqsa (pair kernel at every count)"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from compress.kernels.gqsa_matmul import gqsa_matmul
+
+        return gqsa_matmul(x, self.qweight, self.scales, self.zeros, self.group_index, self.bias, dot=False)
+
+
+def gqsa_pairs(weight: torch.Tensor, group: int, keep_fraction: float) -> GQSAPairsAtEveryCount:
+    module = random_gqsa(weight, group, keep_fraction)
+    module.__class__ = GQSAPairsAtEveryCount  # the same storage, the other kernel
+    return module
+
+
 def quantized(weight: torch.Tensor, bits: int, group: int) -> Int8Linear | LowBitLinear:
     """W8 or W3/W2 of the weight by round-to-nearest (one range per group: a speed fixture)."""
     grid = quantize_groups(weight.float(), bits, group, shrink_steps=1)
@@ -124,6 +144,7 @@ def cases(sparsities: list[float], tile: int) -> list[Case]:
     out.append(Case("W4 g128", lambda w: random_gqsa(w, 128, 1.0), "ours"))
     out.append(Case("W4 g128 tensor cores", lambda w: w4_tensor_cores(w, 128), "ours"))
     out.append(Case("GQSA W4S50 g16", lambda w: random_gqsa(w, 16, 0.5), "ours"))
+    out.append(Case("GQSA W4S50 g16 pair kernel", lambda w: gqsa_pairs(w, 16, 0.5), "ours"))
     for bits in (8, 3, 2):
         out.append(Case(f"W{bits} g64", lambda w, bits=bits: quantized(w, bits, 64), "ours"))
     out.append(Case("low-rank 30%", lambda w: random_lowrank(w, 0.3), "ours"))

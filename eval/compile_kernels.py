@@ -110,10 +110,10 @@ def builds(dtype: str = "fp16") -> list[Build]:
     from compress.kernels.pairs import LANES as GQSA_LANES, token_groups
 
     for group, all_groups, tokens in ((128, False, 1), (16, False, 1), (128, True, 1), (64, True, 1), (32, True, 1), (128, False, 2),
-                                      (16, False, 2), (128, False, 4), (16, False, 4), (128, False, 16), (16, False, 16)):  # fmt: skip
+                                      (16, False, 2), (128, False, 4), (16, False, 4)):  # fmt: skip
         # the activations as prepared fp16 pairs (int32), four lanes a row, one kept group each a pass; every group
-        # kept (plain W4, no index): what int4_matmul sends one token to. More than four tokens: groups of up to
-        # four, each a program over the same rows, so each HBM byte is worked on once per group
+        # kept (plain W4, no index): what int4_matmul sends one token to. From DOT_MIN_TOKENS tokens the tensor-core
+        # kernel below serves (groups of 8, or indices that do not ascend: token groups of up to four here)
         per_group, groups = token_groups(tokens, PAIR_GROUP_TOKENS)
         out.append(Build(
             f"gqsa g{group} N{tokens} BM64 ({'W4, no index; ' if all_groups else ''}{GQSA_LANES} lanes a row, PTX pairs"
@@ -128,6 +128,21 @@ def builds(dtype: str = "fp16") -> list[Build]:
         ))  # fmt: skip
     from compress.kernels.int4_matmul import step_groups
 
+    for group in (128, 64, 32, 16):
+        # five tokens and more: tensor cores over every column group of a row tile, a row's kept groups found on the
+        # way (ascending indices), zeros where it kept none; judged at half the groups kept (GQSA W4S50)
+        step = step_groups(group, 256)
+        out.append(Build(
+            f"gqsa g{group} N16 BM64 BN16 (tensor cores, half the groups kept" + (f", {step} groups a step)" if step > 1 else ")"),
+            "gqsa_matmul:_gqsa_dot_kernel",
+            {"x_ptr": p, "w_ptr": "*i32", "s_ptr": "*i16", "z_ptr": "*u8", "b_ptr": p, "y_ptr": p,
+             **_ints("M", "N", "GROUPS", "GROUPS_PER_SPLIT", "stride_xn", "stride_yn", "stride_ys"), "g_ptr": "*i16", "bits_ptr": "*i32",
+             **_ints("KEPT", "BIT_WORDS")},
+            {"HAS_BIAS": False, "PTX": True, "DOT_FP32": False, "GROUP": group, "STEP_GROUPS": step, "BLOCK_M": 64, "BLOCK_N": 16,
+             "SEARCH": 8},
+            {"num_warps": 4, "num_stages": 1}, aligned=("M", "GROUPS", "GROUPS_PER_SPLIT", "stride_xn", "stride_yn", "stride_ys", "KEPT"),
+            weight_bytes=64 * step * 0.5 * (group // 2 + 2 + 1 + 2),  # codes, scale, zero, group index of the kept half
+        ))  # fmt: skip
     for group in (128, 64, 32, 16):
         step = step_groups(group, 256)
         out.append(Build(

@@ -12,12 +12,19 @@ under the exponent of 1024, a packed subtract of 1024 + 16^p·zero, a packed FMA
 activation pairs), fp16 sums over a word's eight products, fp32 beyond (4e-4 relative error
 against the exact dot product in the emulated PTX, g = 128): 0.151–0.160 warp-instructions per
 weight byte on sm_90 at one token, every group kept or not. A program takes up to four tokens
-(the dequantization shared, a packed FMA per two weights and token: 0.27 at four); more go in
-groups of four side by side in one launch. Rows keep different groups, so a warp's rows read
-their activations from different places (L1 traffic the static budget does not count), and
-tensor cores (which need one operand shared by the tile's rows) do not apply: on CUDA cores a
-token costs at least half a packed FMA per weight, so beyond about four tokens no kernel of this
-format stays within Hopper's 0.218 warp-instructions per weight byte (16 tokens: about 1.1).
+(the dequantization shared, a packed FMA per two weights and token: 0.27 at four). Rows keep
+different groups, so a warp's rows read their activations from different places (L1 traffic the
+static budget does not count); on CUDA cores a token costs at least half a packed FMA per weight,
+so 16 tokens in four groups of four cost about 1.1 warp-instructions per weight byte.
+
+Five tokens and more (`_gqsa_dot_kernel`, fp16/bf16, groups of 16 columns or more): tensor
+cores, which need one operand shared by a tile's rows, so the tile is dense: `_int4_kernel`'s loop
+over every column group, each row's kept groups found on the way from a bit per column group
+(`kept_group_bits`, cached per module) and its slots in ascending order. A row that did not keep
+a group loads nothing for it and dequantizes zeros: the instructions are those of plain W4 over
+the dense shape, 0.42–0.46 warp-instructions per weight byte at half the groups kept, at any
+token count up to the tile's 16 (64 with wider tiles), where the pair kernel's groups took 1.1 at
+16. Four tokens and fewer stay on the pair kernel (0.27 at four).
 
 fp32 layers and groups under 8 columns (`_gqsa_kernel`): each row reads its own group's
 contiguous activation columns, the products on CUDA cores, each lane keeping partial sums over
@@ -30,16 +37,21 @@ from __future__ import annotations
 
 import torch
 
+from .int4_matmul import step_groups
 from .pairs import half_to_float, lane_groups, launch_pair_kernel, offsets_program, pair_sum, program_work, split2, split4, store_rows
 from .runtime import (
     SplitK,
+    cached_on,
     check_launch,
     flat_tokens,
     interpreting,
+    launch_group_dot,
     launch_refusal,
     next_pow2,
     output_like,
+    ptx_applies,
     split_k_plan,
+    storage_key,
     tl,
     triton,
 )
@@ -117,6 +129,8 @@ def _w4_pairs_program(tokens: int = 1) -> str:
 
 
 if triton is not None:
+    from .int4_matmul import _NEG_BF16_BIAS2, _NEG_FP16_BIAS2, dequant_words, dequant_words_ptx
+
     W4_PAIRS = tl.constexpr(_w4_pairs_program())
     W4_PAIRS_2 = tl.constexpr(_w4_pairs_program(2))
     W4_PAIRS_3 = tl.constexpr(_w4_pairs_program(3))
@@ -281,12 +295,93 @@ if triton is not None:
             store_rows(r3, amax_ptr + 3, b_ptr, y_ptr + 3 * stride_yt, rm, M, first + 3, N, stride_ys, HAS_BIAS, GROUPED)
 
 
+    @triton.jit
+    def kept_before(g_ptr, base, KEPT, column_group, SEARCH: tl.constexpr):
+        """Per row: how many of its kept groups (ascending indices at g_ptr + base) lie before
+        `column_group`, by a branchless binary search of SEARCH probes (2^SEARCH > KEPT): the slot
+        where a split-K program starting there finds the row's next kept group."""
+        count = base * 0
+        for b in tl.static_range(SEARCH):
+            probe = count + (1 << (SEARCH - 1 - b))
+            ahead = tl.load(g_ptr + base + probe - 1, mask=probe <= KEPT, other=column_group).to(tl.int32)
+            count = tl.where(ahead < column_group, probe, count)
+        return count
+
+    @triton.jit
+    def _gqsa_dot_kernel(
+        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+        M, N, GROUPS, GROUPS_PER_SPLIT, stride_xn, stride_yn, stride_ys, g_ptr, bits_ptr, KEPT, BIT_WORDS,
+        HAS_BIAS: tl.constexpr, PTX: tl.constexpr, DOT_FP32: tl.constexpr, GROUP: tl.constexpr,
+        STEP_GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEARCH: tl.constexpr,
+    ):  # fmt: skip
+        """`_int4_kernel` over every column group, each row's kept groups found on the way: w_ptr
+        the codes as int32 words (M, KEPT, g/8), g_ptr the ascending group indices (M, KEPT),
+        bits_ptr which column groups each row keeps (M, BIT_WORDS) int32 (`kept_group_bits`),
+        s_ptr the scales (an int16 view on the PTX path), z_ptr the zero points. A row that did not
+        keep a column group loads nothing for it (masked: no HBM traffic) and its tile columns
+        dequantize to exact zeros (code 0, zero point 0, scale 0)."""
+        WORDS: tl.constexpr = GROUP // 8
+        STEP: tl.constexpr = STEP_GROUPS * GROUP
+        BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
+        tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and STEP >= 16, "tl.dot needs tiles of at least 16")
+        tl.static_assert(32 % STEP_GROUPS == 0, "a step's bits lie in one 32-bit word")
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = rm < M
+        n_ok = rn < N
+        rows = tl.minimum(rm, M - 1)  # rows past M repeat row M − 1 and are never stored
+        base = rows * KEPT
+        in_step = tl.arange(0, STEP_GROUPS)
+        word = tl.arange(0, WORDS)
+        cols = tl.arange(0, STEP)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        g_start = pid_k * GROUPS_PER_SPLIT
+        # per row: the slot of its first kept group at or after the step (the indices ascend)
+        next_slot = kept_before(g_ptr, base, KEPT, g_start, SEARCH)
+        for g in range(g_start, tl.minimum(g_start + GROUPS_PER_SPLIT, GROUPS), STEP_GROUPS):
+            # the step's bits: group g + i kept, at the slot after the row's kept groups before it
+            chunk = (tl.load(bits_ptr + rows * BIT_WORDS + g // 32) >> (g % 32)) & ((1 << STEP_GROUPS) - 1)
+            kept = (chunk[:, None] >> in_step[None, :]) & 1  # (BLOCK_M, STEP_GROUPS)
+            if STEP_GROUPS == 1:
+                slot = next_slot[:, None]
+            else:
+                slot = next_slot[:, None] + tl.cumsum(kept, axis=1) - kept
+            next_slot += tl.sum(kept, axis=1)
+            present = kept != 0
+            where = base[:, None] + slot
+            words = tl.load(w_ptr + where[:, :, None] * WORDS + word[None, None, :], mask=present[:, :, None], other=0)
+            zero = tl.load(z_ptr + where, mask=present, other=0).to(tl.int32)
+            if PTX:
+                scale_bits = tl.load(s_ptr + where, mask=present, other=0).to(tl.uint16, bitcast=True).to(tl.int32)
+                neg_base2 = zero * 0x10001 + (_NEG_BF16_BIAS2 if BF16 else _NEG_FP16_BIAS2)
+                w = dequant_words_ptx(words, neg_base2[:, :, None], (scale_bits * 0x10001)[:, :, None], BF16)
+            else:
+                scale = tl.load(s_ptr + where, mask=present, other=0.0).to(tl.float32)
+                w = dequant_words(words, zero.to(tl.float32)[:, :, None], scale[:, :, None])
+            w = tl.reshape(w, (BLOCK_M, STEP))
+            x = tl.load(x_ptr + rn[None, :] * stride_xn + (g * GROUP + cols)[:, None], mask=n_ok[None, :], other=0.0)
+            if DOT_FP32:
+                acc += tl.dot(w.to(tl.float32), x.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(w.to(x.dtype), x)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rm, mask=m_ok, other=0.0).to(tl.float32)[:, None]
+        y_offsets = pid_k * stride_ys + rn[None, :] * stride_yn + rm[:, None]
+        tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
 # tokens one program of the pair kernel takes: the dequantization is shared and each token adds
 # one packed FMA per two weights; at 4 tokens sm_90 issues 0.27 warp-instructions per weight byte
-# (see compile_kernels). More tokens go in groups of up to four side by side in one launch, each
-# group a program over the same rows (the bytes from L2 after the first): 16 tokens cost about
-# four times 0.27, where `_gqsa_kernel` took 4.2–6.7.
+# (see compile_kernels). Where tensor cores do not serve more (groups of 8, indices that do not
+# ascend), they go in groups of up to four side by side in one launch, each group a program over
+# the same rows (the bytes from L2 after the first): 16 tokens cost about four times 0.27.
 PAIR_GROUP_TOKENS = 4
+# from this many fp16/bf16 tokens the tensor-core kernel serves (every column group of a row
+# tile dequantized, zeros where a row did not keep it, one `tl.dot` a step): 0.42–0.46 per weight
+# byte at half the groups kept, against two token groups' 0.45–0.55 at 5–8 tokens
+DOT_MIN_TOKENS = 5
 
 
 def gqsa_tiles(n: int, half: int) -> tuple[int, int]:
@@ -308,12 +403,18 @@ def gqsa_matmul(
     split_k: int | None = None,
     pairs: bool | None = None,
     ptx: bool | None = None,
+    dot: bool | None = None,
+    ascending: bool | None = None,
+    bits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x·Ŵᵀ + bias for GQSALinear's storage: qweight (M, kept, g/2) uint8, scales (M, kept),
     zeros (M, kept) uint8, group_index (M, kept) integer, or None when every group is kept in
-    column order; x (..., K) -> (..., M). fp16/bf16 tokens go to `_gqsa_gemv_kernel` in groups
-    of up to PAIR_GROUP_TOKENS (its PTX pairs on a GPU; `pairs` and `ptx` override), fp32 ones
-    and groups under 8 columns to `_gqsa_kernel`."""
+    column order; x (..., K) -> (..., M). More than DOT_MIN_TOKENS - 1 fp16/bf16 tokens go to
+    tensor cores (`_gqsa_dot_kernel`; groups of 16 columns or more, each row's indices ascending:
+    `ascending` says so, else it is checked here, a device sync), fewer to `_gqsa_gemv_kernel` in
+    groups of up to PAIR_GROUP_TOKENS (its PTX pairs on a GPU), fp32 ones and groups under 8
+    columns to `_gqsa_kernel`; `dot`, `pairs` and `ptx` override. `bits`: `kept_group_bits` of
+    the index, when the caller keeps them (else they are built per call)."""
     all_groups = group_index is None
     group_index = scales if all_groups else group_index  # an unread pointer when there is no index
     check_launch(x, qweight, scales, zeros, group_index)
@@ -338,8 +439,16 @@ def gqsa_matmul(
     out = output_like(x, m)
     if n == 0:
         return out
+    half_floats = x.dtype in (torch.float16, torch.bfloat16)
+    if dot is None:
+        dot = half_floats and n >= DOT_MIN_TOKENS and group >= 16 and (all_groups or ascending is not False)
+        if dot and not all_groups and ascending is None:
+            dot = bool((group_index[:, 1:] > group_index[:, :-1]).all())
+    if dot:
+        dot_matmul(x, x2, out, qweight, scales, zeros, None if all_groups else group_index, bias, split_k, ptx, bits)
+        return out
     if pairs is None:
-        pairs = x.dtype in (torch.float16, torch.bfloat16) and group >= 8
+        pairs = half_floats and group >= 8
     if pairs:
         pair_matmul(x2, out, qweight, scales, zeros, None if all_groups else group_index, bias, split_k, ptx)
         return out
@@ -358,6 +467,43 @@ def gqsa_matmul(
     )  # fmt: skip
     split.finish(bias)
     return out
+
+
+def dot_matmul(
+    x, x2, out, qweight, scales, zeros, group_index, bias, split_k: int | None, ptx: bool | None, bits: torch.Tensor | None = None
+) -> None:
+    """`_gqsa_dot_kernel` for tokens x2 (T, K) into out: GQSALinear's storage with each row's
+    group indices ascending (group_index None: every group kept in order, indices 0..K/g − 1)."""
+    m, kept, half = qweight.shape
+    group = 2 * half
+    if group < 16:
+        raise ValueError(f"the tensor-core kernel needs groups of 16 columns or more, got {group}")
+    if ptx is None:
+        ptx = ptx_applies(x, scales.dtype)
+    elif ptx and (x.dtype not in (torch.float16, torch.bfloat16) or scales.dtype != x.dtype):
+        raise ValueError(f"the PTX dequantization needs fp16 or bf16 inputs and scales of the same dtype, got {x.dtype} and {scales.dtype}")
+    groups = x2.shape[1] // group
+    if group_index is None:
+        group_index = torch.arange(kept, device=x.device, dtype=torch.int16).expand(m, kept).contiguous()
+    if bits is None:
+        bits = kept_group_bits(group_index, groups)
+    launch_group_dot(
+        _gqsa_dot_kernel, x, x2, out, qweight.view(torch.int32), scales.view(torch.int16) if ptx else scales, zeros, bias, group,
+        split_k, step=(step := step_groups(group, groups)), g_ptr=group_index, bits_ptr=bits, KEPT=kept, BIT_WORDS=bits.shape[1],
+        PTX=ptx, STEP_GROUPS=step, SEARCH=kept.bit_length(),
+    )  # fmt: skip
+
+
+def kept_group_bits(group_index: torch.Tensor, groups: int) -> torch.Tensor:
+    """(M, ceil(groups / 32)) int32: bit j % 32 of word j // 32 set where the row keeps column
+    group j. What the tensor-core kernel walks instead of the indices (cached per module: 4 bytes
+    per 32 column groups of a row, 0.4% of the codes at g = 16 and half the groups kept)."""
+    m = group_index.shape[0]
+    words = -(-groups // 32)
+    kept = torch.zeros(m, words * 32, dtype=torch.int64, device=group_index.device)
+    kept.scatter_(1, group_index.long(), 1)
+    packed = (kept.view(m, words, 32) << torch.arange(32, device=kept.device)).sum(-1)
+    return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32).contiguous()
 
 
 def pair_matmul(x2, out, qweight, scales, zeros, group_index, bias, split_k: int | None, ptx: bool | None) -> None:
@@ -380,6 +526,23 @@ def gqsa_refusal(module, x: torch.Tensor) -> str | None:
     return why
 
 
+def _dot_bits(module) -> torch.Tensor | None:
+    """`kept_group_bits` of a group-sparse module whose indices ascend in every row (None when
+    they do not: the tensor-core kernel cannot walk them); cached on the module."""
+
+    def build() -> torch.Tensor | None:
+        index = module.group_index
+        if not bool((index[:, 1:] > index[:, :-1]).all()):
+            return None
+        return kept_group_bits(index, module.in_features // module.group_size)
+
+    return cached_on(module, "_gqsa_dot_bits", storage_key(module.group_index), build)
+
+
 def gqsa_forward_triton(module, x: torch.Tensor) -> torch.Tensor:
-    return gqsa_matmul(x, module.qweight, module.scales, module.zeros, module.group_index, module.bias)
+    bits = None
+    if module.group_index is not None and x.numel() >= DOT_MIN_TOKENS * x.shape[-1]:
+        bits = _dot_bits(module)
+    ascending = module.group_index is None or bits is not None
+    return gqsa_matmul(x, module.qweight, module.scales, module.zeros, module.group_index, module.bias, ascending=ascending, bits=bits)
 

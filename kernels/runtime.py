@@ -323,9 +323,9 @@ def launch_group_dot(
 ) -> None:  # fmt: skip
     """Launch a group-quantized tensor-core kernel (W4 `_int4_kernel`, W8 `_int8_dot_kernel`, W3/W2
     `_lowbit_dot_kernel`: the same arguments, plus the kernel's own constexprs in `meta`) over
-    (out_features × groups) codes: 64-row tiles, split-K over the K steps of `step` groups each
-    (`step` divides the groups)."""
-    m, groups = scales.shape
+    (out_features × K/group) codes: 64-row tiles, split-K over the K steps of `step` groups each
+    (`step` divides K/group)."""
+    m, groups = scales.shape[0], x2.shape[1] // group
     n = x2.shape[0]
     block_m = 32 if interpreting() else 64
     block_n = token_block(n)

@@ -499,6 +499,47 @@ def test_gqsa_pair_kernel_every_code_group_size_tokens_and_split(group):
         gm.gqsa_matmul(x.float(), module.qweight, module.scales.float(), module.zeros, module.group_index, pairs=True)
 
 
+@pytest.mark.parametrize("group,groups,kept", [(16, 40, 20), (32, 6, 3), (64, 5, 2), (128, 3, 1), (16, 8, 8)])
+def test_gqsa_tensor_core_kernel_walks_each_rows_kept_groups(monkeypatch, group, groups, kept):
+    """Five tokens and more on tensor cores: every column group of a row tile, each row's kept
+    groups found from its bits (40 groups: two bit words, split-K programs starting mid-word,
+    their first slot found by binary search), rows that keep the first or the last groups only,
+    every group kept through an index, 5–64 tokens, fp16/bf16, ragged rows; the module sends 16
+    tokens there and fewer, or indices that do not ascend, to the pair kernel."""
+    from compress.kernels import gqsa_matmul as gm
+
+    torch.manual_seed(group + kept)
+    m, k = 37, group * groups
+    codes = torch.randint(0, 16, (m, kept, group))
+    index = torch.stack([torch.randperm(groups)[:kept] for _ in range(m)])  # unsorted: from_codes stores them ascending
+    index[0], index[1] = torch.arange(kept), torch.arange(groups - kept, groups)
+    bits = gm.kept_group_bits(index, groups)
+    assert bits.dtype == torch.int32 and bits.shape == (m, -(-groups // 32))
+    unpacked = (bits[:, :, None].long() >> torch.arange(32)) & 1
+    assert torch.equal(unpacked.flatten(1)[:, :groups].bool(), torch.zeros(m, groups, dtype=torch.bool).scatter(1, index, True))
+    for dtype in (torch.float16, torch.bfloat16):
+        module = GQSALinear.from_codes(codes, (torch.rand(m, kept) * 0.1 + 0.01).to(dtype), torch.randint(0, 16, (m, kept)), index, k, torch.randn(m).to(dtype)).to(DEVICE)
+        assert module.group_index is None or bool((module.group_index[:, 1:] > module.group_index[:, :-1]).all())
+        for tokens, split_k in ((5, 1), (16, 3), (64, 2)):
+            x = (torch.randn(tokens, k) * torch.logspace(-2, 1, k)).to(dtype).to(DEVICE)
+            ref = torch.nn.functional.linear(x.double(), module.to_dense().double(), module.bias.double())
+            y = gm.gqsa_matmul(x, module.qweight, module.scales, module.zeros, module.group_index, module.bias, split_k=split_k, dot=True)
+            assert y.dtype == dtype and rel_err(y, ref) < TOLERANCE[dtype], (dtype, tokens, split_k)
+    ran = []
+    for name in ("dot_matmul", "pair_matmul"):
+        monkeypatch.setattr(gm, name, lambda *a, _name=name, _f=getattr(gm, name), **kw: ran.append(_name) or _f(*a, **kw))
+    x = torch.randn(16, k, device=DEVICE).to(dtype)
+    y = gm.gqsa_forward_triton(module, x)
+    gm.gqsa_forward_triton(module, x[:4])
+    assert ran == ["dot_matmul", "pair_matmul"]
+    if kept > 1 and module.group_index is not None:  # indices that do not ascend (an edited module): the pair kernel
+        module.group_index.copy_(module.group_index.flip(1))
+        module.qweight.copy_(module.qweight.flip(1))
+        module.scales.data.copy_(module.scales.flip(1))
+        module.zeros.copy_(module.zeros.flip(1))
+        assert rel_err(gm.gqsa_forward_triton(module, x), y.double()) < TOLERANCE[dtype] and ran[-1] == "pair_matmul"
+
+
 @pytest.mark.parametrize("split_k", [1, 3])
 def test_int4_kernel_serves_plain_w4_and_split_k(monkeypatch, split_k):
     module = _random_gqsa(48, 192, 32, 6, torch.float32)  # every group kept, in order

@@ -3,8 +3,9 @@
 Each output row keeps the same number k of groups of g consecutive input columns (balanced rows:
 every row of a kernel tile does the same work). Per kept group: its column-group index, g 4-bit
 codes packed two per byte (low nibble first), an asymmetric scale and zero point;
-Ŵ[r, G] = (q − zero)·scale. Bytes: out·k·(g/2 + 2 index + 1 zero + sizeof(scale)) + bias.
-The PyTorch path dequantizes per call (a reference); the Triton kernel dequantizes on chip.
+Ŵ[r, G] = (q − zero)·scale. A row's kept groups are stored in column order (ascending indices),
+which the tensor-core kernel walks. Bytes: out·k·(g/2 + 2 index + 1 zero + sizeof(scale)) + bias.
+The PyTorch path dequantizes per call (a reference); the Triton kernels dequantize on chip.
 """
 
 from __future__ import annotations
@@ -56,11 +57,11 @@ class GQSALinear(CompressedLinear):
         """codes (out, k, g) in [0, 15]; scales (out, k); zeros (out, k) in [0, 15]; group_index (out, k)."""
         out_features, k, g = codes.shape
         module = cls(in_features, out_features, g, k, bias is not None, scales.dtype, scales.device)
-        if module.all_groups:  # stored in column order, without an index
-            order = group_index.long().argsort(dim=1)
-            codes, scales, zeros = codes.gather(1, order[..., None].expand_as(codes)), scales.gather(1, order), zeros.gather(1, order)
-        else:
-            module.group_index.copy_(group_index.to(torch.int16))
+        # slots in column order: the tensor-core kernel walks each row's kept groups in ascending order
+        order = group_index.long().argsort(dim=1)
+        codes, scales, zeros = codes.gather(1, order[..., None].expand_as(codes)), scales.gather(1, order), zeros.gather(1, order)
+        if not module.all_groups:  # all groups: stored in column order, without an index
+            module.group_index.copy_(group_index.gather(1, order).to(torch.int16))
         module.qweight.copy_(pack_int4(codes))
         module.scales.data.copy_(scales)
         module.zeros.copy_(zeros.to(torch.uint8))
