@@ -180,15 +180,15 @@ def builds(dtype: str = "fp16") -> list[Build]:
         group = 64
         out.append(Build(
             f"lowbit W{bits} g{group} BM64 BN16 (tensor cores)", "lowbit_matmul:_lowbit_dot_kernel",
-            {"x_ptr": p, "q_ptr": "*i32", "s_ptr": p, "z_ptr": "*u8", "b_ptr": p, "y_ptr": p,
+            {"x_ptr": p, "q_ptr": "*i32", "s_ptr": "*i16", "z_ptr": "*u8", "b_ptr": p, "y_ptr": p,
              **_ints("M", "N", "GROUPS", "GROUPS_PER_SPLIT", "stride_xn", "stride_yn", "stride_ys")},
-            {"HAS_BIAS": False, "DOT_FP32": False, "GROUP": group, "BLOCK_M": 64, "BLOCK_N": 16, "BITS": bits},
+            {"HAS_BIAS": False, "DOT_FP32": False, "GROUP": group, "BLOCK_M": 64, "BLOCK_N": 16, "BITS": bits, "PTX": True},
             {"num_warps": 4, "num_stages": 1},
             aligned=("M", "GROUPS", "stride_xn", "stride_yn", "stride_ys"), weight_bytes=64 * (group * bits / 8 + 3),
         ))  # fmt: skip
-    for bits, group, tokens in ((3, 64, 1), (2, 64, 1), (3, 128, 1), (2, 128, 1), (3, 32, 1), (2, 32, 1), (3, 64, 2), (2, 64, 2)):
-        # the activations as prepared fp16 pairs (int32), four lanes a row, one group each a pass; two tokens: one a
-        # program, each HBM byte worked on twice
+    for bits, group, tokens in ((3, 64, 1), (2, 64, 1), (3, 128, 1), (2, 128, 1), (3, 32, 1), (2, 32, 1)):
+        # the activations as prepared fp16 pairs (int32), four lanes a row, one group each a pass (one token: from two
+        # the tensor-core kernel above costs less than this one once a token)
         out.append(Build(
             f"lowbit W{bits} g{group} N{tokens} BM64 ({LANES} lanes a row, PTX pairs" + (f", {tokens} programs of one token" if tokens > 1 else "") + ")",
             "lowbit_matmul:_lowbit_gemv_kernel",

@@ -19,11 +19,16 @@ products with fp32 sums: ~3e-4), where W2's own quantization error is orders of 
 fp32 layers and Triton's interpreter (which cannot run PTX) run the same kernel with the pair
 arithmetic written in Triton, in fp32.
 
-Two tokens run the same kernel once each, side by side in one launch (the second reads the
-bytes from L2): twice 0.21 warp-instructions per weight byte is still under the tensor-core
-kernel's 0.56–0.72 at any token count. More tokens, and fp32 layers, go to tensor cores
-(`_lowbit_dot_kernel`): per group the codes in column order by shifts of the words, dequantized
-on chip, one `tl.dot`.
+More tokens, and fp32 layers, go to tensor cores (`_lowbit_dot_kernel`): per group the weights
+in column order, dequantized on chip, one `tl.dot`. On the GPU a short PTX program
+(`_word_values_ptx`) turns a low word (and its third word) into its 16 weights, two per
+instruction: a shift by 8s + 4p1 leaves columns (c, c + 8) at bits 2p0 of each half, where a LOP3
+(two for W3) ORs in the exponent whose mantissa unit sits there (1024 and 256 in fp16, 128 and 32
+in bf16), a packed FMA subtracts base + z exactly and one multiplies by the scale: 0.35 (W3) and
+0.40 (W2) warp-instructions per weight byte on sm_90 at g = 64 in both dtypes, where the same
+arithmetic in Triton took 0.56–0.72 (the joins to column order then cost a PRMT a pair: the PTX
+pairs columns c and c + 8, the tile wants neighbours). Two tokens take it too: the one-token
+kernel run once a token side by side costs 0.42–0.44 (`tensor_cores=False` still runs that).
 The reference is the dequantized weight (`expanded_reference`).
 """
 
@@ -40,6 +45,7 @@ from .runtime import (
     launch_group_dot,
     launch_refusal,
     output_like,
+    ptx_applies,
     tl,
     triton,
 )
@@ -64,11 +70,64 @@ def _pair_program(bits: int, odd: bool = False) -> str:
     return "\n".join(lines + ["mov.b32 $0, acc;", "}"])
 
 
+def _word_values_ptx(bits: int, bf16: bool) -> str:
+    """PTX for one low word of 16 codes (and its third word, W3) to 16 dequantized 16-bit floats
+    in column order: $0..$15 columns 0..15; $16 the word, $17 its third word (W3, pre-rotated for
+    odd words), $18/$19 the pairs −(base_0 + z), −(base_1 + z), $20 the scale pair.
+    Column c = 8h + 4s + 2p1 + p0 sits at bit 16h + 8s + 4p1 + 2p0: a shift by 8s + 4p1 leaves
+    columns (c, c + 8) at bits 2p0 of each half, where a LOP3 ORs in the exponent of base_p0
+    (whose mantissa's unit is there: 1024 and 256 in fp16, 128 and 32 in bf16): the floats
+    base_p0 + q, two at once."""
+    magic = ("0x43004300", "0x42004200") if bf16 else ("0x64006400", "0x5C005C00")
+    one, fma = ("0x3F803F80", "fma.rn.bf16x2") if bf16 else ("0x3C003C00", "fma.rn.f16x2")
+    w, t = "$16", "$17"
+    lines = ["{", ".reg .b32 v, tm, sw, st, one, negzero;", f"mov.b32 one, {one};", "mov.b32 negzero, 0x80008000;"]
+    for s in range(2):
+        for p1 in range(2):
+            shift = 8 * s + 4 * p1
+            lines.append(f"shr.u32 sw, {w}, {shift};" if shift else f"mov.b32 sw, {w};")
+            if bits == 3:  # the third bit of column c at 16h + 4p1 + 2p0 + 2 + s: two above its field after this shift
+                tshift = 4 * p1 + s
+                lines.append(f"shr.u32 st, {t}, {tshift};" if tshift else f"mov.b32 st, {t};")
+            for p0 in range(2):
+                field = f"0x{0x00030003 << 2 * p0:08x}"
+                if bits == 3:
+                    lines += [f"lop3.b32 tm, st, 0x{0x00040004 << 2 * p0:08x}, {magic[p0]}, 0xEA;", f"lop3.b32 v, sw, {field}, tm, 0xEA;"]
+                else:
+                    lines.append(f"lop3.b32 v, sw, {field}, {magic[p0]}, 0xEA;")
+                lines += [f"{fma} v, v, one, ${18 + p0};", f"{fma} v, v, $20, negzero;"]
+                c = 4 * s + 2 * p1 + p0
+                lines.append(f"mov.b32 {{${c}, ${c + 8}}}, v;")
+    return "\n".join(lines + ["}"])
+
+# the pairs −base_p0 (see `_word_values_ptx`) as int32 bits: fp16 −1024 and −256, bf16 −128 and −32;
+# a zero point z adds z (p0 = 0) and 4z (p0 = 1) to each half's mantissa
+NEG_BASE2 = {False: (0xE400E400 - (1 << 32), 0xDC00DC00 - (1 << 32)), True: (0xC300C300 - (1 << 32), 0xC200C200 - (1 << 32))}
+
+
+def lowbit_row_pairs(scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What `_lowbit_dot_kernel` computes per row and group for its PTX: the pairs −(base_0 + z),
+    −(base_1 + z) and the scale's bits twice, as int32 tensors (for tests; the kernel does the same
+    in registers)."""
+    neg0, neg1 = NEG_BASE2[scales.dtype == torch.bfloat16]
+    z = zeros.to(torch.int32)
+    scale_bits = scales.view(torch.int16).to(torch.int32) & 0xFFFF
+    return z * 0x10001 + neg0, z * 0x40004 + neg1, scale_bits * 0x10001
+
+
 if triton is not None:
     OFFSETS = tl.constexpr(offsets_program(2))
     PAIRS_W2 = tl.constexpr(_pair_program(2))
     PAIRS_W3 = tl.constexpr(_pair_program(3))
     PAIRS_W3_ODD = tl.constexpr(_pair_program(3, odd=True))
+    VALUES_W2_FP16 = tl.constexpr(_word_values_ptx(2, False))
+    VALUES_W2_BF16 = tl.constexpr(_word_values_ptx(2, True))
+    VALUES_W3_FP16 = tl.constexpr(_word_values_ptx(3, False))
+    VALUES_W3_BF16 = tl.constexpr(_word_values_ptx(3, True))
+    _NEG0_FP16 = tl.constexpr(NEG_BASE2[False][0])
+    _NEG1_FP16 = tl.constexpr(NEG_BASE2[False][1])
+    _NEG0_BF16 = tl.constexpr(NEG_BASE2[True][0])
+    _NEG1_BF16 = tl.constexpr(NEG_BASE2[True][1])
 
     @triton.jit
     def _code(low, third, h: tl.constexpr, s: tl.constexpr, p: tl.constexpr, ODD: tl.constexpr, BITS: tl.constexpr):
@@ -211,6 +270,23 @@ if triton is not None:
         return tl.reshape(tl.join(p0, p1), (ROWS, GROUP))
 
     @triton.jit
+    def _column_values_ptx(low, third, neg0, neg1, scale2, BITS: tl.constexpr, BF16: tl.constexpr, ROWS: tl.constexpr, GROUP: tl.constexpr):
+        """A group's weights in column order (rows × g) from its low words and third words (odd
+        ones rotated back), dequantized by `_word_values_ptx`, two weights per instruction; the
+        joins as in `_column_codes`, so each pair stays in the register the PTX wrote it to."""
+        if BITS == 3:
+            program: tl.constexpr = VALUES_W3_BF16 if BF16 else VALUES_W3_FP16
+        else:
+            program: tl.constexpr = VALUES_W2_BF16 if BF16 else VALUES_W2_FP16
+        c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15 = tl.inline_asm_elementwise(
+            program, ",".join(["=h"] * 16) + ",r,r,r,r,r", [low, third, neg0, neg1, scale2],
+            dtype=(tl.bfloat16 if BF16 else tl.float16,) * 16, is_pure=True, pack=1,
+        )  # fmt: skip
+        p0 = tl.join(tl.join(tl.join(c0, c8), tl.join(c4, c12)), tl.join(tl.join(c2, c10), tl.join(c6, c14)))
+        p1 = tl.join(tl.join(tl.join(c1, c9), tl.join(c5, c13)), tl.join(tl.join(c3, c11), tl.join(c7, c15)))
+        return tl.reshape(tl.join(p0, p1), (ROWS, GROUP))
+
+    @triton.jit
     def _to_float(codes):
         """Small non-negative int32 codes to float32, exactly: the bits of 2^23 + q, minus 2^23."""
         return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
@@ -229,10 +305,11 @@ if triton is not None:
         x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
         M, N, GROUPS, GROUPS_PER_SPLIT, stride_xn, stride_yn, stride_ys,
         HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BITS: tl.constexpr,
+        BLOCK_N: tl.constexpr, BITS: tl.constexpr, PTX: tl.constexpr,
     ):  # fmt: skip
         """Tensor cores: per group, the codes in column order, dequantized on chip, one `tl.dot`
-        with the group's activation columns. q_ptr: the codes as int32 words."""
+        with the group's activation columns. q_ptr: the codes as int32 words; s_ptr: the scales,
+        as an int16 view on the PTX path."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -255,9 +332,17 @@ if triton is not None:
             if BITS == 3:
                 third = tl.load(q_ptr + slot[:, None] * WORDS + LOW + u[None, :] // 2)
                 third = tl.where((u % 2 == 1)[None, :], ((third >> 8) & 0xFFFFFF) | (third << 24), third)
-            scale = tl.load(s_ptr + slot).to(tl.float32)[:, None]
-            zero = tl.load(z_ptr + slot).to(tl.float32)[:, None]
-            w = _dequant(_column_codes(low, third, BITS, BLOCK_M, GROUP), scale, zero, dot_dtype, fp16)
+            if PTX:
+                BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
+                zero = tl.load(z_ptr + slot).to(tl.int32)[:, None]
+                scale2 = tl.load(s_ptr + slot).to(tl.uint16, bitcast=True).to(tl.int32)[:, None] * 0x10001
+                neg0 = zero * 0x10001 + (_NEG0_BF16 if BF16 else _NEG0_FP16)
+                neg1 = zero * 0x40004 + (_NEG1_BF16 if BF16 else _NEG1_FP16)
+                w = _column_values_ptx(low, third, neg0, neg1, scale2, BITS, BF16, BLOCK_M, GROUP)
+            else:
+                scale = tl.load(s_ptr + slot).to(tl.float32)[:, None]
+                zero = tl.load(z_ptr + slot).to(tl.float32)[:, None]
+                w = _dequant(_column_codes(low, third, BITS, BLOCK_M, GROUP), scale, zero, dot_dtype, fp16)
             x = tl.load(x_ptr + rn[None, :] * stride_xn + (g * GROUP + cols)[:, None], mask=n_ok[None, :], other=0.0).to(dot_dtype)
             if DOT_FP32:
                 acc += tl.dot(w, x, input_precision="ieee")
@@ -268,9 +353,9 @@ if triton is not None:
         tl.store(y_ptr + pid_k * stride_ys + rn[None, :] * stride_yn + rm[:, None], acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & n_ok[None, :])
 
 
-# tokens the CUDA-core kernel takes (one program a token): each costs 0.21 warp-instructions per
-# weight byte on sm_90 (eval/compile_kernels.py), the tensor-core kernel 0.56–0.72 at any count
-PAIR_MAX_TOKENS = 2
+# tokens the CUDA-core kernel takes: 0.21 warp-instructions per weight byte at one token on sm_90
+# (eval/compile_kernels.py); from two tokens tensor cores cost less (0.35–0.40 against twice 0.21)
+PAIR_MAX_TOKENS = 1
 
 
 def lowbit_group_supported(group: int, bits: int) -> bool:
@@ -292,8 +377,9 @@ def lowbit_matmul(
 ) -> torch.Tensor:
     """y = x·Ŵᵀ + bias for LowBitLinear's storage: qweight (M, groups, g·bits/8) uint8, scales
     (M, groups), zeros (M, groups) uint8; x (..., K) -> (..., M) with K = groups·g. Up to
-    PAIR_MAX_TOKENS fp16/bf16 tokens go to the CUDA-core kernel (its PTX pair arithmetic on a
-    GPU, `ptx` overrides), the rest to tensor cores; `tensor_cores` overrides the choice."""
+    PAIR_MAX_TOKENS fp16/bf16 tokens go to the CUDA-core kernel, the rest to tensor cores
+    (`tensor_cores` overrides the choice); both run their PTX on a GPU (the tensor-core one for
+    fp16/bf16 inputs whose scales have their dtype; `ptx` overrides)."""
     check_launch(x, qweight, scales, zeros)
     if bits not in (2, 3):
         raise ValueError(f"lowbit_matmul reads 2- or 3-bit codes, not {bits}")
@@ -314,7 +400,13 @@ def lowbit_matmul(
     if tensor_cores is None:
         tensor_cores = n > PAIR_MAX_TOKENS or x.dtype == torch.float32
     if tensor_cores:
-        launch_group_dot(_lowbit_dot_kernel, x, x2, out, words, scales, zeros, bias, group, split_k, BITS=bits)
+        if ptx is None:
+            ptx = ptx_applies(x, scales.dtype)
+        elif ptx and (x.dtype not in (torch.float16, torch.bfloat16) or scales.dtype != x.dtype):
+            raise ValueError(f"the PTX dequantization needs fp16 or bf16 inputs and scales of the same dtype, got {x.dtype} and {scales.dtype}")
+        launch_group_dot(
+            _lowbit_dot_kernel, x, x2, out, words, scales.view(torch.int16) if ptx else scales, zeros, bias, group, split_k, BITS=bits, PTX=ptx
+        )  # fmt: skip
         return out
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"the CUDA-core kernel reads fp16 or bf16 tokens, got {x.dtype}")

@@ -1,7 +1,8 @@
 """The inline PTX the kernels send to the GPU, run by a small emulator of the PTX instructions
 they use, against the references: W4's and W8's dequantization of 32-bit words (int4_matmul,
 int8_matmul), the 2:4 kernel's placement of each group's two values into its four columns
-(nm_matmul), and the W3/W2 one-token kernel's pair products (lowbit_matmul).
+(nm_matmul), and the W3/W2 kernels' PTX: the one-token kernel's pair products and the
+tensor-core kernel's dequantization (lowbit_matmul).
 
 Triton's interpreter cannot run inline PTX, so without a GPU this is what checks those programs:
 the PRMT selectors (and the 2:4 selector table), the LOP3 truth table, the exponent bits and the
@@ -42,7 +43,7 @@ def _pack(low: torch.Tensor, high: torch.Tensor, dtype: torch.dtype, exact: bool
 def run_ptx(program: str, inputs: dict[str, torch.Tensor], exact: bool = True) -> dict[str, torch.Tensor]:
     """Execute straight-line PTX (mov, shr, shf, prmt, lop3, packed 16-bit add and fma) on int64
     tensors holding 32-bit values, element-wise; returns the outputs ($0..$7 that the program
-    writes) as int64 bit patterns. `exact`: every 16-bit float result must be exact (see `_pack`)."""
+    writes, $0..$15) as int64 bit patterns. `exact`: every 16-bit float result must be exact (see `_pack`)."""
     regs = dict(inputs)
 
     def value(operand: str) -> torch.Tensor | int:
@@ -104,7 +105,7 @@ def run_ptx(program: str, inputs: dict[str, torch.Tensor], exact: bool = True) -
         else:
             raise AssertionError(f"the emulator does not know {op}")
         regs[dest] = result & MASK32
-    return {f"${i}": regs[f"${i}"] for i in range(8) if f"${i}" in regs}
+    return {f"${i}": regs[f"${i}"] for i in range(16) if f"${i}" in regs}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -242,6 +243,35 @@ def test_lowbit_pair_ptx_matches_the_dot_product(bits):
     expected = ((codes - zeros[:, None]).double() * x.double()).sum(1)
     assert ((got - expected).abs().max() / expected.abs().max()).item() < 2e-3
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [2, 3])
+def test_lowbit_dot_ptx_dequantizes_every_code_exactly(bits, dtype):
+    """The tensor-core kernel's PTX for a group of 32 columns (two low words, W3 with the third
+    word, rotated back for the odd one as the kernel does): every code in every column, every zero
+    point, scales from tiny to large; the 16 outputs a word are (q − z)·s of columns 16u..16u + 15
+    rounded once, bit for bit as the reference's fp32 product cast to the dtype."""
+    from compress.kernels.lowbit_matmul import _word_values_ptx, lowbit_row_pairs
+    from compress.modules.lowbit import pack_codes
+
+    torch.manual_seed(bits)
+    levels, rows = 1 << bits, 4096
+    codes = torch.randint(0, levels, (rows, 32))
+    codes[: 32 * levels] = (torch.arange(32 * levels)[:, None] // 32 + torch.arange(32)) % levels  # every code in every column
+    zeros = torch.arange(rows) % levels
+    scales = (torch.rand(rows) * 2.0 ** torch.randint(-12, 6, (rows,)).float()).to(dtype)
+    words = pack_codes(codes, bits).view(torch.int32).to(torch.int64) & MASK32
+    neg0, neg1, scale2 = (t.to(torch.int64) & MASK32 for t in lowbit_row_pairs(scales, zeros.to(torch.uint8)))
+    expected = ((codes - zeros[:, None]).float() * scales.float()[:, None]).to(dtype)
+    for u in range(2):
+        third = words[:, 2] if bits == 3 else words[:, u]
+        if u == 1:  # the odd word's third bits sit 8 further: rotated back
+            third = ((third >> 8) | (third << 24)) & MASK32
+        inputs = {"$16": words[:, u], "$17": third, "$18": neg0, "$19": neg1, "$20": scale2}
+        out = run_ptx(_word_values_ptx(bits, dtype == torch.bfloat16), inputs)
+        got = torch.stack([out[f"${c}"].to(torch.int16).view(dtype) for c in range(16)], dim=1)
+        assert torch.equal(got.view(torch.int16), expected[:, 16 * u : 16 * u + 16].view(torch.int16)), u
 
 def _w4_pairs(codes: torch.Tensor, zeros: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Eight columns (one word) a row through the group-sparse W4 one-token PTX: the fp16 pair sum

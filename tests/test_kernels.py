@@ -313,7 +313,7 @@ def test_lowbit_kernel_unpacks_every_code_on_both_paths(monkeypatch, bits):
             monkeypatch.setattr(runtime, "dot_in_fp32", lambda d: False)
         module = LowBitLinear.from_codes(codes, torch.rand(m, k // group).to(dtype) + 0.5, zeros, bits, torch.randn(m).to(dtype)).to(DEVICE)
         assert (module.to_dense().cpu().float().reshape(m, -1, group) / module.scales.cpu().float()[..., None] + zeros[..., None]).round().long().equal(codes)
-        for tokens in (1, 2, 6, 16):  # two: the CUDA-core kernel once a token, in one launch
+        for tokens in (1, 2, 6, 16):  # two on the CUDA-core kernel (tensor_cores=False): once a token, in one launch
             x = (torch.randn(tokens, k) * torch.logspace(-2, 1, k)).to(dtype).to(DEVICE)  # activations of a wide range
             ref = torch.nn.functional.linear(x.double(), module.to_dense().double(), module.bias.double())
             paths = [(True, 1), (True, 2)] + ([(False, None), (False, 3)] if tokens in (1, 2) and dtype != torch.float32 else [])

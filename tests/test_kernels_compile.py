@@ -63,20 +63,15 @@ OVER_BUDGET = {
         "per weight (0.5 per weight byte)"
         for group, step in ((128, ""), (64, ""), (32, ", 2 groups a step"), (16, ", 4 groups a step"))
     },
-    "lowbit W3 g64 BM64 BN16 (tensor cores)": "0.56 (int 0.41): codes out of their words by shifts and masks, then "
-    "dequantized and through shared memory to the dot, over 3/8 of a byte a weight; one and two tokens go to the "
-    "CUDA-core kernel, whose PTX pairs are within budget at one",
-    "lowbit W2 g64 BM64 BN16 (tensor cores)": "0.57 (int 0.35): the same over a quarter of a byte a weight",
+    "lowbit W3 g64 BM64 BN16 (tensor cores)": "0.35 (0.56 before its PTX dequantization): 16 weights a word, two per "
+    "instruction (a LOP3 or two, two packed FMAs), and a PRMT a pair to put neighbouring columns in a register for the "
+    "tile, over 3/8 of a byte a weight; one token goes to the CUDA-core kernel, within budget",
+    "lowbit W2 g64 BM64 BN16 (tensor cores)": "0.40 (0.57): the same over a quarter of a byte a weight",
     **{
         f"lowbit W{bits} g{group} N1 BM64 (4 lanes a row, PTX pairs)": "a group's own work (its scale, zero point and offsets, "
         "the fp16 sums to fp32) over fewer bytes than at g = 64: W3 g32 0.258, W2 g32 0.232, W2 g128 0.219 (its fp16 sums "
         "go to fp32 every four words); W3 g128 and both at g = 64 are within"
         for bits, group in ((3, 32), (2, 32), (2, 128))
-    },
-    **{
-        f"lowbit W{bits} g64 N2 BM64 (4 lanes a row, PTX pairs, 2 programs of one token)": "0.42-0.44: the one-token kernel "
-        "twice, side by side (no shared dequantization), under the tensor-core kernel's 0.56-0.72, so two tokens take it"
-        for bits in (3, 2)
     },
     "2:4 N1 BM32 BN1 (CUDA cores) bf16": "0.131 integer (fp16: 0.109): bf16 values to fp32 cost integer shifts; on a GPU "
     "one token goes to the tensor-core path, whose PTX placement is within budget in both dtypes (0.124)",
