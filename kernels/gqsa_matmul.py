@@ -129,7 +129,7 @@ def _w4_pairs_program(tokens: int = 1) -> str:
 
 
 if triton is not None:
-    from .int4_matmul import _NEG_BF16_BIAS2, _NEG_FP16_BIAS2, dequant_words, dequant_words_ptx
+    from .int4_matmul import w4_dot_step
 
     W4_PAIRS = tl.constexpr(_w4_pairs_program())
     W4_PAIRS_2 = tl.constexpr(_w4_pairs_program(2))
@@ -322,7 +322,6 @@ if triton is not None:
         dequantize to exact zeros (code 0, zero point 0, scale 0)."""
         WORDS: tl.constexpr = GROUP // 8
         STEP: tl.constexpr = STEP_GROUPS * GROUP
-        BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
         tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and STEP >= 16, "tl.dot needs tiles of at least 16")
         tl.static_assert(32 % STEP_GROUPS == 0, "a step's bits lie in one 32-bit word")
         pid_m = tl.program_id(0)
@@ -336,7 +335,6 @@ if triton is not None:
         base = rows * KEPT
         in_step = tl.arange(0, STEP_GROUPS)
         word = tl.arange(0, WORDS)
-        cols = tl.arange(0, STEP)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         g_start = pid_k * GROUPS_PER_SPLIT
         # per row: the slot of its first kept group at or after the step (the indices ascend)
@@ -354,19 +352,8 @@ if triton is not None:
             where = base[:, None] + slot
             words = tl.load(w_ptr + where[:, :, None] * WORDS + word[None, None, :], mask=present[:, :, None], other=0)
             zero = tl.load(z_ptr + where, mask=present, other=0).to(tl.int32)
-            if PTX:
-                scale_bits = tl.load(s_ptr + where, mask=present, other=0).to(tl.uint16, bitcast=True).to(tl.int32)
-                neg_base2 = zero * 0x10001 + (_NEG_BF16_BIAS2 if BF16 else _NEG_FP16_BIAS2)
-                w = dequant_words_ptx(words, neg_base2[:, :, None], (scale_bits * 0x10001)[:, :, None], BF16)
-            else:
-                scale = tl.load(s_ptr + where, mask=present, other=0.0).to(tl.float32)
-                w = dequant_words(words, zero.to(tl.float32)[:, :, None], scale[:, :, None])
-            w = tl.reshape(w, (BLOCK_M, STEP))
-            x = tl.load(x_ptr + rn[None, :] * stride_xn + (g * GROUP + cols)[:, None], mask=n_ok[None, :], other=0.0)
-            if DOT_FP32:
-                acc += tl.dot(w.to(tl.float32), x.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(w.to(x.dtype), x)
+            scale = tl.load(s_ptr + where, mask=present, other=0)
+            acc = w4_dot_step(acc, words, zero, scale, x_ptr, rn, n_ok, stride_xn, g * GROUP, PTX, DOT_FP32, STEP)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rm, mask=m_ok, other=0.0).to(tl.float32)[:, None]
         y_offsets = pid_k * stride_ys + rn[None, :] * stride_yn + rm[:, None]

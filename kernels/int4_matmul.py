@@ -120,6 +120,25 @@ if triton is not None:
         return eight_in_column_order(c0, c1, c2, c3, c4, c5, c6, c7)
 
     @triton.jit
+    def w4_dot_step(acc, words, zero, scale, x_ptr, rn, n_ok, stride_xn, first_col, PTX: tl.constexpr, DOT_FP32: tl.constexpr, STEP: tl.constexpr):
+        """acc plus one K step's `tl.dot`: words (rows, groups, g/8) of 4-bit codes dequantized with
+        their zero points (int32) and scales (the 16-bit floats' bits as int16 on the PTX path, else
+        floats), times the activation columns first_col .. first_col + STEP − 1 of tokens rn."""
+        BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
+        if PTX:
+            scale_bits = scale.to(tl.uint16, bitcast=True).to(tl.int32)
+            neg_base2 = zero * 0x10001 + (_NEG_BF16_BIAS2 if BF16 else _NEG_FP16_BIAS2)
+            w = dequant_words_ptx(words, neg_base2[:, :, None], (scale_bits * 0x10001)[:, :, None], BF16)
+        else:
+            w = dequant_words(words, zero.to(tl.float32)[:, :, None], scale.to(tl.float32)[:, :, None])
+        w = tl.reshape(w, (words.shape[0], STEP))
+        cols = tl.arange(0, STEP)
+        x = tl.load(x_ptr + rn[None, :] * stride_xn + (first_col + cols)[:, None], mask=n_ok[None, :], other=0.0)
+        if DOT_FP32:
+            return acc + tl.dot(w.to(tl.float32), x.to(tl.float32), input_precision="ieee")
+        return acc + tl.dot(w.to(x.dtype), x)
+
+    @triton.jit
     def _int4_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
         M, N, GROUPS, GROUPS_PER_SPLIT, stride_xn, stride_yn, stride_ys,
@@ -130,7 +149,6 @@ if triton is not None:
         view on the PTX path; z_ptr: the zero points (M, K/g)."""
         WORDS: tl.constexpr = GROUP // 8
         STEP: tl.constexpr = STEP_GROUPS * GROUP
-        BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
         tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and STEP >= 16, "tl.dot needs tiles of at least 16")
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -143,26 +161,13 @@ if triton is not None:
         rows = tl.minimum(rm, M - 1)
         in_step = tl.arange(0, STEP_GROUPS)
         word = tl.arange(0, WORDS)
-        cols = tl.arange(0, STEP)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         g_start = pid_k * GROUPS_PER_SPLIT
         for g in range(g_start, tl.minimum(g_start + GROUPS_PER_SPLIT, GROUPS), STEP_GROUPS):
             slot = rows[:, None] * GROUPS + g + in_step[None, :]  # (BLOCK_M, STEP_GROUPS)
             words = tl.load(w_ptr + slot[:, :, None] * WORDS + word[None, None, :])
             zero = tl.load(z_ptr + slot).to(tl.int32)
-            if PTX:
-                scale_bits = tl.load(s_ptr + slot).to(tl.uint16, bitcast=True).to(tl.int32)
-                neg_base2 = zero * 0x10001 + (_NEG_BF16_BIAS2 if BF16 else _NEG_FP16_BIAS2)
-                w = dequant_words_ptx(words, neg_base2[:, :, None], (scale_bits * 0x10001)[:, :, None], BF16)
-            else:
-                scale = tl.load(s_ptr + slot).to(tl.float32)
-                w = dequant_words(words, zero.to(tl.float32)[:, :, None], scale[:, :, None])
-            w = tl.reshape(w, (BLOCK_M, STEP))
-            x = tl.load(x_ptr + rn[None, :] * stride_xn + (g * GROUP + cols)[:, None], mask=n_ok[None, :], other=0.0)
-            if DOT_FP32:
-                acc += tl.dot(w.to(tl.float32), x.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(w.to(x.dtype), x)
+            acc = w4_dot_step(acc, words, zero, tl.load(s_ptr + slot), x_ptr, rn, n_ok, stride_xn, g * GROUP, PTX, DOT_FP32, STEP)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rm, mask=m_ok, other=0.0).to(tl.float32)[:, None]
         y_offsets = pid_k * stride_ys + rn[None, :] * stride_yn + rm[:, None]
