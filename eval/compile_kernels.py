@@ -128,32 +128,29 @@ def builds(dtype: str = "fp16") -> list[Build]:
         ))  # fmt: skip
     from compress.kernels.int4_matmul import step_groups
 
-    for group in (128, 64, 32, 16):
-        # five tokens and more: tensor cores over every column group of a row tile, a row's kept groups found on the
-        # way (ascending indices), zeros where it kept none; judged at half the groups kept (GQSA W4S50)
+    def w4_dot(name: str, kernel: str, group: int, sparse: bool, label: str | None = None) -> Build:
+        """W4 on tensor cores, every group (`_int4_kernel`) or a group-sparse row's kept ones found
+        on the way (`_gqsa_dot_kernel`, judged at half the groups kept, GQSA W4S50)."""
         step = step_groups(group, 256)
-        out.append(Build(
-            f"gqsa g{group} N16 BM64 BN16 (tensor cores, half the groups kept" + (f", {step} groups a step)" if step > 1 else ")"),
-            "gqsa_matmul:_gqsa_dot_kernel",
+        extra = {"g_ptr": "*i16", "bits_ptr": "*i32", **_ints("KEPT", "BIT_WORDS")} if sparse else {}
+        notes = ([label] if label else []) + ([f"{step} groups a step"] if step > 1 else [])
+        return Build(
+            name + (f" ({', '.join(notes)})" if notes else ""),
+            kernel,
             {"x_ptr": p, "w_ptr": "*i32", "s_ptr": "*i16", "z_ptr": "*u8", "b_ptr": p, "y_ptr": p,
-             **_ints("M", "N", "GROUPS", "GROUPS_PER_SPLIT", "stride_xn", "stride_yn", "stride_ys"), "g_ptr": "*i16", "bits_ptr": "*i32",
-             **_ints("KEPT", "BIT_WORDS")},
+             **_ints("M", "N", "GROUPS", "GROUPS_PER_SPLIT", "stride_xn", "stride_yn", "stride_ys"), **extra},
             {"HAS_BIAS": False, "PTX": True, "DOT_FP32": False, "GROUP": group, "STEP_GROUPS": step, "BLOCK_M": 64, "BLOCK_N": 16,
-             "SEARCH": 8},
-            {"num_warps": 4, "num_stages": 1}, aligned=("M", "GROUPS", "GROUPS_PER_SPLIT", "stride_xn", "stride_yn", "stride_ys", "KEPT"),
-            weight_bytes=64 * step * 0.5 * (group // 2 + 2 + 1 + 2),  # codes, scale, zero, group index of the kept half
-        ))  # fmt: skip
-    for group in (128, 64, 32, 16):
-        step = step_groups(group, 256)
-        out.append(Build(
-            f"int4 (W4, all groups) g{group} BM64 BN16" + (f" ({step} groups a step)" if step > 1 else ""),
-            "int4_matmul:_int4_kernel",
-            {"x_ptr": p, "w_ptr": "*i32", "s_ptr": "*i16", "z_ptr": "*u8", "b_ptr": p, "y_ptr": p,
-             **_ints("M", "N", "GROUPS", "GROUPS_PER_SPLIT", "stride_xn", "stride_yn", "stride_ys")},
-            {"HAS_BIAS": False, "PTX": True, "DOT_FP32": False, "GROUP": group, "STEP_GROUPS": step, "BLOCK_M": 64, "BLOCK_N": 16},
-            {"num_warps": 4, "num_stages": 1}, aligned=("M", "GROUPS", "GROUPS_PER_SPLIT", "stride_xn", "stride_yn", "stride_ys"),
-            weight_bytes=64 * step * (group // 2 + 2 + 1),
-        ))  # fmt: skip
+             **({"SEARCH": 8} if sparse else {})},
+            {"num_warps": 4, "num_stages": 1},
+            aligned=("M", "GROUPS", "GROUPS_PER_SPLIT", "stride_xn", "stride_yn", "stride_ys") + (("KEPT",) if sparse else ()),
+            # codes, scale, zero (and the group index of the kept half)
+            weight_bytes=64 * step * (0.5 * (group // 2 + 2 + 1 + 2) if sparse else group // 2 + 2 + 1),
+        )  # fmt: skip
+
+    # five tokens and more of group-sparse W4: tensor cores over every column group of a row tile, zeros where a row kept none
+    half_kept = "tensor cores, half the groups kept"
+    out += [w4_dot(f"gqsa g{group} N16 BM64 BN16", "gqsa_matmul:_gqsa_dot_kernel", group, True, half_kept) for group in (128, 64, 32, 16)]
+    out += [w4_dot(f"int4 (W4, all groups) g{group} BM64 BN16", "int4_matmul:_int4_kernel", group, False) for group in (128, 64, 32, 16)]
     from compress.kernels.int8_matmul import int8_chunk, int8_tiles
 
     for group in (64, 128):

@@ -484,7 +484,8 @@ def dot_matmul(
 def kept_group_bits(group_index: torch.Tensor, groups: int) -> torch.Tensor:
     """(M, ceil(groups / 32)) int32: bit j % 32 of word j // 32 set where the row keeps column
     group j. What the tensor-core kernel walks instead of the indices (cached per module: 4 bytes
-    per 32 column groups of a row, 0.4% of the codes at g = 16 and half the groups kept)."""
+    per 32 column groups of a row: 1.9% of the layer's bytes at g = 16 with half the groups kept,
+    0.4% at g = 128)."""
     m = group_index.shape[0]
     words = -(-groups // 32)
     kept = torch.zeros(m, words * 32, dtype=torch.int64, device=group_index.device)
