@@ -504,7 +504,7 @@ def test_gqsa_tensor_core_kernel_walks_each_rows_kept_groups(monkeypatch, group,
     """Five tokens and more on tensor cores: every column group of a row tile, each row's kept
     groups found from its bits (40 groups: two bit words, split-K programs starting mid-word,
     their first slot found by binary search), rows that keep the first or the last groups only,
-    every group kept through an index, 5–64 tokens, fp16/bf16, ragged rows; the module sends 16
+    every group kept through an index, 5, 7, 16 and 64 tokens, fp16/bf16, ragged rows; the module sends 16
     tokens there and fewer, or indices that do not ascend, to the pair kernel."""
     from compress.kernels import gqsa_matmul as gm
 
@@ -520,7 +520,7 @@ def test_gqsa_tensor_core_kernel_walks_each_rows_kept_groups(monkeypatch, group,
     for dtype in (torch.float16, torch.bfloat16):
         module = GQSALinear.from_codes(codes, (torch.rand(m, kept) * 0.1 + 0.01).to(dtype), torch.randint(0, 16, (m, kept)), index, k, torch.randn(m).to(dtype)).to(DEVICE)
         assert module.group_index is None or bool((module.group_index[:, 1:] > module.group_index[:, :-1]).all())
-        for tokens, split_k in ((5, 1), (16, 3), (64, 2)):
+        for tokens, split_k in ((5, 1), (7, 2), (16, 3), (64, 2)):
             x = (torch.randn(tokens, k) * torch.logspace(-2, 1, k)).to(dtype).to(DEVICE)
             ref = torch.nn.functional.linear(x.double(), module.to_dense().double(), module.bias.double())
             y = gm.gqsa_matmul(x, module.qweight, module.scales, module.zeros, module.group_index, module.bias, split_k=split_k, dot=True)
