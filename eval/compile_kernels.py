@@ -110,7 +110,7 @@ def builds(dtype: str = "fp16") -> list[Build]:
     from compress.kernels.pairs import LANES as GQSA_LANES, token_groups
 
     for group, all_groups, tokens in ((128, False, 1), (16, False, 1), (128, True, 1), (64, True, 1), (32, True, 1), (128, False, 2),
-                                      (16, False, 2), (128, False, 4), (16, False, 4)):  # fmt: skip
+                                      (16, False, 2), (128, False, 3), (16, False, 3), (128, False, 4), (16, False, 4)):  # fmt: skip
         # the activations as prepared fp16 pairs (int32), four lanes a row, one kept group each a pass; every group
         # kept (plain W4, no index): what int4_matmul sends one token to. From DOT_MIN_TOKENS tokens the tensor-core
         # kernel below serves (groups of 8, or indices that do not ascend: token groups of up to four here)

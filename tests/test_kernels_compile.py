@@ -55,6 +55,7 @@ OVER_BUDGET = {
     "per weight byte at 50% sparsity, 6.6x the budget; `sparse_format: delta` (32-row slices) is the unstructured "
     "format served within it",
     **{f"gqsa g{group} N4 BM64 (4 lanes a row, PTX pairs)": f"0.27 (1.0 before the pair kernel): {_PAIR_TOKENS}" for group in (128, 16)},
+    "gqsa g16 N3 BM64 (4 lanes a row, PTX pairs)": f"0.232 (g128: 0.217, within): {_PAIR_TOKENS}",
     **{
         f"gqsa g{group} N16 BM64 BN16 (tensor cores, half the groups kept{step})": "0.42-0.46 at any token count from 5 "
         "(the pair kernel's four groups of four took 1.08-1.11 at 16): tensor cores need a dense tile, so every column "
