@@ -37,19 +37,19 @@ from __future__ import annotations
 
 import torch
 
-from .int4_matmul import step_groups
+from .int4_matmul import int4_dot, step_groups
 from .pairs import half_to_float, lane_groups, launch_pair_kernel, offsets_program, pair_sum, program_work, split2, split4, store_rows
 from .runtime import (
     SplitK,
     cached_on,
     check_launch,
+    choose_ptx,
     flat_tokens,
     interpreting,
     launch_group_dot,
     launch_refusal,
     next_pow2,
     output_like,
-    ptx_applies,
     split_k_plan,
     storage_key,
     tl,
@@ -460,18 +460,16 @@ def dot_matmul(
     x, x2, out, qweight, scales, zeros, group_index, bias, split_k: int | None, ptx: bool | None, bits: torch.Tensor | None = None
 ) -> None:
     """`_gqsa_dot_kernel` for tokens x2 (T, K) into out: GQSALinear's storage with each row's
-    group indices ascending (group_index None: every group kept in order, indices 0..K/g − 1)."""
+    group indices ascending (group_index None: every group kept in order, plain W4's kernel)."""
     m, kept, half = qweight.shape
     group = 2 * half
     if group < 16:
         raise ValueError(f"the tensor-core kernel needs groups of 16 columns or more, got {group}")
-    if ptx is None:
-        ptx = ptx_applies(x, scales.dtype)
-    elif ptx and (x.dtype not in (torch.float16, torch.bfloat16) or scales.dtype != x.dtype):
-        raise ValueError(f"the PTX dequantization needs fp16 or bf16 inputs and scales of the same dtype, got {x.dtype} and {scales.dtype}")
-    groups = x2.shape[1] // group
     if group_index is None:
-        group_index = torch.arange(kept, device=x.device, dtype=torch.int16).expand(m, kept).contiguous()
+        int4_dot(x, x2, out, qweight, scales, zeros, bias, split_k, ptx)
+        return
+    ptx = choose_ptx(x, scales.dtype, ptx)
+    groups = x2.shape[1] // group
     if bits is None:
         bits = kept_group_bits(group_index, groups)
     launch_group_dot(

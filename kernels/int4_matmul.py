@@ -27,12 +27,12 @@ import torch
 from .runtime import (
     cached_on,
     check_launch,
+    choose_ptx,
     flat_tokens,
     in_column_order,
     launch_group_dot,
     launch_refusal,
     output_like,
-    ptx_applies,
     storage_key,
     tl,
     triton,
@@ -222,16 +222,20 @@ def int4_matmul(
 
         pair_matmul(x2, out, qweight, scales, zeros, None, bias, split_k, ptx)
         return out
-    if ptx is None:
-        ptx = ptx_applies(x, scales.dtype)
-    elif ptx and (x.dtype not in (torch.float16, torch.bfloat16) or scales.dtype != x.dtype):
-        raise ValueError(f"the PTX dequantization needs fp16 or bf16 inputs and scales of the same dtype, got {x.dtype} and {scales.dtype}")
-    step = step_groups(group, groups)
+    int4_dot(x, x2, out, qweight, scales, zeros, bias, split_k, ptx)
+    return out
+
+
+def int4_dot(x, x2, out, qweight, scales, zeros, bias, split_k: int | None, ptx: bool | None) -> None:
+    """`_int4_kernel` for tokens x2 (T, K) into out: W4 codes (M, K/g, g/2) with every group kept
+    in order (checked by the callers)."""
+    ptx = choose_ptx(x, scales.dtype, ptx)
+    group = 2 * qweight.shape[-1]
+    step = step_groups(group, qweight.shape[1])
     launch_group_dot(
         _int4_kernel, x, x2, out, qweight.view(torch.int32), scales.view(torch.int16) if ptx else scales, zeros, bias, group,
         split_k, step=step, PTX=ptx, STEP_GROUPS=step,
     )  # fmt: skip
-    return out
 
 
 def _all_groups_in_order(module) -> bool:

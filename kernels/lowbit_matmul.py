@@ -40,12 +40,12 @@ from .pairs import half_to_float, lane_groups, launch_pair_kernel, offsets_progr
 from .runtime import (
     check_group_codes,
     check_launch,
+    choose_ptx,
     flat_tokens,
     interpreting,
     launch_group_dot,
     launch_refusal,
     output_like,
-    ptx_applies,
     tl,
     triton,
 )
@@ -323,6 +323,7 @@ if triton is not None:
         u = tl.arange(0, LOW)
         dot_dtype: tl.constexpr = tl.float32 if DOT_FP32 else x_ptr.dtype.element_ty
         fp16: tl.constexpr = (not DOT_FP32) and x_ptr.dtype.element_ty == tl.float16
+        BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         g_start = pid_k * GROUPS_PER_SPLIT
         for g in range(g_start, tl.minimum(g_start + GROUPS_PER_SPLIT, GROUPS)):
@@ -333,7 +334,6 @@ if triton is not None:
                 third = tl.load(q_ptr + slot[:, None] * WORDS + LOW + u[None, :] // 2)
                 third = tl.where((u % 2 == 1)[None, :], ((third >> 8) & 0xFFFFFF) | (third << 24), third)
             if PTX:
-                BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
                 zero = tl.load(z_ptr + slot).to(tl.int32)[:, None]
                 scale2 = tl.load(s_ptr + slot).to(tl.uint16, bitcast=True).to(tl.int32)[:, None] * 0x10001
                 neg0 = zero * 0x10001 + (_NEG0_BF16 if BF16 else _NEG0_FP16)
@@ -400,10 +400,7 @@ def lowbit_matmul(
     if tensor_cores is None:
         tensor_cores = n > PAIR_MAX_TOKENS or x.dtype == torch.float32
     if tensor_cores:
-        if ptx is None:
-            ptx = ptx_applies(x, scales.dtype)
-        elif ptx and (x.dtype not in (torch.float16, torch.bfloat16) or scales.dtype != x.dtype):
-            raise ValueError(f"the PTX dequantization needs fp16 or bf16 inputs and scales of the same dtype, got {x.dtype} and {scales.dtype}")
+        ptx = choose_ptx(x, scales.dtype, ptx)
         launch_group_dot(
             _lowbit_dot_kernel, x, x2, out, words, scales.view(torch.int16) if ptx else scales, zeros, bias, group, split_k, BITS=bits, PTX=ptx
         )  # fmt: skip

@@ -89,6 +89,16 @@ def ptx_applies(x: torch.Tensor, stored: torch.dtype) -> bool:
     return not interpreting() and x.dtype in (torch.float16, torch.bfloat16) and stored == x.dtype
 
 
+def choose_ptx(x: torch.Tensor, stored: torch.dtype, ptx: bool | None) -> bool:
+    """Whether a tensor-core kernel dequantizes in PTX: `ptx` as asked (refused with the reason
+    where the PTX cannot serve x), else `ptx_applies`."""
+    if ptx is None:
+        return ptx_applies(x, stored)
+    if ptx and (x.dtype not in (torch.float16, torch.bfloat16) or stored != x.dtype):
+        raise ValueError(f"the PTX dequantization needs fp16 or bf16 inputs and scales of the same dtype, got {x.dtype} and {stored}")
+    return ptx
+
+
 def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
